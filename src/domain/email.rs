@@ -1,0 +1,698 @@
+//! The email a caller submits ([`NewEmail`]) and the validated form the queue stores ([`Email`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use super::{EmailAddress, FieldError, ValidationErrors};
+
+/// A stable, sortable email id (a ULID).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EmailId(String);
+
+impl EmailId {
+    pub fn generate() -> Self {
+        Self(ulid::Ulid::generate().to_string())
+    }
+
+    /// Parses an id given by a user (CLI, API); only well-formed ULIDs are accepted.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        ulid::Ulid::from_string(s.trim())
+            .map(|u| Self(u.to_string()))
+            .map_err(|_| format!("`{s}` is not an email id (expected a 26-character ULID)"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Only for ids read back from our own database.
+    pub(crate) fn from_db(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl fmt::Display for EmailId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Queue priority: `high` jumps ahead of everything queued at `normal` and `low`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+}
+
+impl Priority {
+    /// The apalis job priority (higher runs first).
+    pub fn job_priority(self) -> usize {
+        match self {
+            Priority::Low => 0,
+            Priority::Normal => 1,
+            Priority::High => 2,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "low" => Ok(Priority::Low),
+            "normal" => Ok(Priority::Normal),
+            "high" => Ok(Priority::High),
+            other => Err(format!("`{other}` is not a priority (high, normal, low)")),
+        }
+    }
+}
+
+/// Where an email is in its life. Transitions are listed in DESIGN.md and enforced by the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmailStatus {
+    Queued,
+    Sending,
+    Sent,
+    Retrying,
+    Failed,
+    Cancelled,
+    Expired,
+}
+
+impl EmailStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EmailStatus::Queued => "queued",
+            EmailStatus::Sending => "sending",
+            EmailStatus::Sent => "sent",
+            EmailStatus::Retrying => "retrying",
+            EmailStatus::Failed => "failed",
+            EmailStatus::Cancelled => "cancelled",
+            EmailStatus::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => EmailStatus::Queued,
+            "sending" => EmailStatus::Sending,
+            "sent" => EmailStatus::Sent,
+            "retrying" => EmailStatus::Retrying,
+            "failed" => EmailStatus::Failed,
+            "cancelled" => EmailStatus::Cancelled,
+            "expired" => EmailStatus::Expired,
+            _ => return None,
+        })
+    }
+
+    /// No worker will touch an email in a final state again (unless a person re-drives it).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            EmailStatus::Sent | EmailStatus::Failed | EmailStatus::Cancelled | EmailStatus::Expired
+        )
+    }
+}
+
+impl fmt::Display for EmailStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Size and count limits applied at submit (configurable under `[limits]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// to + cc + bcc.
+    pub max_recipients: usize,
+    pub max_subject_chars: usize,
+    /// Each of the text and HTML bodies.
+    pub max_body_bytes: usize,
+    pub max_attachment_bytes: usize,
+    /// All attachments of one email together.
+    pub max_attachments_total_bytes: usize,
+    pub max_tags: usize,
+    pub max_metadata_entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_recipients: 50,
+            max_subject_chars: 998,
+            max_body_bytes: 2 * 1024 * 1024,
+            max_attachment_bytes: 10 * 1024 * 1024,
+            max_attachments_total_bytes: 20 * 1024 * 1024,
+            max_tags: 20,
+            max_metadata_entries: 50,
+        }
+    }
+}
+
+/// An attachment as submitted; in JSON the content is base64.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewAttachment {
+    pub filename: String,
+    pub content_type: String,
+    #[serde(with = "b64")]
+    pub content: Vec<u8>,
+}
+
+/// A validated attachment.
+pub type Attachment = NewAttachment;
+
+/// What a caller submits. Either `text`/`html` (with `subject`) or `template` + `variables`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewEmail {
+    /// Defaults to the configured `delivery.default_from`.
+    #[serde(default)]
+    pub from: Option<String>,
+    #[serde(default)]
+    pub reply_to: Vec<String>,
+    #[serde(default)]
+    pub to: Vec<String>,
+    #[serde(default)]
+    pub cc: Vec<String>,
+    #[serde(default)]
+    pub bcc: Vec<String>,
+    /// Required for raw content; a template renders its own subject.
+    #[serde(default)]
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default)]
+    pub html: Option<String>,
+    #[serde(default)]
+    pub template: Option<String>,
+    #[serde(default)]
+    pub variables: Option<Value>,
+    /// Only List-Unsubscribe, List-Unsubscribe-Post, In-Reply-To, References and X-* headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub attachments: Vec<NewAttachment>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub send_at: Option<OffsetDateTime>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    #[serde(default)]
+    pub priority: Priority,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+impl NewEmail {
+    /// A plain-text email: the shortest useful submission.
+    pub fn text(to: &str, subject: &str, body: &str) -> Self {
+        Self {
+            to: vec![to.to_string()],
+            subject: Some(subject.to_string()),
+            text: Some(body.to_string()),
+            ..Default::default()
+        }
+    }
+
+    /// An email rendered from a built-in template.
+    pub fn template(to: &str, template: &str, variables: Value) -> Self {
+        Self {
+            to: vec![to.to_string()],
+            template: Some(template.to_string()),
+            variables: Some(variables),
+            ..Default::default()
+        }
+    }
+}
+
+/// The body: given verbatim, or rendered by the worker from a template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Content {
+    Raw {
+        text: Option<String>,
+        html: Option<String>,
+    },
+    Template {
+        name: String,
+        variables: Value,
+    },
+}
+
+impl Content {
+    pub fn template_name(&self) -> Option<&str> {
+        match self {
+            Content::Template { name, .. } => Some(name),
+            Content::Raw { .. } => None,
+        }
+    }
+}
+
+/// A validated email, as stored (JSON) and rendered by the worker. Built only by [`Email::parse`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Email {
+    pub from: EmailAddress,
+    pub reply_to: Vec<EmailAddress>,
+    pub to: Vec<EmailAddress>,
+    pub cc: Vec<EmailAddress>,
+    pub bcc: Vec<EmailAddress>,
+    pub subject: Option<String>,
+    pub content: Content,
+    pub headers: Vec<(String, String)>,
+    pub tags: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub attachments: Vec<Attachment>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub send_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    pub priority: Priority,
+    pub idempotency_key: Option<String>,
+}
+
+/// Checks a template name and its variables (implemented by `render`).
+pub trait TemplateCheck {
+    fn check(&self, name: &str, variables: &Value) -> Result<(), FieldError>;
+}
+
+const NEWEMAIL_HEADER_ALLOW: [&str; 4] = [
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+    "in-reply-to",
+    "references",
+];
+
+fn has_crlf(s: &str) -> bool {
+    s.contains('\r') || s.contains('\n')
+}
+
+impl Email {
+    /// Validates a submission. Collects every broken rule, not just the first.
+    pub fn parse(
+        new: NewEmail,
+        limits: &Limits,
+        default_from: &EmailAddress,
+        templates: &dyn TemplateCheck,
+    ) -> Result<Email, ValidationErrors> {
+        let mut errs = Vec::new();
+        let addr_list = |field: &str, list: &[String], errs: &mut Vec<FieldError>| {
+            list.iter()
+                .enumerate()
+                .filter_map(|(i, s)| match EmailAddress::parse(s) {
+                    Ok(a) => Some(a),
+                    Err(m) => {
+                        errs.push(FieldError::new(format!("{field}[{i}]"), m));
+                        None
+                    }
+                })
+                .collect::<Vec<_>>()
+        };
+        let from = match new.from.as_deref() {
+            None => Some(default_from.clone()),
+            Some(s) => match EmailAddress::parse(s) {
+                Ok(a) => Some(a),
+                Err(m) => {
+                    errs.push(FieldError::new("from", m));
+                    None
+                }
+            },
+        };
+        let reply_to = addr_list("reply_to", &new.reply_to, &mut errs);
+        let to = addr_list("to", &new.to, &mut errs);
+        let cc = addr_list("cc", &new.cc, &mut errs);
+        let bcc = addr_list("bcc", &new.bcc, &mut errs);
+        let n_rcpt = new.to.len() + new.cc.len() + new.bcc.len();
+        if n_rcpt == 0 {
+            errs.push(FieldError::new("to", "at least one recipient is required"));
+        } else if n_rcpt > limits.max_recipients {
+            errs.push(FieldError::new(
+                "to",
+                format!(
+                    "{n_rcpt} recipients (to + cc + bcc) exceed the limit of {}",
+                    limits.max_recipients
+                ),
+            ));
+        }
+
+        if let Some(s) = &new.subject {
+            if has_crlf(s) {
+                errs.push(FieldError::new("subject", "must not contain CR or LF"));
+            }
+            if s.chars().count() > limits.max_subject_chars {
+                errs.push(FieldError::new(
+                    "subject",
+                    format!("is longer than {} characters", limits.max_subject_chars),
+                ));
+            }
+        }
+
+        let content = match (&new.template, &new.text, &new.html) {
+            (Some(name), None, None) => {
+                let variables = new.variables.clone().unwrap_or(Value::Object(Default::default()));
+                if let Err(e) = templates.check(name, &variables) {
+                    errs.push(e);
+                }
+                Some(Content::Template {
+                    name: name.clone(),
+                    variables,
+                })
+            }
+            (Some(_), _, _) => {
+                errs.push(FieldError::new(
+                    "template",
+                    "give either a template or text/html, not both",
+                ));
+                None
+            }
+            (None, None, None) => {
+                errs.push(FieldError::new(
+                    "text",
+                    "give text and/or html, or a template",
+                ));
+                None
+            }
+            (None, text, html) => {
+                if new.variables.is_some() {
+                    errs.push(FieldError::new(
+                        "variables",
+                        "variables are only used with a template",
+                    ));
+                }
+                if new.subject.as_deref().is_none_or(|s| s.trim().is_empty()) {
+                    errs.push(FieldError::new(
+                        "subject",
+                        "is required when the content is text/html",
+                    ));
+                }
+                for (field, body) in [("text", text), ("html", html)] {
+                    if body.as_ref().is_some_and(|b| b.len() > limits.max_body_bytes) {
+                        errs.push(FieldError::new(
+                            field,
+                            format!("is larger than {} bytes", limits.max_body_bytes),
+                        ));
+                    }
+                }
+                Some(Content::Raw {
+                    text: text.clone(),
+                    html: html.clone(),
+                })
+            }
+        };
+
+        let mut headers = Vec::new();
+        for (name, value) in &new.headers {
+            let field = format!("headers.{name}");
+            let lower = name.to_ascii_lowercase();
+            let token_ok = !name.is_empty()
+                && name.len() <= 76
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !token_ok {
+                errs.push(FieldError::new(field, "is not a valid header name"));
+            } else if !(lower.starts_with("x-") || NEWEMAIL_HEADER_ALLOW.contains(&lower.as_str()))
+            {
+                errs.push(FieldError::new(
+                    field,
+                    "is not an allowed header (List-Unsubscribe, List-Unsubscribe-Post, \
+                     In-Reply-To, References, X-*)",
+                ));
+            } else if has_crlf(value) || value.contains('\0') {
+                errs.push(FieldError::new(field, "must not contain CR, LF or NUL"));
+            } else if value.len() > 998 {
+                errs.push(FieldError::new(field, "is longer than 998 bytes"));
+            } else {
+                headers.push((name.clone(), value.clone()));
+            }
+        }
+
+        if new.tags.len() > limits.max_tags {
+            errs.push(FieldError::new(
+                "tags",
+                format!("more than {} tags", limits.max_tags),
+            ));
+        }
+        for (i, t) in new.tags.iter().enumerate() {
+            let ok = !t.is_empty()
+                && t.len() <= 64
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+            if !ok {
+                errs.push(FieldError::new(
+                    format!("tags[{i}]"),
+                    "must be 1-64 characters of A-Z a-z 0-9 - _ . :",
+                ));
+            }
+        }
+        if new.metadata.len() > limits.max_metadata_entries {
+            errs.push(FieldError::new(
+                "metadata",
+                format!("more than {} entries", limits.max_metadata_entries),
+            ));
+        }
+        for (k, v) in &new.metadata {
+            if k.is_empty() || k.len() > 64 || v.len() > 1024 {
+                errs.push(FieldError::new(
+                    format!("metadata.{k}"),
+                    "keys must be 1-64 bytes and values at most 1024 bytes",
+                ));
+            }
+        }
+
+        let mut total = 0usize;
+        for (i, a) in new.attachments.iter().enumerate() {
+            total += a.content.len();
+            if a.filename.trim().is_empty() || has_crlf(&a.filename) || a.filename.len() > 255 {
+                errs.push(FieldError::new(
+                    format!("attachments[{i}].filename"),
+                    "must be 1-255 bytes without CR or LF",
+                ));
+            }
+            if a.content_type.parse::<lettre::message::header::ContentType>().is_err() {
+                errs.push(FieldError::new(
+                    format!("attachments[{i}].content_type"),
+                    format!("`{}` is not a MIME type", a.content_type),
+                ));
+            }
+            if a.content.len() > limits.max_attachment_bytes {
+                errs.push(FieldError::new(
+                    format!("attachments[{i}].content"),
+                    format!("is larger than {} bytes", limits.max_attachment_bytes),
+                ));
+            }
+        }
+        if total > limits.max_attachments_total_bytes {
+            errs.push(FieldError::new(
+                "attachments",
+                format!(
+                    "together are larger than {} bytes",
+                    limits.max_attachments_total_bytes
+                ),
+            ));
+        }
+
+        if let (Some(s), Some(e)) = (new.send_at, new.expires_at)
+            && e <= s
+        {
+            errs.push(FieldError::new("expires_at", "must be after send_at"));
+        }
+        if let Some(k) = &new.idempotency_key
+            && (k.is_empty() || k.len() > 255)
+        {
+            errs.push(FieldError::new(
+                "idempotency_key",
+                "must be 1-255 characters",
+            ));
+        }
+
+        if !errs.is_empty() {
+            return Err(ValidationErrors(errs));
+        }
+        Ok(Email {
+            from: from.expect("no error means from parsed"),
+            reply_to,
+            to,
+            cc,
+            bcc,
+            subject: new.subject,
+            content: content.expect("no error means content is set"),
+            headers,
+            tags: new.tags,
+            metadata: new.metadata,
+            attachments: new.attachments,
+            send_at: new.send_at,
+            expires_at: new.expires_at,
+            priority: new.priority,
+            idempotency_key: new.idempotency_key,
+        })
+    }
+
+    /// Every envelope recipient (to, cc and bcc).
+    pub fn recipients(&self) -> impl Iterator<Item = &EmailAddress> {
+        self.to.iter().chain(&self.cc).chain(&self.bcc)
+    }
+}
+
+mod b64 {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map_err(|_| serde::de::Error::custom("content must be base64"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    struct AnyTemplate;
+    impl TemplateCheck for AnyTemplate {
+        fn check(&self, name: &str, _: &Value) -> Result<(), FieldError> {
+            if name == "welcome" {
+                Ok(())
+            } else {
+                Err(FieldError::new("template", "unknown"))
+            }
+        }
+    }
+
+    fn parse(n: NewEmail) -> Result<Email, ValidationErrors> {
+        let from = EmailAddress::parse("app@example.com").unwrap();
+        Email::parse(n, &Limits::default(), &from, &AnyTemplate)
+    }
+
+    fn base() -> NewEmail {
+        NewEmail::text("a@example.com", "Hi", "Hello")
+    }
+
+    #[test]
+    fn a_plain_text_email_is_valid_and_gets_the_default_from() {
+        let e = parse(base()).unwrap();
+        assert_eq!(e.from.address(), "app@example.com");
+    }
+
+    /// Each rule: (what to change, the field the error must name).
+    #[test]
+    fn each_rule_names_its_field() {
+        type Case = (&'static str, fn(&mut NewEmail));
+        let cases: Vec<Case> = vec![
+            ("to", |n| n.to.clear()),
+            ("to[0]", |n| n.to = vec!["nope".into()]),
+            ("cc[0]", |n| n.cc = vec!["x@".into()]),
+            ("bcc[0]", |n| n.bcc = vec!["@x.com".into()]),
+            ("from", |n| n.from = Some("bad".into())),
+            ("reply_to[0]", |n| n.reply_to = vec!["bad".into()]),
+            ("subject", |n| n.subject = Some("Hi\r\nBcc: evil@x.com".into())),
+            ("subject", |n| n.subject = None),
+            ("subject", |n| n.subject = Some("x".repeat(1000))),
+            ("text", |n| n.text = None),
+            ("text", |n| n.text = Some("x".repeat(3 * 1024 * 1024))),
+            ("template", |n| n.template = Some("welcome".into())),
+            ("variables", |n| n.variables = Some(json!({}))),
+            ("headers.Bcc", |n| {
+                n.headers.insert("Bcc".into(), "x@y.com".into());
+            }),
+            ("headers.X-Campaign", |n| {
+                n.headers.insert("X-Campaign".into(), "a\r\nb".into());
+            }),
+            ("headers.X Bad", |n| {
+                n.headers.insert("X Bad".into(), "v".into());
+            }),
+            ("tags[0]", |n| n.tags = vec!["has space".into()]),
+            ("attachments[0].filename", |n| {
+                n.attachments = vec![NewAttachment {
+                    filename: "".into(),
+                    content_type: "text/plain".into(),
+                    content: vec![1],
+                }]
+            }),
+            ("attachments[0].content_type", |n| {
+                n.attachments = vec![NewAttachment {
+                    filename: "a.txt".into(),
+                    content_type: "not a type".into(),
+                    content: vec![1],
+                }]
+            }),
+            ("attachments[0].content", |n| {
+                n.attachments = vec![NewAttachment {
+                    filename: "a.bin".into(),
+                    content_type: "application/octet-stream".into(),
+                    content: vec![0; 11 * 1024 * 1024],
+                }]
+            }),
+            ("expires_at", |n| {
+                n.send_at = Some(OffsetDateTime::now_utc());
+                n.expires_at = Some(OffsetDateTime::now_utc() - time::Duration::hours(1));
+            }),
+            ("idempotency_key", |n| n.idempotency_key = Some(String::new())),
+        ];
+        for (field, mutate) in cases {
+            let mut n = base();
+            mutate(&mut n);
+            let err = parse(n).expect_err(field);
+            assert!(err.has_field(field), "expected an error on {field}, got {err}");
+        }
+    }
+
+    #[test]
+    fn recipient_cap_counts_to_cc_and_bcc() {
+        let mut n = base();
+        n.to = (0..30).map(|i| format!("t{i}@example.com")).collect();
+        n.bcc = (0..21).map(|i| format!("b{i}@example.com")).collect();
+        let err = parse(n).unwrap_err();
+        assert!(err.0[0].message.contains("51 recipients"), "{err}");
+    }
+
+    #[test]
+    fn every_broken_rule_is_reported_at_once() {
+        let mut n = base();
+        n.to = vec!["bad".into()];
+        n.subject = Some("a\nb".into());
+        let err = parse(n).unwrap_err();
+        assert!(err.has_field("to[0]") && err.has_field("subject"), "{err}");
+    }
+
+    #[test]
+    fn unknown_template_is_rejected_by_the_checker() {
+        let n = NewEmail::template("a@example.com", "nope", json!({}));
+        assert!(parse(n).unwrap_err().has_field("template"));
+    }
+
+    #[test]
+    fn allowed_headers_pass() {
+        let mut n = base();
+        n.headers
+            .insert("List-Unsubscribe".into(), "<https://x.example/u>".into());
+        n.headers.insert("X-Campaign".into(), "spring".into());
+        assert_eq!(parse(n).unwrap().headers.len(), 2);
+    }
+}
