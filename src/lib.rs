@@ -1,2 +1,48 @@
+//! # postbox: reliable email dispatch
+//!
+//! Apps hand postbox emails (this library, the CLI, later HTTP); each becomes a durable row plus
+//! an apalis job in SQLite; workers render it with askama and deliver it over SMTP with lettre,
+//! retrying by the SMTP reply.
+//!
+//! ## Codemap
+//! ```text
+//! main.rs      CLI (clap): serve | send | status | cancel | retry | migrate | config check
+//! postbox.rs   Postbox: the facade every entry point calls (submit, submit_many, status,
+//!              cancel, retry, run_workers)
+//! config.rs    Settings: defaults <- TOML file <- POSTBOX_* env; errors name the key
+//! domain/      EmailAddress, NewEmail -> Email (validated), Priority, EmailStatus, EmailId (pure)
+//! render/      askama templates (templates/emails/<kind>/) -> Rendered { subject, text, html }
+//! store/       the persistence seam: emails, timelines and their apalis jobs (SQLite)
+//! delivery/    MIME building, Mailer { Smtp, File }, classify() of SMTP replies, RetryPolicy
+//! queue/       apalis worker + supervisor, wake-up on submit, janitor
+//! ```
+//!
+//! ## One email's path
+//! `Postbox::submit` -> `Email::parse` (every rule, every field named) -> `Store::insert_emails`
+//! (email row + job `<id>:0` in ONE transaction) -> worker `Deliverer::deliver`: `Store::claim`
+//! (row -> `sending`, attempt n) -> `render` -> `build_message` -> `Mailer::send` -> `classify`
+//! -> `Store::finish` (attempt + new status, and for a retry the next job with its `run_at`, in ONE
+//! transaction).
+//!
+//! ## Invariants
+//! - Nothing accepted is lost: the row and its job commit together; every non-final email owns
+//!   one live job; the janitor gives a new job to any email whose job vanished.
+//! - A job whose `seq` is not the email's current `job_seq` does nothing, so repeated, stale or
+//!   recovered jobs never send twice except for a send that was in flight at a crash
+//!   (at-least-once; the resend carries the same Message-ID).
+//! - SMTP reply classification happens only in `delivery::classify`; retry timing only in
+//!   `RetryPolicy`; backoff is the next job's `run_at`, never a sleep.
+//! - `domain`, `render` and `delivery::policy` do no IO.
+
+pub mod config;
+pub mod delivery;
 pub mod domain;
+mod postbox;
+pub mod queue;
 pub mod render;
+pub mod store;
+
+pub use config::Settings;
+pub use domain::{EmailId, EmailStatus, NewAttachment, NewEmail, Priority};
+pub use postbox::{OpenError, Postbox, SubmitError, Submitted};
+pub use store::{EmailReport, TimelineEntry};

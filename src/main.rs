@@ -1,1 +1,376 @@
-fn main(){}
+//! The `postbox` binary: parses the command line and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use postbox::config::LogFormat;
+use postbox::{EmailId, NewAttachment, NewEmail, Postbox, Priority, Settings, SubmitError};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+#[derive(Parser)]
+#[command(name = "postbox", version, about = "Reliable email dispatch")]
+struct Cli {
+    /// TOML config file (optional: without one, the embedded defaults apply).
+    #[arg(long, global = true, env = "POSTBOX_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the delivery workers (and janitor) until SIGINT/SIGTERM.
+    Serve,
+    /// Submit one email; prints its id.
+    Send(Box<SendArgs>),
+    /// Show an email's status and timeline.
+    Status {
+        id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a queued or retrying email.
+    Cancel { id: String },
+    /// Re-drive a failed email (dead letter).
+    Retry { id: String },
+    /// Create or upgrade the database schema, then exit.
+    Migrate,
+    /// Configuration commands.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration and print the effective settings (secrets masked).
+    Check,
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    #[arg(long, required = true)]
+    to: Vec<String>,
+    #[arg(long)]
+    cc: Vec<String>,
+    #[arg(long)]
+    bcc: Vec<String>,
+    #[arg(long)]
+    from: Option<String>,
+    #[arg(long)]
+    reply_to: Vec<String>,
+    #[arg(long)]
+    subject: Option<String>,
+    #[arg(long)]
+    text: Option<String>,
+    #[arg(long)]
+    html: Option<String>,
+    /// A built-in template (welcome, password_reset, notification, alert).
+    #[arg(long)]
+    template: Option<String>,
+    /// A template variable: `name=value`; a value that is valid JSON (42, true, ["a"]) is used as
+    /// such, anything else as a string.
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    vars: Vec<String>,
+    /// A custom header `Name: value` (List-Unsubscribe, In-Reply-To, References, X-*).
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Attach a file (content type guessed from the extension).
+    #[arg(long = "attach")]
+    attachments: Vec<PathBuf>,
+    #[arg(long, default_value = "normal")]
+    priority: String,
+    /// RFC 3339 time before which the email is not sent.
+    #[arg(long)]
+    send_at: Option<String>,
+    /// RFC 3339 time after which an unsent email expires.
+    #[arg(long)]
+    expires_at: Option<String>,
+    #[arg(long)]
+    idempotency_key: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&settings);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(cli.command, settings)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(settings: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log.level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match settings.log.format {
+        LogFormat::Json => b.json().flatten_event(true).init(),
+        LogFormat::Human => b.init(),
+    }
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
+            println!("# configuration is valid; effective settings:");
+            print!("{}", settings.to_masked_toml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Migrate => {
+            let pb = open(settings).await?;
+            pb.close().await;
+            println!("database is up to date");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve => {
+            let pb = open(settings).await?;
+            tracing::info!("postbox serving; SIGINT or SIGTERM stops it gracefully");
+            pb.run_workers(shutdown_signal()).await;
+            pb.close().await;
+            tracing::info!("postbox stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Send(args) => {
+            let new = match new_email(*args) {
+                Ok(n) => n,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(ExitCode::from(2));
+                }
+            };
+            let pb = open(settings).await?;
+            let res = pb.submit(new).await;
+            pb.close().await;
+            match res {
+                Ok(s) => {
+                    println!("{}", s.id);
+                    if !s.created {
+                        eprintln!(
+                            "note: idempotency key matched an earlier email; nothing new queued"
+                        );
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(SubmitError::Invalid(errs)) => {
+                    for e in errs.0 {
+                        eprintln!("error: {}: {}", e.field, e.message);
+                    }
+                    Ok(ExitCode::from(2))
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        Command::Status { id, json } => {
+            let id = parse_id(&id)?;
+            let pb = open(settings).await?;
+            let report = pb.status(&id).await?;
+            pb.close().await;
+            let Some(r) = report else {
+                eprintln!("error: no email with id {id}");
+                return Ok(ExitCode::from(1));
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print_report(&r);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel { id } => transition(settings, &id, true).await,
+        Command::Retry { id } => transition(settings, &id, false).await,
+    }
+}
+
+async fn transition(settings: Settings, id: &str, cancel: bool) -> anyhow::Result<ExitCode> {
+    let id = parse_id(id)?;
+    let pb = open(settings).await?;
+    let res = if cancel {
+        pb.cancel(&id).await
+    } else {
+        pb.retry(&id).await
+    };
+    pb.close().await;
+    match res {
+        Ok(()) => {
+            println!("{id} {}", if cancel { "cancelled" } else { "re-queued" });
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+async fn open(settings: Settings) -> anyhow::Result<Postbox> {
+    let url = settings.database.url.clone();
+    Postbox::open(settings)
+        .await
+        .with_context(|| format!("Failed to open postbox (database.url = {url})"))
+}
+
+fn parse_id(s: &str) -> anyhow::Result<EmailId> {
+    EmailId::parse(s).map_err(|e| anyhow::anyhow!(e))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown requested: finishing in-flight sends");
+}
+
+fn new_email(a: SendArgs) -> Result<NewEmail, String> {
+    let variables = if a.vars.is_empty() {
+        None
+    } else {
+        let mut map = serde_json::Map::new();
+        for v in &a.vars {
+            let (k, val) = v
+                .split_once('=')
+                .ok_or_else(|| format!("--var `{v}`: expected NAME=VALUE"))?;
+            let json = serde_json::from_str(val).unwrap_or(serde_json::Value::String(val.into()));
+            map.insert(k.trim().to_string(), json);
+        }
+        Some(serde_json::Value::Object(map))
+    };
+    let mut headers = std::collections::BTreeMap::new();
+    for h in &a.headers {
+        let (k, v) = h
+            .split_once(':')
+            .ok_or_else(|| format!("--header `{h}`: expected `Name: value`"))?;
+        headers.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    let time = |flag: &str, v: &Option<String>| -> Result<Option<OffsetDateTime>, String> {
+        v.as_deref()
+            .map(|s| {
+                OffsetDateTime::parse(s, &Rfc3339)
+                    .map_err(|e| format!("--{flag} `{s}`: not an RFC 3339 time ({e})"))
+            })
+            .transpose()
+    };
+    let mut attachments = Vec::new();
+    for p in &a.attachments {
+        let content = std::fs::read(p).map_err(|e| format!("--attach {}: {e}", p.display()))?;
+        attachments.push(NewAttachment {
+            filename: p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "attachment".into()),
+            content_type: guess_type(p).into(),
+            content,
+        });
+    }
+    Ok(NewEmail {
+        from: a.from,
+        reply_to: a.reply_to,
+        to: a.to,
+        cc: a.cc,
+        bcc: a.bcc,
+        subject: a.subject,
+        text: a.text,
+        html: a.html,
+        template: a.template,
+        variables,
+        headers,
+        tags: a.tags,
+        metadata: Default::default(),
+        attachments,
+        send_at: time("send-at", &a.send_at)?,
+        expires_at: time("expires-at", &a.expires_at)?,
+        priority: Priority::parse(&a.priority).map_err(|e| format!("--priority: {e}"))?,
+        idempotency_key: a.idempotency_key,
+    })
+}
+
+fn guess_type(p: &std::path::Path) -> &'static str {
+    match p.extension().and_then(|e| e.to_str()).unwrap_or("") {
+        "txt" | "log" => "text/plain",
+        "csv" => "text/csv",
+        "html" | "htm" => "text/html",
+        "pdf" => "application/pdf",
+        "json" => "application/json",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "zip" => "application/zip",
+        _ => "application/octet-stream",
+    }
+}
+
+fn print_report(r: &postbox::EmailReport) {
+    let t = |t: OffsetDateTime| t.format(&Rfc3339).unwrap_or_default();
+    println!("id:          {}", r.id);
+    println!("status:      {}", r.status);
+    println!("priority:    {}", r.priority.as_str());
+    println!("to:          {}", r.to.join(", "));
+    if let Some(s) = &r.subject {
+        println!("subject:     {s}");
+    }
+    if let Some(s) = &r.template {
+        println!("template:    {s}");
+    }
+    println!("message-id:  {}", r.message_id);
+    println!("attempts:    {}", r.attempts);
+    println!("created:     {}", t(r.created_at));
+    if let Some(s) = r.sent_at {
+        println!("sent:        {}", t(s));
+    }
+    if let Some(s) = r.next_attempt_at {
+        println!("next try:    {}", t(s));
+    }
+    if let Some(e) = &r.last_error {
+        println!("last error:  {e}");
+    }
+    println!("timeline:");
+    println!("  {}  queued", t(r.created_at));
+    for e in &r.timeline {
+        let mut line = format!("  {}  {}", t(e.at), e.kind);
+        if let Some(a) = e.attempt {
+            line += &format!(" #{a}");
+        }
+        line += &format!(" -> {}", e.status);
+        if let Some(c) = e.smtp_code {
+            line += &format!("  [{c}]");
+        }
+        if let Some(txt) = &e.smtp_text {
+            line += &format!(" {txt}");
+        }
+        if let Some(d) = e.duration_ms {
+            line += &format!(" ({d} ms)");
+        }
+        if let Some(d) = &e.detail {
+            line += &format!("  {d}");
+        }
+        println!("{line}");
+    }
+}

@@ -91,7 +91,11 @@ pub fn mask(addr: &str) -> String {
 impl fmt::Display for EmailAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.name {
-            Some(n) => write!(f, "{}", Mailbox::new(Some(n.clone()), self.to_mailbox().email)),
+            Some(n) => write!(
+                f,
+                "{}",
+                Mailbox::new(Some(n.clone()), self.to_mailbox().email)
+            ),
             None => f.write_str(&self.addr),
         }
     }
@@ -139,7 +143,10 @@ mod tests {
             "Jane <jane@example.com",
             "a@nodot",
         ] {
-            assert!(EmailAddress::parse(bad).is_err(), "{bad:?} should be rejected");
+            assert!(
+                EmailAddress::parse(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 

@@ -368,7 +368,10 @@ impl Email {
 
         let content = match (&new.template, &new.text, &new.html) {
             (Some(name), None, None) => {
-                let variables = new.variables.clone().unwrap_or(Value::Object(Default::default()));
+                let variables = new
+                    .variables
+                    .clone()
+                    .unwrap_or(Value::Object(Default::default()));
                 if let Err(e) = templates.check(name, &variables) {
                     errs.push(e);
                 }
@@ -405,7 +408,10 @@ impl Email {
                     ));
                 }
                 for (field, body) in [("text", text), ("html", html)] {
-                    if body.as_ref().is_some_and(|b| b.len() > limits.max_body_bytes) {
+                    if body
+                        .as_ref()
+                        .is_some_and(|b| b.len() > limits.max_body_bytes)
+                    {
                         errs.push(FieldError::new(
                             field,
                             format!("is larger than {} bytes", limits.max_body_bytes),
@@ -488,7 +494,10 @@ impl Email {
                     "must be 1-255 bytes without CR or LF",
                 ));
             }
-            if a.content_type.parse::<lettre::message::header::ContentType>().is_err() {
+            if a.content_type
+                .parse::<lettre::message::header::ContentType>()
+                .is_err()
+            {
                 errs.push(FieldError::new(
                     format!("attachments[{i}].content_type"),
                     format!("`{}` is not a MIME type", a.content_type),
@@ -611,7 +620,9 @@ mod tests {
             ("bcc[0]", |n| n.bcc = vec!["@x.com".into()]),
             ("from", |n| n.from = Some("bad".into())),
             ("reply_to[0]", |n| n.reply_to = vec!["bad".into()]),
-            ("subject", |n| n.subject = Some("Hi\r\nBcc: evil@x.com".into())),
+            ("subject", |n| {
+                n.subject = Some("Hi\r\nBcc: evil@x.com".into())
+            }),
             ("subject", |n| n.subject = None),
             ("subject", |n| n.subject = Some("x".repeat(1000))),
             ("text", |n| n.text = None),
@@ -653,13 +664,18 @@ mod tests {
                 n.send_at = Some(OffsetDateTime::now_utc());
                 n.expires_at = Some(OffsetDateTime::now_utc() - time::Duration::hours(1));
             }),
-            ("idempotency_key", |n| n.idempotency_key = Some(String::new())),
+            ("idempotency_key", |n| {
+                n.idempotency_key = Some(String::new())
+            }),
         ];
         for (field, mutate) in cases {
             let mut n = base();
             mutate(&mut n);
             let err = parse(n).expect_err(field);
-            assert!(err.has_field(field), "expected an error on {field}, got {err}");
+            assert!(
+                err.has_field(field),
+                "expected an error on {field}, got {err}"
+            );
         }
     }
 

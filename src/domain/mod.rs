@@ -5,13 +5,13 @@
 //! crate relies on (addresses parse, no CR/LF in a header, sizes within limits, template variables
 //! type-check). Every rule that fails is reported with the name of the field.
 
-mod address;
+pub(crate) mod address;
 mod email;
 
 pub use address::EmailAddress;
 pub use email::{
-    Attachment, Content, Email, EmailId, EmailStatus, Limits, NewAttachment, NewEmail,
-    Priority, TemplateCheck,
+    Attachment, Content, Email, EmailId, EmailStatus, Limits, NewAttachment, NewEmail, Priority,
+    TemplateCheck,
 };
 
 use serde::Serialize;

@@ -173,7 +173,10 @@ kinds! {
         AlertHtml = "emails/alert/body.html";
 }
 
-fn parse_vars<T: for<'de> Deserialize<'de>>(name: &str, variables: &Value) -> Result<T, FieldError> {
+fn parse_vars<T: for<'de> Deserialize<'de>>(
+    name: &str,
+    variables: &Value,
+) -> Result<T, FieldError> {
     serde_path_to_error::deserialize(variables).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." || path.is_empty() {
@@ -232,13 +235,25 @@ mod tests {
     #[test]
     fn every_kind_renders_subject_text_and_html() {
         let samples = [
-            ("welcome", json!({"name": "Ada", "product": "Postbox", "action_url": "https://x.example/start"})),
-            ("password_reset", json!({"name": "Ada", "reset_url": "https://x.example/r/1", "expires_in_minutes": 30})),
-            ("notification", json!({"title": "Build done", "paragraphs": ["One", "Two"], "action_url": "https://x.example"})),
-            ("alert", json!({"rule": "disk", "severity": "critical", "mailbox": "ops", "count": 2,
+            (
+                "welcome",
+                json!({"name": "Ada", "product": "Postbox", "action_url": "https://x.example/start"}),
+            ),
+            (
+                "password_reset",
+                json!({"name": "Ada", "reset_url": "https://x.example/r/1", "expires_in_minutes": 30}),
+            ),
+            (
+                "notification",
+                json!({"title": "Build done", "paragraphs": ["One", "Two"], "action_url": "https://x.example"}),
+            ),
+            (
+                "alert",
+                json!({"rule": "disk", "severity": "critical", "mailbox": "ops", "count": 2,
                 "first_seen": "t1", "last_seen": "t2",
                 "messages": [{"from": "a@x.example", "subject": "Disk full", "date": "t1", "snippet": "98%",
-                              "captures": {"host": "db1"}}]})),
+                              "captures": {"host": "db1"}}]}),
+            ),
         ];
         assert_eq!(samples.len(), KINDS.len());
         for (name, vars) in samples {
@@ -255,8 +270,14 @@ mod tests {
         let r = render_template("welcome", &vars).unwrap();
         let html = r.html.unwrap();
         assert!(!html.contains("<script>"), "{html}");
-        assert!(html.contains("&#60;script&#62;") || html.contains("&lt;script&gt;"), "{html}");
-        assert!(html.contains("A&#38;B") || html.contains("A&amp;B"), "{html}");
+        assert!(
+            html.contains("&#60;script&#62;") || html.contains("&lt;script&gt;"),
+            "{html}"
+        );
+        assert!(
+            html.contains("A&#38;B") || html.contains("A&amp;B"),
+            "{html}"
+        );
         assert!(r.text.unwrap().contains("<script>alert(1)</script>"));
     }
 
@@ -264,9 +285,17 @@ mod tests {
     fn variable_errors_name_the_variable() {
         let e = check_variables("welcome", &json!({"name": "Ada"})).unwrap_err();
         assert!(e.message.contains("product"), "{e:?}");
-        let e = check_variables("password_reset", &json!({"name": "Ada", "reset_url": "u", "expires_in_minutes": "soon"})).unwrap_err();
+        let e = check_variables(
+            "password_reset",
+            &json!({"name": "Ada", "reset_url": "u", "expires_in_minutes": "soon"}),
+        )
+        .unwrap_err();
         assert_eq!(e.field, "variables.expires_in_minutes");
-        let e = check_variables("welcome", &json!({"name": "Ada", "product": "P", "extra": 1})).unwrap_err();
+        let e = check_variables(
+            "welcome",
+            &json!({"name": "Ada", "product": "P", "extra": 1}),
+        )
+        .unwrap_err();
         assert!(e.message.contains("extra"), "{e:?}");
         let e = check_variables("nope", &json!({})).unwrap_err();
         assert_eq!(e.field, "template");
@@ -274,7 +303,8 @@ mod tests {
 
     #[test]
     fn subject_never_spans_lines() {
-        let r = render_template("notification", &json!({"title": "a\r\nBcc: x@y.example"})).unwrap();
+        let r =
+            render_template("notification", &json!({"title": "a\r\nBcc: x@y.example"})).unwrap();
         assert!(!r.subject.contains('\n') && !r.subject.contains('\r'));
     }
 }

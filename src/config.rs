@@ -1,0 +1,523 @@
+//! Settings: built-in defaults, then a TOML file (`--config` / `POSTBOX_CONFIG`), then
+//! `POSTBOX_<SECTION>__<KEY>` environment variables (e.g. `POSTBOX_SMTP__PASSWORD`).
+//!
+//! Every error names the key (`smtp.port`) and, for an environment override, the variable.
+//! Secrets are held in [`SecretString`] and printed only as `********`.
+
+use std::path::{Path, PathBuf};
+
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::delivery::RetryPolicy;
+use crate::domain::{EmailAddress, Limits};
+
+/// A configuration problem, naming the key it is about.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config key `{key}`: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// All of postbox's settings. `Settings::default()` is the no-config-file setup: SQLite at
+/// `./postbox.db`, delivery to `./outbox/*.eml`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub queue: QueueSettings,
+    pub retry: RetryPolicy,
+    pub retention: RetentionSettings,
+    pub delivery: DeliverySettings,
+    pub smtp: SmtpSettings,
+    pub limits: Limits,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// `sqlite://path/to/file.db` (created if missing) or `sqlite::memory:`.
+    pub url: String,
+    pub max_connections: u32,
+    /// How long a connection waits for SQLite's write lock before giving up.
+    pub busy_timeout_ms: u64,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://postbox.db".into(),
+            max_connections: 8,
+            busy_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSettings {
+    /// The apalis queue name. Renaming it orphans jobs already queued: don't, without a migration.
+    pub name: String,
+    /// Emails delivered at once by one process.
+    pub concurrency: usize,
+    /// Jobs fetched per database round trip.
+    pub batch_size: usize,
+    /// How often an idle worker looks for due jobs (in-process submits wake it at once).
+    pub poll_interval_ms: u64,
+    /// Worker heartbeat; a worker silent for two of these is dead and its jobs are re-queued.
+    pub heartbeat_secs: u64,
+    /// How often the janitor repairs stuck rows, expires mail and applies retention.
+    pub janitor_interval_secs: u64,
+    /// A job running longer than this is considered stuck and handed back to the queue.
+    pub stuck_after_secs: u64,
+    /// Pause before restarting a worker that died on a database error.
+    pub restart_delay_ms: u64,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            name: "postbox::send".into(),
+            concurrency: 32,
+            batch_size: 64,
+            poll_interval_ms: 100,
+            heartbeat_secs: 10,
+            janitor_interval_secs: 15,
+            stuck_after_secs: 600,
+            restart_delay_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionSettings {
+    /// Finished apalis jobs are deleted after this many hours.
+    pub finished_jobs_hours: u64,
+    /// Emails in a final state (sent, failed, cancelled, expired) and their timelines are deleted
+    /// after this many days. 0 keeps them forever.
+    pub emails_days: u64,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self {
+            finished_jobs_hours: 24,
+            emails_days: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Write one `.eml` file per email into `delivery.outbox_dir` (development).
+    File,
+    /// Deliver to the relay in `[smtp]`.
+    Smtp,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverySettings {
+    pub transport: Transport,
+    pub outbox_dir: PathBuf,
+    /// Used when an email gives no `from`.
+    pub default_from: String,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self {
+            transport: Transport::File,
+            outbox_dir: PathBuf::from("outbox"),
+            default_from: "postbox@localhost".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Implicit TLS from the first byte (usually port 465).
+    Tls,
+    /// STARTTLS, required: refuses to send if the server does not offer it (usually 587).
+    Starttls,
+    /// DANGEROUS: plaintext, credentials and mail readable on the wire. Loopback/testing only.
+    None,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpSettings {
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Secret: prefer `POSTBOX_SMTP__PASSWORD` over the file.
+    #[serde(
+        serialize_with = "masked",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub password: Option<SecretString>,
+    /// Name sent in EHLO; defaults to this host's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hello_name: Option<String>,
+    pub connect_timeout_secs: u64,
+    /// Timeout of each SMTP command (and of the whole DATA transfer).
+    pub command_timeout_secs: u64,
+    /// Connections kept open to the relay.
+    pub pool_max: u32,
+    pub pool_idle_secs: u64,
+}
+
+impl Default for SmtpSettings {
+    fn default() -> Self {
+        Self {
+            host: "localhost".into(),
+            port: 587,
+            tls: TlsMode::Starttls,
+            username: None,
+            password: None,
+            hello_name: None,
+            connect_timeout_secs: 10,
+            command_timeout_secs: 30,
+            pool_max: 10,
+            pool_idle_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter; `RUST_LOG` itself wins when set.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+fn masked<S: Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("********"),
+        None => s.serialize_none(),
+    }
+}
+
+const ENV_PREFIX: &str = "POSTBOX_";
+
+impl Settings {
+    /// Loads settings from an optional file plus the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
+        Self::load_from(path, std::env::vars())
+    }
+
+    /// Like [`Settings::load`], with the environment given explicitly (tests).
+    pub fn load_from(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|e| {
+                ConfigError::new("--config", format!("cannot read {}: {e}", p.display()))
+            })?,
+            None => String::new(),
+        };
+        Self::from_toml_and_env(&text, env)
+    }
+
+    /// Parses TOML text, applies environment overrides, deserializes and validates.
+    pub fn from_toml_and_env(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            let key = e.message().to_string();
+            ConfigError::new(
+                "(file)",
+                format!("not valid TOML: {}", e.to_string().trim()).replace(&key, &key),
+            )
+        })?;
+        let defaults = toml::Table::try_from(Settings::default())
+            .map_err(|e| ConfigError::new("(defaults)", e.to_string()))?;
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != "POSTBOX_CONFIG")
+            .collect();
+        env.sort();
+        for (var, value) in env {
+            apply_env(&mut table, &defaults, &var, &value)?;
+        }
+        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                ConfigError::new(
+                    if path == "." { "(root)".into() } else { path },
+                    e.inner().to_string(),
+                )
+            })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks relations between keys that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let url = &self.database.url;
+        if url.starts_with("postgres") {
+            return Err(ConfigError::new(
+                "database.url",
+                "the PostgreSQL backend is not available yet; use sqlite://",
+            ));
+        }
+        if !url.starts_with("sqlite:") {
+            return Err(ConfigError::new(
+                "database.url",
+                format!("`{url}` is not a sqlite:// URL"),
+            ));
+        }
+        if self.database.max_connections < 2 {
+            return Err(ConfigError::new(
+                "database.max_connections",
+                "must be at least 2",
+            ));
+        }
+        let q = &self.queue;
+        for (key, v) in [
+            ("queue.concurrency", q.concurrency as u64),
+            ("queue.batch_size", q.batch_size as u64),
+            ("queue.poll_interval_ms", q.poll_interval_ms),
+            ("queue.heartbeat_secs", q.heartbeat_secs),
+            ("queue.janitor_interval_secs", q.janitor_interval_secs),
+            ("queue.stuck_after_secs", q.stuck_after_secs),
+            ("smtp.connect_timeout_secs", self.smtp.connect_timeout_secs),
+            ("smtp.command_timeout_secs", self.smtp.command_timeout_secs),
+            ("smtp.pool_max", self.smtp.pool_max as u64),
+            ("retry.max_attempts", self.retry.max_attempts as u64),
+            ("limits.max_recipients", self.limits.max_recipients as u64),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::new(key, "must be greater than 0"));
+            }
+        }
+        if q.name.trim().is_empty() {
+            return Err(ConfigError::new("queue.name", "must not be empty"));
+        }
+        if q.stuck_after_secs <= self.smtp.command_timeout_secs * 4 {
+            return Err(ConfigError::new(
+                "queue.stuck_after_secs",
+                "must be longer than 4 x smtp.command_timeout_secs, or live sends look stuck",
+            ));
+        }
+        self.retry.validate()?;
+        EmailAddress::parse(&self.delivery.default_from)
+            .map_err(|m| ConfigError::new("delivery.default_from", m))?;
+        if self.delivery.transport == Transport::Smtp && self.smtp.host.trim().is_empty() {
+            return Err(ConfigError::new(
+                "smtp.host",
+                "is required when delivery.transport = \"smtp\"",
+            ));
+        }
+        if self.smtp.password.is_some() && self.smtp.username.is_none() {
+            return Err(ConfigError::new(
+                "smtp.username",
+                "is required when smtp.password is set",
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::new("log.level", e.to_string()))?;
+        Ok(())
+    }
+
+    /// The effective settings as TOML, secrets masked (for `postbox config check`).
+    pub fn to_masked_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}"))
+    }
+
+    pub fn default_from(&self) -> EmailAddress {
+        EmailAddress::parse(&self.delivery.default_from).expect("validated")
+    }
+}
+
+/// Sets `POSTBOX_A__B=value` at `a.b`, typed like the default (or the file's) value there.
+fn apply_env(
+    table: &mut toml::Table,
+    defaults: &toml::Table,
+    var: &str,
+    raw: &str,
+) -> Result<(), ConfigError> {
+    let path: Vec<String> = var[ENV_PREFIX.len()..]
+        .split("__")
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    let key = path.join(".");
+    let err = |m: String| ConfigError::new(key.clone(), format!("{m} (from {var})"));
+    if path.iter().any(|p| p.is_empty()) {
+        return Err(err("is not a valid key".into()));
+    }
+    // The type to parse as: the file's value if set there, else the default's.
+    let lookup = |t: &toml::Table| -> Option<toml::Value> {
+        let mut cur = t.get(&path[0])?;
+        for p in &path[1..] {
+            cur = cur.as_table()?.get(p)?;
+        }
+        Some(cur.clone())
+    };
+    let like = lookup(table).or_else(|| lookup(defaults));
+    let value = match like {
+        Some(toml::Value::Integer(_)) => raw
+            .trim()
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .map_err(|_| err(format!("`{raw}` is not an integer")))?,
+        Some(toml::Value::Float(_)) => raw
+            .trim()
+            .parse::<f64>()
+            .map(toml::Value::Float)
+            .map_err(|_| err(format!("`{raw}` is not a number")))?,
+        Some(toml::Value::Boolean(_)) => match raw.trim() {
+            "true" | "1" => toml::Value::Boolean(true),
+            "false" | "0" => toml::Value::Boolean(false),
+            _ => return Err(err(format!("`{raw}` is not true or false"))),
+        },
+        Some(toml::Value::Table(_)) => {
+            return Err(err("is a section, not a value".into()));
+        }
+        Some(toml::Value::Array(_)) => toml::Value::Array(
+            raw.split(',')
+                .map(|s| toml::Value::String(s.trim().to_string()))
+                .collect(),
+        ),
+        _ => toml::Value::String(raw.to_string()),
+    };
+    let mut cur = table;
+    for p in &path[..path.len() - 1] {
+        let entry = cur
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| err(format!("`{p}` is not a section")))?;
+    }
+    cur.insert(path[path.len() - 1].clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn no_file_gives_the_embedded_defaults() {
+        let s = Settings::from_toml_and_env("", env(&[])).unwrap();
+        assert_eq!(s.database.url, "sqlite://postbox.db");
+        assert_eq!(s.delivery.transport, Transport::File);
+        assert_eq!(s.delivery.outbox_dir, PathBuf::from("outbox"));
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let text = include_str!("../config.example.toml");
+        let s = Settings::from_toml_and_env(text, env(&[])).unwrap();
+        assert_eq!(s.smtp.port, 587);
+    }
+
+    #[test]
+    fn env_overrides_file_with_types_and_secrets() {
+        let s = Settings::from_toml_and_env(
+            "[smtp]\nport = 25\nusername = \"u\"\n",
+            env(&[
+                ("POSTBOX_SMTP__PORT", "2525"),
+                ("POSTBOX_SMTP__PASSWORD", "12345"),
+                ("POSTBOX_QUEUE__CONCURRENCY", "4"),
+                ("POSTBOX_RETRY__JITTER", "false"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.smtp.port, 2525);
+        assert_eq!(s.smtp.password.unwrap().expose_secret(), "12345");
+        assert_eq!(s.queue.concurrency, 4);
+        assert!(!s.retry.jitter);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("[smtp]\nport = \"x\"\n", vec![], "smtp.port"),
+            ("[smtp]\nprot = 1\n", vec![], "smtp"),
+            ("", vec![("POSTBOX_SMTP__PORT", "abc")], "smtp.port"),
+            (
+                "[delivery]\ndefault_from = \"nope\"\n",
+                vec![],
+                "delivery.default_from",
+            ),
+            ("[queue]\nconcurrency = 0\n", vec![], "queue.concurrency"),
+            (
+                "[retry]\nmin_backoff_secs = 10\nmax_backoff_secs = 5\n",
+                vec![],
+                "retry.max_backoff_secs",
+            ),
+            ("[smtp]\ntls = \"maybe\"\n", vec![], "smtp.tls"),
+            (
+                "[database]\nurl = \"postgres://x\"\n",
+                vec![],
+                "database.url",
+            ),
+        ];
+        for (text, e, key) in cases {
+            let err = Settings::from_toml_and_env(text, env(&e)).unwrap_err();
+            assert!(
+                err.key.starts_with(key),
+                "{text:?}: expected key {key}, got {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn secrets_are_masked_when_printed() {
+        let s = Settings::from_toml_and_env(
+            "[smtp]\nusername = \"u\"\npassword = \"hunter2-secret\"\n",
+            env(&[]),
+        )
+        .unwrap();
+        assert!(!s.to_masked_toml().contains("hunter2-secret"));
+        assert!(s.to_masked_toml().contains("********"));
+        assert!(!format!("{s:?}").contains("hunter2-secret"));
+    }
+}

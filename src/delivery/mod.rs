@@ -1,0 +1,250 @@
+//! Delivery: MIME building (lettre), the transports (SMTP, pooled; file, for development), and
+//! the one place where an SMTP reply becomes an [`Outcome`].
+
+mod policy;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lettre::message::header::{ContentType, HeaderName, HeaderValue};
+use lettre::message::{Attachment as MimeAttachment, MultiPart, SinglePart};
+use lettre::transport::smtp::PoolConfig;
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::extension::ClientId;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use secrecy::ExposeSecret;
+
+pub use policy::{Decision, RetryPolicy};
+
+use crate::config::{Settings, TlsMode, Transport};
+use crate::domain::Email;
+use crate::render::Rendered;
+
+/// How an attempt ended, decided only by [`classify`] (and the file transport).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx: the server took responsibility for the message.
+    Sent { code: u16, text: String },
+    /// 4xx, timeout, network or TLS trouble: worth another try later.
+    Temporary { code: Option<u16>, text: String },
+    /// 5xx, or a message the client itself refuses to send: retrying cannot help.
+    Permanent { code: Option<u16>, text: String },
+}
+
+impl Outcome {
+    pub fn code(&self) -> Option<u16> {
+        match self {
+            Outcome::Sent { code, .. } => Some(*code),
+            Outcome::Temporary { code, .. } | Outcome::Permanent { code, .. } => *code,
+        }
+    }
+
+    pub fn text(&self) -> &str {
+        match self {
+            Outcome::Sent { text, .. }
+            | Outcome::Temporary { text, .. }
+            | Outcome::Permanent { text, .. } => text,
+        }
+    }
+}
+
+fn code_u16(c: lettre::transport::smtp::response::Code) -> Option<u16> {
+    c.to_string().parse().ok()
+}
+
+/// The one place an SMTP result is classified.
+pub fn classify(
+    result: Result<lettre::transport::smtp::response::Response, lettre::transport::smtp::Error>,
+) -> Outcome {
+    match result {
+        Ok(resp) => Outcome::Sent {
+            code: code_u16(resp.code()).unwrap_or(250),
+            text: resp.message().collect::<Vec<_>>().join(" "),
+        },
+        Err(e) => {
+            let code = e.status().and_then(code_u16);
+            let text = e.to_string();
+            if e.is_permanent() || e.is_client() {
+                Outcome::Permanent { code, text }
+            } else {
+                // Transient replies, timeouts, refused connections, TLS and protocol errors.
+                Outcome::Temporary { code, text }
+            }
+        }
+    }
+}
+
+/// Why a message could not be built (a permanent failure of that email).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the message: {0}")]
+pub struct BuildError(String);
+
+/// Builds the MIME message: multipart/alternative text + HTML, attachments in multipart/mixed,
+/// the email's stable Message-ID.
+pub fn build_message(
+    email: &Email,
+    rendered: &Rendered,
+    message_id: &str,
+) -> Result<Message, BuildError> {
+    let mut b = Message::builder()
+        .from(email.from.to_mailbox())
+        .subject(rendered.subject.clone())
+        .message_id(Some(message_id.to_string()))
+        .date_now();
+    for a in &email.reply_to {
+        b = b.reply_to(a.to_mailbox());
+    }
+    for a in &email.to {
+        b = b.to(a.to_mailbox());
+    }
+    for a in &email.cc {
+        b = b.cc(a.to_mailbox());
+    }
+    for a in &email.bcc {
+        b = b.bcc(a.to_mailbox());
+    }
+    for (name, value) in &email.headers {
+        let name = HeaderName::new_from_ascii(name.clone())
+            .map_err(|e| BuildError(format!("header {name}: {e}")))?;
+        b = b.raw_header(HeaderValue::new(name, value.clone()));
+    }
+    let body = match (&rendered.text, &rendered.html) {
+        (Some(t), Some(h)) => MultiPart::alternative_plain_html(t.clone(), h.clone()),
+        (Some(t), None) => MultiPart::mixed().singlepart(SinglePart::plain(t.clone())),
+        (None, Some(h)) => MultiPart::mixed().singlepart(SinglePart::html(h.clone())),
+        (None, None) => MultiPart::mixed().singlepart(SinglePart::plain(String::new())),
+    };
+    let result = if email.attachments.is_empty() {
+        match (&rendered.text, &rendered.html) {
+            (Some(_), Some(_)) => b.multipart(body),
+            (None, Some(h)) => b.singlepart(SinglePart::html(h.clone())),
+            (Some(t), None) => b.singlepart(SinglePart::plain(t.clone())),
+            (None, None) => b.singlepart(SinglePart::plain(String::new())),
+        }
+    } else {
+        let mut mixed = MultiPart::mixed().multipart(body);
+        for a in &email.attachments {
+            let ct = ContentType::parse(&a.content_type)
+                .map_err(|e| BuildError(format!("content type {}: {e}", a.content_type)))?;
+            mixed = mixed
+                .singlepart(MimeAttachment::new(a.filename.clone()).body(a.content.clone(), ct));
+        }
+        b.multipart(mixed)
+    };
+    result.map_err(|e| BuildError(e.to_string()))
+}
+
+/// The Message-ID for a new email: `<id@sender-domain>`.
+pub fn message_id_for(id: &str, email: &Email) -> String {
+    let domain = email
+        .from
+        .address()
+        .rsplit_once('@')
+        .map(|(_, d)| d)
+        .unwrap_or("postbox.invalid");
+    format!("<{id}@{domain}>")
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("smtp settings: {0}")]
+pub struct MailerError(String);
+
+/// Where messages go.
+#[derive(Clone)]
+pub enum Mailer {
+    Smtp {
+        transport: AsyncSmtpTransport<Tokio1Executor>,
+        /// Hard cap on one whole transaction, beyond lettre's per-command timeout.
+        deadline: Duration,
+    },
+    /// One `<email id>.eml` per email in this folder (development default).
+    File(PathBuf),
+}
+
+impl std::fmt::Debug for Mailer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mailer::Smtp { .. } => f.write_str("Mailer::Smtp"),
+            Mailer::File(p) => write!(f, "Mailer::File({})", p.display()),
+        }
+    }
+}
+
+impl Mailer {
+    pub fn from_settings(settings: &Settings) -> Result<Mailer, MailerError> {
+        match settings.delivery.transport {
+            Transport::File => Ok(Mailer::File(settings.delivery.outbox_dir.clone())),
+            Transport::Smtp => {
+                let s = &settings.smtp;
+                let mut b = match s.tls {
+                    TlsMode::None => {
+                        AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(s.host.clone())
+                    }
+                    TlsMode::Starttls => {
+                        AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&s.host)
+                            .map_err(|e| MailerError(e.to_string()))?
+                    }
+                    TlsMode::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&s.host)
+                        .map_err(|e| MailerError(e.to_string()))?,
+                };
+                b = b
+                    .port(s.port)
+                    .timeout(Some(Duration::from_secs(s.command_timeout_secs)))
+                    .pool_config(
+                        PoolConfig::new()
+                            .max_size(s.pool_max)
+                            .idle_timeout(Duration::from_secs(s.pool_idle_secs)),
+                    );
+                if let Some(name) = &s.hello_name {
+                    b = b.hello_name(ClientId::Domain(name.clone()));
+                }
+                if let (Some(u), Some(p)) = (&s.username, &s.password) {
+                    b = b.credentials(Credentials::new(u.clone(), p.expose_secret().to_string()));
+                }
+                Ok(Mailer::Smtp {
+                    transport: b.build(),
+                    deadline: Duration::from_secs(
+                        s.connect_timeout_secs + 3 * s.command_timeout_secs,
+                    ),
+                })
+            }
+        }
+    }
+
+    /// Sends one message; never panics, never hangs past the deadline.
+    pub async fn send(&self, message: &Message, email_id: &str) -> Outcome {
+        match self {
+            Mailer::Smtp {
+                transport,
+                deadline,
+            } => match tokio::time::timeout(*deadline, transport.send(message.clone())).await {
+                Ok(r) => classify(r),
+                Err(_) => Outcome::Temporary {
+                    code: None,
+                    text: format!("no answer within {}s", deadline.as_secs()),
+                },
+            },
+            Mailer::File(dir) => {
+                let path = dir.join(format!("{email_id}.eml"));
+                let tmp = dir.join(format!(".{email_id}.eml.tmp"));
+                let bytes = message.formatted();
+                let res = async {
+                    tokio::fs::create_dir_all(dir).await?;
+                    tokio::fs::write(&tmp, &bytes).await?;
+                    tokio::fs::rename(&tmp, &path).await
+                }
+                .await;
+                match res {
+                    Ok(()) => Outcome::Sent {
+                        code: 250,
+                        text: format!("written to {}", path.display()),
+                    },
+                    Err(e) => Outcome::Temporary {
+                        code: None,
+                        text: format!("cannot write {}: {e}", path.display()),
+                    },
+                }
+            }
+        }
+    }
+}

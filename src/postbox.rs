@@ -1,0 +1,206 @@
+//! The facade: the one library API. The CLI, the HTTP API and embedding apps all go through it.
+
+use std::sync::Arc;
+
+use crate::config::Settings;
+use crate::delivery::{Mailer, MailerError, message_id_for};
+use crate::domain::{Email, EmailAddress, EmailId, FieldError, NewEmail, ValidationErrors};
+use crate::queue::{self, Deliverer, Shutdown, Wake};
+use crate::render::Templates;
+use crate::store::{Counts, EmailReport, JanitorReport, Store, StoreError, TransitionError};
+
+/// Errors of [`Postbox::open`].
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Mailer(#[from] MailerError),
+}
+
+/// Errors of [`Postbox::submit`] and [`Postbox::submit_many`].
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The email broke rules; nothing was stored.
+    #[error(transparent)]
+    Invalid(#[from] ValidationErrors),
+    /// Some emails of a batch broke rules (index, errors); nothing was stored.
+    #[error("{} of the batch's emails are invalid; nothing was stored", .0.len())]
+    InvalidBatch(Vec<(usize, Vec<FieldError>)>),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A submission's result: the email's id, and whether this call created it (false when an
+/// idempotency key matched an earlier submission).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    pub id: EmailId,
+    pub created: bool,
+}
+
+struct Inner {
+    settings: Settings,
+    store: Store,
+    default_from: EmailAddress,
+    wake: Arc<Wake>,
+    mailer: Mailer,
+}
+
+/// postbox as a library: submit mail, look it up, cancel or re-drive it, and run the workers.
+///
+/// ```no_run
+/// use postbox::{Postbox, Settings, NewEmail};
+/// # async fn demo() -> anyhow::Result<()> {
+/// let postbox = Postbox::open(Settings::default()).await?;
+/// let sent = postbox.submit(NewEmail::text("ada@example.com", "Hello", "First email")).await?;
+/// let report = postbox.status(&sent.id).await?.expect("just stored");
+/// assert_eq!(report.status, postbox::EmailStatus::Queued);
+/// // Deliver in this process until Ctrl-C:
+/// postbox.run_workers(async { let _ = tokio::signal::ctrl_c().await; }).await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Postbox {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Postbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Postbox").finish_non_exhaustive()
+    }
+}
+
+impl Postbox {
+    /// Opens the database (creating and migrating it) and prepares the mailer.
+    pub async fn open(settings: Settings) -> Result<Postbox, OpenError> {
+        let store = Store::open(&settings).await?;
+        let mailer = Mailer::from_settings(&settings)?;
+        Ok(Postbox {
+            inner: Arc::new(Inner {
+                default_from: settings.default_from(),
+                settings,
+                store,
+                wake: Arc::new(Wake::default()),
+                mailer,
+            }),
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    fn validate(&self, new: NewEmail) -> Result<(EmailId, Email, String), ValidationErrors> {
+        let email = Email::parse(
+            new,
+            &self.inner.settings.limits,
+            &self.inner.default_from,
+            &Templates,
+        )?;
+        let id = EmailId::generate();
+        let message_id = message_id_for(id.as_str(), &email);
+        Ok((id, email, message_id))
+    }
+
+    /// Validates and durably queues one email. When this returns `Ok`, the email is committed.
+    pub async fn submit(&self, new: NewEmail) -> Result<Submitted, SubmitError> {
+        let row = self.validate(new)?;
+        let mut out = self
+            .inner
+            .store
+            .insert_emails(std::slice::from_ref(&row))
+            .await?;
+        self.inner.wake.notify();
+        let (id, created) = out.pop().expect("one row in, one out");
+        Ok(Submitted { id, created })
+    }
+
+    /// Validates every email, then queues them all in ONE transaction: all or nothing.
+    pub async fn submit_many(&self, emails: Vec<NewEmail>) -> Result<Vec<Submitted>, SubmitError> {
+        let mut rows = Vec::with_capacity(emails.len());
+        let mut bad = Vec::new();
+        for (i, new) in emails.into_iter().enumerate() {
+            match self.validate(new) {
+                Ok(r) => rows.push(r),
+                Err(e) => bad.push((i, e.0)),
+            }
+        }
+        if !bad.is_empty() {
+            return Err(SubmitError::InvalidBatch(bad));
+        }
+        let out = self.inner.store.insert_emails(&rows).await?;
+        self.inner.wake.notify();
+        Ok(out
+            .into_iter()
+            .map(|(id, created)| Submitted { id, created })
+            .collect())
+    }
+
+    /// The email's state and timeline (`None`: no such email).
+    pub async fn status(&self, id: &EmailId) -> Result<Option<EmailReport>, StoreError> {
+        self.inner.store.report(id).await
+    }
+
+    /// Cancels a queued or retrying email.
+    pub async fn cancel(&self, id: &EmailId) -> Result<(), TransitionError> {
+        self.inner.store.cancel(id).await
+    }
+
+    /// Re-drives a failed email (dead letter) with a fresh retry budget and the same Message-ID.
+    pub async fn retry(&self, id: &EmailId) -> Result<(), TransitionError> {
+        self.inner.store.retry(id).await?;
+        self.inner.wake.notify();
+        Ok(())
+    }
+
+    /// Emails by status.
+    pub async fn counts(&self) -> Result<Counts, StoreError> {
+        self.inner.store.counts().await
+    }
+
+    /// One janitor pass now (it also runs periodically inside [`Postbox::run_workers`]).
+    pub async fn janitor(&self) -> Result<JanitorReport, StoreError> {
+        let s = &self.inner.settings;
+        self.inner
+            .store
+            .janitor(
+                std::time::Duration::from_secs(s.queue.heartbeat_secs * 2),
+                std::time::Duration::from_secs(s.queue.stuck_after_secs),
+                std::time::Duration::from_secs(s.retention.finished_jobs_hours * 3600),
+                (s.retention.emails_days > 0)
+                    .then(|| std::time::Duration::from_secs(s.retention.emails_days * 86_400)),
+            )
+            .await
+    }
+
+    /// Delivers queued mail in this process until `shutdown` completes; then stops fetching,
+    /// lets in-flight sends finish and returns.
+    pub async fn run_workers(&self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        self.run_workers_with(queue::shutdown_signal(shutdown))
+            .await
+    }
+
+    /// Like [`Postbox::run_workers`] with an already shared shutdown signal.
+    pub async fn run_workers_with(&self, shutdown: Shutdown) {
+        let i = &self.inner;
+        let deliverer = Arc::new(Deliverer::new(
+            i.store.clone(),
+            i.mailer.clone(),
+            i.settings.retry.clone(),
+        ));
+        queue::run(
+            &i.settings,
+            i.store.clone(),
+            deliverer,
+            i.wake.clone(),
+            shutdown,
+        )
+        .await
+    }
+
+    /// Closes the database pool.
+    pub async fn close(&self) {
+        self.inner.store.close().await
+    }
+}

@@ -1,0 +1,278 @@
+//! The queue side: the apalis worker that delivers emails, its supervisor, the wake-up signal for
+//! in-process submits, and the janitor.
+//!
+//! Design choices forced by apalis 1.0 (see STACK-NOTES.md):
+//! - the handler always returns `Ok` for anything SMTP says; a retry is a NEW job with a later
+//!   `run_at`, written in the same transaction as the attempt (apalis has no backoff in the DB);
+//! - the job payload is read as raw JSON and parsed here, so a payload we cannot read is logged and
+//!   dropped instead of killing the worker on every fetch;
+//! - no apalis timeout, catch-panic or retry layers (they leave rows stuck); lettre's timeouts and
+//!   the mailer's deadline bound every send;
+//! - a unique worker name per start, a janitor that re-queues jobs of dead workers and repairs
+//!   stuck rows, and a supervisor that restarts a worker that died on a database error.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use apalis::prelude::*;
+use apalis_sqlite::SqliteStorage;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use futures::task::AtomicWaker;
+use serde_json::Value;
+use time::OffsetDateTime;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::config::Settings;
+use crate::delivery::{Decision, Mailer, Outcome, RetryPolicy, build_message};
+use crate::domain::address::mask;
+use crate::render::render;
+use crate::store::{AttemptRecord, ClaimResult, Finish, SendJob, Store, StoreError};
+
+/// A shutdown signal every loop can await (cloneable).
+pub type Shutdown = Shared<BoxFuture<'static, ()>>;
+
+/// Turns any future into a [`Shutdown`].
+pub fn shutdown_signal(f: impl Future<Output = ()> + Send + 'static) -> Shutdown {
+    f.boxed().shared()
+}
+
+/// Wakes an idle worker at once when this process submits mail, so latency is not the poll
+/// interval. Coalescing: a thousand submits make one wake-up.
+#[derive(Debug, Default)]
+pub struct Wake {
+    pending: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Wake {
+    pub fn notify(&self) {
+        self.pending.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn stream(self: &Arc<Self>) -> WakeStream {
+        WakeStream(self.clone())
+    }
+}
+
+struct WakeStream(Arc<Wake>);
+
+impl futures::Stream for WakeStream {
+    type Item = ();
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<()>> {
+        self.0.waker.register(cx.waker());
+        if self.0.pending.swap(false, Ordering::AcqRel) {
+            Poll::Ready(Some(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// Everything a delivery needs; shared by all concurrent handler calls.
+#[derive(Debug)]
+pub struct Deliverer {
+    store: Store,
+    mailer: Mailer,
+    policy: RetryPolicy,
+}
+
+impl Deliverer {
+    pub fn new(store: Store, mailer: Mailer, policy: RetryPolicy) -> Self {
+        Self {
+            store,
+            mailer,
+            policy,
+        }
+    }
+
+    /// Runs one job: claim, render, send, record. Idempotent: a stale or repeated job does nothing.
+    pub async fn deliver(&self, job: SendJob) -> Result<(), StoreError> {
+        let claim = match self.store.claim(&job.email_id, job.seq).await? {
+            ClaimResult::Claimed(c) => c,
+            ClaimResult::Skip(why) => {
+                debug!(email_id = %job.email_id, seq = job.seq, why, "job has nothing to do");
+                return Ok(());
+            }
+            ClaimResult::Expired => {
+                info!(email_id = %job.email_id, "email expired before delivery");
+                return Ok(());
+            }
+        };
+        let span = info_span!("deliver", email_id = %claim.id, attempt = claim.attempt);
+        async {
+            if claim.interrupted {
+                warn!("previous attempt was interrupted; sending again with the same Message-ID");
+            }
+            let started_at = OffsetDateTime::now_utc();
+            let t0 = Instant::now();
+            let outcome = match render(&claim.email)
+                .map_err(|e| e.to_string())
+                .and_then(|r| build_message(&claim.email, &r, &claim.message_id).map_err(|e| e.to_string()))
+            {
+                Ok(msg) => self.mailer.send(&msg, claim.id.as_str()).await,
+                Err(text) => Outcome::Permanent { code: None, text },
+            };
+            let rec = AttemptRecord {
+                started_at,
+                duration_ms: t0.elapsed().as_millis() as i64,
+                smtp_code: outcome.code(),
+                smtp_text: outcome.text().to_string(),
+            };
+            let finish = match &outcome {
+                Outcome::Sent { .. } => Finish::Sent,
+                Outcome::Permanent { text, .. } => Finish::Failed {
+                    reason: format!("permanent failure: {text}"),
+                },
+                Outcome::Temporary { text, .. } => {
+                    let age = (OffsetDateTime::now_utc() - claim.age_from)
+                        .try_into()
+                        .unwrap_or(Duration::ZERO);
+                    match self
+                        .policy
+                        .after_temporary_failure(claim.attempt, age, rand::random::<f64>())
+                    {
+                        Decision::RetryAfter(d) => Finish::Retry {
+                            at: OffsetDateTime::now_utc() + d,
+                        },
+                        Decision::GiveUp(why) => Finish::Failed {
+                            reason: format!("{why}; last reply: {text}"),
+                        },
+                    }
+                }
+            };
+            let recorded = self.store.finish(&claim, &rec, &finish).await?;
+            let rcpts: Vec<String> = claim.email.recipients().map(|a| mask(a.address())).collect();
+            match (&finish, recorded) {
+                (_, false) => warn!("attempt superseded while in flight; not recorded"),
+                (Finish::Sent, _) => info!(code = ?rec.smtp_code, ms = rec.duration_ms, to = ?rcpts, "sent"),
+                (Finish::Retry { at }, _) => warn!(code = ?rec.smtp_code, reply = %rec.smtp_text, retry_at = %at, "temporary failure; will retry"),
+                (Finish::Failed { reason }, _) => warn!(code = ?rec.smtp_code, %reason, to = ?rcpts, "failed; moved to dead letters"),
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// The apalis handler. Errors returned here are infrastructure errors (the database); apalis
+/// retries those at once, the email row is untouched or consistent either way.
+async fn handle(job: Value, deliverer: Data<Arc<Deliverer>>) -> Result<(), BoxDynError> {
+    let job: SendJob = match serde_json::from_value::<SendJob>(job.clone()) {
+        Ok(j) if j.v == SendJob::VERSION => j,
+        Ok(j) => {
+            warn!(version = j.v, "job payload version not understood; dropped");
+            return Ok(());
+        }
+        Err(e) => {
+            warn!(error = %e, payload = %job, "unreadable job payload; dropped");
+            return Ok(());
+        }
+    };
+    deliverer.deliver(job).await.map_err(|e| {
+        error!(error = %e, "delivery could not be recorded; the job will run again");
+        Box::new(e) as BoxDynError
+    })
+}
+
+/// Runs the delivery workers and the janitor until `shutdown` fires; then stops fetching, lets
+/// in-flight sends finish and returns.
+pub async fn run(
+    settings: &Settings,
+    store: Store,
+    deliverer: Arc<Deliverer>,
+    wake: Arc<Wake>,
+    shutdown: Shutdown,
+) {
+    let q = settings.queue.clone();
+    let janitor = tokio::spawn(janitor_loop(
+        settings.clone(),
+        store.clone(),
+        shutdown.clone(),
+    ));
+    let host = hostname();
+    let pid = std::process::id();
+    loop {
+        let name = format!("postbox-{host}-{pid}-{}", ulid::Ulid::generate());
+        let config = apalis_sqlite::Config::default()
+            .queue(&q.name)
+            .batch_size(q.batch_size)
+            .heartbeat_interval(Duration::from_secs(q.heartbeat_secs));
+        let backend = SqliteStorage::<Value>::new(store.pool())
+            .with_config(config)
+            .poll_with_strategy(
+                Strategy::new()
+                    .stream(wake.stream())
+                    .interval(Duration::from_millis(q.poll_interval_ms)),
+            );
+        let worker = WorkerBuilder::new(name.as_str())
+            .backend(backend)
+            .data(deliverer.clone())
+            .concurrency(q.concurrency)
+            .build(handle);
+        info!(worker = %name, concurrency = q.concurrency, "delivery worker started");
+        let sd = shutdown.clone();
+        let res = worker
+            .run_until(async move {
+                sd.await;
+                Ok::<(), std::io::Error>(())
+            })
+            .await;
+        if shutdown.clone().now_or_never().is_some() {
+            info!(worker = %name, "delivery worker stopped");
+            break;
+        }
+        match res {
+            Ok(()) => warn!(worker = %name, "delivery worker ended unexpectedly; restarting"),
+            Err(e) => error!(worker = %name, error = %e, "delivery worker died; restarting"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(q.restart_delay_ms)) => {}
+            _ = shutdown.clone() => break,
+        }
+    }
+    let _ = janitor.await;
+}
+
+async fn janitor_loop(settings: Settings, store: Store, shutdown: Shutdown) {
+    let q = &settings.queue;
+    let dead_after = Duration::from_secs(q.heartbeat_secs * 2);
+    let stuck_after = Duration::from_secs(q.stuck_after_secs);
+    let finished = Duration::from_secs(settings.retention.finished_jobs_hours * 3600);
+    let emails = (settings.retention.emails_days > 0)
+        .then(|| Duration::from_secs(settings.retention.emails_days * 24 * 3600));
+    let mut failures = 0u32;
+    loop {
+        match store
+            .janitor(dead_after, stuck_after, finished, emails)
+            .await
+        {
+            Ok(r) => {
+                failures = 0;
+                if r != Default::default() {
+                    info!(report = ?r, "janitor pass");
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                warn!(error = %e, failures, "janitor pass failed; will try again");
+            }
+        }
+        let pause = Duration::from_secs(q.janitor_interval_secs);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.clone() => return,
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "host".into())
+}

@@ -1,0 +1,724 @@
+//! The SQLite store (the embedded default): our tables plus apalis-sqlite's `Jobs`.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use apalis::prelude::TaskBuilder;
+use apalis_sqlite::SqliteStorage;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, SqlitePool};
+use time::OffsetDateTime;
+
+use super::*;
+use crate::config::Settings;
+
+/// apalis-level attempts, only for infrastructure errors (a DB error inside the handler); SMTP
+/// retries are new jobs with their own run time, never apalis retries.
+const JOB_MAX_ATTEMPTS: usize = 10;
+
+/// Handle to the database; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+    queue: String,
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+impl Store {
+    /// Opens (creating if missing) the database and applies every migration: apalis's, then
+    /// ours (bookkept in `postbox_migrations`), then drops the index that makes acks quadratic.
+    pub async fn open(settings: &Settings) -> Result<Store, StoreError> {
+        let opts = SqliteConnectOptions::from_str(&settings.database.url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_millis(settings.database.busy_timeout_ms))
+            .pragma("temp_store", "MEMORY")
+            .pragma("cache_size", "-16000");
+        // apalis's setup() switches one connection to synchronous=OFF: run it on a throwaway pool
+        // so no connection we keep has durability turned off.
+        let setup = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts.clone())
+            .await?;
+        SqliteStorage::setup(&setup)
+            .await
+            .map_err(|e| StoreError::Queue(format!("apalis setup: {e}")))?;
+        let mut migrator = sqlx::migrate!("./migrations/sqlite");
+        migrator.dangerous_set_table_name("postbox_migrations");
+        migrator.run(&setup).await?;
+        // Finished rows keep lock_by, and the ack statement is planned through this index: every
+        // ack would scan all rows a worker ever processed (STACK-NOTES). The unique id index is
+        // the right plan.
+        sqlx::query("DROP INDEX IF EXISTS LIdx")
+            .execute(&setup)
+            .await?;
+        setup.close().await;
+
+        let pool = SqlitePoolOptions::new()
+            .max_connections(settings.database.max_connections)
+            .min_connections(1)
+            .connect_with(opts)
+            .await?;
+        Ok(Store {
+            pool,
+            queue: settings.queue.name.clone(),
+        })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Inserts emails and their jobs in ONE transaction. An idempotency key already present
+    /// returns the existing email's id with `false` and creates nothing.
+    pub async fn insert_emails(
+        &self,
+        rows: &[(EmailId, Email, String)],
+    ) -> Result<Vec<(EmailId, bool)>, StoreError> {
+        let mut out = Vec::with_capacity(rows.len());
+        let mut tx = self.pool.begin().await?;
+        let now_ms = ms(now());
+        for (id, email, message_id) in rows {
+            let spec = serde_json::to_string(email).map_err(|e| StoreError::Corrupt {
+                id: id.to_string(),
+                message: e.to_string(),
+            })?;
+            let recipients = email
+                .recipients()
+                .map(|a| a.address())
+                .collect::<Vec<_>>()
+                .join(" ");
+            let send_at = email.send_at.map(ms);
+            let res = sqlx::query(
+                "INSERT INTO postbox_emails (id, status, priority, spec, message_id, idempotency_key,
+                     template, recipients, tags, send_at, expires_at, age_from, created_at, updated_at)
+                 VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)
+                 ON CONFLICT(idempotency_key) DO NOTHING",
+            )
+            .bind(id.as_str())
+            .bind(email.priority.as_str())
+            .bind(&spec)
+            .bind(message_id)
+            .bind(email.idempotency_key.as_deref())
+            .bind(email.content.template_name())
+            .bind(&recipients)
+            .bind(email.tags.join(" "))
+            .bind(send_at)
+            .bind(email.expires_at.map(ms))
+            .bind(send_at.unwrap_or(now_ms).max(now_ms))
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+            if res.rows_affected() == 0 {
+                let existing: String =
+                    sqlx::query_scalar("SELECT id FROM postbox_emails WHERE idempotency_key = ?1")
+                        .bind(email.idempotency_key.as_deref())
+                        .fetch_one(&mut *tx)
+                        .await?;
+                out.push((EmailId::from_db(existing), false));
+                continue;
+            }
+            push_job(
+                &mut tx,
+                &self.queue,
+                id.as_str(),
+                0,
+                email.priority,
+                email.send_at,
+            )
+            .await?;
+            out.push((id.clone(), true));
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Claims an email for one attempt, if `seq` still owns it and it is not final.
+    pub async fn claim(&self, id: &str, seq: i64) -> Result<ClaimResult, StoreError> {
+        let now = now();
+        let mut tx = self.pool.begin().await?;
+        // Write first: a deferred transaction that reads before writing can fail to upgrade.
+        let row = sqlx::query(
+            "UPDATE postbox_emails
+                SET status = 'sending', attempts = attempts + 1,
+                    interrupted = (status = 'sending'), updated_at = ?1
+              WHERE id = ?2 AND job_seq = ?3 AND status IN ('queued', 'retrying', 'sending')
+                AND (expires_at IS NULL OR expires_at > ?1)
+          RETURNING spec, message_id, attempts, priority, age_from, interrupted",
+        )
+        .bind(ms(now))
+        .bind(id)
+        .bind(seq)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            let expired = sqlx::query(
+                "UPDATE postbox_emails
+                    SET status = 'expired', job_seq = job_seq + 1, updated_at = ?1,
+                        next_attempt_at = NULL, last_error = 'expired before it could be delivered'
+                  WHERE id = ?2 AND job_seq = ?3 AND status IN ('queued', 'retrying', 'sending')
+                    AND expires_at <= ?1",
+            )
+            .bind(ms(now))
+            .bind(id)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+            if expired.rows_affected() == 1 {
+                insert_event(
+                    &mut tx,
+                    id,
+                    now,
+                    "expired",
+                    "expired",
+                    None,
+                    None,
+                    "expires_at passed",
+                )
+                .await?;
+                tx.commit().await?;
+                return Ok(ClaimResult::Expired);
+            }
+            tx.commit().await?;
+            return Ok(ClaimResult::Skip("final, cancelled or superseded"));
+        };
+        let spec: String = row.try_get("spec")?;
+        let email: Email = serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt {
+            id: id.to_string(),
+            message: e.to_string(),
+        })?;
+        let attempt: i64 = row.try_get("attempts")?;
+        let interrupted: bool = row.try_get("interrupted")?;
+        if interrupted {
+            insert_event(
+                &mut tx,
+                id,
+                now,
+                "interrupted",
+                "sending",
+                Some(attempt - 1),
+                None,
+                "the previous attempt was cut off (worker stopped mid-send); sending again \
+                 with the same Message-ID",
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        let priority: String = row.try_get("priority")?;
+        Ok(ClaimResult::Claimed(Box::new(Claim {
+            id: EmailId::from_db(id.to_string()),
+            email,
+            message_id: row.try_get("message_id")?,
+            attempt: attempt as u32,
+            seq,
+            priority: Priority::parse(&priority).unwrap_or_default(),
+            age_from: from_ms(row.try_get("age_from")?),
+            interrupted,
+        })))
+    }
+
+    /// Records an attempt and the email's new state in ONE transaction (with the next job, when
+    /// retrying). Returns false when the claim was superseded meanwhile (nothing written).
+    pub async fn finish(
+        &self,
+        claim: &Claim,
+        rec: &AttemptRecord,
+        finish: &Finish,
+    ) -> Result<bool, StoreError> {
+        let now = now();
+        let (status, next_at, last_error, sent_at, bump) = match finish {
+            Finish::Sent => ("sent", None, None, Some(ms(now)), 0),
+            Finish::Retry { at } => (
+                "retrying",
+                Some(ms(*at)),
+                Some(rec.smtp_text.clone()),
+                None,
+                1,
+            ),
+            Finish::Failed { reason } => ("failed", None, Some(reason.clone()), None, 0),
+        };
+        let mut tx = self.pool.begin().await?;
+        let res = sqlx::query(
+            "UPDATE postbox_emails
+                SET status = ?1, next_attempt_at = ?2, last_error = ?3, sent_at = ?4,
+                    updated_at = ?5, job_seq = job_seq + ?6
+              WHERE id = ?7 AND job_seq = ?8 AND status = 'sending'",
+        )
+        .bind(status)
+        .bind(next_at)
+        .bind(last_error.as_deref())
+        .bind(sent_at)
+        .bind(ms(now))
+        .bind(bump)
+        .bind(claim.id.as_str())
+        .bind(claim.seq)
+        .execute(&mut *tx)
+        .await?;
+        if res.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        let detail = match finish {
+            Finish::Sent => None,
+            Finish::Retry { at } => Some(format!("retry at {}", rfc3339(*at))),
+            Finish::Failed { reason } => Some(reason.clone()),
+        };
+        sqlx::query(
+            "INSERT INTO postbox_events (email_id, at, kind, status, attempt, smtp_code, smtp_text,
+                 duration_ms, detail)
+             VALUES (?1, ?2, 'attempt', ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .bind(claim.id.as_str())
+        .bind(ms(rec.started_at))
+        .bind(status)
+        .bind(claim.attempt as i64)
+        .bind(rec.smtp_code.map(i64::from))
+        .bind(&rec.smtp_text)
+        .bind(rec.duration_ms)
+        .bind(detail)
+        .execute(&mut *tx)
+        .await?;
+        if let Finish::Retry { at } = finish {
+            push_job(
+                &mut tx,
+                &self.queue,
+                claim.id.as_str(),
+                claim.seq + 1,
+                claim.priority,
+                Some(*at),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Cancels a queued or retrying email.
+    pub async fn cancel(&self, id: &EmailId) -> Result<(), TransitionError> {
+        let now = now();
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let res = sqlx::query(
+            "UPDATE postbox_emails
+                SET status = 'cancelled', job_seq = job_seq + 1, updated_at = ?1,
+                    next_attempt_at = NULL
+              WHERE id = ?2 AND status IN ('queued', 'retrying')",
+        )
+        .bind(ms(now))
+        .bind(id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        if res.rows_affected() == 0 {
+            drop(tx);
+            return Err(self.refusal(id, "cancel", "queued or retrying").await);
+        }
+        insert_event(
+            &mut tx,
+            id.as_str(),
+            now,
+            "cancelled",
+            "cancelled",
+            None,
+            None,
+            "cancelled",
+        )
+        .await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    /// Re-drives a failed email: a fresh retry budget, a new job, the same Message-ID.
+    pub async fn retry(&self, id: &EmailId) -> Result<(), TransitionError> {
+        let now = now();
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let row = sqlx::query(
+            "UPDATE postbox_emails
+                SET status = 'queued', job_seq = job_seq + 1, attempts = 0, age_from = ?1,
+                    next_attempt_at = NULL, updated_at = ?1
+              WHERE id = ?2 AND status = 'failed'
+          RETURNING job_seq, priority",
+        )
+        .bind(ms(now))
+        .bind(id.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        let Some(row) = row else {
+            drop(tx);
+            return Err(self.refusal(id, "retry", "failed").await);
+        };
+        let seq: i64 = row.try_get("job_seq").map_err(StoreError::from)?;
+        let priority: String = row.try_get("priority").map_err(StoreError::from)?;
+        insert_event(
+            &mut tx,
+            id.as_str(),
+            now,
+            "requeued",
+            "queued",
+            None,
+            None,
+            "manual retry",
+        )
+        .await?;
+        push_job(
+            &mut tx,
+            &self.queue,
+            id.as_str(),
+            seq,
+            Priority::parse(&priority).unwrap_or_default(),
+            None,
+        )
+        .await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    async fn refusal(
+        &self,
+        id: &EmailId,
+        action: &'static str,
+        allowed: &'static str,
+    ) -> TransitionError {
+        match self.status_of(id).await {
+            Ok(Some(status)) => TransitionError::Conflict {
+                id: id.clone(),
+                status,
+                action,
+                allowed,
+            },
+            Ok(None) => TransitionError::NotFound(id.clone()),
+            Err(e) => TransitionError::Store(e),
+        }
+    }
+
+    pub async fn status_of(&self, id: &EmailId) -> Result<Option<EmailStatus>, StoreError> {
+        let s: Option<String> =
+            sqlx::query_scalar("SELECT status FROM postbox_emails WHERE id = ?1")
+                .bind(id.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(s.and_then(|s| EmailStatus::parse(&s)))
+    }
+
+    /// An email's state and timeline.
+    pub async fn report(&self, id: &EmailId) -> Result<Option<EmailReport>, StoreError> {
+        let Some(row) = sqlx::query("SELECT * FROM postbox_emails WHERE id = ?1")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let events = sqlx::query("SELECT * FROM postbox_events WHERE email_id = ?1 ORDER BY seq")
+            .bind(id.as_str())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(Some(report_from(row, events)?))
+    }
+
+    /// Emails by status.
+    pub async fn counts(&self) -> Result<Counts, StoreError> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM postbox_emails GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut c = Counts::default();
+        for r in rows {
+            let s: String = r.try_get("status")?;
+            let n: i64 = r.try_get("n")?;
+            c.by_status.insert(s, n as u64);
+        }
+        Ok(c)
+    }
+
+    /// One janitor pass: repairs what apalis 1.0 can leave stuck, expires mail, applies retention.
+    pub async fn janitor(
+        &self,
+        dead_after: Duration,
+        stuck_after: Duration,
+        finished_jobs: Duration,
+        emails_after: Option<Duration>,
+    ) -> Result<JanitorReport, StoreError> {
+        let now = now();
+        let now_s = now.unix_timestamp();
+
+        // 1. Jobs held by dead workers, jobs running far longer than any send can, and jobs left
+        //    Pending but locked: hand them back to the queue.
+        let jobs_requeued = sqlx::query(
+            "UPDATE Jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL
+              WHERE job_type = ?1 AND (
+                    (status IN ('Running', 'Queued') AND lock_by IN
+                        (SELECT id FROM Workers WHERE worker_type = ?1 AND last_seen < ?2))
+                 OR (status IN ('Running', 'Queued') AND lock_at < ?3)
+                 OR (status = 'Pending' AND lock_by IS NOT NULL AND lock_at < ?3))",
+        )
+        .bind(&self.queue)
+        .bind(now_s - dead_after.as_secs() as i64)
+        .bind(now_s - stuck_after.as_secs() as i64)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        let mut r = JanitorReport {
+            jobs_requeued,
+            ..Default::default()
+        };
+
+        // 2. Emails that are not final but own no live job (a job killed or exhausted by
+        //    infrastructure errors): give them a new one. Nothing accepted is ever dropped.
+        let orphans = sqlx::query(
+            "SELECT e.id, e.job_seq, e.priority, e.next_attempt_at, e.send_at FROM postbox_emails e
+              WHERE e.status IN ('queued', 'retrying', 'sending') AND e.updated_at < ?2
+                AND NOT EXISTS (SELECT 1 FROM Jobs j
+                     WHERE j.job_type = ?1 AND j.idempotency_key = e.id || ':' || e.job_seq
+                       AND (j.status IN ('Pending', 'Queued', 'Running')
+                            OR (j.status = 'Failed' AND j.attempts < j.max_attempts)))
+              LIMIT 1000",
+        )
+        .bind(&self.queue)
+        .bind(ms(now) - stuck_after.as_millis() as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        for o in orphans {
+            let id: String = o.try_get("id")?;
+            let seq: i64 = o.try_get("job_seq")?;
+            let priority: String = o.try_get("priority")?;
+            let at: Option<i64> = o
+                .try_get::<Option<i64>, _>("next_attempt_at")?
+                .or(o.try_get("send_at")?);
+            let mut tx = self.pool.begin().await?;
+            let moved = sqlx::query(
+                "UPDATE postbox_emails SET job_seq = job_seq + 1, updated_at = ?1
+                  WHERE id = ?2 AND job_seq = ?3 AND status IN ('queued', 'retrying', 'sending')",
+            )
+            .bind(ms(now))
+            .bind(&id)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+            if moved.rows_affected() == 1 {
+                let status: String =
+                    sqlx::query_scalar("SELECT status FROM postbox_emails WHERE id = ?1")
+                        .bind(&id)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                insert_event(
+                    &mut tx,
+                    &id,
+                    now,
+                    "requeued",
+                    &status,
+                    None,
+                    None,
+                    "its job was lost; re-queued by the janitor",
+                )
+                .await?;
+                push_job(
+                    &mut tx,
+                    &self.queue,
+                    &id,
+                    seq + 1,
+                    Priority::parse(&priority).unwrap_or_default(),
+                    at.map(from_ms),
+                )
+                .await?;
+                r.emails_rescued += 1;
+            }
+            tx.commit().await?;
+        }
+
+        // 3. Expiry of mail still waiting (a running send is left to finish).
+        let mut tx = self.pool.begin().await?;
+        let expired = sqlx::query(
+            "UPDATE postbox_emails
+                SET status = 'expired', job_seq = job_seq + 1, updated_at = ?1, next_attempt_at = NULL,
+                    last_error = 'expired before it could be delivered'
+              WHERE status IN ('queued', 'retrying') AND expires_at <= ?1
+          RETURNING id",
+        )
+        .bind(ms(now))
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in &expired {
+            let id: String = row.try_get("id")?;
+            insert_event(
+                &mut tx,
+                &id,
+                now,
+                "expired",
+                "expired",
+                None,
+                None,
+                "expires_at passed",
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        r.emails_expired = expired.len() as u64;
+
+        // 4. Retention.
+        r.jobs_deleted = sqlx::query(
+            "DELETE FROM Jobs WHERE job_type = ?1 AND done_at IS NOT NULL AND done_at < ?2
+                AND (status IN ('Done', 'Killed') OR (status = 'Failed' AND attempts >= max_attempts))",
+        )
+        .bind(&self.queue)
+        .bind(now_s - finished_jobs.as_secs() as i64)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if let Some(keep) = emails_after {
+            let cutoff = ms(now) - keep.as_millis() as i64;
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "DELETE FROM postbox_events WHERE email_id IN (SELECT id FROM postbox_emails
+                  WHERE status IN ('sent', 'failed', 'cancelled', 'expired') AND updated_at < ?1)",
+            )
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?;
+            r.emails_deleted = sqlx::query(
+                "DELETE FROM postbox_emails
+                  WHERE status IN ('sent', 'failed', 'cancelled', 'expired') AND updated_at < ?1",
+            )
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+        }
+        sqlx::query(
+            "DELETE FROM Workers WHERE worker_type = ?1 AND last_seen < ?2
+                AND NOT EXISTS (SELECT 1 FROM Jobs WHERE Jobs.lock_by = Workers.id)",
+        )
+        .bind(&self.queue)
+        .bind(now_s - 24 * 3600)
+        .execute(&self.pool)
+        .await?;
+        Ok(r)
+    }
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Pushes the job that owns `<id>:<seq>`; `run_at` is rounded up to apalis's whole seconds so
+/// nothing is sent before its time.
+async fn push_job(
+    conn: &mut SqliteConnection,
+    queue: &str,
+    id: &str,
+    seq: i64,
+    priority: Priority,
+    run_at: Option<OffsetDateTime>,
+) -> Result<(), StoreError> {
+    let payload = serde_json::to_vec(&SendJob {
+        v: SendJob::VERSION,
+        email_id: id.to_string(),
+        seq,
+    })
+    .expect("a job payload always serializes");
+    let mut b = TaskBuilder::new(payload)
+        .priority(priority.job_priority())
+        .max_attempts(JOB_MAX_ATTEMPTS)
+        .idempotency_key(format!("{id}:{seq}"));
+    if let Some(t) = run_at {
+        let ms = ms(t);
+        b = b.run_at_timestamp(((ms + 999) / 1000).max(0) as u64);
+    }
+    apalis_sqlite::queries::push_tasks(conn, queue, &[b.build()])
+        .await
+        .map_err(|e| StoreError::Queue(e.to_string()))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn insert_event(
+    conn: &mut SqliteConnection,
+    id: &str,
+    at: OffsetDateTime,
+    kind: &str,
+    status: &str,
+    attempt: Option<i64>,
+    smtp_code: Option<i64>,
+    detail: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO postbox_events (email_id, at, kind, status, attempt, smtp_code, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .bind(id)
+    .bind(ms(at))
+    .bind(kind)
+    .bind(status)
+    .bind(attempt)
+    .bind(smtp_code)
+    .bind(detail)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+fn report_from(row: SqliteRow, events: Vec<SqliteRow>) -> Result<EmailReport, StoreError> {
+    let id: String = row.try_get("id")?;
+    let spec: String = row.try_get("spec")?;
+    let email: Email = serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt {
+        id: id.clone(),
+        message: e.to_string(),
+    })?;
+    let status: String = row.try_get("status")?;
+    let priority: String = row.try_get("priority")?;
+    let opt = |c: &str| -> Result<Option<OffsetDateTime>, StoreError> {
+        Ok(row.try_get::<Option<i64>, _>(c)?.map(from_ms))
+    };
+    let timeline = events
+        .into_iter()
+        .map(|e| {
+            Ok(TimelineEntry {
+                at: from_ms(e.try_get("at")?),
+                kind: e.try_get("kind")?,
+                status: e.try_get("status")?,
+                attempt: e.try_get::<Option<i64>, _>("attempt")?.map(|a| a as u32),
+                smtp_code: e.try_get::<Option<i64>, _>("smtp_code")?.map(|c| c as u16),
+                smtp_text: e.try_get("smtp_text")?,
+                duration_ms: e.try_get("duration_ms")?,
+                detail: e.try_get("detail")?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok(EmailReport {
+        id: EmailId::from_db(id.clone()),
+        status: EmailStatus::parse(&status).ok_or_else(|| StoreError::Corrupt {
+            id: id.clone(),
+            message: format!("unknown status {status}"),
+        })?,
+        priority: Priority::parse(&priority).unwrap_or_default(),
+        message_id: row.try_get("message_id")?,
+        subject: email.subject.clone(),
+        template: email.content.template_name().map(str::to_string),
+        to: email.to.iter().map(|a| a.to_string()).collect(),
+        tags: email.tags.clone(),
+        attempts: row.try_get::<i64, _>("attempts")? as u32,
+        created_at: from_ms(row.try_get("created_at")?),
+        updated_at: from_ms(row.try_get("updated_at")?),
+        sent_at: opt("sent_at")?,
+        next_attempt_at: opt("next_attempt_at")?,
+        send_at: opt("send_at")?,
+        expires_at: opt("expires_at")?,
+        last_error: row.try_get("last_error")?,
+        timeline,
+    })
+}
