@@ -71,7 +71,8 @@ pub struct QueueSettings {
     pub name: String,
     /// Emails delivered at once by one process.
     pub concurrency: usize,
-    /// Jobs fetched per database round trip.
+    /// Jobs fetched per database round trip. Priority decides which jobs a fetch takes; a fetched
+    /// batch starts in submission order, so keep this at or below `concurrency`.
     pub batch_size: usize,
     /// How often an idle worker looks for due jobs (in-process submits wake it at once).
     pub poll_interval_ms: u64,
@@ -90,7 +91,7 @@ impl Default for QueueSettings {
         Self {
             name: "postbox::send".into(),
             concurrency: 32,
-            batch_size: 64,
+            batch_size: 32,
             poll_interval_ms: 100,
             heartbeat_secs: 10,
             janitor_interval_secs: 15,

@@ -1,0 +1,168 @@
+//! Test harness: a real SMTP server on loopback and the real postbox (library or child process).
+#![allow(dead_code)]
+
+pub mod smtp;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use postbox::config::{TlsMode, Transport};
+use postbox::{EmailId, EmailReport, EmailStatus, Postbox, Settings};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use smtp::SmtpServer;
+
+/// Settings for a test: a fresh SQLite file, SMTP to the test server in plaintext on loopback,
+/// fast polls and a 1 s backoff so retries are observable in seconds.
+pub fn settings(dir: &Path, smtp_port: u16) -> Settings {
+    let mut s = Settings::default();
+    s.database.url = format!("sqlite://{}", dir.join("postbox.db").display());
+    s.delivery.transport = Transport::Smtp;
+    s.smtp.host = "127.0.0.1".into();
+    s.smtp.port = smtp_port;
+    s.smtp.tls = TlsMode::None;
+    s.smtp.connect_timeout_secs = 2;
+    s.smtp.command_timeout_secs = 5;
+    s.queue.stuck_after_secs = 30;
+    s.queue.poll_interval_ms = 50;
+    s.queue.heartbeat_secs = 1;
+    s.queue.janitor_interval_secs = 1;
+    s.retry.min_backoff_secs = 1;
+    s.retry.max_backoff_secs = 2;
+    s.retry.jitter = false;
+    s.retry.max_attempts = 100;
+    s.validate().expect("test settings are valid");
+    s
+}
+
+/// postbox running in this process: the facade plus its workers.
+pub struct App {
+    pub postbox: Postbox,
+    workers: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl App {
+    /// Opens postbox without starting workers (mail stays queued).
+    pub async fn open(settings: Settings) -> App {
+        let postbox = Postbox::open(settings).await.expect("open postbox");
+        App {
+            postbox,
+            workers: None,
+        }
+    }
+
+    /// Opens postbox and starts its workers.
+    pub async fn start(settings: Settings) -> App {
+        let mut app = App::open(settings).await;
+        app.start_workers();
+        app
+    }
+
+    pub fn start_workers(&mut self) {
+        let (tx, rx) = oneshot::channel::<()>();
+        let pb = self.postbox.clone();
+        let h = tokio::spawn(async move {
+            pb.run_workers(async move {
+                let _ = rx.await;
+            })
+            .await
+        });
+        self.workers = Some((tx, h));
+    }
+
+    pub async fn stop_workers(&mut self) {
+        if let Some((tx, h)) = self.workers.take() {
+            let _ = tx.send(());
+            h.await.expect("workers exit cleanly");
+        }
+    }
+
+    pub async fn status(&self, id: &EmailId) -> EmailReport {
+        self.postbox
+            .status(id)
+            .await
+            .expect("status")
+            .expect("email exists")
+    }
+
+    /// Waits until the email reaches `want`; panics with its report if it does not in `limit`.
+    pub async fn wait_status(
+        &self,
+        id: &EmailId,
+        want: EmailStatus,
+        limit: Duration,
+    ) -> EmailReport {
+        let t0 = Instant::now();
+        loop {
+            let r = self.status(id).await;
+            if r.status == want {
+                return r;
+            }
+            if t0.elapsed() > limit {
+                panic!("email {id} did not become {want} within {limit:?}: {r:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn count(&self, s: EmailStatus) -> u64 {
+        self.postbox.counts().await.expect("counts").get(s)
+    }
+}
+
+/// Polls `cond` every 50 ms until true; panics with `what` after `limit`.
+pub async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        if t0.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_postbox"))
+}
+
+/// Environment that points a `postbox` child process at the test database and SMTP server.
+pub fn child_env(dir: &Path, smtp_port: u16) -> Vec<(String, String)> {
+    [
+        (
+            "POSTBOX_DATABASE__URL",
+            format!("sqlite://{}", dir.join("postbox.db").display()),
+        ),
+        ("POSTBOX_DELIVERY__TRANSPORT", "smtp".into()),
+        ("POSTBOX_SMTP__HOST", "127.0.0.1".into()),
+        ("POSTBOX_SMTP__PORT", smtp_port.to_string()),
+        ("POSTBOX_SMTP__TLS", "none".into()),
+        ("POSTBOX_SMTP__CONNECT_TIMEOUT_SECS", "2".into()),
+        ("POSTBOX_SMTP__COMMAND_TIMEOUT_SECS", "5".into()),
+        ("POSTBOX_QUEUE__STUCK_AFTER_SECS", "30".into()),
+        ("POSTBOX_QUEUE__POLL_INTERVAL_MS", "50".into()),
+        ("POSTBOX_QUEUE__HEARTBEAT_SECS", "1".into()),
+        ("POSTBOX_QUEUE__JANITOR_INTERVAL_SECS", "1".into()),
+        ("POSTBOX_RETRY__MIN_BACKOFF_SECS", "1".into()),
+        ("POSTBOX_RETRY__MAX_BACKOFF_SECS", "2".into()),
+        ("POSTBOX_RETRY__JITTER", "false".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// A `postbox serve` child process.
+pub fn spawn_serve(dir: &Path, smtp_port: u16, extra: &[(&str, &str)]) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new(bin());
+    cmd.arg("serve")
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(child_env(dir, smtp_port))
+        .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    cmd.spawn().expect("spawn postbox serve")
+}

@@ -1,0 +1,272 @@
+//! A real SMTP server on 127.0.0.1 for tests: speaks the protocol over TCP (EHLO, AUTH PLAIN,
+//! MAIL, RCPT, DATA with dot-unstuffing, RSET, NOOP, QUIT), records every accepted message, and
+//! fails on cue: scripted replies to DATA, replies by recipient, a delay, or going down entirely.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub mail_from: String,
+    pub rcpt_to: Vec<String>,
+    pub data: Vec<u8>,
+    pub at: SystemTime,
+}
+
+impl Received {
+    pub fn message_id(&self) -> String {
+        header(&self.data, "Message-ID").unwrap_or_default()
+    }
+}
+
+/// The value of a header in raw message bytes (unfolded).
+pub fn header(data: &[u8], name: &str) -> Option<String> {
+    let text = String::from_utf8_lossy(data);
+    let head = text.split("\r\n\r\n").next().unwrap_or("");
+    let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", " ");
+    unfolded.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+    })
+}
+
+#[derive(Default)]
+struct Behaviour {
+    /// Replies to the end of DATA, used in order; when empty, "250 OK".
+    data_replies: VecDeque<String>,
+    /// A reply to RCPT TO for recipients containing the key.
+    rcpt_replies: Vec<(String, String)>,
+    /// Applied before answering the end of DATA.
+    delay: Duration,
+    /// Every end of DATA gets this reply while set.
+    data_reply_always: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct SmtpServer {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    behaviour: Arc<Mutex<Behaviour>>,
+    auth_seen: Arc<Mutex<Vec<String>>>,
+    state: Arc<Mutex<Option<(JoinHandle<()>, watch::Sender<bool>)>>>,
+}
+
+impl SmtpServer {
+    pub async fn start() -> SmtpServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind smtp");
+        let s = SmtpServer {
+            addr: listener.local_addr().unwrap(),
+            received: Default::default(),
+            behaviour: Default::default(),
+            auth_seen: Default::default(),
+            state: Default::default(),
+        };
+        s.serve(listener);
+        s
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let (tx, rx) = watch::channel(false);
+        let me = self.clone();
+        let h = tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let me2 = me.clone();
+                let rx2 = rx.clone();
+                tokio::spawn(async move {
+                    let _ = me2.session(sock, rx2).await;
+                });
+            }
+        });
+        *self.state.lock().unwrap() = Some((h, tx));
+    }
+
+    /// Goes down: stops listening (connections are refused) and drops every open session.
+    pub async fn stop(&self) {
+        if let Some((h, tx)) = self.state.lock().unwrap().take() {
+            let _ = tx.send(true);
+            h.abort();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    /// Comes back on the same port.
+    pub async fn resume(&self) {
+        let listener = TcpListener::bind(self.addr).await.expect("rebind smtp");
+        self.serve(listener);
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    pub fn auth_seen(&self) -> Vec<String> {
+        self.auth_seen.lock().unwrap().clone()
+    }
+
+    /// The next end-of-DATA replies, in order (e.g. "451 4.3.0 try later").
+    pub fn script_data_replies(&self, replies: &[&str]) {
+        self.behaviour
+            .lock()
+            .unwrap()
+            .data_replies
+            .extend(replies.iter().map(|s| s.to_string()));
+    }
+
+    pub fn always_reply_to_data(&self, reply: Option<&str>) {
+        self.behaviour.lock().unwrap().data_reply_always = reply.map(str::to_string);
+    }
+
+    pub fn reply_to_rcpt(&self, recipient_contains: &str, reply: &str) {
+        self.behaviour
+            .lock()
+            .unwrap()
+            .rcpt_replies
+            .push((recipient_contains.into(), reply.into()));
+    }
+
+    pub fn set_delay(&self, d: Duration) {
+        self.behaviour.lock().unwrap().delay = d;
+    }
+
+    async fn session(
+        &self,
+        sock: TcpStream,
+        mut down: watch::Receiver<bool>,
+    ) -> std::io::Result<()> {
+        let (r, mut w) = sock.into_split();
+        let mut r = BufReader::new(r);
+        w.write_all(b"220 test.local ESMTP postbox-test\r\n")
+            .await?;
+        let mut from = String::new();
+        let mut rcpts: Vec<String> = Vec::new();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = tokio::select! {
+                n = r.read_line(&mut line) => n?,
+                _ = down.changed() => return Ok(()),
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            let cmd = line.trim_end().to_string();
+            let upper = cmd.to_ascii_uppercase();
+            let reply: String = if upper.starts_with("EHLO") {
+                "250-test.local\r\n250-8BITMIME\r\n250-AUTH PLAIN LOGIN\r\n250 SMTPUTF8".into()
+            } else if upper.starts_with("HELO") {
+                "250 test.local".into()
+            } else if upper.starts_with("AUTH PLAIN") {
+                self.auth_seen.lock().unwrap().push(cmd.clone());
+                "235 2.7.0 Authentication successful".into()
+            } else if upper.starts_with("MAIL FROM:") {
+                from = cmd[10..]
+                    .trim()
+                    .trim_matches(|c| c == '<' || c == '>')
+                    .to_string();
+                from = from
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .trim_matches(|c| c == '<' || c == '>')
+                    .to_string();
+                rcpts.clear();
+                "250 2.1.0 OK".into()
+            } else if upper.starts_with("RCPT TO:") {
+                let rcpt = cmd[8..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .trim_matches(|c| c == '<' || c == '>')
+                    .to_string();
+                let special = self
+                    .behaviour
+                    .lock()
+                    .unwrap()
+                    .rcpt_replies
+                    .iter()
+                    .find(|(k, _)| rcpt.contains(k.as_str()))
+                    .map(|(_, v)| v.clone());
+                match special {
+                    Some(r) => r,
+                    None => {
+                        rcpts.push(rcpt);
+                        "250 2.1.5 OK".into()
+                    }
+                }
+            } else if upper == "DATA" {
+                w.write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                    .await?;
+                let mut data = Vec::new();
+                loop {
+                    line.clear();
+                    let n = tokio::select! {
+                        n = r.read_line(&mut line) => n?,
+                        _ = down.changed() => return Ok(()),
+                    };
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    if line == ".\r\n" || line == ".\n" {
+                        break;
+                    }
+                    let l = line.strip_prefix('.').unwrap_or(&line);
+                    data.extend_from_slice(l.as_bytes());
+                }
+                let (delay, reply) = {
+                    let mut b = self.behaviour.lock().unwrap();
+                    let reply = b
+                        .data_reply_always
+                        .clone()
+                        .or_else(|| b.data_replies.pop_front())
+                        .unwrap_or_else(|| "250 2.0.0 OK queued".into());
+                    (b.delay, reply)
+                };
+                if !delay.is_zero() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {},
+                        _ = down.changed() => return Ok(()),
+                    }
+                }
+                if reply.starts_with('2') {
+                    self.received.lock().unwrap().push(Received {
+                        mail_from: from.clone(),
+                        rcpt_to: rcpts.clone(),
+                        data,
+                        at: SystemTime::now(),
+                    });
+                }
+                reply
+            } else if upper == "RSET" {
+                rcpts.clear();
+                "250 2.0.0 OK".into()
+            } else if upper == "NOOP" {
+                "250 2.0.0 OK".into()
+            } else if upper == "QUIT" {
+                w.write_all(b"221 2.0.0 Bye\r\n").await?;
+                return Ok(());
+            } else {
+                "502 5.5.2 Command not recognized".into()
+            };
+            w.write_all(reply.as_bytes()).await?;
+            w.write_all(b"\r\n").await?;
+        }
+    }
+}

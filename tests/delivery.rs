@@ -1,0 +1,464 @@
+//! Delivery over real SMTP (a protocol-speaking server on 127.0.0.1), through the library.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use common::{App, SmtpServer, settings, wait_for};
+use mail_parser::{MessageParser, MimeHeaders};
+use postbox::{EmailStatus, NewAttachment, NewEmail, Priority};
+use serde_json::json;
+use time::OffsetDateTime;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_emails_each_arrive_exactly_once_with_headers_parts_attachments_and_message_id() {
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(settings(dir.path(), smtp.port())).await;
+
+    let mut ids = Vec::new();
+    for i in 0..25 {
+        let mut e = if i % 2 == 0 {
+            NewEmail::template(
+                &format!("Ada {i} <ada{i}@example.com>"),
+                "welcome",
+                json!({"name": format!("Ada <{i}>"), "product": "Postbox"}),
+            )
+        } else {
+            let mut e = NewEmail::text(
+                &format!("bob{i}@example.com"),
+                &format!("Report {i}"),
+                "See attached.",
+            );
+            e.html = Some(format!("<p>Report <b>{i}</b></p>"));
+            e.attachments = vec![NewAttachment {
+                filename: format!("report-{i}.csv"),
+                content_type: "text/csv".into(),
+                content: format!("a,b\n{i},2\n").into_bytes(),
+            }];
+            e
+        };
+        e.from = Some("Postbox Test <app@example.com>".into());
+        e.cc = vec!["cc@example.com".into()];
+        e.bcc = vec!["hidden@example.com".into()];
+        e.headers = BTreeMap::from([("X-Campaign".to_string(), format!("c{i}"))]);
+        ids.push((i, app.postbox.submit(e).await.unwrap().id));
+    }
+    wait_for("25 messages at the SMTP server", LIMIT, || {
+        smtp.count() >= 25
+    })
+    .await;
+    for (_, id) in &ids {
+        app.wait_status(id, EmailStatus::Sent, LIMIT).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let received = smtp.received();
+    assert_eq!(received.len(), 25, "each email arrives exactly once");
+    let unique: HashSet<String> = received.iter().map(|r| r.message_id()).collect();
+    assert_eq!(unique.len(), 25, "message ids are unique");
+
+    for (i, id) in ids {
+        let report = app.status(&id).await;
+        let msg = received
+            .iter()
+            .find(|r| r.message_id() == report.message_id)
+            .unwrap_or_else(|| panic!("email {i} (Message-ID {}) not received", report.message_id));
+        assert_eq!(msg.mail_from, "app@example.com");
+        assert!(
+            msg.rcpt_to.contains(&"hidden@example.com".to_string()),
+            "bcc in the envelope"
+        );
+        assert!(msg.rcpt_to.contains(&"cc@example.com".to_string()));
+        let parsed = MessageParser::default()
+            .parse(&msg.data)
+            .expect("parseable MIME");
+        assert!(
+            common::smtp::header(&msg.data, "Bcc").is_none(),
+            "Bcc header must not leak"
+        );
+        assert_eq!(
+            common::smtp::header(&msg.data, "X-Campaign").as_deref(),
+            Some(format!("c{i}").as_str())
+        );
+        let text = parsed.body_text(0).expect("text part").to_string();
+        let html = parsed.body_html(0).expect("html part").to_string();
+        if i % 2 == 0 {
+            assert_eq!(
+                parsed.subject(),
+                Some(
+                    "Welcome to Postbox, Ada <{i}>"
+                        .replace("{i}", &i.to_string())
+                        .as_str()
+                )
+            );
+            assert!(text.contains(&format!("Hi Ada <{i}>")), "{text}");
+            assert!(
+                html.contains(&format!("Ada &#60;{i}&#62;"))
+                    || html.contains(&format!("Ada &lt;{i}&gt;")),
+                "HTML escaped: {html}"
+            );
+        } else {
+            assert_eq!(parsed.subject(), Some(format!("Report {i}").as_str()));
+            assert!(text.contains("See attached."));
+            assert!(html.contains(&format!("<b>{i}</b>")));
+            let att = parsed.attachments().next().expect("attachment");
+            assert_eq!(
+                att.attachment_name(),
+                Some(format!("report-{i}.csv").as_str())
+            );
+            assert_eq!(att.contents(), format!("a,b\n{i},2\n").as_bytes());
+        }
+        assert_eq!(report.attempts, 1);
+        assert_eq!(report.timeline.len(), 1);
+        assert_eq!(report.timeline[0].smtp_code, Some(250));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_4xx_reply_is_retried_after_the_backoff_then_sent_with_both_attempts_recorded() {
+    let smtp = SmtpServer::start().await;
+    smtp.script_data_replies(&["451 4.3.0 Mailbox busy, try later"]);
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(settings(dir.path(), smtp.port())).await;
+
+    let id = app
+        .postbox
+        .submit(NewEmail::text("a@example.com", "Hi", "Hello"))
+        .await
+        .unwrap()
+        .id;
+    let r = app.wait_status(&id, EmailStatus::Sent, LIMIT).await;
+    assert_eq!(r.attempts, 2);
+    let t = &r.timeline;
+    assert_eq!(t.len(), 2, "{t:#?}");
+    assert_eq!(
+        (t[0].attempt, t[0].smtp_code, t[0].status.as_str()),
+        (Some(1), Some(451), "retrying")
+    );
+    assert!(t[0].smtp_text.as_deref().unwrap().contains("Mailbox busy"));
+    assert_eq!(
+        (t[1].attempt, t[1].smtp_code, t[1].status.as_str()),
+        (Some(2), Some(250), "sent")
+    );
+    let gap = t[1].at - t[0].at;
+    assert!(
+        gap >= time::Duration::milliseconds(900),
+        "second attempt waited for the 1 s backoff, gap {gap}"
+    );
+    assert_eq!(smtp.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_reply_fails_after_one_attempt_and_a_manual_retry_sends_it() {
+    let smtp = SmtpServer::start().await;
+    smtp.always_reply_to_data(Some("554 5.7.1 Message rejected"));
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(settings(dir.path(), smtp.port())).await;
+
+    let id = app
+        .postbox
+        .submit(NewEmail::text("a@example.com", "Hi", "Hello"))
+        .await
+        .unwrap()
+        .id;
+    let r = app.wait_status(&id, EmailStatus::Failed, LIMIT).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r2 = app.status(&id).await;
+    assert_eq!(r2.status, EmailStatus::Failed, "stays failed (dead letter)");
+    assert_eq!(r.attempts, 1);
+    assert_eq!(
+        r2.timeline.len(),
+        1,
+        "exactly one attempt: {:#?}",
+        r2.timeline
+    );
+    assert_eq!(r2.timeline[0].smtp_code, Some(554));
+    assert!(r2.last_error.as_deref().unwrap().contains("permanent"));
+
+    // Cancelling a failed email is refused; retrying it once the server accepts sends it.
+    assert!(app.postbox.cancel(&id).await.is_err());
+    smtp.always_reply_to_data(None);
+    app.postbox.retry(&id).await.unwrap();
+    let r3 = app.wait_status(&id, EmailStatus::Sent, LIMIT).await;
+    assert_eq!(smtp.count(), 1);
+    assert_eq!(
+        smtp.received()[0].message_id(),
+        r3.message_id,
+        "same Message-ID after retry"
+    );
+    assert!(r3.timeline.iter().any(|e| e.kind == "requeued"));
+    assert!(
+        app.postbox.retry(&id).await.is_err(),
+        "a sent email cannot be retried"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_recipient_is_a_permanent_failure() {
+    let smtp = SmtpServer::start().await;
+    smtp.reply_to_rcpt("nobody", "550 5.1.1 No such user");
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(settings(dir.path(), smtp.port())).await;
+    let id = app
+        .postbox
+        .submit(NewEmail::text("nobody@example.com", "Hi", "x"))
+        .await
+        .unwrap()
+        .id;
+    let r = app.wait_status(&id, EmailStatus::Failed, LIMIT).await;
+    assert_eq!(r.timeline[0].smtp_code, Some(550));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_server_down_for_a_while_then_up_delivers_everything() {
+    let smtp = SmtpServer::start().await;
+    smtp.stop().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(settings(dir.path(), smtp.port())).await;
+
+    let mut ids = Vec::new();
+    for i in 0..15 {
+        ids.push(
+            app.postbox
+                .submit(NewEmail::text(&format!("u{i}@example.com"), "Hi", "x"))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    for id in &ids {
+        let r = app.wait_status(id, EmailStatus::Retrying, LIMIT).await;
+        assert!(
+            r.timeline[0].smtp_code.is_none(),
+            "a network error has no reply code"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(app.count(EmailStatus::Sent).await, 0);
+    smtp.resume().await;
+    for id in &ids {
+        app.wait_status(id, EmailStatus::Sent, LIMIT).await;
+    }
+    let got: HashSet<String> = smtp.received().iter().map(|r| r.message_id()).collect();
+    assert_eq!(got.len(), 15);
+    assert_eq!(smtp.count(), 15, "none lost, none doubled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_priority_jumps_the_queue() {
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), smtp.port());
+    // Priority decides which jobs a fetch takes; within one fetched batch, jobs start in insertion
+    // order. With one job per fetch the order is strict.
+    s.queue.concurrency = 1;
+    s.queue.batch_size = 1;
+    let mut app = App::open(s).await;
+    let submit = |p: Priority, tag: &str| {
+        let mut e = NewEmail::text("a@example.com", tag, "x");
+        e.priority = p;
+        e
+    };
+    let mut batch = Vec::new();
+    for i in 0..5 {
+        batch.push(submit(Priority::Low, &format!("low{i}")));
+    }
+    for i in 0..5 {
+        batch.push(submit(Priority::Normal, &format!("normal{i}")));
+    }
+    batch.push(submit(Priority::High, "high"));
+    app.postbox.submit_many(batch).await.unwrap();
+    app.start_workers();
+    wait_for("11 messages", LIMIT, || smtp.count() == 11).await;
+    let order: Vec<String> = smtp
+        .received()
+        .iter()
+        .map(|r| common::smtp::header(&r.data, "Subject").unwrap())
+        .collect();
+    assert_eq!(order[0], "high", "{order:?}");
+    assert!(
+        order[1..6].iter().all(|s| s.starts_with("normal")),
+        "{order:?}"
+    );
+    assert!(order[6..].iter().all(|s| s.starts_with("low")), "{order:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_at_is_honoured_to_the_second() {
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(settings(dir.path(), smtp.port())).await;
+    let send_at = OffsetDateTime::now_utc() + time::Duration::milliseconds(2500);
+    let mut e = NewEmail::text("a@example.com", "Later", "x");
+    e.send_at = Some(send_at);
+    let id = app.postbox.submit(e).await.unwrap().id;
+    app.wait_status(&id, EmailStatus::Sent, LIMIT).await;
+    let at: OffsetDateTime = smtp.received()[0].at.into();
+    assert!(at >= send_at, "sent at {at}, before send_at {send_at}");
+    assert!(
+        at - send_at < time::Duration::seconds(3),
+        "sent at {at}, long after send_at {send_at}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_queued_email_and_is_refused_once_final() {
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(settings(dir.path(), smtp.port())).await;
+    let mut e = NewEmail::text("a@example.com", "Later", "x");
+    e.send_at = Some(OffsetDateTime::now_utc() + time::Duration::seconds(2));
+    let id = app.postbox.submit(e).await.unwrap().id;
+    app.postbox.cancel(&id).await.unwrap();
+    let err = app.postbox.cancel(&id).await.unwrap_err();
+    assert!(err.to_string().contains("cancelled"), "{err}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let r = app.status(&id).await;
+    assert_eq!(r.status, EmailStatus::Cancelled);
+    assert_eq!(r.timeline.last().unwrap().kind, "cancelled");
+    assert_eq!(smtp.count(), 0, "a cancelled email is never sent");
+    let missing = postbox::EmailId::parse("01ARZ3NDEKTSV4RRFFQ69G5FAV").unwrap();
+    assert!(
+        app.postbox
+            .cancel(&missing)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("no email")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_email_past_expires_at_is_expired_not_sent() {
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = App::open(settings(dir.path(), smtp.port())).await;
+    let mut e = NewEmail::text("a@example.com", "Soon stale", "x");
+    e.expires_at = Some(OffsetDateTime::now_utc() + time::Duration::milliseconds(500));
+    let id = app.postbox.submit(e).await.unwrap().id;
+    let fresh = app
+        .postbox
+        .submit(NewEmail::text("b@example.com", "Fresh", "x"))
+        .await
+        .unwrap()
+        .id;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    app.start_workers();
+    app.wait_status(&fresh, EmailStatus::Sent, LIMIT).await;
+    let r = app.wait_status(&id, EmailStatus::Expired, LIMIT).await;
+    assert_eq!(r.timeline.last().unwrap().kind, "expired");
+    assert_eq!(smtp.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_makes_a_repeated_submit_a_no_op() {
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(settings(dir.path(), smtp.port())).await;
+    let mut e = NewEmail::text("a@example.com", "Once", "x");
+    e.idempotency_key = Some("order-42".into());
+    let first = app.postbox.submit(e.clone()).await.unwrap();
+    let second = app.postbox.submit(e).await.unwrap();
+    assert!(first.created && !second.created);
+    assert_eq!(first.id, second.id);
+    app.wait_status(&first.id, EmailStatus::Sent, LIMIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(smtp.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_emails_are_refused_and_nothing_is_enqueued() {
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(settings(dir.path(), smtp.port())).await;
+    let bad = [
+        (NewEmail::text("not-an-address", "Hi", "x"), "to[0]"),
+        (
+            NewEmail::text("a@example.com", "Hi\r\nBcc: x@evil.example", "x"),
+            "subject",
+        ),
+        (
+            NewEmail::template("a@example.com", "no_such_template", json!({})),
+            "template",
+        ),
+        (
+            NewEmail::template("a@example.com", "welcome", json!({"name": "A"})),
+            "variables",
+        ),
+        (
+            NewEmail::template(
+                "a@example.com",
+                "password_reset",
+                json!({"name": "A", "reset_url": "u", "expires_in_minutes": "x"}),
+            ),
+            "variables.expires_in_minutes",
+        ),
+    ];
+    for (e, field) in bad {
+        match app.postbox.submit(e).await {
+            Err(postbox::SubmitError::Invalid(errs)) => {
+                assert!(errs.has_field(field), "{field}: {errs}")
+            }
+            other => panic!("{field}: expected a validation error, got {other:?}"),
+        }
+    }
+    // A batch with bad items is refused whole, naming each bad index.
+    let batch = vec![
+        NewEmail::text("ok@example.com", "Hi", "x"),
+        NewEmail::text("bad", "Hi", "x"),
+        NewEmail::text("ok2@example.com", "Hi", "x"),
+        NewEmail::text("ok3@example.com", "", "x"),
+    ];
+    match app.postbox.submit_many(batch).await {
+        Err(postbox::SubmitError::InvalidBatch(items)) => {
+            let idx: Vec<usize> = items.iter().map(|(i, _)| *i).collect();
+            assert_eq!(idx, vec![1, 3]);
+        }
+        other => panic!("expected a batch error, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let counts = app.postbox.counts().await.unwrap();
+    assert!(counts.by_status.is_empty(), "nothing stored: {counts:?}");
+    assert_eq!(smtp.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_lost_from_the_queue_is_rescued_by_the_janitor() {
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), smtp.port());
+    s.queue.stuck_after_secs = 21;
+    let app = App::open(s).await;
+    let id = app
+        .postbox
+        .submit(NewEmail::text("a@example.com", "Hi", "x"))
+        .await
+        .unwrap()
+        .id;
+    // Simulate apalis losing the job (killed) and the email row going quiet for a while.
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("postbox.db").display()
+    ))
+    .await
+    .unwrap();
+    sqlx::query("UPDATE Jobs SET status = 'Killed', done_at = strftime('%s','now')")
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE postbox_emails SET updated_at = updated_at - 60000")
+        .execute(&db)
+        .await
+        .unwrap();
+    let report = app.postbox.janitor().await.unwrap();
+    assert_eq!(report.emails_rescued, 1, "{report:?}");
+    let mut app = app;
+    app.start_workers();
+    let r = app.wait_status(&id, EmailStatus::Sent, LIMIT).await;
+    assert!(r.timeline.iter().any(|e| e.kind == "requeued"));
+    assert_eq!(smtp.count(), 1);
+    let _ = SystemTime::now();
+}
