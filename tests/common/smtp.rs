@@ -49,13 +49,16 @@ struct Behaviour {
     data_reply_always: Option<String>,
 }
 
+/// The accept loop and the signal that closes every session.
+type Listening = (JoinHandle<()>, watch::Sender<bool>);
+
 #[derive(Clone)]
 pub struct SmtpServer {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
     behaviour: Arc<Mutex<Behaviour>>,
     auth_seen: Arc<Mutex<Vec<String>>>,
-    state: Arc<Mutex<Option<(JoinHandle<()>, watch::Sender<bool>)>>>,
+    state: Arc<Mutex<Option<Listening>>>,
 }
 
 impl SmtpServer {
