@@ -152,8 +152,24 @@ pub fn child_env(dir: &Path, smtp_port: u16) -> Vec<(String, String)> {
     .collect()
 }
 
-/// A `postbox serve` child process.
-pub fn spawn_serve(dir: &Path, smtp_port: u16, extra: &[(&str, &str)]) -> tokio::process::Child {
+/// A `postbox serve` child process whose stderr is drained continuously (a full pipe would
+/// block the child) into `logs`.
+pub struct Serve {
+    pub child: tokio::process::Child,
+    pub logs: std::sync::Arc<std::sync::Mutex<String>>,
+    drain: JoinHandle<()>,
+}
+
+impl Serve {
+    /// Everything the child logged so far (all of it once the child has exited and been waited).
+    pub async fn logs(self) -> String {
+        let _ = self.drain.await;
+        self.logs.lock().unwrap().clone()
+    }
+}
+
+pub fn spawn_serve(dir: &Path, smtp_port: u16, extra: &[(&str, &str)]) -> Serve {
+    use tokio::io::AsyncReadExt;
     let mut cmd = tokio::process::Command::new(bin());
     cmd.arg("serve")
         .current_dir(dir)
@@ -164,5 +180,20 @@ pub fn spawn_serve(dir: &Path, smtp_port: u16, extra: &[(&str, &str)]) -> tokio:
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
-    cmd.spawn().expect("spawn postbox serve")
+    let mut child = cmd.spawn().expect("spawn postbox serve");
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let sink = logs.clone();
+    let drain = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = stderr.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    Serve { child, logs, drain }
 }

@@ -1,0 +1,288 @@
+//! The real `postbox` binary as a child process: crash recovery (kill -9), graceful shutdown,
+//! the embedded defaults, configuration errors and secrets.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use base64::Engine;
+use common::{App, SmtpServer, bin, settings, spawn_serve, wait_for};
+use postbox::{EmailStatus, NewEmail};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().expect("child running");
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "SIGTERM delivered");
+}
+
+async fn exit_ok(child: &mut tokio::process::Child) {
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("postbox exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_batch_then_restart_delivers_every_email_with_bounded_duplicates() {
+    const N: usize = 400;
+    const CONCURRENCY: usize = 8;
+    let smtp = SmtpServer::start().await;
+    smtp.set_delay(Duration::from_millis(20));
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::open(settings(dir.path(), smtp.port())).await;
+    let batch = (0..N)
+        .map(|i| NewEmail::text(&format!("user{i}@example.com"), &format!("n{i}"), "x"))
+        .collect();
+    let ids: Vec<_> = app
+        .postbox
+        .submit_many(batch)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+
+    let conc = CONCURRENCY.to_string();
+    let env = [
+        ("POSTBOX_QUEUE__CONCURRENCY", conc.as_str()),
+        ("POSTBOX_QUEUE__BATCH_SIZE", conc.as_str()),
+    ];
+    let mut serve = spawn_serve(dir.path(), smtp.port(), &env);
+    wait_for("a third of the batch delivered", LIMIT, || {
+        smtp.count() >= N / 3
+    })
+    .await;
+    serve.child.start_kill().unwrap(); // SIGKILL
+    serve.child.wait().await.unwrap();
+    let at_kill = smtp.count();
+    assert!(at_kill < N, "killed mid-batch ({at_kill} of {N} delivered)");
+
+    let mut serve = spawn_serve(dir.path(), smtp.port(), &env);
+    let t0 = std::time::Instant::now();
+    while app.count(EmailStatus::Sent).await < N as u64 {
+        assert!(
+            t0.elapsed() < LIMIT,
+            "not all sent after restart: {:?}",
+            app.postbox.counts().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sigterm(&serve.child);
+    exit_ok(&mut serve.child).await;
+
+    let received = smtp.received();
+    let got: HashSet<String> = received.iter().map(|r| r.message_id()).collect();
+    for id in &ids {
+        let r = app.status(id).await;
+        assert!(got.contains(&r.message_id), "email {id} never arrived");
+    }
+    let duplicates = received.len() - N;
+    eprintln!("kill -9 at {at_kill} delivered; duplicates after restart: {duplicates}");
+    assert!(
+        duplicates <= CONCURRENCY,
+        "{duplicates} duplicates exceed the {CONCURRENCY} sends in flight"
+    );
+    // Every duplicate is an email whose send was cut off: its timeline says so.
+    let mut interrupted = 0;
+    for id in &ids {
+        if app
+            .status(id)
+            .await
+            .timeline
+            .iter()
+            .any(|e| e.kind == "interrupted")
+        {
+            interrupted += 1;
+        }
+    }
+    assert!(
+        interrupted >= duplicates && interrupted <= CONCURRENCY,
+        "interrupted {interrupted}, duplicates {duplicates}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_sends_and_exits_zero() {
+    const N: usize = 40;
+    let smtp = SmtpServer::start().await;
+    smtp.set_delay(Duration::from_millis(300));
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::open(settings(dir.path(), smtp.port())).await;
+    let batch = (0..N)
+        .map(|i| NewEmail::text(&format!("u{i}@example.com"), "x", "x"))
+        .collect();
+    app.postbox.submit_many(batch).await.unwrap();
+
+    let env = [
+        ("POSTBOX_QUEUE__CONCURRENCY", "4"),
+        ("POSTBOX_QUEUE__BATCH_SIZE", "4"),
+    ];
+    let mut serve = spawn_serve(dir.path(), smtp.port(), &env);
+    wait_for("first deliveries", LIMIT, || smtp.count() >= 4).await;
+    sigterm(&serve.child);
+    exit_ok(&mut serve.child).await;
+    let logs = serve.logs().await;
+    assert!(logs.contains("shutdown requested"), "{logs}");
+
+    assert_eq!(
+        app.count(EmailStatus::Sending).await,
+        0,
+        "no send left half-done"
+    );
+    let sent = app.count(EmailStatus::Sent).await;
+    assert_eq!(
+        sent as usize,
+        smtp.count(),
+        "every message the server accepted is recorded as sent"
+    );
+    assert!(sent < N as u64, "stopped before the end of the batch");
+
+    let mut serve = spawn_serve(dir.path(), smtp.port(), &env);
+    let t0 = std::time::Instant::now();
+    while app.count(EmailStatus::Sent).await < N as u64 {
+        assert!(t0.elapsed() < LIMIT, "not all sent after restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sigterm(&serve.child);
+    exit_ok(&mut serve.child).await;
+    assert_eq!(smtp.count(), N, "a graceful stop causes no duplicate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_never_appears_in_logs_or_config_output() {
+    const SECRET: &str = "s3cr3t-Pa55-xyzzy";
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::open(settings(dir.path(), smtp.port())).await;
+    let id = app
+        .postbox
+        .submit(NewEmail::text("a@example.com", "x", "x"))
+        .await
+        .unwrap()
+        .id;
+    let env = [
+        ("POSTBOX_SMTP__USERNAME", "postbox"),
+        ("POSTBOX_SMTP__PASSWORD", SECRET),
+        ("RUST_LOG", "trace"),
+    ];
+    let mut serve = spawn_serve(dir.path(), smtp.port(), &env);
+    app.wait_status(&id, EmailStatus::Sent, LIMIT).await;
+    sigterm(&serve.child);
+    exit_ok(&mut serve.child).await;
+    let logs = serve.logs().await;
+    assert!(
+        !smtp.auth_seen().is_empty(),
+        "the client authenticated with the secret"
+    );
+    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("\0postbox\0{SECRET}"));
+    assert!(logs.len() > 1000, "trace logs were captured");
+    assert!(
+        !logs.contains(SECRET) && !logs.contains(&b64),
+        "secret leaked into logs"
+    );
+
+    let out = std::process::Command::new(bin())
+        .args(["config", "check"])
+        .env("POSTBOX_SMTP__USERNAME", "postbox")
+        .env("POSTBOX_SMTP__PASSWORD", SECRET)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("password = \"********\"") && !stdout.contains(SECRET),
+        "{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_config_and_no_servers_send_and_serve_write_to_the_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin())
+        .args([
+            "send",
+            "--to",
+            "Ada <ada@example.com>",
+            "--template",
+            "welcome",
+        ])
+        .args(["--var", "name=Ada", "--var", "product=Postbox"])
+        .current_dir(dir.path())
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(dir.path().join("postbox.db").exists());
+
+    let mut child = tokio::process::Command::new(bin())
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_clear()
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let eml = dir.path().join("outbox").join(format!("{id}.eml"));
+    wait_for("the .eml in ./outbox", LIMIT, || eml.exists()).await;
+    sigterm(&child);
+    exit_ok(&mut child).await;
+    let text = std::fs::read_to_string(&eml).unwrap();
+    assert!(text.contains("Subject: Welcome to Postbox, Ada"), "{text}");
+
+    let status = std::process::Command::new(bin())
+        .args(["status", &id])
+        .current_dir(dir.path())
+        .env_clear()
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&status.stdout);
+    assert!(s.contains("status:      sent"), "{s}");
+}
+
+#[test]
+fn config_errors_name_the_key_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&[(&str, &str)], &str, &str); 3] = [
+        (&[("POSTBOX_SMTP__PORT", "abc")], "", "smtp.port"),
+        (&[], "[queue]\nconcurency = 3\n", "concurency"),
+        (
+            &[],
+            "[delivery]\ntransport = \"carrier-pigeon\"\n",
+            "delivery.transport",
+        ),
+    ];
+    for (env, file, key) in cases {
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, file).unwrap();
+        let out = std::process::Command::new(bin())
+            .args(["--config", path.to_str().unwrap(), "config", "check"])
+            .env_clear()
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(key), "error should name {key}: {err}");
+    }
+    let out = std::process::Command::new(bin())
+        .args(["send", "--to", "nope", "--subject", "s", "--text", "t"])
+        .current_dir(dir.path())
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("to[0]"));
+}
