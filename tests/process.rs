@@ -255,7 +255,9 @@ async fn with_no_config_and_no_servers_send_and_serve_write_to_the_outbox() {
 #[test]
 fn config_errors_name_the_key_and_exit_2() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&[(&str, &str)], &str, &str); 3] = [
+    // (environment, config file, the key the error must name)
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+    let cases: [Case; 3] = [
         (&[("POSTBOX_SMTP__PORT", "abc")], "", "smtp.port"),
         (&[], "[queue]\nconcurency = 3\n", "concurency"),
         (
