@@ -54,7 +54,11 @@ fn email(i: usize) -> NewEmail {
                    "action_url": "https://ci.example.com/b/1"}),
         )
     } else {
-        let mut e = NewEmail::text(&format!("user{i}@example.com"), &format!("Hello {i}"), "A short text body.");
+        let mut e = NewEmail::text(
+            &format!("user{i}@example.com"),
+            &format!("Hello {i}"),
+            "A short text body.",
+        );
         e.html = Some(format!("<p>Hello <b>{i}</b></p>"));
         e
     }
@@ -133,7 +137,13 @@ async fn main() {
     let mut ids = Vec::with_capacity(n);
     for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
         let batch = chunk.iter().map(|&i| email(i)).collect();
-        ids.extend(pb.submit_many(batch).await.unwrap().into_iter().map(|s| s.id));
+        ids.extend(
+            pb.submit_many(batch)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|s| s.id),
+        );
     }
     let submit_many_rate = n as f64 / t.elapsed().as_secs_f64();
 
@@ -141,7 +151,11 @@ async fn main() {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let worker_pb = pb.clone();
     let workers = tokio::spawn(async move {
-        worker_pb.run_workers(async move { let _ = stop_rx.await; }).await
+        worker_pb
+            .run_workers(async move {
+                let _ = stop_rx.await;
+            })
+            .await
     });
     let t = Instant::now();
     wait_all_sent(&pb, n as u64).await;
@@ -153,7 +167,13 @@ async fn main() {
     let mut e2e_ids = Vec::with_capacity(n);
     for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
         let batch = chunk.iter().map(|&i| email(i)).collect();
-        e2e_ids.extend(pb.submit_many(batch).await.unwrap().into_iter().map(|s| s.id));
+        e2e_ids.extend(
+            pb.submit_many(batch)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|s| s.id),
+        );
     }
     wait_all_sent(&pb, 2 * n as u64).await;
     let e2e_rate = n as f64 / t.elapsed().as_secs_f64();

@@ -2,8 +2,10 @@
 //! the one place where an SMTP reply becomes an [`Outcome`].
 
 mod policy;
+mod pool;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
@@ -152,6 +154,12 @@ pub struct MailerError(String);
 /// Where messages go.
 #[derive(Clone)]
 pub enum Mailer {
+    /// Plaintext or STARTTLS relays: our pool with TCP_NODELAY sockets (see `pool.rs`).
+    Pooled {
+        pool: Arc<pool::SmtpPool>,
+        deadline: Duration,
+    },
+    /// Implicit TLS relays: lettre's own pooled transport.
     Smtp {
         transport: AsyncSmtpTransport<Tokio1Executor>,
         /// Hard cap on one whole transaction, beyond lettre's per-command timeout.
@@ -165,6 +173,7 @@ impl std::fmt::Debug for Mailer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Mailer::Smtp { .. } => f.write_str("Mailer::Smtp"),
+            Mailer::Pooled { .. } => f.write_str("Mailer::Pooled"),
             Mailer::File(p) => write!(f, "Mailer::File({})", p.display()),
         }
     }
@@ -174,6 +183,34 @@ impl Mailer {
     pub fn from_settings(settings: &Settings) -> Result<Mailer, MailerError> {
         match settings.delivery.transport {
             Transport::File => Ok(Mailer::File(settings.delivery.outbox_dir.clone())),
+            Transport::Smtp if settings.smtp.tls != TlsMode::Tls => {
+                let s = &settings.smtp;
+                let hello = match &s.hello_name {
+                    Some(n) => ClientId::Domain(n.clone()),
+                    None => ClientId::default(),
+                };
+                let credentials = match (&s.username, &s.password) {
+                    (Some(u), Some(p)) => {
+                        Some(Credentials::new(u.clone(), p.expose_secret().to_string()))
+                    }
+                    _ => None,
+                };
+                Ok(Mailer::Pooled {
+                    pool: Arc::new(pool::SmtpPool::new(
+                        s.host.clone(),
+                        s.port,
+                        s.tls == TlsMode::Starttls,
+                        hello,
+                        credentials,
+                        Duration::from_secs(s.connect_timeout_secs),
+                        Duration::from_secs(s.pool_idle_secs),
+                        s.pool_max as usize,
+                    )),
+                    deadline: Duration::from_secs(
+                        s.connect_timeout_secs + 3 * s.command_timeout_secs,
+                    ),
+                })
+            }
             Transport::Smtp => {
                 let s = &settings.smtp;
                 let mut b = match s.tls {
@@ -214,6 +251,15 @@ impl Mailer {
     /// Sends one message; never panics, never hangs past the deadline.
     pub async fn send(&self, message: &Message, email_id: &str) -> Outcome {
         match self {
+            Mailer::Pooled { pool, deadline } => {
+                match tokio::time::timeout(*deadline, pool.send(message)).await {
+                    Ok(o) => o,
+                    Err(_) => Outcome::Temporary {
+                        code: None,
+                        text: format!("no answer within {}s", deadline.as_secs()),
+                    },
+                }
+            }
             Mailer::Smtp {
                 transport,
                 deadline,
