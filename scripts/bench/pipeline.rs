@@ -20,6 +20,8 @@ impl Drop for Sink {
     }
 }
 
+// The child is waited for in `Sink::drop`.
+#[allow(clippy::zombie_processes)]
 fn start_sink() -> (Sink, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -46,7 +48,7 @@ fn start_sink() -> (Sink, u16) {
 }
 
 fn email(i: usize) -> NewEmail {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         NewEmail::template(
             &format!("user{i}@example.com"),
             "notification",
