@@ -149,10 +149,11 @@ impl Store {
     }
 
     /// Claims an email for one attempt, if `seq` still owns it and it is not final.
+    ///
+    /// The claim is one autocommit statement (the hot path: no BEGIN/COMMIT round trips); the
+    /// rare expiry and interrupted-send notes are written after it.
     pub async fn claim(&self, id: &str, seq: i64) -> Result<ClaimResult, StoreError> {
         let now = now();
-        let mut tx = self.pool.begin().await?;
-        // Write first: a deferred transaction that reads before writing can fail to upgrade.
         let row = sqlx::query(
             "UPDATE postbox_emails
                 SET status = 'sending', attempts = attempts + 1,
@@ -164,9 +165,10 @@ impl Store {
         .bind(ms(now))
         .bind(id)
         .bind(seq)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else {
+            let mut tx = self.pool.begin().await?;
             let expired = sqlx::query(
                 "UPDATE postbox_emails
                     SET status = 'expired', job_seq = job_seq + 1, updated_at = ?1,
@@ -205,8 +207,9 @@ impl Store {
         let attempt: i64 = row.try_get("attempts")?;
         let interrupted: bool = row.try_get("interrupted")?;
         if interrupted {
+            let mut conn = self.pool.acquire().await?;
             insert_event(
-                &mut tx,
+                &mut conn,
                 id,
                 now,
                 "interrupted",
@@ -218,7 +221,6 @@ impl Store {
             )
             .await?;
         }
-        tx.commit().await?;
         let priority: String = row.try_get("priority")?;
         Ok(ClaimResult::Claimed(Box::new(Claim {
             id: EmailId::from_db(id.to_string()),
