@@ -182,17 +182,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             if expired.rows_affected() == 1 {
-                insert_event(
-                    &mut tx,
-                    id,
-                    now,
-                    "expired",
-                    "expired",
-                    None,
-                    None,
-                    "expires_at passed",
-                )
-                .await?;
+                insert_expired(&mut tx, id, now).await?;
                 tx.commit().await?;
                 return Ok(ClaimResult::Expired);
             }
@@ -556,17 +546,7 @@ impl Store {
         .await?;
         for row in &expired {
             let id: String = row.try_get("id")?;
-            insert_event(
-                &mut tx,
-                &id,
-                now,
-                "expired",
-                "expired",
-                None,
-                None,
-                "expires_at passed",
-            )
-            .await?;
+            insert_expired(&mut tx, &id, now).await?;
         }
         tx.commit().await?;
         r.emails_expired = expired.len() as u64;
@@ -645,6 +625,25 @@ async fn push_job(
     apalis_sqlite::queries::push_tasks(conn, queue, &[b.build()])
         .await
         .map_err(|e| StoreError::Queue(e.to_string()))
+}
+
+/// The timeline entry of an email that expired before delivery.
+async fn insert_expired(
+    conn: &mut SqliteConnection,
+    id: &str,
+    at: OffsetDateTime,
+) -> Result<(), StoreError> {
+    insert_event(
+        conn,
+        id,
+        at,
+        "expired",
+        "expired",
+        None,
+        None,
+        "expires_at passed",
+    )
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
