@@ -161,17 +161,7 @@ impl Postbox {
 
     /// One janitor pass now (it also runs periodically inside [`Postbox::run_workers`]).
     pub async fn janitor(&self) -> Result<JanitorReport, StoreError> {
-        let s = &self.inner.settings;
-        self.inner
-            .store
-            .janitor(
-                std::time::Duration::from_secs(s.queue.heartbeat_secs * 2),
-                std::time::Duration::from_secs(s.queue.stuck_after_secs),
-                std::time::Duration::from_secs(s.retention.finished_jobs_hours * 3600),
-                (s.retention.emails_days > 0)
-                    .then(|| std::time::Duration::from_secs(s.retention.emails_days * 86_400)),
-            )
-            .await
+        queue::janitor_pass(&self.inner.settings, &self.inner.store).await
     }
 
     /// Delivers queued mail in this process until `shutdown` completes; then stops fetching,

@@ -30,7 +30,7 @@ use crate::config::Settings;
 use crate::delivery::{Decision, Mailer, Outcome, RetryPolicy, build_message};
 use crate::domain::address::mask;
 use crate::render::render;
-use crate::store::{AttemptRecord, ClaimResult, Finish, SendJob, Store, StoreError};
+use crate::store::{AttemptRecord, ClaimResult, Finish, JanitorReport, SendJob, Store, StoreError};
 
 /// A shutdown signal every loop can await (cloneable).
 pub type Shutdown = Shared<BoxFuture<'static, ()>>;
@@ -239,19 +239,25 @@ pub async fn run(
     let _ = janitor.await;
 }
 
-async fn janitor_loop(settings: Settings, store: Store, shutdown: Shutdown) {
+/// One janitor pass with the thresholds the settings give.
+pub async fn janitor_pass(settings: &Settings, store: &Store) -> Result<JanitorReport, StoreError> {
     let q = &settings.queue;
-    let dead_after = Duration::from_secs(q.heartbeat_secs * 2);
-    let stuck_after = Duration::from_secs(q.stuck_after_secs);
-    let finished = Duration::from_secs(settings.retention.finished_jobs_hours * 3600);
-    let emails = (settings.retention.emails_days > 0)
-        .then(|| Duration::from_secs(settings.retention.emails_days * 24 * 3600));
+    let r = &settings.retention;
+    store
+        .janitor(
+            Duration::from_secs(q.heartbeat_secs * 2),
+            Duration::from_secs(q.stuck_after_secs),
+            Duration::from_secs(r.finished_jobs_hours * 3600),
+            (r.emails_days > 0).then(|| Duration::from_secs(r.emails_days * 24 * 3600)),
+        )
+        .await
+}
+
+async fn janitor_loop(settings: Settings, store: Store, shutdown: Shutdown) {
+    let pause = Duration::from_secs(settings.queue.janitor_interval_secs);
     let mut failures = 0u32;
     loop {
-        match store
-            .janitor(dead_after, stuck_after, finished, emails)
-            .await
-        {
+        match janitor_pass(&settings, &store).await {
             Ok(r) => {
                 failures = 0;
                 if r != Default::default() {
@@ -263,7 +269,6 @@ async fn janitor_loop(settings: Settings, store: Store, shutdown: Shutdown) {
                 warn!(error = %e, failures, "janitor pass failed; will try again");
             }
         }
-        let pause = Duration::from_secs(q.janitor_interval_secs);
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = shutdown.clone() => return,
