@@ -45,7 +45,7 @@ async fn n_emails_each_arrive_exactly_once_with_headers_parts_attachments_and_me
         e.cc = vec!["cc@example.com".into()];
         e.bcc = vec!["hidden@example.com".into()];
         e.headers = BTreeMap::from([("X-Campaign".to_string(), format!("c{i}"))]);
-        ids.push((i, app.postbox.submit(e).await.unwrap().id));
+        ids.push((i, app.submit(e).await));
     }
     wait_for("25 messages at the SMTP server", LIMIT, || {
         smtp.count() >= 25
@@ -125,11 +125,8 @@ async fn a_4xx_reply_is_retried_after_the_backoff_then_sent_with_both_attempts_r
     let app = App::start(settings(dir.path(), smtp.port())).await;
 
     let id = app
-        .postbox
         .submit(NewEmail::text("a@example.com", "Hi", "Hello"))
-        .await
-        .unwrap()
-        .id;
+        .await;
     let r = app.wait_status(&id, EmailStatus::Sent, LIMIT).await;
     assert_eq!(r.attempts, 2);
     let t = &r.timeline;
@@ -159,11 +156,8 @@ async fn a_5xx_reply_fails_after_one_attempt_and_a_manual_retry_sends_it() {
     let app = App::start(settings(dir.path(), smtp.port())).await;
 
     let id = app
-        .postbox
         .submit(NewEmail::text("a@example.com", "Hi", "Hello"))
-        .await
-        .unwrap()
-        .id;
+        .await;
     let r = app.wait_status(&id, EmailStatus::Failed, LIMIT).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let r2 = app.status(&id).await;
@@ -203,11 +197,8 @@ async fn a_rejected_recipient_is_a_permanent_failure() {
     let dir = tempfile::tempdir().unwrap();
     let app = App::start(settings(dir.path(), smtp.port())).await;
     let id = app
-        .postbox
         .submit(NewEmail::text("nobody@example.com", "Hi", "x"))
-        .await
-        .unwrap()
-        .id;
+        .await;
     let r = app.wait_status(&id, EmailStatus::Failed, LIMIT).await;
     assert_eq!(r.timeline[0].smtp_code, Some(550));
 }
@@ -222,11 +213,8 @@ async fn smtp_server_down_for_a_while_then_up_delivers_everything() {
     let mut ids = Vec::new();
     for i in 0..15 {
         ids.push(
-            app.postbox
-                .submit(NewEmail::text(&format!("u{i}@example.com"), "Hi", "x"))
-                .await
-                .unwrap()
-                .id,
+            app.submit(NewEmail::text(&format!("u{i}@example.com"), "Hi", "x"))
+                .await,
         );
     }
     for id in &ids {
@@ -294,7 +282,7 @@ async fn send_at_is_honoured_to_the_second() {
     let send_at = OffsetDateTime::now_utc() + time::Duration::milliseconds(2500);
     let mut e = NewEmail::text("a@example.com", "Later", "x");
     e.send_at = Some(send_at);
-    let id = app.postbox.submit(e).await.unwrap().id;
+    let id = app.submit(e).await;
     app.wait_status(&id, EmailStatus::Sent, LIMIT).await;
     let at: OffsetDateTime = smtp.received()[0].at.into();
     assert!(at >= send_at, "sent at {at}, before send_at {send_at}");
@@ -311,7 +299,7 @@ async fn cancel_stops_a_queued_email_and_is_refused_once_final() {
     let app = App::start(settings(dir.path(), smtp.port())).await;
     let mut e = NewEmail::text("a@example.com", "Later", "x");
     e.send_at = Some(OffsetDateTime::now_utc() + time::Duration::seconds(2));
-    let id = app.postbox.submit(e).await.unwrap().id;
+    let id = app.submit(e).await;
     app.postbox.cancel(&id).await.unwrap();
     let err = app.postbox.cancel(&id).await.unwrap_err();
     assert!(err.to_string().contains("cancelled"), "{err}");
@@ -338,13 +326,10 @@ async fn an_email_past_expires_at_is_expired_not_sent() {
     let mut app = App::open(settings(dir.path(), smtp.port())).await;
     let mut e = NewEmail::text("a@example.com", "Soon stale", "x");
     e.expires_at = Some(OffsetDateTime::now_utc() + time::Duration::milliseconds(500));
-    let id = app.postbox.submit(e).await.unwrap().id;
+    let id = app.submit(e).await;
     let fresh = app
-        .postbox
         .submit(NewEmail::text("b@example.com", "Fresh", "x"))
-        .await
-        .unwrap()
-        .id;
+        .await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     app.start_workers();
     app.wait_status(&fresh, EmailStatus::Sent, LIMIT).await;
@@ -432,12 +417,7 @@ async fn a_job_lost_from_the_queue_is_rescued_by_the_janitor() {
     let mut s = settings(dir.path(), smtp.port());
     s.queue.stuck_after_secs = 21;
     let app = App::open(s).await;
-    let id = app
-        .postbox
-        .submit(NewEmail::text("a@example.com", "Hi", "x"))
-        .await
-        .unwrap()
-        .id;
+    let id = app.submit(NewEmail::text("a@example.com", "Hi", "x")).await;
     // Simulate apalis losing the job (killed) and the email row going quiet for a while.
     let db = sqlx::SqlitePool::connect(&format!(
         "sqlite://{}",

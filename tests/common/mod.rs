@@ -78,6 +78,11 @@ impl App {
         }
     }
 
+    /// Submits one email that must be accepted; returns its id.
+    pub async fn submit(&self, email: postbox::NewEmail) -> EmailId {
+        self.postbox.submit(email).await.expect("email accepted").id
+    }
+
     pub async fn status(&self, id: &EmailId) -> EmailReport {
         self.postbox
             .status(id)

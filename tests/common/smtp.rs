@@ -49,6 +49,19 @@ struct Behaviour {
     data_reply_always: Option<String>,
 }
 
+/// Reads the next line into `line`; false when the client hung up or the server went down.
+async fn next_line(
+    r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    line: &mut String,
+    down: &mut watch::Receiver<bool>,
+) -> std::io::Result<bool> {
+    line.clear();
+    tokio::select! {
+        n = r.read_line(line) => Ok(n? > 0),
+        _ = down.changed() => Ok(false),
+    }
+}
+
 /// The accept loop and the signal that closes every session.
 type Listening = (JoinHandle<()>, watch::Sender<bool>);
 
@@ -162,12 +175,7 @@ impl SmtpServer {
         let mut rcpts: Vec<String> = Vec::new();
         let mut line = String::new();
         loop {
-            line.clear();
-            let n = tokio::select! {
-                n = r.read_line(&mut line) => n?,
-                _ = down.changed() => return Ok(()),
-            };
-            if n == 0 {
+            if !next_line(&mut r, &mut line, &mut down).await? {
                 return Ok(());
             }
             let cmd = line.trim_end().to_string();
@@ -219,12 +227,7 @@ impl SmtpServer {
                     .await?;
                 let mut data = Vec::new();
                 loop {
-                    line.clear();
-                    let n = tokio::select! {
-                        n = r.read_line(&mut line) => n?,
-                        _ = down.changed() => return Ok(()),
-                    };
-                    if n == 0 {
+                    if !next_line(&mut r, &mut line, &mut down).await? {
                         return Ok(());
                     }
                     if line == ".\r\n" || line == ".\n" {
