@@ -21,6 +21,11 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
+    /// A problem with `key`.
+    pub fn new_pub(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::new(key, message)
+    }
+
     fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             key: key.into(),
@@ -42,6 +47,7 @@ pub struct Settings {
     pub smtp: SmtpSettings,
     pub limits: Limits,
     pub log: LogSettings,
+    pub api: ApiSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,6 +90,11 @@ pub struct QueueSettings {
     pub stuck_after_secs: u64,
     /// Pause before restarting a worker that died on a database error.
     pub restart_delay_ms: u64,
+    /// Backpressure: at most this many emails waiting (queued, retrying or sending). A submit
+    /// past it is refused whole (HTTP 503 with Retry-After); 0 means no cap.
+    pub max_depth: u64,
+    /// Submits that arrive together share one transaction (group commit), up to this many emails.
+    pub group_commit_max: usize,
 }
 
 impl Default for QueueSettings {
@@ -97,6 +108,8 @@ impl Default for QueueSettings {
             janitor_interval_secs: 15,
             stuck_after_secs: 600,
             restart_delay_ms: 1_000,
+            max_depth: 1_000_000,
+            group_commit_max: 2_000,
         }
     }
 }
@@ -226,6 +239,173 @@ impl Default for LogSettings {
     }
 }
 
+/// The HTTP API (`postbox serve`, `postbox api`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSettings {
+    /// Serve the HTTP API in `postbox serve`.
+    pub enabled: bool,
+    /// Address to listen on. Anything but loopback requires at least one token.
+    pub listen: String,
+    /// One bearer token named "default" (secret: prefer `POSTBOX_API__TOKEN`).
+    #[serde(
+        serialize_with = "masked",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub token: Option<SecretString>,
+    /// Named tokens, each with its own rate limit.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<ApiToken>,
+    /// Default per-token rate limit in requests per second (token bucket); 0 = no limit.
+    pub rate_per_sec: f64,
+    /// Bucket size: requests a token may make at once after being idle.
+    pub burst: u32,
+    /// Largest request body accepted (HTTP 413 past it).
+    pub max_body_bytes: usize,
+    /// Most emails in one `POST /v1/emails/batch`.
+    pub max_batch: usize,
+    /// How long an `Idempotency-Key` is remembered.
+    pub idempotency_ttl_hours: u64,
+    /// Leave `/healthz`, `/readyz` and `/openapi.json` open (no token).
+    pub open_health: bool,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:8080".into(),
+            token: None,
+            tokens: Vec::new(),
+            rate_per_sec: 0.0,
+            burst: 100,
+            max_body_bytes: 16 * 1024 * 1024,
+            max_batch: 1_000,
+            idempotency_ttl_hours: 24,
+            open_health: true,
+        }
+    }
+}
+
+/// A named API token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    /// Shown in logs and timelines (never the secret).
+    pub name: String,
+    /// The secret itself, or...
+    #[serde(
+        serialize_with = "masked",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub token: Option<SecretString>,
+    /// ...the environment variable that holds it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub token_env: Option<String>,
+    /// Overrides `api.rate_per_sec` for this token.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rate_per_sec: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub burst: Option<u32>,
+}
+
+/// A token ready for use: name, secret, limits.
+#[derive(Debug, Clone)]
+pub struct ResolvedToken {
+    pub name: String,
+    pub secret: SecretString,
+    pub rate_per_sec: f64,
+    pub burst: u32,
+}
+
+impl ApiSettings {
+    /// Every configured token with its secret (read from the environment for `token_env`).
+    pub fn resolved_tokens(&self) -> Result<Vec<ResolvedToken>, ConfigError> {
+        self.resolve_tokens(|k| std::env::var(k).ok())
+    }
+
+    fn resolve_tokens(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Vec<ResolvedToken>, ConfigError> {
+        let mut out = Vec::new();
+        if let Some(t) = &self.token {
+            out.push(ResolvedToken {
+                name: "default".into(),
+                secret: t.clone(),
+                rate_per_sec: self.rate_per_sec,
+                burst: self.burst,
+            });
+        }
+        for (i, t) in self.tokens.iter().enumerate() {
+            let key = format!("api.tokens[{i}]");
+            if t.name.trim().is_empty() {
+                return Err(ConfigError::new(format!("{key}.name"), "must not be empty"));
+            }
+            if out.iter().any(|o| o.name == t.name) {
+                return Err(ConfigError::new(
+                    format!("{key}.name"),
+                    format!("`{}` is used by two tokens", t.name),
+                ));
+            }
+            let secret = match (&t.token, &t.token_env) {
+                (Some(s), None) => s.clone(),
+                (None, Some(var)) => SecretString::from(env(var).ok_or_else(|| {
+                    ConfigError::new(
+                        format!("{key}.token_env"),
+                        format!("environment variable {var} is not set"),
+                    )
+                })?),
+                _ => {
+                    return Err(ConfigError::new(
+                        format!("{key}.token"),
+                        "give exactly one of token or token_env",
+                    ));
+                }
+            };
+            out.push(ResolvedToken {
+                name: t.name.clone(),
+                secret,
+                rate_per_sec: t.rate_per_sec.unwrap_or(self.rate_per_sec),
+                burst: t.burst.unwrap_or(self.burst),
+            });
+        }
+        for (i, t) in out.iter().enumerate() {
+            use secrecy::ExposeSecret;
+            let key = if i == 0 && self.token.is_some() {
+                "api.token".to_string()
+            } else {
+                format!(
+                    "api.tokens[{}].token",
+                    i - usize::from(self.token.is_some())
+                )
+            };
+            if t.secret.expose_secret().len() < 16 {
+                return Err(ConfigError::new(key, "must be at least 16 characters"));
+            }
+            if !(t.rate_per_sec >= 0.0 && t.rate_per_sec.is_finite()) {
+                return Err(ConfigError::new(
+                    "api.rate_per_sec",
+                    "must be a number >= 0",
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The listen address, parsed.
+    pub fn listen_addr(&self) -> Result<std::net::SocketAddr, ConfigError> {
+        self.listen.parse().map_err(|_| {
+            ConfigError::new(
+                "api.listen",
+                format!("`{}` is not an IP:port address", self.listen),
+            )
+        })
+    }
+}
+
 fn masked<S: Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
     match v {
         Some(_) => s.serialize_str("********"),
@@ -351,6 +531,27 @@ impl Settings {
                 "smtp.username",
                 "is required when smtp.password is set",
             ));
+        }
+        let addr = self.api.listen_addr()?;
+        let tokens = self.api.resolved_tokens()?;
+        if self.api.enabled && tokens.is_empty() && !addr.ip().is_loopback() {
+            return Err(ConfigError::new(
+                "api.token",
+                format!(
+                    "api.listen = {addr} is not a loopback address; configure api.token \
+                     (POSTBOX_API__TOKEN) or [[api.tokens]] before serving beyond this host"
+                ),
+            ));
+        }
+        for (key, v) in [
+            ("api.max_body_bytes", self.api.max_body_bytes as u64),
+            ("api.max_batch", self.api.max_batch as u64),
+            ("api.burst", self.api.burst as u64),
+            ("queue.group_commit_max", self.queue.group_commit_max as u64),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::new(key, "must be greater than 0"));
+            }
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::new("log.level", e.to_string()))?;
@@ -499,6 +700,14 @@ mod tests {
                 "[database]\nurl = \"postgres://x\"\n",
                 vec![],
                 "database.url",
+            ),
+            ("[api]\nlisten = \"0.0.0.0:8080\"\n", vec![], "api.token"),
+            ("[api]\nlisten = \"nowhere\"\n", vec![], "api.listen"),
+            ("", vec![("POSTBOX_API__TOKEN", "short")], "api.token"),
+            (
+                "[[api.tokens]]\nname = \"a\"\ntoken_env = \"POSTBOX_TEST_UNSET_VAR\"\n",
+                vec![],
+                "api.tokens[0].token_env",
             ),
         ];
         for (text, e, key) in cases {

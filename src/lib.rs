@@ -34,6 +34,7 @@
 //!   `RetryPolicy`; backoff is the next job's `run_at`, never a sleep.
 //! - `domain`, `render` and `delivery::policy` do no IO.
 
+pub mod api;
 pub mod config;
 pub mod delivery;
 pub mod domain;
@@ -44,5 +45,5 @@ pub mod store;
 
 pub use config::Settings;
 pub use domain::{EmailId, EmailStatus, NewAttachment, NewEmail, Priority};
-pub use postbox::{OpenError, Postbox, SubmitError, Submitted};
+pub use postbox::{OpenError, Postbox, SubmitError, SubmitOptions, SubmitOutcome, Submitted};
 pub use store::{EmailReport, TimelineEntry};

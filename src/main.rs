@@ -22,8 +22,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the delivery workers (and janitor) until SIGINT/SIGTERM.
+    /// Run the HTTP API (unless api.enabled = false) and the delivery workers until
+    /// SIGINT/SIGTERM.
     Serve,
+    /// Run only the HTTP API (no delivery in this process).
+    Api,
     /// Submit one email; prints its id.
     Send(Box<SendArgs>),
     /// Show an email's status and timeline.
@@ -147,11 +150,41 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             println!("database is up to date");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve => {
+        Command::Serve | Command::Api => {
+            let workers = matches!(command, Command::Serve);
+            let api = !workers || settings.api.enabled;
             let pb = open(settings).await?;
-            tracing::info!("postbox serving; SIGINT or SIGTERM stops it gracefully");
-            pb.run_workers(shutdown_signal()).await;
+            let shutdown = postbox::queue::shutdown_signal(shutdown_signal());
+            let listener = if api {
+                match postbox::api::bind(&pb).await {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        return Ok(ExitCode::from(2));
+                    }
+                }
+            } else {
+                None
+            };
+            tracing::info!(
+                api,
+                workers,
+                "postbox serving; SIGINT or SIGTERM stops it gracefully"
+            );
+            let http = async {
+                match listener {
+                    Some(l) => postbox::api::serve(pb.clone(), l, workers, shutdown.clone()).await,
+                    None => Ok(()),
+                }
+            };
+            let work = async {
+                if workers {
+                    pb.run_workers_with(shutdown.clone()).await;
+                }
+            };
+            let (http, ()) = tokio::join!(http, work);
             pb.close().await;
+            http?;
             tracing::info!("postbox stopped");
             Ok(ExitCode::SUCCESS)
         }

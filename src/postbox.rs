@@ -1,13 +1,18 @@
 //! The facade: the one library API. The CLI, the HTTP API and embedding apps all go through it.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use crate::config::Settings;
 use crate::delivery::{Mailer, MailerError, message_id_for};
 use crate::domain::{Email, EmailAddress, EmailId, FieldError, NewEmail, ValidationErrors};
 use crate::queue::{self, Deliverer, Shutdown, Wake};
 use crate::render::Templates;
-use crate::store::{Counts, EmailReport, JanitorReport, Store, StoreError, TransitionError};
+use crate::store::{
+    Counts, EmailPage, EmailReport, GroupCommitter, GroupSettings, IdempotencyClaim, InsertOutcome,
+    InsertRequest, JanitorReport, ListFilter, NewRow, Stats, Store, StoreError, TransitionError,
+};
 
 /// Errors of [`Postbox::open`].
 #[derive(Debug, thiserror::Error)]
@@ -27,8 +32,32 @@ pub enum SubmitError {
     /// Some emails of a batch broke rules (index, errors); nothing was stored.
     #[error("{} of the batch's emails are invalid; nothing was stored", .0.len())]
     InvalidBatch(Vec<(usize, Vec<FieldError>)>),
+    /// The idempotency key was used before for a different request; nothing was stored.
+    #[error("idempotency key `{key}` was already used for a different request")]
+    KeyReused { key: String },
+    /// The queue holds `queue.max_depth` emails already; nothing was stored. Try again later.
+    #[error("the queue is full ({depth} emails waiting, the cap is {max_depth}); try again later")]
+    QueueFull { depth: u64, max_depth: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Options of [`Postbox::submit_with`] and [`Postbox::submit_many_with`].
+#[derive(Debug, Clone, Default)]
+pub struct SubmitOptions {
+    /// Where the submission came from (an HTTP request id); shown in the email's timeline.
+    pub request_id: Option<String>,
+    /// Makes the whole submission idempotent: the same claim again replays the first result.
+    pub idempotency: Option<IdempotencyClaim>,
+}
+
+/// The result of [`Postbox::submit_with`] / [`Postbox::submit_many_with`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubmitOutcome {
+    pub emails: Vec<Submitted>,
+    /// True when an idempotency claim matched: these are the first submission's results and
+    /// nothing was created now.
+    pub replayed: bool,
 }
 
 /// A submission's result: the email's id, and whether this call created it (false when an
@@ -45,6 +74,8 @@ struct Inner {
     default_from: EmailAddress,
     wake: Arc<Wake>,
     mailer: Mailer,
+    writer: GroupCommitter,
+    workers_running: AtomicUsize,
 }
 
 /// postbox as a library: submit mail, look it up, cancel or re-drive it, and run the workers.
@@ -76,6 +107,14 @@ impl Postbox {
     pub async fn open(settings: Settings) -> Result<Postbox, OpenError> {
         let store = Store::open(&settings).await?;
         let mailer = Mailer::from_settings(&settings)?;
+        let writer = GroupCommitter::start(
+            store.clone(),
+            GroupSettings {
+                max_rows: settings.queue.group_commit_max,
+                max_depth: settings.queue.max_depth,
+                idempotency_ttl: Duration::from_secs(settings.api.idempotency_ttl_hours * 3600),
+            },
+        );
         Ok(Postbox {
             inner: Arc::new(Inner {
                 default_from: settings.default_from(),
@@ -83,6 +122,8 @@ impl Postbox {
                 store,
                 wake: Arc::new(Wake::default()),
                 mailer,
+                writer,
+                workers_running: AtomicUsize::new(0),
             }),
         })
     }
@@ -105,19 +146,34 @@ impl Postbox {
 
     /// Validates and durably queues one email. When this returns `Ok`, the email is committed.
     pub async fn submit(&self, new: NewEmail) -> Result<Submitted, SubmitError> {
+        let mut out = self.submit_with(new, SubmitOptions::default()).await?;
+        Ok(out.emails.pop().expect("one email in, one out"))
+    }
+
+    /// [`Postbox::submit`] with a request id and an optional idempotency claim.
+    pub async fn submit_with(
+        &self,
+        new: NewEmail,
+        opts: SubmitOptions,
+    ) -> Result<SubmitOutcome, SubmitError> {
         let row = self.validate(new)?;
-        let mut out = self
-            .inner
-            .store
-            .insert_emails(std::slice::from_ref(&row))
-            .await?;
-        self.inner.wake.notify();
-        let (id, created) = out.pop().expect("one row in, one out");
-        Ok(Submitted { id, created })
+        self.commit(vec![row], opts).await
     }
 
     /// Validates every email, then queues them all in ONE transaction: all or nothing.
     pub async fn submit_many(&self, emails: Vec<NewEmail>) -> Result<Vec<Submitted>, SubmitError> {
+        Ok(self
+            .submit_many_with(emails, SubmitOptions::default())
+            .await?
+            .emails)
+    }
+
+    /// [`Postbox::submit_many`] with a request id and an optional idempotency claim.
+    pub async fn submit_many_with(
+        &self,
+        emails: Vec<NewEmail>,
+        opts: SubmitOptions,
+    ) -> Result<SubmitOutcome, SubmitError> {
         let mut rows = Vec::with_capacity(emails.len());
         let mut bad = Vec::new();
         for (i, new) in emails.into_iter().enumerate() {
@@ -129,12 +185,66 @@ impl Postbox {
         if !bad.is_empty() {
             return Err(SubmitError::InvalidBatch(bad));
         }
-        let out = self.inner.store.insert_emails(&rows).await?;
-        self.inner.wake.notify();
-        Ok(out
-            .into_iter()
-            .map(|(id, created)| Submitted { id, created })
-            .collect())
+        self.commit(rows, opts).await
+    }
+
+    async fn commit(
+        &self,
+        rows: Vec<NewRow>,
+        opts: SubmitOptions,
+    ) -> Result<SubmitOutcome, SubmitError> {
+        let key = opts.idempotency.as_ref().map(|c| c.key.clone());
+        let outcome = self
+            .inner
+            .writer
+            .submit(InsertRequest {
+                rows,
+                request_id: opts.request_id,
+                idempotency: opts.idempotency,
+            })
+            .await?;
+        let (ids, replayed) = match outcome {
+            InsertOutcome::Inserted(ids) => {
+                self.inner.wake.notify();
+                (ids, false)
+            }
+            InsertOutcome::Replayed(ids) => (ids, true),
+            InsertOutcome::KeyReused => {
+                return Err(SubmitError::KeyReused {
+                    key: key.unwrap_or_default(),
+                });
+            }
+            InsertOutcome::QueueFull { depth, max_depth } => {
+                return Err(SubmitError::QueueFull { depth, max_depth });
+            }
+        };
+        Ok(SubmitOutcome {
+            emails: ids
+                .into_iter()
+                .map(|(id, created)| Submitted { id, created })
+                .collect(),
+            replayed,
+        })
+    }
+
+    /// A page of emails, newest first.
+    pub async fn list(&self, filter: &ListFilter) -> Result<EmailPage, StoreError> {
+        self.inner.store.list(filter).await
+    }
+
+    /// Queue depth, recent outcomes, in flight.
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
+        self.inner.store.stats().await
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.store.ping().await
+    }
+
+    /// True while [`Postbox::run_workers`] runs in this process.
+    pub fn workers_running(&self) -> bool {
+        self.inner.workers_running.load(Ordering::Relaxed) > 0
     }
 
     /// The email's state and timeline (`None`: no such email).
@@ -174,6 +284,14 @@ impl Postbox {
     /// Like [`Postbox::run_workers`] with an already shared shutdown signal.
     pub async fn run_workers_with(&self, shutdown: Shutdown) {
         let i = &self.inner;
+        struct Running<'a>(&'a AtomicUsize);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        i.workers_running.fetch_add(1, Ordering::Relaxed);
+        let _running = Running(&i.workers_running);
         let deliverer = Arc::new(Deliverer::new(
             i.store.clone(),
             i.mailer.clone(),

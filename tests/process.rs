@@ -226,6 +226,8 @@ async fn with_no_config_and_no_servers_send_and_serve_write_to_the_outbox() {
         .arg("serve")
         .current_dir(dir.path())
         .env_clear()
+        // No config file; only the API port moves off 8080 so parallel tests never collide.
+        .env("POSTBOX_API__LISTEN", "127.0.0.1:0")
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()

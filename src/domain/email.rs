@@ -11,8 +11,11 @@ use time::OffsetDateTime;
 use super::{EmailAddress, FieldError, ValidationErrors};
 
 /// A stable, sortable email id (a ULID).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(transparent)]
+#[schema(value_type = String, example = "01KAQ3N2W4XGZ8Y5B7C9D1E3F5")]
 pub struct EmailId(String);
 
 impl EmailId {
@@ -44,7 +47,19 @@ impl fmt::Display for EmailId {
 }
 
 /// Queue priority: `high` jumps ahead of everything queued at `normal` and `low`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     Low,
@@ -82,7 +97,7 @@ impl Priority {
 }
 
 /// Where an email is in its life. Transitions are listed in DESIGN.md and enforced by the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum EmailStatus {
     Queued,
@@ -166,12 +181,14 @@ impl Default for Limits {
 }
 
 /// An attachment as submitted; in JSON the content is base64.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewAttachment {
     pub filename: String,
     pub content_type: String,
+    /// The bytes, base64 (standard alphabet).
     #[serde(with = "b64")]
+    #[schema(value_type = String, format = Byte)]
     pub content: Vec<u8>,
 }
 
@@ -179,7 +196,7 @@ pub struct NewAttachment {
 pub type Attachment = NewAttachment;
 
 /// What a caller submits. Either `text`/`html` (with `subject`) or `template` + `variables`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewEmail {
     /// Defaults to the configured `delivery.default_from`.
@@ -202,7 +219,9 @@ pub struct NewEmail {
     pub html: Option<String>,
     #[serde(default)]
     pub template: Option<String>,
+    /// The template's variables (see `GET /v1/templates`).
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub variables: Option<Value>,
     /// Only List-Unsubscribe, List-Unsubscribe-Post, In-Reply-To, References and X-* headers.
     #[serde(default)]
@@ -213,12 +232,17 @@ pub struct NewEmail {
     pub metadata: BTreeMap<String, String>,
     #[serde(default)]
     pub attachments: Vec<NewAttachment>,
+    /// Not before this time (RFC 3339).
     #[serde(default, with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub send_at: Option<OffsetDateTime>,
+    /// Give up if not delivered by this time (RFC 3339).
     #[serde(default, with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<OffsetDateTime>,
     #[serde(default)]
     pub priority: Priority,
+    /// A key unique per email: submitting it again returns the first email's id.
     #[serde(default)]
     pub idempotency_key: Option<String>,
 }

@@ -249,6 +249,7 @@ pub async fn janitor_pass(settings: &Settings, store: &Store) -> Result<JanitorR
             Duration::from_secs(q.stuck_after_secs),
             Duration::from_secs(r.finished_jobs_hours * 3600),
             (r.emails_days > 0).then(|| Duration::from_secs(r.emails_days * 24 * 3600)),
+            Duration::from_secs(settings.api.idempotency_ttl_hours * 3600),
         )
         .await
 }

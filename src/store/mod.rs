@@ -8,11 +8,13 @@
 //!   seq is not the email's current one is stale and does nothing;
 //! - every status change writes its timeline entry in the same transaction.
 
+mod group;
 mod sqlite;
 
 use serde::Serialize;
 use time::OffsetDateTime;
 
+pub use group::{GroupCommitter, GroupSettings};
 pub use sqlite::Store;
 
 use crate::domain::{Email, EmailId, EmailStatus, Priority};
@@ -86,9 +88,10 @@ pub struct AttemptRecord {
 }
 
 /// One timeline entry.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TimelineEntry {
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub at: OffsetDateTime,
     pub kind: String,
     pub status: String,
@@ -100,7 +103,7 @@ pub struct TimelineEntry {
 }
 
 /// An email's state and history, for `status` (library, CLI, API).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct EmailReport {
     pub id: EmailId,
     pub status: EmailStatus,
@@ -112,18 +115,26 @@ pub struct EmailReport {
     pub tags: Vec<String>,
     pub attempts: u32,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub updated_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub sent_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub next_attempt_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub send_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<OffsetDateTime>,
     pub last_error: Option<String>,
+    /// The HTTP request that submitted it, if any.
+    pub request_id: Option<String>,
     pub timeline: Vec<TimelineEntry>,
 }
 
@@ -172,4 +183,108 @@ pub(crate) fn ms(t: OffsetDateTime) -> i64 {
 pub(crate) fn from_ms(v: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(v as i128 * 1_000_000)
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// A validated email ready to insert: its new id, the email, its Message-ID.
+pub type NewRow = (EmailId, Email, String);
+
+/// One submission (one email or one batch) waiting for a group commit.
+#[derive(Debug, Clone)]
+pub struct InsertRequest {
+    pub rows: Vec<NewRow>,
+    /// The HTTP request (or other origin) that submitted it; shown in the timeline.
+    pub request_id: Option<String>,
+    pub idempotency: Option<IdempotencyClaim>,
+}
+
+/// An `Idempotency-Key`: the same (scope, key) with the same fingerprint replays the first
+/// result; with another fingerprint it is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyClaim {
+    /// Whose key this is (the API token's name), so two clients never collide.
+    pub scope: String,
+    pub key: String,
+    /// A digest of what was asked (method, path, body).
+    pub fingerprint: String,
+}
+
+/// What became of one [`InsertRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InsertOutcome {
+    /// Committed: each email's id and whether it was created (false: its own idempotency_key
+    /// matched an email stored earlier).
+    Inserted(Vec<(EmailId, bool)>),
+    /// The idempotency key was seen with the same request: the first result, nothing created.
+    Replayed(Vec<(EmailId, bool)>),
+    /// The idempotency key was seen with a different request: nothing created.
+    KeyReused,
+    /// Accepting it would pass `queue.max_depth`: nothing created.
+    QueueFull { depth: u64, max_depth: u64 },
+}
+
+/// Filters of an email listing. Newest first; `before` is the cursor (an id).
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub status: Option<EmailStatus>,
+    pub tag: Option<String>,
+    /// Any envelope recipient equal to this address (case-insensitive).
+    pub recipient: Option<String>,
+    pub created_after: Option<OffsetDateTime>,
+    pub created_before: Option<OffsetDateTime>,
+    pub before_id: Option<EmailId>,
+    pub limit: u32,
+}
+
+/// One email in a listing.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct EmailSummary {
+    pub id: EmailId,
+    pub status: EmailStatus,
+    pub priority: Priority,
+    pub subject: Option<String>,
+    pub template: Option<String>,
+    /// Envelope recipients (to, cc and bcc).
+    pub recipients: Vec<String>,
+    pub tags: Vec<String>,
+    pub attempts: u32,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub sent_at: Option<OffsetDateTime>,
+    pub last_error: Option<String>,
+}
+
+/// A page of a listing; `next_cursor` continues it (None: this was the last page).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct EmailPage {
+    pub emails: Vec<EmailSummary>,
+    pub next_cursor: Option<String>,
+}
+
+/// Attempts that ended in a window of time.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct WindowCounts {
+    pub sent: u64,
+    pub failed: u64,
+    /// Attempts that failed temporarily and were scheduled again.
+    pub retried: u64,
+}
+
+/// The queue at a glance.
+#[derive(Debug, Default, Clone, Serialize, utoipa::ToSchema)]
+pub struct Stats {
+    /// Emails waiting or in flight, by status then priority.
+    pub depth: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    /// All emails by status.
+    pub totals: std::collections::BTreeMap<String, u64>,
+    /// Age of the oldest email that is due and still queued (seconds).
+    pub oldest_queued_age_secs: Option<f64>,
+    pub in_flight: u64,
+    pub last_minute: WindowCounts,
+    pub last_hour: WindowCounts,
 }

@@ -84,15 +84,107 @@ impl Store {
         self.pool.close().await;
     }
 
-    /// Inserts emails and their jobs in ONE transaction. An idempotency key already present
-    /// returns the existing email's id with `false` and creates nothing.
-    pub async fn insert_emails(
+    /// Commits a group of submissions in ONE transaction (group commit): for each, in order,
+    /// its idempotency key is checked, then the depth cap, then its emails and their jobs are
+    /// inserted. One outcome per request. The transaction takes SQLite's write lock first
+    /// (`BEGIN IMMEDIATE`), so checks and inserts see every other writer's committed rows.
+    pub async fn insert_group(
         &self,
-        rows: &[(EmailId, Email, String)],
+        reqs: &[InsertRequest],
+        max_depth: u64,
+        idempotency_ttl: Duration,
+    ) -> Result<Vec<InsertOutcome>, StoreError> {
+        let now = now();
+        let now_ms = ms(now);
+        let cutoff = now_ms - idempotency_ttl.as_millis() as i64;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut depth: Option<u64> = None;
+        let mut out = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            if let Some(c) = &req.idempotency {
+                sqlx::query(
+                    "DELETE FROM postbox_idempotency WHERE scope = ?1 AND key = ?2 AND created_at < ?3",
+                )
+                .bind(&c.scope)
+                .bind(&c.key)
+                .bind(cutoff)
+                .execute(&mut *tx)
+                .await?;
+                let seen = sqlx::query(
+                    "SELECT fingerprint, response FROM postbox_idempotency WHERE scope = ?1 AND key = ?2",
+                )
+                .bind(&c.scope)
+                .bind(&c.key)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(seen) = seen {
+                    let fingerprint: String = seen.try_get("fingerprint")?;
+                    if fingerprint != c.fingerprint {
+                        out.push(InsertOutcome::KeyReused);
+                        continue;
+                    }
+                    let response: String = seen.try_get("response")?;
+                    out.push(InsertOutcome::Replayed(decode_ids(&response)?));
+                    continue;
+                }
+            }
+            if max_depth > 0 {
+                let d = match depth {
+                    Some(d) => d,
+                    None => {
+                        let n: i64 = sqlx::query_scalar(
+                            "SELECT COUNT(*) FROM postbox_emails
+                              WHERE status IN ('queued', 'retrying', 'sending')",
+                        )
+                        .fetch_one(&mut *tx)
+                        .await?;
+                        n as u64
+                    }
+                };
+                depth = Some(d);
+                if d + req.rows.len() as u64 > max_depth {
+                    out.push(InsertOutcome::QueueFull {
+                        depth: d,
+                        max_depth,
+                    });
+                    continue;
+                }
+            }
+            let ids = self
+                .insert_rows(&mut tx, &req.rows, req.request_id.as_deref(), now_ms)
+                .await?;
+            if let Some(d) = depth.as_mut() {
+                *d += ids.iter().filter(|(_, created)| *created).count() as u64;
+            }
+            if let Some(c) = &req.idempotency {
+                sqlx::query(
+                    "INSERT INTO postbox_idempotency (scope, key, fingerprint, response, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .bind(&c.scope)
+                .bind(&c.key)
+                .bind(&c.fingerprint)
+                .bind(encode_ids(&ids))
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            }
+            out.push(InsertOutcome::Inserted(ids));
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Inserts emails and their jobs on `tx`. An email whose own idempotency key is already
+    /// present gets the existing email's id with `false`, and nothing is created for it.
+    async fn insert_rows(
+        &self,
+        tx: &mut SqliteConnection,
+        rows: &[NewRow],
+        request_id: Option<&str>,
+        now_ms: i64,
     ) -> Result<Vec<(EmailId, bool)>, StoreError> {
         let mut out = Vec::with_capacity(rows.len());
-        let mut tx = self.pool.begin().await?;
-        let now_ms = ms(now());
         for (id, email, message_id) in rows {
             let spec = serde_json::to_string(email).map_err(|e| StoreError::Corrupt {
                 id: id.to_string(),
@@ -106,8 +198,9 @@ impl Store {
             let send_at = email.send_at.map(ms);
             let res = sqlx::query(
                 "INSERT INTO postbox_emails (id, status, priority, spec, message_id, idempotency_key,
-                     template, recipients, tags, send_at, expires_at, age_from, created_at, updated_at)
-                 VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)
+                     template, recipients, tags, send_at, expires_at, age_from, created_at, updated_at,
+                     request_id)
+                 VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13)
                  ON CONFLICT(idempotency_key) DO NOTHING",
             )
             .bind(id.as_str())
@@ -122,6 +215,7 @@ impl Store {
             .bind(email.expires_at.map(ms))
             .bind(send_at.unwrap_or(now_ms).max(now_ms))
             .bind(now_ms)
+            .bind(request_id)
             .execute(&mut *tx)
             .await?;
             if res.rows_affected() == 0 {
@@ -134,7 +228,7 @@ impl Store {
                 continue;
             }
             push_job(
-                &mut tx,
+                tx,
                 &self.queue,
                 id.as_str(),
                 0,
@@ -144,7 +238,6 @@ impl Store {
             .await?;
             out.push((id.clone(), true));
         }
-        tx.commit().await?;
         Ok(out)
     }
 
@@ -437,6 +530,131 @@ impl Store {
         Ok(c)
     }
 
+    /// Is the database answering?
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// A page of emails, newest first (by id, which is time-ordered and unique: a stable order).
+    pub async fn list(&self, f: &ListFilter) -> Result<EmailPage, StoreError> {
+        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "SELECT id, status, priority, json_extract(spec, '$.subject') AS subject, template,
+                    recipients, tags, attempts, created_at, updated_at, sent_at, last_error
+               FROM postbox_emails WHERE 1 = 1",
+        );
+        if let Some(s) = f.status {
+            q.push(" AND status = ").push_bind(s.as_str());
+        }
+        if let Some(t) = &f.tag {
+            q.push(" AND instr(' ' || tags || ' ', ")
+                .push_bind(format!(" {t} "))
+                .push(") > 0");
+        }
+        if let Some(r) = &f.recipient {
+            q.push(" AND instr(' ' || lower(recipients) || ' ', ")
+                .push_bind(format!(" {} ", r.to_lowercase()))
+                .push(") > 0");
+        }
+        if let Some(t) = f.created_after {
+            q.push(" AND created_at >= ").push_bind(ms(t));
+        }
+        if let Some(t) = f.created_before {
+            q.push(" AND created_at < ").push_bind(ms(t));
+        }
+        if let Some(id) = &f.before_id {
+            q.push(" AND id < ").push_bind(id.as_str().to_string());
+        }
+        let limit = f.limit.max(1);
+        q.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(limit as i64 + 1);
+        let rows = q.build().fetch_all(&self.pool).await?;
+        let mut emails = Vec::with_capacity(rows.len());
+        for row in rows.iter().take(limit as usize) {
+            let id: String = row.try_get("id")?;
+            let status: String = row.try_get("status")?;
+            let priority: String = row.try_get("priority")?;
+            let split =
+                |s: String| -> Vec<String> { s.split_whitespace().map(str::to_string).collect() };
+            emails.push(EmailSummary {
+                status: EmailStatus::parse(&status).ok_or_else(|| StoreError::Corrupt {
+                    id: id.clone(),
+                    message: format!("unknown status {status}"),
+                })?,
+                id: EmailId::from_db(id),
+                priority: Priority::parse(&priority).unwrap_or_default(),
+                subject: row.try_get("subject")?,
+                template: row.try_get("template")?,
+                recipients: split(row.try_get("recipients")?),
+                tags: split(row.try_get("tags")?),
+                attempts: row.try_get::<i64, _>("attempts")? as u32,
+                created_at: from_ms(row.try_get("created_at")?),
+                updated_at: from_ms(row.try_get("updated_at")?),
+                sent_at: row.try_get::<Option<i64>, _>("sent_at")?.map(from_ms),
+                last_error: row.try_get("last_error")?,
+            });
+        }
+        let next_cursor = if rows.len() > limit as usize {
+            emails.last().map(|e| e.id.to_string())
+        } else {
+            None
+        };
+        Ok(EmailPage {
+            emails,
+            next_cursor,
+        })
+    }
+
+    /// The queue at a glance.
+    pub async fn stats(&self) -> Result<Stats, StoreError> {
+        let now = ms(now());
+        let mut st = Stats::default();
+        for r in sqlx::query(
+            "SELECT status, priority, COUNT(*) AS n FROM postbox_emails
+              WHERE status IN ('queued', 'retrying', 'sending') GROUP BY status, priority",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        {
+            let n: i64 = r.try_get("n")?;
+            st.depth
+                .entry(r.try_get("status")?)
+                .or_default()
+                .insert(r.try_get("priority")?, n as u64);
+        }
+        st.totals = self.counts().await?.by_status;
+        st.in_flight = st.totals.get("sending").copied().unwrap_or(0);
+        let oldest: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(age_from) FROM postbox_emails WHERE status = 'queued' AND age_from <= ?1",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        st.oldest_queued_age_secs = oldest.map(|t| (now - t).max(0) as f64 / 1000.0);
+        for (window, ago) in [
+            (&mut st.last_minute, 60_000),
+            (&mut st.last_hour, 3_600_000),
+        ] {
+            for r in sqlx::query(
+                "SELECT status, COUNT(*) AS n FROM postbox_events
+                  WHERE kind = 'attempt' AND at >= ?1 GROUP BY status",
+            )
+            .bind(now - ago)
+            .fetch_all(&self.pool)
+            .await?
+            {
+                let n = r.try_get::<i64, _>("n")? as u64;
+                match r.try_get::<String, _>("status")?.as_str() {
+                    "sent" => window.sent = n,
+                    "failed" => window.failed = n,
+                    "retrying" => window.retried = n,
+                    _ => {}
+                }
+            }
+        }
+        Ok(st)
+    }
+
     /// One janitor pass: repairs what apalis 1.0 can leave stuck, expires mail, applies retention.
     pub async fn janitor(
         &self,
@@ -444,6 +662,7 @@ impl Store {
         stuck_after: Duration,
         finished_jobs: Duration,
         emails_after: Option<Duration>,
+        idempotency_ttl: Duration,
     ) -> Result<JanitorReport, StoreError> {
         let now = now();
         let now_s = now.unix_timestamp();
@@ -581,6 +800,10 @@ impl Store {
             .rows_affected();
             tx.commit().await?;
         }
+        sqlx::query("DELETE FROM postbox_idempotency WHERE created_at < ?1")
+            .bind(ms(now) - idempotency_ttl.as_millis() as i64)
+            .execute(&self.pool)
+            .await?;
         sqlx::query(
             "DELETE FROM Workers WHERE worker_type = ?1 AND last_seen < ?2
                 AND NOT EXISTS (SELECT 1 FROM Jobs WHERE Jobs.lock_by = Workers.id)",
@@ -591,6 +814,18 @@ impl Store {
         .await?;
         Ok(r)
     }
+}
+
+/// The remembered result of an idempotent request: `[[id, created], ...]`.
+fn encode_ids(ids: &[(EmailId, bool)]) -> String {
+    serde_json::to_string(ids).expect("ids always serialize")
+}
+
+fn decode_ids(s: &str) -> Result<Vec<(EmailId, bool)>, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt {
+        id: "(idempotency record)".into(),
+        message: e.to_string(),
+    })
 }
 
 fn rfc3339(t: OffsetDateTime) -> String {
@@ -685,9 +920,19 @@ fn report_from(row: SqliteRow, events: Vec<SqliteRow>) -> Result<EmailReport, St
     let opt = |c: &str| -> Result<Option<OffsetDateTime>, StoreError> {
         Ok(row.try_get::<Option<i64>, _>(c)?.map(from_ms))
     };
-    let timeline = events
-        .into_iter()
-        .map(|e| {
+    let request_id: Option<String> = row.try_get("request_id")?;
+    let submitted = TimelineEntry {
+        at: from_ms(row.try_get("created_at")?),
+        kind: "submitted".into(),
+        status: "queued".into(),
+        attempt: None,
+        smtp_code: None,
+        smtp_text: None,
+        duration_ms: None,
+        detail: request_id.as_ref().map(|r| format!("request {r}")),
+    };
+    let timeline = std::iter::once(Ok(submitted))
+        .chain(events.into_iter().map(|e| {
             Ok(TimelineEntry {
                 at: from_ms(e.try_get("at")?),
                 kind: e.try_get("kind")?,
@@ -698,7 +943,7 @@ fn report_from(row: SqliteRow, events: Vec<SqliteRow>) -> Result<EmailReport, St
                 duration_ms: e.try_get("duration_ms")?,
                 detail: e.try_get("detail")?,
             })
-        })
+        }))
         .collect::<Result<Vec<_>, StoreError>>()?;
     Ok(EmailReport {
         id: EmailId::from_db(id.clone()),
@@ -720,6 +965,7 @@ fn report_from(row: SqliteRow, events: Vec<SqliteRow>) -> Result<EmailReport, St
         send_at: opt("send_at")?,
         expires_at: opt("expires_at")?,
         last_error: row.try_get("last_error")?,
+        request_id,
         timeline,
     })
 }

@@ -1,6 +1,7 @@
 //! Test harness: a real SMTP server on loopback and the real postbox (library or child process).
 #![allow(dead_code)]
 
+pub mod http;
 pub mod smtp;
 
 use std::path::{Path, PathBuf};
@@ -151,6 +152,7 @@ pub fn child_env(dir: &Path, smtp_port: u16) -> Vec<(String, String)> {
         ("POSTBOX_RETRY__MIN_BACKOFF_SECS", "1".into()),
         ("POSTBOX_RETRY__MAX_BACKOFF_SECS", "2".into()),
         ("POSTBOX_RETRY__JITTER", "false".into()),
+        ("POSTBOX_API__LISTEN", "127.0.0.1:0".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -201,4 +203,28 @@ pub fn spawn_serve(dir: &Path, smtp_port: u16, extra: &[(&str, &str)]) -> Serve 
         }
     });
     Serve { child, logs, drain }
+}
+
+/// Emails in the database without the job that owns them (`<id>:<job_seq>`), and jobs without
+/// an email: both must always be 0, whatever a request did.
+pub async fn half_written(dir: &Path) -> (i64, i64) {
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.join("postbox.db").display()))
+        .await
+        .unwrap();
+    let emails: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM postbox_emails e WHERE NOT EXISTS
+           (SELECT 1 FROM Jobs j WHERE j.idempotency_key = e.id || ':' || e.job_seq)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let jobs: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM Jobs j WHERE NOT EXISTS
+           (SELECT 1 FROM postbox_emails e WHERE j.idempotency_key = e.id || ':' || e.job_seq)",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    (emails, jobs)
 }

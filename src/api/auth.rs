@@ -1,0 +1,225 @@
+//! Bearer tokens (compared in constant time) and a per-token rate limit (token bucket).
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use secrecy::ExposeSecret;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::ApiState;
+use super::error::ApiError;
+use crate::config::ResolvedToken;
+
+/// Who is calling: the token's name (`anonymous` when no token is configured). Scopes
+/// idempotency keys and appears in logs; never the secret.
+#[derive(Debug, Clone)]
+pub struct Principal(pub String);
+
+struct Entry {
+    name: String,
+    digest: [u8; 32],
+    bucket: Option<Mutex<Bucket>>,
+}
+
+/// The configured tokens. Empty: the API is open (only allowed on loopback; config enforces it).
+pub struct Tokens {
+    entries: Vec<Entry>,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens")
+            .field(
+                "names",
+                &self.entries.iter().map(|e| &e.name).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+fn digest(s: &[u8]) -> [u8; 32] {
+    Sha256::digest(s).into()
+}
+
+impl Tokens {
+    pub fn new(tokens: &[ResolvedToken]) -> Tokens {
+        Tokens {
+            entries: tokens
+                .iter()
+                .map(|t| Entry {
+                    name: t.name.clone(),
+                    digest: digest(t.secret.expose_secret().as_bytes()),
+                    bucket: (t.rate_per_sec > 0.0)
+                        .then(|| Mutex::new(Bucket::new(t.rate_per_sec, t.burst))),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entry whose secret equals `given`. Every entry is compared, in constant time, over
+    /// fixed-length digests: neither timing nor length tells a caller how close it came.
+    fn find(&self, given: &str) -> Option<&Entry> {
+        let d = digest(given.as_bytes());
+        let mut found = None;
+        for e in &self.entries {
+            if bool::from(e.digest.ct_eq(&d)) {
+                found = Some(e);
+            }
+        }
+        found
+    }
+
+    /// Checks the `Authorization` header value and the token's rate limit.
+    fn authorize(&self, header: Option<&str>) -> Result<Principal, ApiError> {
+        if self.is_open() {
+            return Ok(Principal("anonymous".into()));
+        }
+        let Some(h) = header else {
+            return Err(ApiError::unauthorized(
+                "missing bearer token: send `Authorization: Bearer <token>`",
+            ));
+        };
+        let given = h
+            .strip_prefix("Bearer ")
+            .or_else(|| h.strip_prefix("bearer "))
+            .map(str::trim)
+            .ok_or_else(|| {
+                ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
+            })?;
+        let entry = self
+            .find(given)
+            .ok_or_else(|| ApiError::unauthorized("the bearer token is not valid"))?;
+        if let Some(bucket) = &entry.bucket {
+            let wait = bucket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(Instant::now());
+            if let Err(secs) = wait {
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!("rate limit of token `{}` exceeded; retry later", entry.name),
+                )
+                .retry_after(secs.ceil() as u64));
+            }
+        }
+        Ok(Principal(entry.name.clone()))
+    }
+}
+
+/// A token bucket: `rate` tokens per second, at most `burst` saved up.
+#[derive(Debug)]
+pub struct Bucket {
+    rate: f64,
+    burst: f64,
+    level: f64,
+    at: Option<Instant>,
+}
+
+impl Bucket {
+    pub fn new(rate: f64, burst: u32) -> Bucket {
+        Bucket {
+            rate,
+            burst: burst.max(1) as f64,
+            level: burst.max(1) as f64,
+            at: None,
+        }
+    }
+
+    /// Takes one token, or says how many seconds until one is there.
+    pub fn take(&mut self, now: Instant) -> Result<(), f64> {
+        if let Some(at) = self.at {
+            let refill = now.saturating_duration_since(at).as_secs_f64() * self.rate;
+            self.level = (self.level + refill).min(self.burst);
+        }
+        self.at = Some(now);
+        if self.level >= 1.0 {
+            self.level -= 1.0;
+            Ok(())
+        } else {
+            Err((1.0 - self.level) / self.rate)
+        }
+    }
+}
+
+/// Middleware on every authenticated route.
+pub async fn require_token(
+    State(state): State<ApiState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match state.tokens.authorize(header) {
+        Ok(p) => {
+            tracing::Span::current().record("token", p.0.as_str());
+            req.extensions_mut().insert(p);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn bucket_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(10.0, 3);
+        assert!(b.take(t0).is_ok());
+        assert!(b.take(t0).is_ok());
+        assert!(b.take(t0).is_ok());
+        let wait = b.take(t0).unwrap_err();
+        assert!((wait - 0.1).abs() < 1e-9, "{wait}");
+        assert!(b.take(t0 + Duration::from_millis(100)).is_ok());
+        assert!(b.take(t0 + Duration::from_millis(100)).is_err());
+        // A long idle period refills only up to the burst.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert!(b.take(later).is_ok());
+        }
+        assert!(b.take(later).is_err());
+    }
+
+    #[test]
+    fn tokens_match_exactly() {
+        let t = Tokens::new(&[ResolvedToken {
+            name: "app".into(),
+            secret: "s3cret-token-0123456789".to_string().into(),
+            rate_per_sec: 0.0,
+            burst: 1,
+        }]);
+        assert_eq!(
+            t.authorize(Some("Bearer s3cret-token-0123456789"))
+                .unwrap()
+                .0,
+            "app"
+        );
+        for bad in [
+            None,
+            Some("Bearer s3cret-token-012345678"),
+            Some("Bearer s3cret-token-01234567890"),
+            Some("Basic s3cret-token-0123456789"),
+            Some("s3cret-token-0123456789"),
+            Some("Bearer "),
+        ] {
+            let e = t.authorize(bad).unwrap_err();
+            assert_eq!(e.status, StatusCode::UNAUTHORIZED, "{bad:?}");
+        }
+        assert!(Tokens::new(&[]).authorize(None).is_ok());
+    }
+}

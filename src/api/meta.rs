@@ -1,0 +1,206 @@
+//! Templates, stats, health and the OpenAPI document.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::ApiState;
+use super::body::{JsonBody, parse};
+use super::error::{ApiError, ErrorResponse};
+use crate::render::{self, KINDS, RenderError};
+use crate::store::Stats;
+
+/// A template variable.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TemplateVariable {
+    pub name: String,
+    /// string, integer, string[], AlertMessage[] ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub required: bool,
+}
+
+/// A built-in template kind.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TemplateKind {
+    pub name: String,
+    pub description: String,
+    pub variables: Vec<TemplateVariable>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TemplateList {
+    pub templates: Vec<TemplateKind>,
+}
+
+/// The template kinds and their variables.
+#[utoipa::path(get, path = "/v1/templates", tag = "templates",
+    responses((status = 200, body = TemplateList), (status = 401, body = ErrorResponse)),
+    security(("bearer" = [])))]
+pub async fn list_templates() -> Json<TemplateList> {
+    Json(TemplateList {
+        templates: KINDS
+            .iter()
+            .map(|k| TemplateKind {
+                name: k.name.into(),
+                description: k.description.into(),
+                variables: k
+                    .variables
+                    .iter()
+                    .map(|(n, t)| TemplateVariable {
+                        name: n.to_string(),
+                        kind: t.trim_end_matches('?').to_string(),
+                        required: !t.ends_with('?'),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    })
+}
+
+/// What to preview.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PreviewRequest {
+    #[schema(value_type = Object)]
+    pub variables: Value,
+}
+
+/// A rendered template.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Preview {
+    pub subject: String,
+    pub text: Option<String>,
+    pub html: Option<String>,
+}
+
+/// Render a template's subject, text and HTML without sending anything.
+#[utoipa::path(post, path = "/v1/templates/{kind}/preview", tag = "templates",
+    params(("kind" = String, Path, description = "A template kind from GET /v1/templates")),
+    request_body = PreviewRequest,
+    responses((status = 200, body = Preview),
+        (status = 400, description = "A variable is missing or of the wrong type; `field` names it", body = ErrorResponse),
+        (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse)),
+    security(("bearer" = [])))]
+pub async fn preview_template(
+    Path(kind): Path<String>,
+    JsonBody(body): JsonBody,
+) -> Result<Json<Preview>, ApiError> {
+    if !KINDS.iter().any(|k| k.name == kind) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_template",
+            format!(
+                "no template `{kind}` (known: {})",
+                KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+            ),
+        )
+        .field("kind"));
+    }
+    let req: PreviewRequest = parse(&body)?;
+    if let Err(f) = render::check_variables(&kind, &req.variables) {
+        return Err(ApiError::bad_request(
+            "invalid_variables",
+            f.field.clone(),
+            f.message,
+        ));
+    }
+    match render::render_template(&kind, &req.variables) {
+        Ok(r) => Ok(Json(Preview {
+            subject: r.subject,
+            text: r.text,
+            html: r.html,
+        })),
+        Err(RenderError::Variables { message, .. }) => Err(ApiError::bad_request(
+            "invalid_variables",
+            "variables",
+            message,
+        )),
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}
+
+/// Queue statistics plus this process's worker state.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StatsResponse {
+    #[serde(flatten)]
+    pub stats: Stats,
+    /// Workers are delivering in this process.
+    pub workers_running: bool,
+}
+
+/// Depth by state and priority, oldest queued age, recent outcomes, in flight.
+#[utoipa::path(get, path = "/v1/stats", tag = "operations",
+    responses((status = 200, body = StatsResponse), (status = 401, body = ErrorResponse)),
+    security(("bearer" = [])))]
+pub async fn stats(State(st): State<ApiState>) -> Result<Json<StatsResponse>, ApiError> {
+    Ok(Json(StatsResponse {
+        stats: st.postbox.stats().await?,
+        workers_running: st.postbox.workers_running(),
+    }))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Health {
+    pub status: String,
+}
+
+/// Alive: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// Readiness and what it found.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Readiness {
+    /// `ready` or `not ready`.
+    pub status: String,
+    /// `ok`, or the error.
+    pub database: String,
+    /// `running`, `stopped`, or `not run here` (an API-only process).
+    pub workers: String,
+}
+
+/// Ready: the database answers, and the workers run (when this process runs them).
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
+pub async fn readyz(State(st): State<ApiState>) -> Response {
+    let db = tokio::time::timeout(std::time::Duration::from_secs(2), st.postbox.ping()).await;
+    let database = match db {
+        Ok(Ok(())) => "ok".to_string(),
+        Ok(Err(e)) => format!("error: {e}"),
+        Err(_) => "error: no answer within 2 s".to_string(),
+    };
+    let workers = match (st.expect_workers, st.postbox.workers_running()) {
+        (false, _) => "not run here",
+        (true, true) => "running",
+        (true, false) => "stopped",
+    };
+    let ready = database == "ok" && workers != "stopped";
+    let body = Readiness {
+        status: if ready { "ready" } else { "not ready" }.into(),
+        database,
+        workers: workers.into(),
+    };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+/// This API's OpenAPI 3.1 document, generated from the code that serves it.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json")))]
+pub async fn openapi(State(st): State<ApiState>) -> Response {
+    let doc = st.openapi.get().cloned().unwrap_or_default();
+    ([(header::CONTENT_TYPE, "application/json")], doc).into_response()
+}

@@ -1,0 +1,214 @@
+//! The HTTP API (axum), served by `postbox serve` and `postbox api`.
+//!
+//! [`router`] builds the routes and their OpenAPI document from the same declarations
+//! (utoipa-axum), so the document lists exactly what is served. Layers, outermost first:
+//! request context (request id, span, panic -> 500, `x-request-id` on every response), body
+//! limit, then per route group: bearer auth + rate limit on `/v1`, open health routes.
+//! Handlers only call the [`Postbox`] facade.
+
+mod auth;
+mod body;
+mod emails;
+mod error;
+mod meta;
+
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use futures::FutureExt;
+use tracing::Instrument;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub use auth::{Bucket, Principal, Tokens};
+pub use emails::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
+pub use error::{ApiError, ErrorBody, ErrorResponse};
+
+use crate::config::ConfigError;
+use crate::postbox::Postbox;
+use crate::queue::Shutdown;
+use error::REQUEST_ID;
+
+/// The response header carrying the request id (also accepted from the client).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct ApiState {
+    postbox: Postbox,
+    tokens: Arc<Tokens>,
+    /// Whether this process runs workers (readiness requires them then).
+    expect_workers: bool,
+    openapi: Arc<OnceLock<String>>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "postbox",
+        description = "Reliable email dispatch: submit emails, follow them to the mailbox, \
+                       re-drive dead letters. Every error is `{\"error\": {\"code\", \"message\", \
+                       \"field\"?}, \"request_id\"}`.",
+        license(name = "MIT OR Apache-2.0")
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "emails", description = "Submit and follow emails"),
+        (name = "templates", description = "Built-in templates"),
+        (name = "operations", description = "Stats, health and this document")
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let c = doc.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Builds the app: the router and the OpenAPI document it serves.
+pub fn router(
+    postbox: Postbox,
+    expect_workers: bool,
+) -> Result<(Router, utoipa::openapi::OpenApi), ConfigError> {
+    let settings = postbox.settings().api.clone();
+    let tokens = Arc::new(Tokens::new(&settings.resolved_tokens()?));
+    let state = ApiState {
+        postbox,
+        tokens,
+        expect_workers,
+        openapi: Arc::new(OnceLock::new()),
+    };
+    let v1 = OpenApiRouter::new()
+        .routes(routes!(emails::submit_email, emails::list_emails))
+        .routes(routes!(emails::submit_batch))
+        .routes(routes!(emails::get_email))
+        .routes(routes!(emails::cancel_email))
+        .routes(routes!(emails::retry_email))
+        .routes(routes!(meta::list_templates))
+        .routes(routes!(meta::preview_template))
+        .routes(routes!(meta::stats))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    let mut health = OpenApiRouter::new()
+        .routes(routes!(meta::healthz))
+        .routes(routes!(meta::readyz))
+        .routes(routes!(meta::openapi));
+    if !settings.open_health {
+        health = health.route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    }
+    let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(v1)
+        .merge(health)
+        .split_for_parts();
+    let _ = state.openapi.set(
+        doc.to_pretty_json()
+            .map_err(|e| ConfigError::new_pub("(openapi)", e.to_string()))?,
+    );
+    let router = router
+        .fallback(|req: Request| async move {
+            ApiError::not_found(format!("no route {} {}", req.method(), req.uri().path()))
+        })
+        .method_not_allowed_fallback(|req: Request| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{} is not allowed on {}", req.method(), req.uri().path()),
+            )
+        })
+        .layer(DefaultBodyLimit::max(settings.max_body_bytes))
+        .layer(middleware::from_fn(request_context))
+        .with_state(state);
+    Ok((router, doc))
+}
+
+/// A client's `x-request-id` is kept when it is short and plain; otherwise a new one is made.
+fn incoming_request_id(req: &Request) -> Option<String> {
+    let v = req.headers().get(REQUEST_ID_HEADER)?.to_str().ok()?;
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    ok.then(|| v.to_string())
+}
+
+/// Request id, span, panic guard and the `x-request-id` header, for every request.
+async fn request_context(req: Request, next: Next) -> Response {
+    let id = incoming_request_id(&req).unwrap_or_else(|| ulid::Ulid::generate().to_string());
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(),
+        path = %req.uri().path(), token = tracing::field::Empty);
+    let started = Instant::now();
+    let run = REQUEST_ID.scope(id.clone(), AssertUnwindSafe(next.run(req)).catch_unwind());
+    let mut res = match run.instrument(span.clone()).await {
+        Ok(res) => res,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a handler panicked".into());
+            let _g = span.enter();
+            REQUEST_ID.sync_scope(id.clone(), || {
+                ApiError::internal(format!("panic: {what}")).into_response()
+            })
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    tracing::debug!(parent: &span, status = res.status().as_u16(),
+        micros = started.elapsed().as_micros() as u64, "request done");
+    res
+}
+
+/// Serves the API on `listener` until `shutdown`; in-flight requests finish first.
+pub async fn serve(
+    postbox: Postbox,
+    listener: tokio::net::TcpListener,
+    expect_workers: bool,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let (router, _) = router(postbox, expect_workers)?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "HTTP API listening");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Binds `api.listen`, refusing a non-loopback address when no token is configured.
+pub async fn bind(postbox: &Postbox) -> anyhow::Result<tokio::net::TcpListener> {
+    let api = &postbox.settings().api;
+    let addr: SocketAddr = api.listen_addr()?;
+    if api.resolved_tokens()?.is_empty() && !addr.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to serve the API on {addr} without a token: configure api.token \
+             (POSTBOX_API__TOKEN) or [[api.tokens]], or listen on 127.0.0.1"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (api.listen): {e}"))?;
+    Ok(listener)
+}

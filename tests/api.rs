@@ -1,0 +1,716 @@
+//! The HTTP API over real TCP on 127.0.0.1, against the running app (and a real SMTP server).
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::http::{Api, TOKEN};
+use common::{SmtpServer, half_written, settings};
+use postbox::EmailStatus;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn email(to: &str) -> Value {
+    json!({"to": [to], "subject": "Hello", "text": "Body"})
+}
+
+async fn wait_status(api: &Api, id: &str, want: &str) -> Value {
+    let t0 = std::time::Instant::now();
+    loop {
+        let r = api.get(&format!("/v1/emails/{id}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        if r.json["status"] == want {
+            return r.json;
+        }
+        assert!(t0.elapsed() < LIMIT, "{id} never became {want}: {}", r.text);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_follow_and_deliver_with_request_id_in_the_timeline() {
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(settings(dir.path(), smtp.port()), true).await;
+
+    let r = api
+        .post_with(
+            "/v1/emails",
+            &json!({"to": ["Ada <ada@example.com>"], "template": "welcome",
+                    "variables": {"name": "Ada", "product": "Postbox"}, "tags": ["signup"]}),
+            &[("x-request-id", "req-abc-123")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    assert_eq!(r.header("x-request-id"), Some("req-abc-123"));
+    let id = r.json["id"].as_str().unwrap().to_string();
+    assert_eq!(r.json["status_url"], format!("/v1/emails/{id}"));
+    assert_eq!(
+        r.header("location"),
+        Some(format!("/v1/emails/{id}").as_str())
+    );
+    assert_eq!(r.json["created"], true);
+
+    let report = wait_status(&api, &id, "sent").await;
+    assert_eq!(report["request_id"], "req-abc-123");
+    let timeline = report["timeline"].as_array().unwrap();
+    assert_eq!(timeline[0]["kind"], "submitted");
+    assert!(
+        timeline[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("req-abc-123")
+    );
+    let attempt = timeline.iter().find(|e| e["kind"] == "attempt").unwrap();
+    assert_eq!(attempt["smtp_code"], 250);
+    assert!(attempt["at"].is_string() && attempt["smtp_text"].is_string());
+    assert_eq!(report["attempts"], 1);
+    assert_eq!(smtp.count(), 1);
+    assert!(String::from_utf8_lossy(&smtp.received()[0].data).contains("Welcome"));
+
+    // A fresh request id is made when the client sends none, and every response carries it.
+    let r = api.get("/healthz").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("x-request-id").map(str::len), Some(26));
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_client_mistake_is_a_4xx_json_error_naming_the_problem_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 9);
+    s.api.max_body_bytes = 64 * 1024;
+    let api = Api::start(s, false).await;
+
+    let cases: Vec<(&str, Vec<u8>, StatusCode, &str, Option<&str>)> = vec![
+        ("/v1/emails", b"{\"to\": [".to_vec(), StatusCode::BAD_REQUEST, "malformed_json", Some("body")),
+        ("/v1/emails", b"not json".to_vec(), StatusCode::BAD_REQUEST, "malformed_json", Some("body")),
+        ("/v1/emails", br#"{"to": "a@example.com", "subject": "s", "text": "t"}"#.to_vec(),
+            StatusCode::BAD_REQUEST, "invalid_field", Some("to")),
+        ("/v1/emails", br#"{"to": ["a@example.com"], "subject": 5, "text": "t"}"#.to_vec(),
+            StatusCode::BAD_REQUEST, "invalid_field", Some("subject")),
+        ("/v1/emails", br#"{"to": ["a@example.com"], "subjekt": "s"}"#.to_vec(),
+            StatusCode::BAD_REQUEST, "unknown_field", Some("subjekt")),
+        ("/v1/emails", br#"{"to": ["a@example.com"], "template": "nope", "variables": {}}"#.to_vec(),
+            StatusCode::BAD_REQUEST, "invalid_email", Some("template")),
+        ("/v1/emails", br#"{"to": ["a@example.com"], "template": "welcome", "variables": {"name": "A"}}"#.to_vec(),
+            StatusCode::BAD_REQUEST, "invalid_email", Some("variables")),
+        ("/v1/emails", br#"{"to": ["not an address"], "subject": "s", "text": "t"}"#.to_vec(),
+            StatusCode::BAD_REQUEST, "invalid_email", Some("to[0]")),
+        ("/v1/emails", br#"{"to": ["a@example.com"], "subject": "s", "text": "t", "headers": {"X-Evil": "a\r\nBcc: x@example.com"}}"#.to_vec(),
+            StatusCode::BAD_REQUEST, "invalid_email", Some("headers.X-Evil")),
+        ("/v1/emails", br#"{"to": ["a@example.com"], "subject": "s\r\nBcc: x@example.com", "text": "t"}"#.to_vec(),
+            StatusCode::BAD_REQUEST, "invalid_email", Some("subject")),
+        ("/v1/emails", vec![b'x'; 70 * 1024], StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", None),
+    ];
+    for (path, body, status, code, field) in cases {
+        let r = api.raw(Method::POST, path, Some(body.clone()), &[]).await;
+        assert_eq!(
+            r.status,
+            status,
+            "{}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(80)]),
+            r.text
+        );
+        let (c, f) = r.error();
+        assert_eq!(c, code, "{}", r.text);
+        if let Some(field) = field {
+            let f = f.unwrap_or_default();
+            assert!(
+                f.starts_with(field),
+                "field {f} should name {field}: {}",
+                r.text
+            );
+        }
+    }
+
+    // Content-Type that is not JSON.
+    let r = api
+        .client
+        .post(format!("{}/v1/emails", api.base))
+        .header("content-type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    // Routes, methods, ids.
+    let r = api.get("/v1/nothing-here").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.error().0, "not_found");
+    let r = api.raw(Method::DELETE, "/v1/emails", None, &[]).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.error().0, "method_not_allowed");
+    let r = api.get("/v1/emails/not-an-id").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.error(), ("invalid_id".into(), Some("id".into())));
+    let r = api.get("/v1/emails/01KAQ3N2W4XGZ8Y5B7C9D1E3F5").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = api
+        .post("/v1/emails/01KAQ3N2W4XGZ8Y5B7C9D1E3F5/cancel", &json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = api
+        .post_with(
+            "/v1/emails",
+            &email("a@example.com"),
+            &[("idempotency-key", "")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.error().1.as_deref(), Some("Idempotency-Key"));
+
+    assert_eq!(
+        api.app.postbox.counts().await.unwrap().by_status.len(),
+        0,
+        "nothing stored"
+    );
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_is_all_or_nothing_and_lists_every_bad_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 9);
+    s.api.max_batch = 5;
+    let api = Api::start(s, false).await;
+
+    let r = api
+        .post(
+            "/v1/emails/batch",
+            &json!({"emails": [
+                email("a@example.com"),
+                {"to": ["bad address"], "subject": "s", "text": "t"},
+                email("c@example.com"),
+                {"to": ["d@example.com"], "subject": "s\nx", "text": "t"},
+            ]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    let (code, field) = r.error();
+    assert_eq!(code, "invalid_batch");
+    assert_eq!(field.as_deref(), Some("emails[1].to[0]"));
+    let details = r.json["error"]["details"].as_array().unwrap();
+    let idx: Vec<u64> = details
+        .iter()
+        .map(|d| d["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(idx, vec![1, 3]);
+    assert_eq!(details[1]["field"], "emails[3].subject");
+    assert_eq!(api.app.postbox.counts().await.unwrap().by_status.len(), 0);
+
+    // A type error inside an item names its index too.
+    let r = api
+        .post(
+            "/v1/emails/batch",
+            &json!({"emails": [email("a@example.com"), {"to": 7}]}),
+        )
+        .await;
+    assert_eq!(r.error().1.as_deref(), Some("emails[1].to"));
+
+    let six: Vec<Value> = (0..6)
+        .map(|i| email(&format!("u{i}@example.com")))
+        .collect();
+    let r = api
+        .post("/v1/emails/batch", &json!({ "emails": six }))
+        .await;
+    assert_eq!(r.error(), ("invalid_batch".into(), Some("emails".into())));
+    let r = api.post("/v1/emails/batch", &json!({"emails": []})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    let five: Vec<Value> = (0..5)
+        .map(|i| email(&format!("u{i}@example.com")))
+        .collect();
+    let r = api
+        .post("/v1/emails/batch", &json!({ "emails": five }))
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    assert_eq!(r.json["count"], 5);
+    let ids: HashSet<&str> = r.json["emails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 5);
+    assert_eq!(api.app.count(EmailStatus::Queued).await, 5);
+    assert_eq!(half_written(dir.path()).await, (0, 0));
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_filters_and_pages_in_a_stable_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(settings(dir.path(), 9), false).await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let mut e = email(&format!("User{i} <user{i}@example.com>"));
+        e["tags"] = json!([if i % 2 == 0 { "even" } else { "odd" }, "all"]);
+        e["cc"] = json!(["Boss@Example.com"]);
+        let r = api.post("/v1/emails", &e).await;
+        ids.push(r.json["id"].as_str().unwrap().to_string());
+    }
+    let cancelled = &ids[3];
+    assert_eq!(
+        api.post(&format!("/v1/emails/{cancelled}/cancel"), &json!({}))
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    // Pages of 3, newest first, no gaps, no repeats.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/emails?limit=3&cursor={c}"),
+            None => "/v1/emails?limit=3".to_string(),
+        };
+        let r = api.get(&path).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        for e in r.json["emails"].as_array().unwrap() {
+            seen.push(e["id"].as_str().unwrap().to_string());
+        }
+        match r.json["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    let mut newest_first = ids.clone();
+    newest_first.sort();
+    newest_first.reverse();
+    assert_eq!(seen, newest_first);
+
+    let count = |r: &common::http::Reply| r.json["emails"].as_array().unwrap().len();
+    assert_eq!(count(&api.get("/v1/emails?tag=even").await), 4);
+    assert_eq!(count(&api.get("/v1/emails?tag=all&status=queued").await), 6);
+    let r = api.get("/v1/emails?status=cancelled").await;
+    assert_eq!(count(&r), 1);
+    assert_eq!(r.json["emails"][0]["id"], cancelled.as_str());
+    assert_eq!(
+        count(&api.get("/v1/emails?recipient=USER2@example.com").await),
+        1
+    );
+    assert_eq!(
+        count(&api.get("/v1/emails?recipient=boss@example.com").await),
+        7
+    );
+    assert_eq!(
+        count(&api.get("/v1/emails?recipient=user@example.com").await),
+        0
+    );
+    assert_eq!(
+        count(
+            &api.get("/v1/emails?created_after=2099-01-01T00:00:00Z")
+                .await
+        ),
+        0
+    );
+    assert_eq!(
+        count(
+            &api.get("/v1/emails?created_before=2099-01-01T00:00:00Z")
+                .await
+        ),
+        7
+    );
+
+    for (q, field) in [
+        ("status=lost", "status"),
+        ("limit=0", "limit"),
+        ("limit=many", "limit"),
+        ("created_after=yesterday", "created_after"),
+        ("cursor=xyz", "cursor"),
+        ("colour=red", "colour"),
+    ] {
+        let r = api.get(&format!("/v1/emails?{q}")).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{q}");
+        assert_eq!(r.error().1.as_deref(), Some(field), "{q}: {}", r.text);
+    }
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_retry_follow_the_state_machine() {
+    let smtp = SmtpServer::start().await;
+    smtp.always_reply_to_data(Some("554 5.7.1 rejected"));
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(settings(dir.path(), smtp.port()), true).await;
+
+    let r = api
+        .post(
+            "/v1/emails",
+            &json!({"to": ["x@example.com"], "subject": "s", "text": "t",
+            "send_at": "2099-01-01T00:00:00Z"}),
+        )
+        .await;
+    let later = r.json["id"].as_str().unwrap().to_string();
+    let r = api
+        .post(&format!("/v1/emails/{later}/retry"), &json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(r.error().0, "conflict");
+    assert!(
+        r.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("queued")
+    );
+    let r = api
+        .post(&format!("/v1/emails/{later}/cancel"), &json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json["status"], "cancelled");
+    let r = api
+        .post(&format!("/v1/emails/{later}/cancel"), &json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+
+    // A dead letter, re-driven once the server accepts mail again.
+    let r = api.post("/v1/emails", &email("dead@example.com")).await;
+    let dead = r.json["id"].as_str().unwrap().to_string();
+    let report = wait_status(&api, &dead, "failed").await;
+    assert_eq!(report["timeline"][1]["smtp_code"], 554);
+    smtp.always_reply_to_data(None);
+    let r = api
+        .post(&format!("/v1/emails/{dead}/retry"), &json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json["status"], "queued");
+    wait_status(&api, &dead, "sent").await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_are_listed_and_previewed_without_sending() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(settings(dir.path(), 9), false).await;
+    let r = api.get("/v1/templates").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let kinds: Vec<&str> = r.json["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"welcome") && kinds.contains(&"alert"),
+        "{kinds:?}"
+    );
+    let welcome = &r.json["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "welcome")
+        .unwrap();
+    assert!(
+        welcome["variables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "name" && v["required"] == true)
+    );
+
+    let r = api
+        .post(
+            "/v1/templates/welcome/preview",
+            &json!({"variables": {"name": "<Ada>", "product": "Postbox"}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert!(r.json["subject"].as_str().unwrap().contains("Postbox"));
+    assert!(r.json["text"].as_str().unwrap().contains("<Ada>"));
+    assert!(
+        r.json["html"].as_str().unwrap().contains("&#60;Ada&#62;")
+            || r.json["html"].as_str().unwrap().contains("&lt;Ada&gt;")
+    );
+
+    let r = api
+        .post("/v1/templates/nope/preview", &json!({"variables": {}}))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.error().0, "unknown_template");
+    let r = api
+        .post("/v1/templates/password_reset/preview",
+            &json!({"variables": {"name": "A", "reset_url": "https://x", "expires_in_minutes": "soon"}}))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.error().1.as_deref(), Some("variables.expires_in_minutes"));
+    assert_eq!(api.app.postbox.counts().await.unwrap().by_status.len(), 0);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_and_health_report_the_queue_and_the_workers() {
+    let smtp = SmtpServer::start().await;
+    smtp.reply_to_rcpt("bounce", "550 5.1.1 no such user");
+    let dir = tempfile::tempdir().unwrap();
+    let mut api = Api::start(settings(dir.path(), smtp.port()), true).await;
+
+    let r = api.get("/readyz").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json["workers"], "running");
+    assert_eq!(r.json["database"], "ok");
+
+    let ok = api.post("/v1/emails", &email("ok@example.com")).await.json["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bad = api
+        .post("/v1/emails", &email("bounce@example.com"))
+        .await
+        .json["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_status(&api, &ok, "sent").await;
+    wait_status(&api, &bad, "failed").await;
+    api.app.stop_workers().await;
+    for p in ["high", "low"] {
+        let mut e = email("later@example.com");
+        e["priority"] = json!(p);
+        api.post("/v1/emails", &e).await;
+    }
+
+    let r = api.get("/v1/stats").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let s = &r.json;
+    assert_eq!(s["last_minute"]["sent"], 1);
+    assert_eq!(s["last_minute"]["failed"], 1);
+    assert_eq!(s["last_hour"]["sent"], 1);
+    assert_eq!(s["depth"]["queued"]["high"], 1);
+    assert_eq!(s["depth"]["queued"]["low"], 1);
+    assert_eq!(s["totals"]["sent"], 1);
+    assert_eq!(s["in_flight"], 0);
+    assert!(s["oldest_queued_age_secs"].as_f64().unwrap() >= 0.0);
+    assert_eq!(s["workers_running"], false);
+
+    let r = api.get("/readyz").await;
+    assert_eq!(
+        r.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "workers stopped: not ready"
+    );
+    assert_eq!(r.json["workers"], "stopped");
+    assert_eq!(api.get("/healthz").await.status, StatusCode::OK);
+    api.app.start_workers();
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_matrix_and_rate_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 9);
+    s.api.token = Some(TOKEN.to_string().into());
+    s.api.tokens = vec![postbox::config::ApiToken {
+        name: "slow".into(),
+        token: Some("slow-token-0123456789abcdef".to_string().into()),
+        token_env: None,
+        rate_per_sec: Some(0.5),
+        burst: Some(2),
+    }];
+    let api = Api::start(s, false).await;
+
+    // No token, a wrong one, a malformed header.
+    for auth in [
+        None,
+        Some("Bearer wrong-token-0123456789abcdef"),
+        Some(TOKEN),
+    ] {
+        let mut rb = api
+            .client
+            .post(format!("{}/v1/emails", api.base))
+            .json(&email("a@example.com"));
+        if let Some(a) = auth {
+            rb = rb.header("authorization", a);
+        }
+        let r = rb.send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{auth:?}");
+        assert!(r.headers().get("www-authenticate").is_some());
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "unauthorized");
+    }
+    for path in ["/v1/emails", "/v1/stats", "/v1/templates"] {
+        assert_eq!(
+            api.get(path).await.status,
+            StatusCode::UNAUTHORIZED,
+            "{path}"
+        );
+    }
+    // Health routes stay open.
+    assert_eq!(api.get("/healthz").await.status, StatusCode::OK);
+    assert_eq!(api.get("/openapi.json").await.status, StatusCode::OK);
+    assert_eq!(api.app.postbox.counts().await.unwrap().by_status.len(), 0);
+
+    let api = api.with_token(TOKEN);
+    let r = api.post("/v1/emails", &email("a@example.com")).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+
+    // The slow token: a burst of 2, then 429 with Retry-After.
+    let api = api.with_token("slow-token-0123456789abcdef");
+    assert_eq!(api.get("/v1/templates").await.status, StatusCode::OK);
+    assert_eq!(api.get("/v1/templates").await.status, StatusCode::OK);
+    let r = api.get("/v1/templates").await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.error().0, "rate_limited");
+    let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=2).contains(&wait), "{wait}");
+    // The default token is not slowed by the other's limit.
+    let api = api.with_token(TOKEN);
+    for _ in 0..5 {
+        assert_eq!(api.get("/v1/templates").await.status, StatusCode::OK);
+    }
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_submits_whole_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 9);
+    s.queue.max_depth = 3;
+    let api = Api::start(s, false).await;
+    for i in 0..2 {
+        let r = api
+            .post("/v1/emails", &email(&format!("u{i}@example.com")))
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED);
+    }
+    // 2 queued + a batch of 2 > 3: the whole batch is refused.
+    let r = api
+        .post(
+            "/v1/emails/batch",
+            &json!({"emails": [email("b1@example.com"), email("b2@example.com")]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
+    assert_eq!(r.error().0, "queue_full");
+    assert!(r.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
+    assert_eq!(api.app.count(EmailStatus::Queued).await, 2);
+    let r = api.post("/v1/emails", &email("third@example.com")).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let r = api.post("/v1/emails", &email("fourth@example.com")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(api.app.count(EmailStatus::Queued).await, 3);
+    // Room again once one leaves the queue.
+    let first = api.get("/v1/emails?limit=1").await.json["emails"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    api.post(&format!("/v1/emails/{first}/cancel"), &json!({}))
+        .await;
+    assert_eq!(
+        api.post("/v1/emails", &email("fifth@example.com"))
+            .await
+            .status,
+        StatusCode::ACCEPTED
+    );
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_replays_refuses_other_payloads_and_survives_a_race() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(settings(dir.path(), 9), false).await;
+    let body = email("once@example.com");
+    let first = api
+        .post_with("/v1/emails", &body, &[("idempotency-key", "order-1")])
+        .await;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    assert!(first.header("idempotent-replayed").is_none());
+    // Same payload (keys in another order): the first response, nothing new.
+    let reordered = br#"{"text": "Body", "subject": "Hello", "to": ["once@example.com"]}"#.to_vec();
+    let again = api
+        .raw(
+            Method::POST,
+            "/v1/emails",
+            Some(reordered),
+            &[("idempotency-key", "order-1")],
+        )
+        .await;
+    assert_eq!(again.status, first.status);
+    assert_eq!(again.text, first.text, "same body");
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(api.app.count(EmailStatus::Queued).await, 1);
+    // Another payload with the same key: 409.
+    let other = api
+        .post_with(
+            "/v1/emails",
+            &email("other@example.com"),
+            &[("idempotency-key", "order-1")],
+        )
+        .await;
+    assert_eq!(other.status, StatusCode::CONFLICT);
+    assert_eq!(
+        other.error(),
+        (
+            "idempotency_key_reused".into(),
+            Some("Idempotency-Key".into())
+        )
+    );
+    // The same key on the batch route is another request, so 409 too.
+    let r = api
+        .post_with(
+            "/v1/emails/batch",
+            &json!({"emails": [body.clone()]}),
+            &[("idempotency-key", "order-1")],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(api.app.count(EmailStatus::Queued).await, 1);
+
+    // 20 parallel requests with one new key: one email, twenty identical answers.
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let client = api.client.clone();
+        let url = format!("{}/v1/emails", api.base);
+        tasks.push(tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .header("idempotency-key", "race-7")
+                .json(&email("race@example.com"))
+                .send()
+                .await
+                .unwrap();
+            (r.status(), r.text().await.unwrap())
+        }));
+    }
+    let mut bodies = HashSet::new();
+    for t in tasks {
+        let (status, text) = t.await.unwrap();
+        assert_eq!(status, StatusCode::ACCEPTED, "{text}");
+        bodies.insert(text);
+    }
+    assert_eq!(
+        bodies.len(),
+        1,
+        "every racer got the same answer: {bodies:?}"
+    );
+    assert_eq!(
+        api.app.count(EmailStatus::Queued).await,
+        2,
+        "the race created one email"
+    );
+
+    // Batches replay too.
+    let batch = json!({"emails": [email("b1@example.com"), email("b2@example.com")]});
+    let a = api
+        .post_with(
+            "/v1/emails/batch",
+            &batch,
+            &[("idempotency-key", "batch-1")],
+        )
+        .await;
+    let b = api
+        .post_with(
+            "/v1/emails/batch",
+            &batch,
+            &[("idempotency-key", "batch-1")],
+        )
+        .await;
+    assert_eq!((a.status, &a.text), (b.status, &b.text));
+    assert_eq!(api.app.count(EmailStatus::Queued).await, 4);
+    api.stop().await;
+}
