@@ -85,7 +85,14 @@ async fn every_client_mistake_is_a_4xx_json_error_naming_the_problem_and_stores_
     s.api.max_body_bytes = 64 * 1024;
     let api = Api::start(s, false).await;
 
-    let cases: Vec<(&str, Vec<u8>, StatusCode, &str, Option<&str>)> = vec![
+    type Case = (
+        &'static str,
+        Vec<u8>,
+        StatusCode,
+        &'static str,
+        Option<&'static str>,
+    );
+    let cases: Vec<Case> = vec![
         ("/v1/emails", b"{\"to\": [".to_vec(), StatusCode::BAD_REQUEST, "malformed_json", Some("body")),
         ("/v1/emails", b"not json".to_vec(), StatusCode::BAD_REQUEST, "malformed_json", Some("body")),
         ("/v1/emails", br#"{"to": "a@example.com", "subject": "s", "text": "t"}"#.to_vec(),

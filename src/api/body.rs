@@ -49,7 +49,26 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
 }
 
 /// Parses JSON straight into `T`; errors name the field (`to[0]`, `emails[2].subject`).
+/// The body must be a JSON object.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => {}
+        None => {
+            return Err(ApiError::bad_request(
+                "malformed_json",
+                "body",
+                "the body is empty; expected a JSON object",
+            ));
+        }
+        Some(b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => {
+            return Err(ApiError::bad_request(
+                "invalid_field",
+                "body",
+                "the body must be a JSON object",
+            ));
+        }
+        Some(_) => {}
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let v = serde_path_to_error::deserialize(&mut de).map_err(data_error)?;
     de.end().map_err(|e| {
@@ -79,12 +98,16 @@ fn data_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     let msg = inner.to_string();
     let path = e.path().to_string();
     let base = if path == "." { String::new() } else { path };
-    // serde reports an unknown field at its parent; name the field itself.
     if let Some(rest) = msg.strip_prefix("unknown field `")
         && let Some(name) = rest.split('`').next()
     {
+        // serde_path_to_error already ends the path with the unknown key; older paths stop
+        // at the parent.
+        let last = base.rsplit('.').next().unwrap_or("");
         let field = if base.is_empty() {
             name.to_string()
+        } else if last == name {
+            base
         } else {
             format!("{base}.{name}")
         };
