@@ -254,12 +254,24 @@ impl Postbox {
 
     /// Cancels a queued or retrying email.
     pub async fn cancel(&self, id: &EmailId) -> Result<(), TransitionError> {
-        self.inner.store.cancel(id).await
+        self.inner.store.cancel(id, None).await
+    }
+
+    /// [`Postbox::cancel`], noting the request that asked for it in the timeline.
+    pub async fn cancel_from(&self, id: &EmailId, request_id: &str) -> Result<(), TransitionError> {
+        self.inner.store.cancel(id, Some(request_id)).await
     }
 
     /// Re-drives a failed email (dead letter) with a fresh retry budget and the same Message-ID.
     pub async fn retry(&self, id: &EmailId) -> Result<(), TransitionError> {
-        self.inner.store.retry(id).await?;
+        self.inner.store.retry(id, None).await?;
+        self.inner.wake.notify();
+        Ok(())
+    }
+
+    /// [`Postbox::retry`], noting the request that asked for it in the timeline.
+    pub async fn retry_from(&self, id: &EmailId, request_id: &str) -> Result<(), TransitionError> {
+        self.inner.store.retry(id, Some(request_id)).await?;
         self.inner.wake.notify();
         Ok(())
     }

@@ -285,3 +285,67 @@ fn config_errors_name_the_key_and_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("to[0]"));
 }
+
+/// The port `postbox serve` logged it listens on.
+async fn api_port(serve: &common::Serve) -> u16 {
+    let mut port = None;
+    wait_for("the API's listening line", LIMIT, || {
+        let logs = serve.logs.lock().unwrap();
+        port = logs.find("HTTP API listening").and_then(|i| {
+            let rest = &logs[i..];
+            let at = rest.find("127.0.0.1:")? + "127.0.0.1:".len();
+            let digits: String = rest[at..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        });
+        port.is_some()
+    })
+    .await;
+    port.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_a_public_address_without_a_token_and_serves_http_with_one() {
+    const TOKEN: &str = "process-token-0123456789";
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Never binds: the check comes first, so nothing but loopback is ever touched.
+    let out = std::process::Command::new(bin())
+        .arg("serve")
+        .current_dir(dir.path())
+        .env_clear()
+        .envs(common::child_env(dir.path(), smtp.port()))
+        .env("POSTBOX_API__LISTEN", "0.0.0.0:18080")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("api.token"), "{stderr}");
+
+    let mut serve = spawn_serve(
+        dir.path(),
+        smtp.port(),
+        &[("POSTBOX_API__TOKEN", TOKEN), ("RUST_LOG", "debug")],
+    );
+    let port = api_port(&serve).await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://127.0.0.1:{port}/v1/emails");
+    let email = serde_json::json!({"to": ["a@example.com"], "subject": "s", "text": "t"});
+    let r = client.post(&url).json(&email).send().await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let r = client
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .json(&email)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::ACCEPTED);
+    wait_for("delivery through the child", LIMIT, || smtp.count() == 1).await;
+    sigterm(&serve.child);
+    exit_ok(&mut serve.child).await;
+    let logs = serve.logs().await;
+    assert!(!logs.contains(TOKEN), "the token never reaches the logs");
+}

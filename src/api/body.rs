@@ -60,14 +60,18 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                 "the body is empty; expected a JSON object",
             ));
         }
-        Some(b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => {
-            return Err(ApiError::bad_request(
-                "invalid_field",
-                "body",
-                "the body must be a JSON object",
-            ));
+        Some(_) => {
+            return Err(match serde_json::from_slice::<Value>(bytes) {
+                Ok(_) => {
+                    ApiError::bad_request("invalid_field", "body", "the body must be a JSON object")
+                }
+                Err(e) => ApiError::bad_request(
+                    "malformed_json",
+                    "body",
+                    format!("the body is not valid JSON: {e}"),
+                ),
+            });
         }
-        Some(_) => {}
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let v = serde_path_to_error::deserialize(&mut de).map_err(data_error)?;

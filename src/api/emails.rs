@@ -338,7 +338,7 @@ pub async fn cancel_email(
     Path(id): Path<String>,
 ) -> Result<Json<Transitioned>, ApiError> {
     let id = email_id(&id)?;
-    st.postbox.cancel(&id).await?;
+    st.postbox.cancel_from(&id, &current_request_id()).await?;
     Ok(Json(Transitioned {
         id,
         status: EmailStatus::Cancelled,
@@ -357,7 +357,7 @@ pub async fn retry_email(
     Path(id): Path<String>,
 ) -> Result<Json<Transitioned>, ApiError> {
     let id = email_id(&id)?;
-    st.postbox.retry(&id).await?;
+    st.postbox.retry_from(&id, &current_request_id()).await?;
     Ok(Json(Transitioned {
         id,
         status: EmailStatus::Queued,

@@ -393,8 +393,8 @@ impl Store {
         Ok(true)
     }
 
-    /// Cancels a queued or retrying email.
-    pub async fn cancel(&self, id: &EmailId) -> Result<(), TransitionError> {
+    /// Cancels a queued or retrying email; `origin` (a request id) goes into the timeline.
+    pub async fn cancel(&self, id: &EmailId, origin: Option<&str>) -> Result<(), TransitionError> {
         let now = now();
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         let res = sqlx::query(
@@ -420,7 +420,7 @@ impl Store {
             "cancelled",
             None,
             None,
-            "cancelled",
+            &with_origin("cancelled", origin),
         )
         .await?;
         tx.commit().await.map_err(StoreError::from)?;
@@ -428,7 +428,7 @@ impl Store {
     }
 
     /// Re-drives a failed email: a fresh retry budget, a new job, the same Message-ID.
-    pub async fn retry(&self, id: &EmailId) -> Result<(), TransitionError> {
+    pub async fn retry(&self, id: &EmailId, origin: Option<&str>) -> Result<(), TransitionError> {
         let now = now();
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         let row = sqlx::query(
@@ -457,7 +457,7 @@ impl Store {
             "queued",
             None,
             None,
-            "manual retry",
+            &with_origin("manual retry", origin),
         )
         .await?;
         push_job(
@@ -813,6 +813,13 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(r)
+    }
+}
+
+fn with_origin(what: &str, origin: Option<&str>) -> String {
+    match origin {
+        Some(r) => format!("{what} (request {r})"),
+        None => what.to_string(),
     }
 }
 

@@ -12,6 +12,7 @@ use postbox::{EmailId, EmailReport, EmailStatus, Postbox, Settings};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+#[allow(unused_imports)]
 pub use smtp::SmtpServer;
 
 /// Settings for a test: a fresh SQLite file, SMTP to the test server in plaintext on loopback,
