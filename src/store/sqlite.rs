@@ -3,7 +3,6 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use apalis::prelude::TaskBuilder;
 use apalis_sqlite::SqliteStorage;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
@@ -85,23 +84,44 @@ impl Store {
     }
 
     /// Commits a group of submissions in ONE transaction (group commit): for each, in order,
-    /// its idempotency key is checked, then the depth cap, then its emails and their jobs are
-    /// inserted. One outcome per request. The transaction takes SQLite's write lock first
-    /// (`BEGIN IMMEDIATE`), so checks and inserts see every other writer's committed rows.
+    /// its idempotency key is checked, then the depth cap; then the emails of every submission
+    /// let through are inserted together (multi-row statements) with their jobs. One outcome per
+    /// request. The transaction takes SQLite's write lock first (`BEGIN IMMEDIATE`), so checks
+    /// and inserts see every other writer's committed rows.
     pub async fn insert_group(
         &self,
         reqs: &[InsertRequest],
         max_depth: u64,
         idempotency_ttl: Duration,
     ) -> Result<Vec<InsertOutcome>, StoreError> {
+        enum Plan {
+            Done(InsertOutcome),
+            /// Rows `[from, from + n)` of the combined insert.
+            Insert {
+                from: usize,
+                n: usize,
+            },
+            /// Same key and payload as an earlier request of this group: its result.
+            SameAs(usize),
+        }
         let now = now();
         let now_ms = ms(now);
         let cutoff = now_ms - idempotency_ttl.as_millis() as i64;
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut depth: Option<u64> = None;
-        let mut out = Vec::with_capacity(reqs.len());
-        for req in reqs {
+        let mut plans = Vec::with_capacity(reqs.len());
+        let mut rows: Vec<(&NewRow, Option<&str>)> = Vec::new();
+        let mut keys: std::collections::HashMap<(&str, &str), (usize, &str)> = Default::default();
+        for (i, req) in reqs.iter().enumerate() {
             if let Some(c) = &req.idempotency {
+                if let Some((first, fp)) = keys.get(&(c.scope.as_str(), c.key.as_str())) {
+                    plans.push(if *fp == c.fingerprint {
+                        Plan::SameAs(*first)
+                    } else {
+                        Plan::Done(InsertOutcome::KeyReused)
+                    });
+                    continue;
+                }
                 sqlx::query(
                     "DELETE FROM postbox_idempotency WHERE scope = ?1 AND key = ?2 AND created_at < ?3",
                 )
@@ -119,124 +139,159 @@ impl Store {
                 .await?;
                 if let Some(seen) = seen {
                     let fingerprint: String = seen.try_get("fingerprint")?;
-                    if fingerprint != c.fingerprint {
-                        out.push(InsertOutcome::KeyReused);
-                        continue;
-                    }
-                    let response: String = seen.try_get("response")?;
-                    out.push(InsertOutcome::Replayed(decode_ids(&response)?));
+                    plans.push(Plan::Done(if fingerprint != c.fingerprint {
+                        InsertOutcome::KeyReused
+                    } else {
+                        InsertOutcome::Replayed(decode_ids(
+                            &seen.try_get::<String, _>("response")?,
+                        )?)
+                    }));
                     continue;
                 }
             }
             if max_depth > 0 {
                 let d = match depth {
                     Some(d) => d,
-                    None => {
-                        let n: i64 = sqlx::query_scalar(
-                            "SELECT COUNT(*) FROM postbox_emails
-                              WHERE status IN ('queued', 'retrying', 'sending')",
-                        )
-                        .fetch_one(&mut *tx)
-                        .await?;
-                        n as u64
-                    }
+                    None => self.depth(&mut tx).await?,
                 };
-                depth = Some(d);
                 if d + req.rows.len() as u64 > max_depth {
-                    out.push(InsertOutcome::QueueFull {
+                    depth = Some(d);
+                    plans.push(Plan::Done(InsertOutcome::QueueFull {
                         depth: d,
                         max_depth,
-                    });
+                    }));
                     continue;
                 }
-            }
-            let ids = self
-                .insert_rows(&mut tx, &req.rows, req.request_id.as_deref(), now_ms)
-                .await?;
-            if let Some(d) = depth.as_mut() {
-                *d += ids.iter().filter(|(_, created)| *created).count() as u64;
+                // Counted as new even if an email's own key turns out to exist: conservative.
+                depth = Some(d + req.rows.len() as u64);
             }
             if let Some(c) = &req.idempotency {
-                sqlx::query(
-                    "INSERT INTO postbox_idempotency (scope, key, fingerprint, response, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .bind(&c.scope)
-                .bind(&c.key)
-                .bind(&c.fingerprint)
-                .bind(encode_ids(&ids))
-                .bind(now_ms)
-                .execute(&mut *tx)
-                .await?;
+                keys.insert((&c.scope, &c.key), (i, &c.fingerprint));
             }
-            out.push(InsertOutcome::Inserted(ids));
+            plans.push(Plan::Insert {
+                from: rows.len(),
+                n: req.rows.len(),
+            });
+            rows.extend(req.rows.iter().map(|r| (r, req.request_id.as_deref())));
+        }
+        let ids = self.insert_rows(&mut tx, &rows, now_ms).await?;
+        let mut out: Vec<InsertOutcome> = Vec::with_capacity(reqs.len());
+        for (req, plan) in reqs.iter().zip(plans) {
+            let outcome = match plan {
+                Plan::Done(o) => o,
+                Plan::SameAs(first) => match &out[first] {
+                    InsertOutcome::Inserted(ids) => InsertOutcome::Replayed(ids.clone()),
+                    other => other.clone(),
+                },
+                Plan::Insert { from, n } => {
+                    let mine = ids[from..from + n].to_vec();
+                    if let Some(c) = &req.idempotency {
+                        sqlx::query(
+                            "INSERT INTO postbox_idempotency (scope, key, fingerprint, response, created_at)
+                             VALUES (?1, ?2, ?3, ?4, ?5)",
+                        )
+                        .bind(&c.scope)
+                        .bind(&c.key)
+                        .bind(&c.fingerprint)
+                        .bind(encode_ids(&mine))
+                        .bind(now_ms)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    InsertOutcome::Inserted(mine)
+                }
+            };
+            out.push(outcome);
         }
         tx.commit().await?;
         Ok(out)
     }
 
-    /// Inserts emails and their jobs on `tx`. An email whose own idempotency key is already
-    /// present gets the existing email's id with `false`, and nothing is created for it.
+    /// Emails waiting or in flight.
+    async fn depth(&self, conn: &mut SqliteConnection) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM postbox_emails WHERE status IN ('queued', 'retrying', 'sending')",
+        )
+        .fetch_one(conn)
+        .await?;
+        Ok(n as u64)
+    }
+
+    /// Inserts emails (with the request that submitted each) and their jobs on `tx`, many rows
+    /// per statement. An email whose own idempotency key is already present gets the existing
+    /// email's id with `false`, and nothing is created for it.
     async fn insert_rows(
         &self,
         tx: &mut SqliteConnection,
-        rows: &[NewRow],
-        request_id: Option<&str>,
+        rows: &[(&NewRow, Option<&str>)],
         now_ms: i64,
     ) -> Result<Vec<(EmailId, bool)>, StoreError> {
+        /// 14 parameters a row: 140 rows stay far below SQLite's 32,766 parameters.
+        const CHUNK: usize = 140;
         let mut out = Vec::with_capacity(rows.len());
-        for (id, email, message_id) in rows {
-            let spec = serde_json::to_string(email).map_err(|e| StoreError::Corrupt {
-                id: id.to_string(),
-                message: e.to_string(),
-            })?;
-            let recipients = email
-                .recipients()
-                .map(|a| a.address())
-                .collect::<Vec<_>>()
-                .join(" ");
-            let send_at = email.send_at.map(ms);
-            let res = sqlx::query(
-                "INSERT INTO postbox_emails (id, status, priority, spec, message_id, idempotency_key,
-                     template, recipients, tags, send_at, expires_at, age_from, created_at, updated_at,
-                     request_id)
-                 VALUES (?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12, ?13)
-                 ON CONFLICT(idempotency_key) DO NOTHING",
-            )
-            .bind(id.as_str())
-            .bind(email.priority.as_str())
-            .bind(&spec)
-            .bind(message_id)
-            .bind(email.idempotency_key.as_deref())
-            .bind(email.content.template_name())
-            .bind(&recipients)
-            .bind(email.tags.join(" "))
-            .bind(send_at)
-            .bind(email.expires_at.map(ms))
-            .bind(send_at.unwrap_or(now_ms).max(now_ms))
-            .bind(now_ms)
-            .bind(request_id)
-            .execute(&mut *tx)
-            .await?;
-            if res.rows_affected() == 0 {
-                let existing: String =
-                    sqlx::query_scalar("SELECT id FROM postbox_emails WHERE idempotency_key = ?1")
-                        .bind(email.idempotency_key.as_deref())
-                        .fetch_one(&mut *tx)
-                        .await?;
-                out.push((EmailId::from_db(existing), false));
-                continue;
+        for chunk in rows.chunks(CHUNK) {
+            let mut prepared = Vec::with_capacity(chunk.len());
+            for ((id, email, message_id), request_id) in chunk {
+                let spec = serde_json::to_string(email).map_err(|e| StoreError::Corrupt {
+                    id: id.to_string(),
+                    message: e.to_string(),
+                })?;
+                let recipients = email
+                    .recipients()
+                    .map(|a| a.address())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                prepared.push((id, email, message_id, *request_id, spec, recipients));
             }
-            push_job(
-                tx,
-                &self.queue,
-                id.as_str(),
-                0,
-                email.priority,
-                email.send_at,
-            )
-            .await?;
-            out.push((id.clone(), true));
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO postbox_emails (id, status, priority, spec, message_id, idempotency_key,
+                     template, recipients, tags, send_at, expires_at, age_from, created_at,
+                     updated_at, request_id) ",
+            );
+            q.push_values(
+                &prepared,
+                |mut b, (id, email, message_id, request_id, spec, recipients)| {
+                    let send_at = email.send_at.map(ms);
+                    b.push_bind(id.as_str())
+                        .push_bind("queued")
+                        .push_bind(email.priority.as_str())
+                        .push_bind(spec.as_str())
+                        .push_bind(message_id.as_str())
+                        .push_bind(email.idempotency_key.as_deref())
+                        .push_bind(email.content.template_name())
+                        .push_bind(recipients.as_str())
+                        .push_bind(email.tags.join(" "))
+                        .push_bind(send_at)
+                        .push_bind(email.expires_at.map(ms))
+                        .push_bind(send_at.unwrap_or(now_ms).max(now_ms))
+                        .push_bind(now_ms)
+                        .push_bind(now_ms)
+                        .push_bind(*request_id);
+                },
+            );
+            q.push(" ON CONFLICT(idempotency_key) DO NOTHING RETURNING id");
+            let inserted: std::collections::HashSet<String> = q
+                .build_query_scalar::<String>()
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+            let mut jobs = Vec::with_capacity(inserted.len());
+            for (id, email, ..) in &prepared {
+                if inserted.contains(id.as_str()) {
+                    jobs.push((id.as_str(), 0, email.priority, email.send_at));
+                    out.push(((*id).clone(), true));
+                } else {
+                    let existing: String = sqlx::query_scalar(
+                        "SELECT id FROM postbox_emails WHERE idempotency_key = ?1",
+                    )
+                    .bind(email.idempotency_key.as_deref())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    out.push((EmailId::from_db(existing), false));
+                }
+            }
+            push_jobs(tx, &self.queue, &jobs).await?;
         }
         Ok(out)
     }
@@ -840,8 +895,7 @@ fn rfc3339(t: OffsetDateTime) -> String {
         .unwrap_or_default()
 }
 
-/// Pushes the job that owns `<id>:<seq>`; `run_at` is rounded up to apalis's whole seconds so
-/// nothing is sent before its time.
+/// Pushes the job that owns `<id>:<seq>`.
 async fn push_job(
     conn: &mut SqliteConnection,
     queue: &str,
@@ -850,23 +904,51 @@ async fn push_job(
     priority: Priority,
     run_at: Option<OffsetDateTime>,
 ) -> Result<(), StoreError> {
-    let payload = serde_json::to_vec(&SendJob {
-        v: SendJob::VERSION,
-        email_id: id.to_string(),
-        seq,
-    })
-    .expect("a job payload always serializes");
-    let mut b = TaskBuilder::new(payload)
-        .priority(priority.job_priority())
-        .max_attempts(JOB_MAX_ATTEMPTS)
-        .idempotency_key(format!("{id}:{seq}"));
-    if let Some(t) = run_at {
-        let ms = ms(t);
-        b = b.run_at_timestamp(((ms + 999) / 1000).max(0) as u64);
+    push_jobs(conn, queue, &[(id, seq, priority, run_at)]).await
+}
+
+/// Pushes jobs `(email id, seq, priority, run_at)` into apalis's `Jobs`, many per statement.
+///
+/// The row is exactly what `apalis_sqlite::queries::push_tasks` writes (its `sink.sql`: status
+/// Pending, 0 attempts, `{}` metadata, a ULID id, `ON CONFLICT(job_type, idempotency_key) DO
+/// NOTHING`), but push_tasks runs one statement per job, and each statement is a round trip to
+/// sqlx's SQLite thread: at a thousand jobs a batch that hand-off was most of the submit cost.
+/// `run_at` is rounded up to apalis's whole seconds, so nothing is sent before its time.
+async fn push_jobs(
+    conn: &mut SqliteConnection,
+    queue: &str,
+    jobs: &[(&str, i64, Priority, Option<OffsetDateTime>)],
+) -> Result<(), StoreError> {
+    if jobs.is_empty() {
+        return Ok(());
     }
-    apalis_sqlite::queries::push_tasks(conn, queue, &[b.build()])
-        .await
-        .map_err(|e| StoreError::Queue(e.to_string()))
+    let now_s = now().unix_timestamp();
+    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+        "INSERT INTO Jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority,
+             metadata, idempotency_key) ",
+    );
+    q.push_values(jobs, |mut b, (id, seq, priority, run_at)| {
+        let payload = serde_json::to_vec(&SendJob {
+            v: SendJob::VERSION,
+            email_id: id.to_string(),
+            seq: *seq,
+        })
+        .expect("a job payload always serializes");
+        let run_at = run_at.map_or(now_s, |t| ((ms(t) + 999) / 1000).max(0));
+        b.push_bind(payload)
+            .push_bind(ulid::Ulid::generate().to_string())
+            .push_bind(queue)
+            .push_bind("Pending")
+            .push_bind(0i64)
+            .push_bind(JOB_MAX_ATTEMPTS as i64)
+            .push_bind(run_at)
+            .push_bind(priority.job_priority() as i64)
+            .push_bind("{}")
+            .push_bind(format!("{id}:{seq}"));
+    });
+    q.push(" ON CONFLICT(job_type, idempotency_key) DO NOTHING");
+    q.build().execute(conn).await?;
+    Ok(())
 }
 
 /// The timeline entry of an email that expired before delivery.
