@@ -73,10 +73,27 @@ async fn writer(store: Store, settings: GroupSettings, mut rx: mpsc::Receiver<Jo
             }
         }
         let (reqs, replies): (Vec<_>, Vec<_>) = jobs.into_iter().map(|j| (j.req, j.reply)).unzip();
-        match store
+        let started = std::time::Instant::now();
+        let result = store
             .insert_group(&reqs, settings.max_depth, settings.idempotency_ttl)
-            .await
-        {
+            .await;
+        let took = started.elapsed();
+        if took > std::time::Duration::from_secs(1) {
+            tracing::warn!(
+                submissions = reqs.len(),
+                emails = rows,
+                ms = took.as_millis() as u64,
+                "slow group commit: submitters waited this long"
+            );
+        } else if took > std::time::Duration::from_millis(20) {
+            tracing::debug!(
+                submissions = reqs.len(),
+                emails = rows,
+                ms = took.as_millis() as u64,
+                "slow group commit"
+            );
+        }
+        match result {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
