@@ -22,11 +22,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     /// A problem with `key`.
-    pub fn new_pub(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::new(key, message)
-    }
-
-    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             key: key.into(),
             message: message.into(),

@@ -123,7 +123,7 @@ pub fn router(
         .split_for_parts();
     let _ = state.openapi.set(
         doc.to_pretty_json()
-            .map_err(|e| ConfigError::new_pub("(openapi)", e.to_string()))?,
+            .map_err(|e| ConfigError::new("(openapi)", e.to_string()))?,
     );
     let router = router
         .fallback(|req: Request| async move {
