@@ -10,6 +10,12 @@ use postbox::{EmailId, NewAttachment, NewEmail, Postbox, Priority, Settings, Sub
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+/// mimalloc for the binary (the library leaves the allocator to the embedding app): the submit
+/// path allocates per email (JSON, validated types, SQL arguments), and glibc's malloc/free was
+/// ~15% of a batch submit's profile.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "postbox", version, about = "Reliable email dispatch")]
 struct Cli {
