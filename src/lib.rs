@@ -1,18 +1,20 @@
 //! # postbox: reliable email dispatch
 //!
-//! Apps hand postbox emails (this library, the CLI, later HTTP); each becomes a durable row plus
+//! Apps hand postbox emails (this library, the HTTP API, the CLI); each becomes a durable row plus
 //! an apalis job in SQLite; workers render it with askama and deliver it over SMTP with lettre,
 //! retrying by the SMTP reply.
 //!
 //! ## Codemap
 //! ```text
-//! main.rs      CLI (clap): serve | send | status | cancel | retry | migrate | config check
+//! main.rs      CLI (clap): serve | api | send | status | cancel | retry | migrate | config check
+//! api/         HTTP (axum): routes + OpenAPI from one declaration, auth, errors as JSON
 //! postbox.rs   Postbox: the facade every entry point calls (submit, submit_many, status,
 //!              cancel, retry, run_workers)
 //! config.rs    Settings: defaults <- TOML file <- POSTBOX_* env; errors name the key
 //! domain/      EmailAddress, NewEmail -> Email (validated), Priority, EmailStatus, EmailId (pure)
 //! render/      askama templates (templates/emails/<kind>/) -> Rendered { subject, text, html }
-//! store/       the persistence seam: emails, timelines and their apalis jobs (SQLite)
+//! store/       the persistence seam: emails, timelines and their apalis jobs (SQLite);
+//!              group commit of submits (store/group.rs)
 //! delivery/    MIME building, Mailer { Smtp, File }, classify() of SMTP replies, RetryPolicy
 //! queue/       apalis worker + supervisor, wake-up on submit, janitor
 //! ```

@@ -65,23 +65,13 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
                 Ok(_) => {
                     ApiError::bad_request("invalid_field", "body", "the body must be a JSON object")
                 }
-                Err(e) => ApiError::bad_request(
-                    "malformed_json",
-                    "body",
-                    format!("the body is not valid JSON: {e}"),
-                ),
+                Err(e) => malformed(&e),
             });
         }
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let v = serde_path_to_error::deserialize(&mut de).map_err(data_error)?;
-    de.end().map_err(|e| {
-        ApiError::bad_request(
-            "malformed_json",
-            "body",
-            format!("the body is not valid JSON: {e}"),
-        )
-    })?;
+    de.end().map_err(|e| malformed(&e))?;
     Ok(v)
 }
 
@@ -90,14 +80,19 @@ pub fn from_value<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(v).map_err(data_error)
 }
 
+/// The body is not JSON at all.
+fn malformed(e: &serde_json::Error) -> ApiError {
+    ApiError::bad_request(
+        "malformed_json",
+        "body",
+        format!("the body is not valid JSON: {e}"),
+    )
+}
+
 fn data_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
     let inner = e.inner();
     if inner.is_syntax() || inner.is_eof() || inner.is_io() {
-        return ApiError::bad_request(
-            "malformed_json",
-            "body",
-            format!("the body is not valid JSON: {inner}"),
-        );
+        return malformed(inner);
     }
     let msg = inner.to_string();
     let path = e.path().to_string();
