@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Runs every test postbox has, installing what they need first.
-#   - Debian's postfix (for smtp-sink, used by scripts/bench.sh and as a reference SMTP peer).
+#   - Debian's postfix (for smtp-sink, used by scripts/bench.sh and as a reference SMTP peer);
+#   - Debian's dovecot-imapd (the watcher tests start their own Dovecot on random loopback ports)
+#     and openssl (their throwaway CA and certificate).
 # The delivery tests themselves run a real SMTP server inside the test harness on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 [ -x /usr/sbin/smtp-sink ] || command -v smtp-sink >/dev/null 2>&1 || missing+=(postfix)
+[ -x /usr/sbin/dovecot ] || missing+=(dovecot-imapd)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"

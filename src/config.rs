@@ -44,6 +44,9 @@ pub struct Settings {
     pub limits: Limits,
     pub log: LogSettings,
     pub api: ApiSettings,
+    /// IMAP mailboxes the watcher reads (`[[mailboxes]]`); none by default.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mailboxes: Vec<crate::inbound::MailboxSettings>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -402,7 +405,7 @@ impl ApiSettings {
     }
 }
 
-fn masked<S: Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn masked<S: Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
     match v {
         Some(_) => s.serialize_str("********"),
         None => s.serialize_none(),
@@ -514,6 +517,7 @@ impl Settings {
             ));
         }
         self.retry.validate()?;
+        crate::inbound::compile(&self.mailboxes, &|k| std::env::var(k).ok())?;
         EmailAddress::parse(&self.delivery.default_from)
             .map_err(|m| ConfigError::new("delivery.default_from", m))?;
         if self.delivery.transport == Transport::Smtp && self.smtp.host.trim().is_empty() {

@@ -17,6 +17,7 @@
 //!              group commit of submits (store/group.rs)
 //! delivery/    MIME building, Mailer { Smtp, File }, classify() of SMTP replies, RetryPolicy
 //! queue/       apalis worker + supervisor, wake-up on submit, janitor
+//! inbound/     IMAP watchers (async-imap): rules (pure), grouping/throttling, alerts
 //! ```
 //!
 //! ## One email's path
@@ -40,6 +41,7 @@ pub mod api;
 pub mod config;
 pub mod delivery;
 pub mod domain;
+pub mod inbound;
 mod postbox;
 pub mod queue;
 pub mod render;

@@ -188,9 +188,17 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                     pb.run_workers_with(shutdown.clone()).await;
                 }
             };
-            let (http, ()) = tokio::join!(http, work);
+            let watch = async {
+                if workers {
+                    pb.run_watchers(shutdown.clone()).await
+                } else {
+                    Ok(())
+                }
+            };
+            let (http, (), watch) = tokio::join!(http, work, watch);
             pb.close().await;
             http?;
+            watch?;
             tracing::info!("postbox stopped");
             Ok(ExitCode::SUCCESS)
         }

@@ -144,6 +144,34 @@ impl Postbox {
         Ok((id, email, message_id))
     }
 
+    /// Validates an email for the store (the watcher builds alert rows with it).
+    pub(crate) fn validate_email(&self, new: NewEmail) -> Result<NewRow, ValidationErrors> {
+        self.validate(new)
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Wakes idle workers in this process (emails were queued outside `submit`).
+    pub(crate) fn notify_workers(&self) {
+        self.inner.wake.notify();
+    }
+
+    /// Runs a watcher for every `[[mailboxes]]` entry until `shutdown` (returns at once when
+    /// none is configured). Alerts they raise are delivered by the workers.
+    pub async fn run_watchers(&self, shutdown: Shutdown) -> Result<(), crate::config::ConfigError> {
+        let mailboxes =
+            crate::inbound::compile(&self.inner.settings.mailboxes, &|k| std::env::var(k).ok())?;
+        crate::inbound::run(self.clone(), mailboxes, shutdown).await;
+        Ok(())
+    }
+
+    /// Every watched mailbox's position, health and per-rule counts.
+    pub async fn mailboxes(&self) -> Result<Vec<crate::store::MailboxStatus>, StoreError> {
+        self.inner.store.mailboxes().await
+    }
+
     /// Validates and durably queues one email. When this returns `Ok`, the email is committed.
     pub async fn submit(&self, new: NewEmail) -> Result<Submitted, SubmitError> {
         let mut out = self.submit_with(new, SubmitOptions::default()).await?;

@@ -76,8 +76,45 @@ pub struct AlertVars {
     pub count: u64,
     pub first_seen: String,
     pub last_seen: String,
+    /// What the alert is about in one sentence (the watcher's own alerts, repeats).
+    #[serde(default)]
+    pub summary: Option<String>,
+    /// The group within the rule (`host=db1, sender=...`), if the rule splits its matches.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Distinct senders with their message counts, most frequent first.
+    #[serde(default)]
+    pub senders: Vec<String>,
     #[serde(default)]
     pub messages: Vec<AlertMessage>,
+    /// Messages counted in `count` but not listed in `messages`.
+    #[serde(default)]
+    pub unlisted: u64,
+}
+
+impl AlertVars {
+    /// A filled-in example (config checks, previews).
+    pub fn sample() -> Self {
+        AlertVars {
+            rule: "disk-full".into(),
+            severity: "critical".into(),
+            mailbox: "monitoring".into(),
+            count: 2,
+            first_seen: "2026-11-22T10:00:00Z".into(),
+            last_seen: "2026-11-22T10:00:30Z".into(),
+            summary: None,
+            group: Some("host=db1".into()),
+            senders: vec!["nagios@example.com (2)".into()],
+            messages: vec![AlertMessage {
+                from: "Nagios <nagios@example.com>".into(),
+                subject: "PROBLEM: db1 disk /var is 97% full".into(),
+                date: "2026-11-22T10:00:00Z".into(),
+                snippet: "Host db1 State CRITICAL".into(),
+                captures: [("host".to_string(), "db1".to_string())].into(),
+            }],
+            unlisted: 1,
+        }
+    }
 }
 
 /// One inbound message listed in an alert.
@@ -168,7 +205,8 @@ kinds! {
         NotificationHtml = "emails/notification/body.html";
     "alert" => AlertVars, "An ops alert raised by the IMAP watcher (grouped messages).",
         ["rule": "string", "severity": "string", "mailbox": "string", "count": "integer",
-         "first_seen": "string", "last_seen": "string", "messages": "AlertMessage[]?"],
+         "first_seen": "string", "last_seen": "string", "summary": "string?", "group": "string?",
+         "senders": "string[]?", "messages": "AlertMessage[]?", "unlisted": "integer?"],
         AlertSubject = "emails/alert/subject.txt", AlertText = "emails/alert/body.txt",
         AlertHtml = "emails/alert/body.html";
 }

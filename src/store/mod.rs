@@ -9,12 +9,17 @@
 //! - every status change writes its timeline entry in the same transaction.
 
 mod group;
+mod inbound;
 mod sqlite;
 
 use serde::Serialize;
 use time::OffsetDateTime;
 
 pub use group::{GroupCommitter, GroupSettings};
+pub use inbound::{
+    AlertBuilder, DueGroup, Health, MailboxPosition, MailboxStatus, NewHit, PendingHit, RuleStatus,
+    ScanOutcome,
+};
 pub use sqlite::Store;
 
 use crate::domain::{Email, EmailId, EmailStatus, Priority};

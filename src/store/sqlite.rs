@@ -27,7 +27,7 @@ pub struct Store {
 /// How often WAL frames are copied back into the database, off the commit path.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
-fn now() -> OffsetDateTime {
+pub(super) fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
 }
 
@@ -243,7 +243,7 @@ impl Store {
     /// Inserts emails (with the request that submitted each) and their jobs on `tx`, many rows
     /// per statement. An email whose own idempotency key is already present gets the existing
     /// email's id with `false`, and nothing is created for it.
-    async fn insert_rows(
+    pub(super) async fn insert_rows(
         &self,
         tx: &mut SqliteConnection,
         rows: &[(&NewRow, Option<&str>)],
@@ -876,6 +876,14 @@ impl Store {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+            // Alerted rule matches age out with the emails (a UIDVALIDITY resync recognises
+            // messages by these rows, so only this window is protected from re-alerting).
+            sqlx::query(
+                "DELETE FROM postbox_alert_hits WHERE alert_id IS NOT NULL AND seen_at < ?1",
+            )
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
         }
         sqlx::query("DELETE FROM postbox_idempotency WHERE created_at < ?1")

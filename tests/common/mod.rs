@@ -1,6 +1,7 @@
 //! Test harness: a real SMTP server on loopback and the real postbox (library or child process).
 #![allow(dead_code)]
 
+pub mod dovecot;
 pub mod http;
 pub mod smtp;
 

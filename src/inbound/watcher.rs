@@ -1,0 +1,464 @@
+//! One watcher per mailbox: connect, SELECT, resume from the stored (UIDVALIDITY, last UID),
+//! scan new messages in batches, wait with IDLE (or poll), reconnect with capped, jittered
+//! backoff, and alert about itself when it stays down.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow};
+use async_imap::extensions::idle::IdleResponse;
+use async_imap::types::UnsolicitedResponse;
+use futures::TryStreamExt;
+use time::OffsetDateTime;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::config::{DOWN_RULE, Mailbox};
+use super::imap::{self, Caps, Session};
+use super::message;
+use super::rules::{self, Disposition};
+use super::{Inbound, rfc3339};
+use crate::queue::Shutdown;
+use crate::store::{Health, MailboxPosition, NewHit};
+
+/// A session shorter than this does not end an outage (a server that accepts the login and
+/// drops the connection at once is still down).
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// Watches one mailbox until `shutdown`.
+pub(super) async fn watch(ctx: Arc<Inbound>, mb: Arc<Mailbox>, shutdown: Shutdown) {
+    let span = info_span!("watcher", mailbox = %mb.name);
+    async move {
+        let tls = match imap::tls_config(&mb) {
+            Ok(t) => t,
+            Err(e) => {
+                // ca_file was checked at start-up; this is a file changed since.
+                warn!(error = %format!("{e:#}"), "cannot set up TLS; the watcher does not run");
+                return;
+            }
+        };
+        let mut down_since = OffsetDateTime::now_utc();
+        let mut backoff = mb.reconnect_min;
+        loop {
+            let started = Instant::now();
+            let mut connected = false;
+            let result = tokio::select! {
+                _ = shutdown.clone() => return,
+                r = session(&ctx, &mb, &tls, &mut connected) => r,
+            };
+            let err = match result {
+                Ok(()) => return,
+                Err(e) => format!("{e:#}"),
+            };
+            if connected && started.elapsed() >= STABLE_AFTER {
+                down_since = OffsetDateTime::now_utc();
+                backoff = mb.reconnect_min;
+            }
+            let down_for = (OffsetDateTime::now_utc() - down_since).unsigned_abs();
+            warn!(error = %err, down_secs = down_for.as_secs(), retry_in_ms = backoff.as_millis() as u64,
+                "IMAP session failed; reconnecting");
+            if let Err(e) = ctx
+                .pb
+                .store()
+                .set_mailbox_health(&mb.name, Health::Down { since: down_since, error: &err })
+                .await
+            {
+                warn!(error = %e, "cannot record the watcher's state");
+            }
+            if down_for >= mb.down_alert_after {
+                raise_down_alert(&ctx, &mb, down_since, down_for, &err).await;
+            }
+            // Equal jitter: half fixed, half random, so many watchers do not reconnect in step.
+            let half = backoff / 2;
+            let sleep = half + half.mul_f64(rand::random::<f64>());
+            tokio::select! {
+                _ = shutdown.clone() => return,
+                _ = tokio::time::sleep(sleep) => {}
+            }
+            backoff = (backoff * 2).min(mb.reconnect_max);
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The watcher's own alert: one hit per `down_repeat_interval` of an outage, in the
+/// `mailbox-down` group, which alerts at once and then at most once per repeat interval.
+async fn raise_down_alert(
+    ctx: &Inbound,
+    mb: &Mailbox,
+    since: OffsetDateTime,
+    down_for: Duration,
+    error: &str,
+) {
+    let period = (down_for - mb.down_alert_after).as_secs() / mb.down_repeat_interval.as_secs();
+    let summary = format!(
+        "The watcher for mailbox {} ({}:{}, folder {}) has not been connected since {} ({} minutes). Last error: {error}",
+        mb.name,
+        mb.host,
+        mb.port,
+        mb.folder,
+        rfc3339(since),
+        down_for.as_secs() / 60,
+    );
+    let hit = NewHit {
+        rule: DOWN_RULE.to_string(),
+        group_key: String::new(),
+        uid: None,
+        fingerprint: format!("down:{}:{period}", since.unix_timestamp()),
+        detail: serde_json::json!({
+            "from": "postbox",
+            "subject": format!("Mailbox {} is unreachable", mb.name),
+            "date": rfc3339(OffsetDateTime::now_utc()),
+            "snippet": error,
+            "captures": {},
+            "summary": summary,
+        }),
+        group_wait: Duration::ZERO,
+        repeat_interval: mb.down_repeat_interval,
+    };
+    match ctx
+        .pb
+        .store()
+        .record_scan(&mb.name, None, 0, &[hit], &|g| ctx.build_alert(g))
+        .await
+    {
+        Ok(out) => {
+            if out.new_hits > 0 {
+                warn!(
+                    down_secs = down_for.as_secs(),
+                    "mailbox down past down_alert_after_secs: down alert raised"
+                );
+            }
+            ctx.alerted(&out.alerts);
+        }
+        Err(e) => warn!(error = %e, "cannot store the down alert"),
+    }
+}
+
+/// One connection's life. Returns only on an error (the caller reconnects).
+async fn session(
+    ctx: &Inbound,
+    mb: &Mailbox,
+    tls: &Arc<tokio_rustls::rustls::ClientConfig>,
+    connected: &mut bool,
+) -> anyhow::Result<()> {
+    let cmd = mb.command_timeout;
+    let (mut s, caps) = tokio::time::timeout(mb.connect_timeout * 3, imap::connect(mb, tls))
+        .await
+        .map_err(|_| anyhow!("connect and login timed out"))??;
+    let selected = timed(cmd, s.select(&mb.folder))
+        .await?
+        .with_context(|| format!("SELECT {}", mb.folder))?;
+    let uidvalidity = selected
+        .uid_validity
+        .ok_or_else(|| anyhow!("the server gave no UIDVALIDITY for {}", mb.folder))?;
+    let store = ctx.pb.store();
+    let mut pos = match store.mailbox_position(&mb.name).await? {
+        Some(p) if p.uidvalidity == uidvalidity => p,
+        Some(p) => {
+            // UIDs of the old numbering mean nothing now: read the whole folder again. Messages
+            // already alerted on are recognised by the fingerprint of their header block, so
+            // only messages never matched before can alert.
+            warn!(
+                old = p.uidvalidity,
+                new = uidvalidity,
+                "UIDVALIDITY changed: rescanning the folder; messages alerted before are recognised and skipped"
+            );
+            let p = MailboxPosition {
+                uidvalidity,
+                last_uid: 0,
+            };
+            store.set_mailbox_position(&mb.name, p, true).await?;
+            p
+        }
+        None => {
+            let last_uid = if mb.from_start {
+                0
+            } else {
+                match selected.uid_next {
+                    Some(n) => n.saturating_sub(1),
+                    None => timed(cmd, s.uid_search("ALL"))
+                        .await??
+                        .into_iter()
+                        .max()
+                        .unwrap_or(0),
+                }
+            };
+            let p = MailboxPosition {
+                uidvalidity,
+                last_uid,
+            };
+            info!(
+                last_uid,
+                from_start = mb.from_start,
+                "first start: position stored"
+            );
+            store.set_mailbox_position(&mb.name, p, false).await?;
+            p
+        }
+    };
+    let use_idle = mb.idle && caps.idle;
+    *connected = true;
+    store
+        .set_mailbox_health(&mb.name, Health::Connected { idle: use_idle })
+        .await?;
+    info!(
+        uidvalidity,
+        last_uid = pos.last_uid,
+        idle = use_idle,
+        "connected"
+    );
+    let rx = s.unsolicited_responses.clone();
+    loop {
+        scan(ctx, mb, &mut s, caps, &mut pos).await?;
+        // New mail announced during the scan (an EXISTS on another command) means scan again.
+        if drain_news(&rx) {
+            continue;
+        }
+        if use_idle {
+            let mut idle = s.idle();
+            timed(cmd, idle.init()).await?.context("IDLE")?;
+            if !drain_news(&rx) {
+                let (wait, _stop) = idle.wait_with_timeout(mb.idle_renew);
+                match wait.await.context("IDLE")? {
+                    IdleResponse::NewData(_) => debug!("IDLE: the server announced changes"),
+                    IdleResponse::Timeout => debug!("IDLE renewed"),
+                    IdleResponse::ManualInterrupt => {
+                        return Err(anyhow!("the server closed the connection during IDLE"));
+                    }
+                }
+            }
+            s = timed(cmd, idle.done()).await?.context("ending IDLE")?;
+        } else {
+            tokio::time::sleep(mb.poll_interval).await;
+            timed(cmd, s.noop()).await?.context("NOOP")?;
+        }
+    }
+}
+
+/// Empties the unsolicited-response channel; true if it held news of messages.
+fn drain_news(rx: &async_channel::Receiver<UnsolicitedResponse>) -> bool {
+    let mut news = false;
+    while let Ok(r) = rx.try_recv() {
+        news |= matches!(
+            r,
+            UnsolicitedResponse::Exists(_) | UnsolicitedResponse::Recent(_)
+        );
+    }
+    news
+}
+
+async fn timed<T>(d: Duration, f: impl Future<Output = T>) -> anyhow::Result<T> {
+    tokio::time::timeout(d, f)
+        .await
+        .map_err(|_| anyhow!("the server did not answer within {} s", d.as_secs()))
+}
+
+/// Reads every message above the stored last UID, in batches of `fetch_batch`: each batch's
+/// matches and the advanced position commit together, then the batch's messages are marked or
+/// moved on the server.
+async fn scan(
+    ctx: &Inbound,
+    mb: &Mailbox,
+    s: &mut Session,
+    caps: Caps,
+    pos: &mut MailboxPosition,
+) -> anyhow::Result<()> {
+    let cmd = mb.command_timeout;
+    let mut uids: Vec<u32> = timed(cmd, s.uid_search(format!("UID {}:*", pos.last_uid + 1)))
+        .await?
+        .context("UID SEARCH")?
+        .into_iter()
+        .filter(|u| *u > pos.last_uid)
+        .collect();
+    if uids.is_empty() {
+        ctx.pb.store().record_poll(&mb.name).await?;
+        return Ok(());
+    }
+    uids.sort_unstable();
+    let total = uids.len();
+    let started = Instant::now();
+    for chunk in uids.chunks(mb.fetch_batch as usize) {
+        let (first, last) = (chunk[0], chunk[chunk.len() - 1]);
+        let set = if first == last {
+            first.to_string()
+        } else {
+            format!("{first}:{last}")
+        };
+        let fetched: Vec<_> = timed(cmd * 4, async {
+            s.uid_fetch(
+                &set,
+                format!("(UID BODY.PEEK[]<0.{}>)", mb.max_message_bytes),
+            )
+            .await?
+            .try_collect::<Vec<_>>()
+            .await
+        })
+        .await?
+        .with_context(|| format!("UID FETCH {set}"))?;
+        let mut hits = Vec::new();
+        let mut seen = Vec::new();
+        let mut moves: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+        let mut scanned = 0u64;
+        for f in &fetched {
+            let Some(uid) = f.uid else { continue };
+            if uid <= pos.last_uid || uid > last {
+                continue;
+            }
+            scanned += 1;
+            let Some(raw) = f.body() else {
+                warn!(uid, "the server sent no body for this message; skipped");
+                continue;
+            };
+            let parsed = message::parse(raw);
+            if !parsed.well_formed {
+                warn!(
+                    uid,
+                    "message has no readable MIME structure; matched on its raw text"
+                );
+            }
+            let matches = rules::evaluate(&mb.rules, &mb.name, &parsed.message);
+            if matches.is_empty() {
+                continue;
+            }
+            let m = &parsed.message;
+            let from = m.from.first().map(|a| a.display()).unwrap_or_default();
+            let snippet = message::snippet(m);
+            for x in &matches {
+                let rule = &mb.rules[x.rule];
+                debug!(uid, rule = %rule.name, group = %x.group_key, "rule matched");
+                hits.push(NewHit {
+                    rule: rule.name.clone(),
+                    group_key: x.group_key.clone(),
+                    uid: Some((pos.uidvalidity, uid)),
+                    fingerprint: parsed.fingerprint.clone(),
+                    detail: serde_json::json!({
+                        "from": from,
+                        "subject": m.subject,
+                        "date": m.date.clone().unwrap_or_default(),
+                        "snippet": snippet,
+                        "captures": x.captures,
+                        "sender": m.sender(),
+                    }),
+                    group_wait: rule.group_wait,
+                    repeat_interval: rule.repeat_interval,
+                });
+            }
+            match rules::disposition(&mb.rules, &matches) {
+                Some(Disposition::Seen) => seen.push(uid),
+                Some(Disposition::Move(folder)) => moves.entry(folder).or_default().push(uid),
+                None => {}
+            }
+        }
+        let next = MailboxPosition {
+            uidvalidity: pos.uidvalidity,
+            last_uid: last,
+        };
+        let out = ctx
+            .pb
+            .store()
+            .record_scan(&mb.name, Some(next), scanned, &hits, &|g| {
+                ctx.build_alert(g)
+            })
+            .await?;
+        *pos = next;
+        ctx.alerted(&out.alerts);
+        if !out.alerts.is_empty() {
+            info!(alerts = out.alerts.len(), "alert emails queued");
+        }
+        // The alerts are durable; only now touch the messages on the server. A failure here
+        // leaves a message unmarked, never an alert unsent.
+        if !seen.is_empty() {
+            let set = uid_set(&seen);
+            if let Err(e) = timed(cmd, async {
+                s.uid_store(&set, "+FLAGS.SILENT (\\Seen)")
+                    .await?
+                    .try_collect::<Vec<_>>()
+                    .await
+            })
+            .await?
+            {
+                warn!(error = %e, "cannot mark matched messages seen");
+            }
+        }
+        for (folder, list) in moves {
+            let set = uid_set(&list);
+            let r = if caps.mv {
+                timed(cmd, s.uid_mv(&set, folder)).await?
+            } else {
+                move_by_copy(s, &set, folder, caps.uidplus, cmd).await?
+            };
+            if let Err(e) = r {
+                warn!(error = %e, folder, "cannot move matched messages");
+            }
+        }
+    }
+    debug!(
+        messages = total,
+        ms = started.elapsed().as_millis() as u64,
+        "scan done"
+    );
+    Ok(())
+}
+
+/// MOVE for servers without it: COPY, flag \Deleted, and expunge those UIDs if UIDPLUS allows.
+async fn move_by_copy(
+    s: &mut Session,
+    set: &str,
+    folder: &str,
+    uidplus: bool,
+    cmd: Duration,
+) -> anyhow::Result<async_imap::error::Result<()>> {
+    if let Err(e) = timed(cmd, s.uid_copy(set, folder)).await? {
+        return Ok(Err(e));
+    }
+    let flagged = timed(cmd, async {
+        s.uid_store(set, "+FLAGS.SILENT (\\Deleted)")
+            .await?
+            .try_collect::<Vec<_>>()
+            .await
+    })
+    .await?;
+    if let Err(e) = flagged {
+        return Ok(Err(e));
+    }
+    if uidplus {
+        let r = timed(cmd, async {
+            s.uid_expunge(set).await?.try_collect::<Vec<_>>().await
+        })
+        .await?;
+        return Ok(r.map(|_| ()));
+    }
+    Ok(Ok(()))
+}
+
+/// `1,3,5:9` from sorted UIDs.
+fn uid_set(uids: &[u32]) -> String {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < uids.len() {
+        let start = uids[i];
+        let mut end = start;
+        while i + 1 < uids.len() && uids[i + 1] == end + 1 {
+            i += 1;
+            end = uids[i];
+        }
+        out.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}:{end}")
+        });
+        i += 1;
+    }
+    out.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn uid_sets_collapse_runs() {
+        assert_eq!(super::uid_set(&[1, 2, 3, 5, 7, 8]), "1:3,5,7:8");
+        assert_eq!(super::uid_set(&[4]), "4");
+    }
+}

@@ -1,0 +1,461 @@
+//! What the IMAP watcher keeps: each mailbox's position and health, rule matches ("hits") and
+//! alert groups. A scan's hits and the advanced position commit in ONE transaction, and so does
+//! every alert email made from due hits, so a crash re-reads messages but never alerts twice.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::{Row, SqliteConnection};
+use time::OffsetDateTime;
+
+use super::sqlite::now;
+use super::{NewRow, Store, StoreError, ms};
+use crate::domain::EmailId;
+
+/// Where a mailbox's watcher is: the folder's UIDVALIDITY and the last UID it has processed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MailboxPosition {
+    pub uidvalidity: u32,
+    pub last_uid: u32,
+}
+
+/// A rule match to store.
+#[derive(Debug, Clone)]
+pub struct NewHit {
+    pub rule: String,
+    pub group_key: String,
+    /// (UIDVALIDITY, UID) of the message; `None` for the watcher's own alerts.
+    pub uid: Option<(u32, u32)>,
+    pub fingerprint: String,
+    /// What the alert shows about the message (JSON object).
+    pub detail: serde_json::Value,
+    pub group_wait: Duration,
+    pub repeat_interval: Duration,
+}
+
+/// A group whose alert is due, with every hit it has not alerted on yet (oldest first).
+#[derive(Debug, Clone)]
+pub struct DueGroup {
+    pub mailbox: String,
+    pub rule: String,
+    pub group_key: String,
+    /// Alerts this group raised before (0 for the first).
+    pub alerts_before: u64,
+    pub hits: Vec<PendingHit>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PendingHit {
+    pub seen_at: OffsetDateTime,
+    pub detail: serde_json::Value,
+}
+
+/// Makes the alert email of a due group (None: drop the hits, e.g. the rule is gone).
+pub type AlertBuilder<'a> = &'a (dyn Fn(&DueGroup) -> Option<NewRow> + Sync);
+
+/// What a stored scan did.
+#[derive(Debug, Clone, Default)]
+pub struct ScanOutcome {
+    /// Hits stored (a hit seen before, by UID or fingerprint, is not stored again).
+    pub new_hits: u64,
+    /// Alert emails created in the same transaction.
+    pub alerts: Vec<EmailId>,
+}
+
+/// A watcher's health, as it reports it.
+#[derive(Debug, Clone)]
+pub enum Health<'a> {
+    Connected {
+        idle: bool,
+    },
+    Down {
+        since: OffsetDateTime,
+        error: &'a str,
+    },
+}
+
+/// A mailbox as `GET /v1/mailboxes` and the dashboard show it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct MailboxStatus {
+    pub name: String,
+    /// `starting`, `connected` or `down`.
+    pub state: String,
+    pub idle: bool,
+    pub uidvalidity: Option<u32>,
+    pub last_uid: u32,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub connected_since: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub down_since: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_poll_at: Option<OffsetDateTime>,
+    pub last_error: Option<String>,
+    pub scanned: u64,
+    pub matched: u64,
+    pub alerts: u64,
+    pub resyncs: u64,
+    /// Per rule: hits stored, hits waiting for their alert, alerts raised.
+    pub rules: Vec<RuleStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct RuleStatus {
+    pub rule: String,
+    pub hits: u64,
+    pub pending: u64,
+    pub alerts: u64,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_alert_at: Option<OffsetDateTime>,
+}
+
+fn from_ms(v: Option<i64>) -> Option<OffsetDateTime> {
+    v.and_then(|m| OffsetDateTime::from_unix_timestamp_nanos(i128::from(m) * 1_000_000).ok())
+}
+
+impl Store {
+    /// The stored position of `mailbox`, if it was ever scanned.
+    pub async fn mailbox_position(
+        &self,
+        mailbox: &str,
+    ) -> Result<Option<MailboxPosition>, StoreError> {
+        let row = sqlx::query(
+            "SELECT uidvalidity, last_uid FROM postbox_mailboxes WHERE name = ?1 AND uidvalidity IS NOT NULL",
+        )
+        .bind(mailbox)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(match row {
+            Some(r) => Some(MailboxPosition {
+                uidvalidity: r.try_get::<i64, _>("uidvalidity")? as u32,
+                last_uid: r.try_get::<i64, _>("last_uid")? as u32,
+            }),
+            None => None,
+        })
+    }
+
+    /// Stores a new position without hits: the first start, or a UIDVALIDITY change (`resync`).
+    pub async fn set_mailbox_position(
+        &self,
+        mailbox: &str,
+        pos: MailboxPosition,
+        resync: bool,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO postbox_mailboxes (name, uidvalidity, last_uid, resyncs, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(name) DO UPDATE SET uidvalidity = ?2, last_uid = ?3,
+                 resyncs = resyncs + ?4, updated_at = ?5",
+        )
+        .bind(mailbox)
+        .bind(i64::from(pos.uidvalidity))
+        .bind(i64::from(pos.last_uid))
+        .bind(i64::from(resync))
+        .bind(ms(now()))
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Notes a scan that found nothing new.
+    pub async fn record_poll(&self, mailbox: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE postbox_mailboxes SET last_poll_at = ?2, updated_at = ?2 WHERE name = ?1",
+        )
+        .bind(mailbox)
+        .bind(ms(now()))
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Records a watcher's health (state, since when, the last error).
+    pub async fn set_mailbox_health(
+        &self,
+        mailbox: &str,
+        health: Health<'_>,
+    ) -> Result<(), StoreError> {
+        let now = ms(now());
+        let q = match health {
+            Health::Connected { idle } => sqlx::query(
+                "INSERT INTO postbox_mailboxes (name, state, idle, connected_since, updated_at)
+                 VALUES (?1, 'connected', ?2, ?3, ?3)
+                 ON CONFLICT(name) DO UPDATE SET state = 'connected', idle = ?2,
+                     connected_since = ?3, down_since = NULL, last_error = NULL, updated_at = ?3",
+            )
+            .bind(mailbox)
+            .bind(idle)
+            .bind(now),
+            Health::Down { since, error } => sqlx::query(
+                "INSERT INTO postbox_mailboxes (name, state, down_since, last_error, updated_at)
+                 VALUES (?1, 'down', ?2, ?3, ?4)
+                 ON CONFLICT(name) DO UPDATE SET state = 'down', idle = 0, connected_since = NULL,
+                     down_since = ?2, last_error = ?3, updated_at = ?4",
+            )
+            .bind(mailbox)
+            .bind(ms(since))
+            .bind(error)
+            .bind(now),
+        };
+        q.execute(self.pool()).await?;
+        Ok(())
+    }
+
+    /// Stores one scan in ONE transaction: its hits, the advanced position, the counters, and
+    /// the alert emails of every group that is due now (made by `build`).
+    pub async fn record_scan(
+        &self,
+        mailbox: &str,
+        pos: Option<MailboxPosition>,
+        scanned: u64,
+        hits: &[NewHit],
+        build: AlertBuilder<'_>,
+    ) -> Result<ScanOutcome, StoreError> {
+        let now = now();
+        let now_ms = ms(now);
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut new_hits = 0u64;
+        for h in hits {
+            let (uidvalidity, uid) = match h.uid {
+                Some((v, u)) => (Some(i64::from(v)), Some(i64::from(u))),
+                None => (None, None),
+            };
+            let inserted = sqlx::query(
+                "INSERT INTO postbox_alert_hits
+                     (mailbox, rule, group_key, uidvalidity, uid, fingerprint, seen_at, detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(mailbox)
+            .bind(&h.rule)
+            .bind(&h.group_key)
+            .bind(uidvalidity)
+            .bind(uid)
+            .bind(&h.fingerprint)
+            .bind(now_ms)
+            .bind(h.detail.to_string())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                continue;
+            }
+            new_hits += 1;
+            // A group with nothing pending opens now: due after group_wait, and never sooner
+            // than repeat_interval after its last alert.
+            sqlx::query(
+                "INSERT INTO postbox_alert_groups (mailbox, rule, group_key, pending, due_at)
+                 VALUES (?1, ?2, ?3, 1, ?4 + ?5)
+                 ON CONFLICT(mailbox, rule, group_key) DO UPDATE SET
+                     pending = pending + 1,
+                     due_at = CASE WHEN pending = 0
+                                   THEN max(?4 + ?5, coalesce(last_alert_at + ?6, 0))
+                                   ELSE due_at END",
+            )
+            .bind(mailbox)
+            .bind(&h.rule)
+            .bind(&h.group_key)
+            .bind(now_ms)
+            .bind(h.group_wait.as_millis() as i64)
+            .bind(h.repeat_interval.as_millis() as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some(p) = pos {
+            sqlx::query(
+                "INSERT INTO postbox_mailboxes (name, uidvalidity, last_uid, last_poll_at, scanned, matched, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?4)
+                 ON CONFLICT(name) DO UPDATE SET uidvalidity = ?2, last_uid = max(last_uid, ?3),
+                     last_poll_at = ?4, scanned = scanned + ?5, matched = matched + ?6, updated_at = ?4",
+            )
+            .bind(mailbox)
+            .bind(i64::from(p.uidvalidity))
+            .bind(i64::from(p.last_uid))
+            .bind(now_ms)
+            .bind(scanned as i64)
+            .bind(new_hits as i64)
+            .execute(&mut *tx)
+            .await?;
+        } else if new_hits > 0 {
+            sqlx::query(
+                "INSERT INTO postbox_mailboxes (name, matched, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET matched = matched + ?2, updated_at = ?3",
+            )
+            .bind(mailbox)
+            .bind(new_hits as i64)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let alerts = self.flush_due(&mut tx, now, build).await?;
+        tx.commit().await?;
+        Ok(ScanOutcome { new_hits, alerts })
+    }
+
+    /// Makes the alert emails of every group that is due, in one transaction (nothing is
+    /// written when none is due).
+    pub async fn flush_alerts(&self, build: AlertBuilder<'_>) -> Result<Vec<EmailId>, StoreError> {
+        let now = now();
+        let due: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM postbox_alert_groups WHERE pending > 0 AND due_at <= ?1 LIMIT 1",
+        )
+        .bind(ms(now))
+        .fetch_optional(self.pool())
+        .await?;
+        if due.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let alerts = self.flush_due(&mut tx, now, build).await?;
+        tx.commit().await?;
+        Ok(alerts)
+    }
+
+    /// The earliest time a pending group falls due, if any group is pending.
+    pub async fn next_alert_due(&self) -> Result<Option<OffsetDateTime>, StoreError> {
+        let v: Option<i64> =
+            sqlx::query_scalar("SELECT min(due_at) FROM postbox_alert_groups WHERE pending > 0")
+                .fetch_one(self.pool())
+                .await?;
+        Ok(from_ms(v))
+    }
+
+    async fn flush_due(
+        &self,
+        tx: &mut SqliteConnection,
+        now: OffsetDateTime,
+        build: AlertBuilder<'_>,
+    ) -> Result<Vec<EmailId>, StoreError> {
+        let now_ms = ms(now);
+        let groups = sqlx::query(
+            "SELECT mailbox, rule, group_key, alerts FROM postbox_alert_groups
+              WHERE pending > 0 AND due_at <= ?1 ORDER BY due_at",
+        )
+        .bind(now_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut out = Vec::new();
+        for g in groups {
+            let mut group = DueGroup {
+                mailbox: g.try_get("mailbox")?,
+                rule: g.try_get("rule")?,
+                group_key: g.try_get("group_key")?,
+                alerts_before: g.try_get::<i64, _>("alerts")? as u64,
+                hits: Vec::new(),
+            };
+            let rows = sqlx::query(
+                "SELECT seen_at, detail FROM postbox_alert_hits
+                  WHERE mailbox = ?1 AND rule = ?2 AND group_key = ?3 AND alert_id IS NULL
+                  ORDER BY id",
+            )
+            .bind(&group.mailbox)
+            .bind(&group.rule)
+            .bind(&group.group_key)
+            .fetch_all(&mut *tx)
+            .await?;
+            for r in rows {
+                group.hits.push(PendingHit {
+                    seen_at: from_ms(Some(r.try_get("seen_at")?)).unwrap_or(now),
+                    detail: serde_json::from_str(&r.try_get::<String, _>("detail")?)
+                        .unwrap_or_default(),
+                });
+            }
+            let alert_id = match build(&group) {
+                Some(row) => {
+                    let ids = self.insert_rows(tx, &[(&row, None)], now_ms).await?;
+                    let id = ids[0].0.clone();
+                    out.push(id.clone());
+                    id.to_string()
+                }
+                None => "dropped".to_string(),
+            };
+            sqlx::query(
+                "UPDATE postbox_alert_hits SET alert_id = ?4
+                  WHERE mailbox = ?1 AND rule = ?2 AND group_key = ?3 AND alert_id IS NULL",
+            )
+            .bind(&group.mailbox)
+            .bind(&group.rule)
+            .bind(&group.group_key)
+            .bind(&alert_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE postbox_alert_groups
+                    SET pending = 0, due_at = NULL, last_alert_at = ?4, last_alert_id = ?5,
+                        alerts = alerts + 1
+                  WHERE mailbox = ?1 AND rule = ?2 AND group_key = ?3",
+            )
+            .bind(&group.mailbox)
+            .bind(&group.rule)
+            .bind(&group.group_key)
+            .bind(now_ms)
+            .bind(&alert_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE postbox_mailboxes SET alerts = alerts + 1, updated_at = ?2 WHERE name = ?1",
+            )
+            .bind(&group.mailbox)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(out)
+    }
+
+    /// Every mailbox the watchers have recorded, with per-rule counts.
+    pub async fn mailboxes(&self) -> Result<Vec<MailboxStatus>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM postbox_mailboxes ORDER BY name")
+            .fetch_all(self.pool())
+            .await?;
+        let rules = sqlx::query(
+            "SELECT h.mailbox, h.rule, count(*) AS hits,
+                    sum(h.alert_id IS NULL) AS pending,
+                    (SELECT sum(g.alerts) FROM postbox_alert_groups g
+                      WHERE g.mailbox = h.mailbox AND g.rule = h.rule) AS alerts,
+                    (SELECT max(g.last_alert_at) FROM postbox_alert_groups g
+                      WHERE g.mailbox = h.mailbox AND g.rule = h.rule) AS last_alert_at
+               FROM postbox_alert_hits h GROUP BY h.mailbox, h.rule ORDER BY h.mailbox, h.rule",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let name: String = r.try_get("name")?;
+            let mut mine = Vec::new();
+            for x in &rules {
+                if x.try_get::<String, _>("mailbox")? == name {
+                    mine.push(RuleStatus {
+                        rule: x.try_get("rule")?,
+                        hits: x.try_get::<i64, _>("hits")? as u64,
+                        pending: x.try_get::<Option<i64>, _>("pending")?.unwrap_or(0) as u64,
+                        alerts: x.try_get::<Option<i64>, _>("alerts")?.unwrap_or(0) as u64,
+                        last_alert_at: from_ms(x.try_get("last_alert_at")?),
+                    });
+                }
+            }
+            out.push(MailboxStatus {
+                name,
+                state: r.try_get("state")?,
+                idle: r.try_get::<i64, _>("idle")? != 0,
+                uidvalidity: r
+                    .try_get::<Option<i64>, _>("uidvalidity")?
+                    .map(|v| v as u32),
+                last_uid: r.try_get::<i64, _>("last_uid")? as u32,
+                connected_since: from_ms(r.try_get("connected_since")?),
+                down_since: from_ms(r.try_get("down_since")?),
+                last_poll_at: from_ms(r.try_get("last_poll_at")?),
+                last_error: r.try_get("last_error")?,
+                scanned: r.try_get::<i64, _>("scanned")? as u64,
+                matched: r.try_get::<i64, _>("matched")? as u64,
+                alerts: r.try_get::<i64, _>("alerts")? as u64,
+                resyncs: r.try_get::<i64, _>("resyncs")? as u64,
+                rules: mine,
+            });
+        }
+        Ok(out)
+    }
+}

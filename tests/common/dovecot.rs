@@ -1,0 +1,393 @@
+//! A real Dovecot (Debian's `dovecot-imapd`) for the watcher tests: its own config, users, mail
+//! directory and TLS certificates (a throwaway CA signs a certificate for 127.0.0.1) in a temp
+//! dir, listening on random loopback ports: plaintext IMAP (with STARTTLS) and IMAPS.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_imap::Client;
+use futures::TryStreamExt;
+use tokio::net::TcpStream;
+
+pub const USER: &str = "watch";
+pub const PASSWORD: &str = "watch-password-123";
+
+pub struct Dovecot {
+    pub dir: PathBuf,
+    /// Plaintext IMAP (STARTTLS offered).
+    pub port: u16,
+    /// IMAP over TLS.
+    pub tls_port: u16,
+    /// The CA that signed the server certificate (for `ca_file`).
+    pub ca_file: PathBuf,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn dovecot_binary() -> &'static str {
+    for p in ["/usr/sbin/dovecot", "/usr/local/sbin/dovecot"] {
+        if Path::new(p).exists() {
+            return p;
+        }
+    }
+    panic!(
+        "Dovecot is not installed. Run the tests with scripts/test.sh (it installs Debian's \
+         dovecot-imapd), or: apt-get install dovecot-imapd"
+    );
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+impl Dovecot {
+    /// Starts a Dovecot in `dir` (created). Panics with a how-to if Dovecot is missing.
+    pub fn start(dir: &Path) -> Dovecot {
+        let bin = dovecot_binary();
+        std::fs::create_dir_all(dir.join("mail")).unwrap();
+        std::fs::create_dir_all(dir.join("run")).unwrap();
+        std::fs::create_dir_all(dir.join("state")).unwrap();
+        let (port, tls_port) = (free_port(), free_port());
+        // Certificates: a CA, and a server certificate it signs for 127.0.0.1 / localhost.
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        run(Command::new("openssl")
+            .current_dir(dir)
+            .args(["req", "-x509"])
+            .args(ec)
+            .args([
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "3",
+                "-subj",
+                "/CN=postbox test CA",
+            ])
+            .args([
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ]));
+        run(Command::new("openssl")
+            .current_dir(dir)
+            .args(["req"])
+            .args(ec)
+            .args([
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ]));
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        run(Command::new("openssl").current_dir(dir).args([
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "3",
+            "-extfile",
+            "ext.cnf",
+        ]));
+        std::fs::write(dir.join("users"), format!("{USER}:{{PLAIN}}{PASSWORD}\n")).unwrap();
+        // As root, Dovecot drops to its own users; mail is owned by `dovecot`.
+        let (internal, login, mail_uid) = if is_root() {
+            run(Command::new("chown")
+                .args(["-R", "dovecot:dovecot"])
+                .arg(dir.join("mail")));
+            run(Command::new("chmod").args(["755"]).arg(dir));
+            (
+                "dovecot".to_string(),
+                "dovenull".to_string(),
+                "dovecot".to_string(),
+            )
+        } else {
+            let me = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
+                .unwrap()
+                .trim()
+                .to_string();
+            (me.clone(), me.clone(), me)
+        };
+        let d = dir.display();
+        let conf = format!(
+            r#"base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/dovecot.log
+protocols = imap
+listen = 127.0.0.1
+ssl = yes
+ssl_cert = <{d}/server.pem
+ssl_key = <{d}/server.key
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+mail_fsync = never
+first_valid_uid = 1
+default_internal_user = {internal}
+default_login_user = {login}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {d}/users
+}}
+userdb {{
+  driver = static
+  args = uid={mail_uid} gid={mail_uid} home={d}/mail/%u
+}}
+mail_location = maildir:~/Maildir
+namespace inbox {{
+  inbox = yes
+  separator = /
+  mailbox Processed {{
+    auto = create
+  }}
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  inet_listener imaps {{
+    address = 127.0.0.1
+    port = {tls_port}
+    ssl = yes
+  }}
+}}
+service auth {{
+  unix_listener auth-userdb {{
+    mode = 0666
+  }}
+}}
+"#
+        );
+        std::fs::write(dir.join("dovecot.conf"), conf).unwrap();
+        let _ = bin;
+        let mut d = Dovecot {
+            dir: dir.to_path_buf(),
+            port,
+            tls_port,
+            ca_file: dir.join("ca.pem"),
+            child: None,
+        };
+        d.restart();
+        d
+    }
+
+    fn conf(&self) -> PathBuf {
+        self.dir.join("dovecot.conf")
+    }
+
+    /// Starts Dovecot (again) on the same ports and mail.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "Dovecot is running");
+        let child = Command::new(dovecot_binary())
+            .arg("-c")
+            .arg(self.conf())
+            .arg("-F")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start dovecot");
+        self.child = Some(child);
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
+            || std::net::TcpStream::connect(("127.0.0.1", self.tls_port)).is_err()
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "Dovecot did not listen within 10 s; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops Dovecot (SIGTERM: it closes every client connection) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let t0 = Instant::now();
+            while c.try_wait().ok().flatten().is_none() {
+                if t0.elapsed() > Duration::from_secs(10) {
+                    let _ = c.kill();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // Ports are free again once the listeners are gone.
+            let t0 = Instant::now();
+            while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+                && t0.elapsed() < Duration::from_secs(5)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("dovecot.log")).unwrap_or_default()
+    }
+
+    /// Gives INBOX a new UIDVALIDITY (as a restored or rebuilt mailbox would have).
+    pub fn change_uidvalidity(&self, to: u32) {
+        run(Command::new("doveadm").arg("-c").arg(self.conf()).args([
+            "mailbox",
+            "update",
+            "-u",
+            USER,
+            "--uid-validity",
+            &to.to_string(),
+            "INBOX",
+        ]));
+    }
+
+    /// Deletes the user's UID list and indexes (Dovecot stopped): the next start numbers every
+    /// message again from UID 1.
+    pub fn forget_uids(&self) {
+        assert!(self.child.is_none(), "stop Dovecot first");
+        let maildir = self.dir.join(format!("mail/{USER}/Maildir"));
+        for e in std::fs::read_dir(&maildir).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with("dovecot-uidlist") || name.starts_with("dovecot.index") {
+                std::fs::remove_file(e.path()).unwrap();
+            }
+        }
+    }
+
+    /// A logged-in test client (plaintext, loopback).
+    pub async fn client(&self) -> Appender {
+        let tcp = TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .expect("connect to Dovecot");
+        let mut c = Client::new(tcp);
+        c.read_response()
+            .await
+            .expect("greeting")
+            .expect("greeting");
+        let session = c
+            .login(USER, PASSWORD)
+            .await
+            .map_err(|(e, _)| e)
+            .expect("login");
+        Appender { session }
+    }
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A test client that puts messages into the mailbox with IMAP APPEND.
+pub struct Appender {
+    pub session: async_imap::Session<TcpStream>,
+}
+
+impl Appender {
+    pub async fn append(&mut self, folder: &str, raw: &[u8]) {
+        self.session
+            .append(folder, None, None, raw)
+            .await
+            .expect("APPEND");
+    }
+
+    /// Deletes (flags \\Deleted and expunges) one message.
+    pub async fn delete(&mut self, folder: &str, uid: u32) {
+        self.session.select(folder).await.expect("SELECT");
+        let _: Vec<_> = self
+            .session
+            .uid_store(uid.to_string(), "+FLAGS.SILENT (\\Deleted)")
+            .await
+            .expect("STORE")
+            .try_collect()
+            .await
+            .expect("STORE");
+        let _: Vec<_> = self
+            .session
+            .expunge()
+            .await
+            .expect("EXPUNGE")
+            .try_collect()
+            .await
+            .expect("EXPUNGE");
+    }
+
+    /// UIDs in `folder` and whether each is \Seen.
+    pub async fn flags(&mut self, folder: &str) -> Vec<(u32, bool)> {
+        self.session.select(folder).await.expect("SELECT");
+        let fetched: Vec<_> = self
+            .session
+            .uid_fetch("1:*", "(UID FLAGS)")
+            .await
+            .expect("FETCH")
+            .try_collect()
+            .await
+            .unwrap_or_default();
+        fetched
+            .iter()
+            .filter_map(|f| {
+                Some((
+                    f.uid?,
+                    f.flags()
+                        .any(|x| matches!(x, async_imap::types::Flag::Seen)),
+                ))
+            })
+            .collect()
+    }
+}
+
+/// A simple RFC 5322 message.
+pub fn message(from: &str, subject: &str, body: &str) -> Vec<u8> {
+    format!(
+        "From: {from}\r\nTo: alerts@example.com\r\nSubject: {subject}\r\nDate: Sun, 22 Nov 2026 10:00:00 +0000\r\nMessage-ID: <{}@test>\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}\r\n",
+        ulid::Ulid::generate()
+    )
+    .into_bytes()
+}

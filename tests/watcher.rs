@@ -1,0 +1,592 @@
+//! The IMAP watcher against a real Dovecot on loopback (plaintext, STARTTLS and TLS), with alert
+//! emails delivered by the real workers to a real SMTP server.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::dovecot::{self, Dovecot};
+use common::smtp::{Received, header};
+use common::{App, SmtpServer};
+use postbox::inbound::MailboxSettings;
+use postbox::queue::shutdown_signal;
+use postbox::store::MailboxStatus;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// postbox with workers and watchers running in this process.
+struct Watching {
+    app: App,
+    stop: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+impl Watching {
+    async fn start(dir: &Path, smtp: &SmtpServer, mailbox: MailboxSettings) -> Watching {
+        let mut s = common::settings(dir, smtp.port());
+        s.mailboxes = vec![mailbox];
+        s.validate().expect("test mailbox settings are valid");
+        let app = App::start(s).await;
+        let mut w = Watching { app, stop: None };
+        w.start_watchers();
+        w
+    }
+
+    fn start_watchers(&mut self) {
+        let (tx, rx) = oneshot::channel::<()>();
+        let pb = self.app.postbox.clone();
+        let h = tokio::spawn(async move {
+            pb.run_watchers(shutdown_signal(async move {
+                let _ = rx.await;
+            }))
+            .await
+            .expect("watchers start");
+        });
+        self.stop = Some((tx, h));
+    }
+
+    async fn stop_watchers(&mut self) {
+        if let Some((tx, h)) = self.stop.take() {
+            let _ = tx.send(());
+            h.await.expect("watchers exit cleanly");
+        }
+    }
+
+    async fn status(&self) -> MailboxStatus {
+        let all = self.app.postbox.mailboxes().await.expect("mailboxes");
+        all.into_iter()
+            .next()
+            .expect("the mailbox has a status row")
+    }
+
+    /// Waits until the watcher reports `state` (connected / down).
+    async fn wait_state(&self, state: &str, limit: Duration) -> MailboxStatus {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(all) = self.app.postbox.mailboxes().await
+                && let Some(s) = all.into_iter().next()
+                && s.state == state
+            {
+                return s;
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "the watcher did not become {state} within {limit:?}: {:?}",
+                self.app.postbox.mailboxes().await
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// A mailbox on the test Dovecot; `rules` is TOML for `[[rules]]` tables.
+fn mailbox(dv: &Dovecot, mode: &str, idle: bool, extra: &str, rules: &str) -> MailboxSettings {
+    let port = if mode == "tls" { dv.tls_port } else { dv.port };
+    let text = format!(
+        r#"
+name = "mon"
+host = "127.0.0.1"
+port = {port}
+tls = "{mode}"
+ca_file = "{ca}"
+username = "{user}"
+password = "{password}"
+idle = {idle}
+poll_interval_secs = 1
+alert_to = ["oncall@example.com"]
+reconnect_min_ms = 100
+reconnect_max_secs = 1
+connect_timeout_secs = 2
+command_timeout_secs = 5
+{extra}
+{rules}
+"#,
+        ca = dv.ca_file.display(),
+        user = dovecot::USER,
+        password = dovecot::PASSWORD,
+    );
+    toml::from_str(&text).unwrap_or_else(|e| panic!("test mailbox TOML: {e}\n{text}"))
+}
+
+/// The text part of a received alert.
+fn text_of(r: &Received) -> String {
+    let m = mail_parser::MessageParser::default()
+        .parse(&r.data)
+        .expect("alert parses");
+    m.body_text(0).unwrap_or_default().to_string()
+}
+
+fn subject(r: &Received) -> String {
+    let raw = header(&r.data, "Subject").unwrap_or_default();
+    // Decode RFC 2047 words through mail-parser.
+    mail_parser::MessageParser::default()
+        .parse(format!("Subject: {raw}\r\n\r\n").as_bytes())
+        .and_then(|m| m.subject().map(str::to_string))
+        .unwrap_or(raw)
+}
+
+async fn wait_emails(smtp: &SmtpServer, n: usize, limit: Duration) -> Vec<Received> {
+    common::wait_for(&format!("{n} alert emails"), limit, || smtp.count() >= n).await;
+    smtp.received()
+}
+
+/// Asserts no more than `n` emails arrive in the next `quiet`.
+async fn assert_stays(smtp: &SmtpServer, n: usize, quiet: Duration) {
+    tokio::time::sleep(quiet).await;
+    let got = smtp.received();
+    assert_eq!(
+        got.len(),
+        n,
+        "expected {n} alerts, got: {:?}",
+        got.iter().map(subject).collect::<Vec<_>>()
+    );
+}
+
+const DISK_RULE: &str = r#"
+[[rules]]
+name = "disk"
+subject = '(?P<host>db\d+) disk (?P<pct>\d+)% full'
+then = "seen"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_over_tls_alerts_on_a_match_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let dv = Dovecot::start(&dir.path().join("dovecot"));
+    let smtp = SmtpServer::start().await;
+    let w = Watching::start(dir.path(), &smtp, mailbox(&dv, "tls", true, "", DISK_RULE)).await;
+    let st = w.wait_state("connected", Duration::from_secs(10)).await;
+    assert!(st.idle, "Dovecot offers IDLE and the mailbox asks for it");
+
+    let mut c = dv.client().await;
+    c.append(
+        "INBOX",
+        &dovecot::message("Nagios <nagios@example.com>", "weekly report", "all fine"),
+    )
+    .await;
+    c.append(
+        "INBOX",
+        &dovecot::message(
+            "Nagios <nagios@example.com>",
+            "PROBLEM db7 disk 97% full",
+            "Host db7\nState CRITICAL",
+        ),
+    )
+    .await;
+
+    let got = wait_emails(&smtp, 1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].rcpt_to, vec!["oncall@example.com".to_string()]);
+    assert_eq!(subject(&got[0]), "[critical] disk: 1 message in mon");
+    let text = text_of(&got[0]);
+    for want in [
+        "Mailbox: mon",
+        "host: db7",
+        "pct: 97",
+        "PROBLEM db7 disk 97% full",
+        "Nagios <nagios@example.com>",
+        "Host db7 State CRITICAL",
+    ] {
+        assert!(text.contains(want), "alert text lacks {want:?}:\n{text}");
+    }
+    assert_stays(&smtp, 1, Duration::from_millis(1500)).await;
+
+    // The matched message is marked seen (then = "seen"); the other is untouched.
+    let t0 = Instant::now();
+    loop {
+        let flags = c.flags("INBOX").await;
+        if flags == vec![(1, false), (2, true)] {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "flags: {flags:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let st = w.status().await;
+    assert_eq!(
+        (st.scanned, st.matched, st.alerts, st.last_uid),
+        (2, 1, 1, 2)
+    );
+    assert_eq!(st.rules.len(), 1);
+    assert_eq!(
+        (st.rules[0].hits, st.rules[0].pending, st.rules[0].alerts),
+        (1, 0, 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_over_starttls_moves_matched_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let dv = Dovecot::start(&dir.path().join("dovecot"));
+    let smtp = SmtpServer::start().await;
+    let rules = r#"
+[[rules]]
+name = "backup failed"
+from = '@backup\.example\.com$'
+body = '(?i)job (?P<job>\S+) failed'
+severity = "warning"
+then = "move"
+move_to = "Processed"
+"#;
+    let w = Watching::start(
+        dir.path(),
+        &smtp,
+        mailbox(&dv, "starttls", false, "", rules),
+    )
+    .await;
+    let st = w.wait_state("connected", Duration::from_secs(10)).await;
+    assert!(!st.idle, "idle = false polls");
+
+    let mut c = dv.client().await;
+    c.append(
+        "INBOX",
+        &dovecot::message(
+            "bacula@backup.example.com",
+            "Backup report",
+            "Job nightly-db failed at 03:00",
+        ),
+    )
+    .await;
+    c.append(
+        "INBOX",
+        &dovecot::message(
+            "someone@example.com",
+            "Backup report",
+            "Job nightly-db failed at 03:00",
+        ),
+    )
+    .await;
+
+    let got = wait_emails(&smtp, 1, Duration::from_secs(10)).await;
+    assert_eq!(
+        subject(&got[0]),
+        "[warning] backup failed: 1 message in mon"
+    );
+    assert!(text_of(&got[0]).contains("job: nightly-db"));
+    assert_stays(&smtp, 1, Duration::from_millis(2500)).await;
+
+    // Moved: INBOX keeps only the message from the wrong sender.
+    let t0 = Instant::now();
+    while c.flags("INBOX").await.len() != 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the matched message was not moved"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let processed = c.flags("Processed").await;
+    assert_eq!(processed.len(), 1, "{processed:?}");
+}
+
+/// Each message is its own group (group_by subject), so every alert names one message; no
+/// repeat throttling, so a message alerting twice would show as a second email.
+const PER_MESSAGE_RULE: &str = r#"
+[[rules]]
+name = "incident"
+subject = '^INCIDENT (?P<n>\d+)'
+group_by = ["subject"]
+repeat_interval_secs = 0
+"#;
+
+fn incident_numbers(got: &[Received]) -> Vec<u32> {
+    let mut n: Vec<u32> = got
+        .iter()
+        .map(|r| {
+            let t = text_of(r);
+            let line = t
+                .lines()
+                .find(|l| l.trim_start().starts_with("n: "))
+                .expect("capture n in alert");
+            line.trim().trim_start_matches("n: ").parse().unwrap()
+        })
+        .collect();
+    n.sort();
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_and_rereading_neither_duplicate_nor_miss_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    let dv = Dovecot::start(&dir.path().join("dovecot"));
+    let smtp = SmtpServer::start().await;
+    let mut c = dv.client().await;
+    // Already there before the first start: not alerted (a first start begins at "now").
+    c.append(
+        "INBOX",
+        &dovecot::message("a@example.com", "INCIDENT 0", "old"),
+    )
+    .await;
+    let mut w = Watching::start(
+        dir.path(),
+        &smtp,
+        mailbox(&dv, "none", true, "", PER_MESSAGE_RULE),
+    )
+    .await;
+    w.wait_state("connected", Duration::from_secs(10)).await;
+    for i in 1..=3 {
+        c.append(
+            "INBOX",
+            &dovecot::message("a@example.com", &format!("INCIDENT {i}"), "x"),
+        )
+        .await;
+    }
+    let got = wait_emails(&smtp, 3, Duration::from_secs(10)).await;
+    assert_eq!(incident_numbers(&got), vec![1, 2, 3]);
+
+    // Stopped: mail keeps arriving, and is read after the restart.
+    w.stop_watchers().await;
+    for i in 4..=5 {
+        c.append(
+            "INBOX",
+            &dovecot::message("a@example.com", &format!("INCIDENT {i}"), "x"),
+        )
+        .await;
+    }
+    w.start_watchers();
+    let got = wait_emails(&smtp, 5, Duration::from_secs(10)).await;
+    assert_eq!(incident_numbers(&got), vec![1, 2, 3, 4, 5]);
+
+    // A crash after fetching but before committing means reading messages again. Simulate the
+    // worst case, every message re-read, by rewinding the stored position: no alert repeats.
+    w.stop_watchers().await;
+    let pool = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("postbox.db").display()
+    ))
+    .await
+    .unwrap();
+    sqlx::query("UPDATE postbox_mailboxes SET last_uid = 0")
+        .execute(&pool)
+        .await
+        .unwrap();
+    w.start_watchers();
+    let t0 = Instant::now();
+    while sqlx::query_scalar::<_, i64>("SELECT last_uid FROM postbox_mailboxes")
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+        < 6
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the rewound watcher did not re-read"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    c.append(
+        "INBOX",
+        &dovecot::message("a@example.com", "INCIDENT 6", "x"),
+    )
+    .await;
+    // INCIDENT 0 came before the first start, so it was skipped then; the rewind reads it for
+    // the first time and it alerts once. Everything else exactly once.
+    let got = wait_emails(&smtp, 7, Duration::from_secs(10)).await;
+    assert_stays(&smtp, 7, Duration::from_millis(1000)).await;
+    assert_eq!(incident_numbers(&got), vec![0, 1, 2, 3, 4, 5, 6]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dovecot_down_then_back_reconnects_alerts_and_raises_a_down_alert() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dv = Dovecot::start(&dir.path().join("dovecot"));
+    let smtp = SmtpServer::start().await;
+    let extra = "down_alert_after_secs = 2\ndown_repeat_interval_secs = 3600";
+    let w = Watching::start(
+        dir.path(),
+        &smtp,
+        mailbox(&dv, "tls", true, extra, PER_MESSAGE_RULE),
+    )
+    .await;
+    w.wait_state("connected", Duration::from_secs(10)).await;
+
+    dv.stop();
+    let st = w.wait_state("down", Duration::from_secs(10)).await;
+    assert!(st.last_error.is_some(), "{st:?}");
+    // Down past down_alert_after_secs: one alert about the watcher itself.
+    let got = wait_emails(&smtp, 1, Duration::from_secs(15)).await;
+    assert_eq!(
+        subject(&got[0]),
+        "[critical] mailbox-down: 1 message in mon"
+    );
+    let text = text_of(&got[0]);
+    assert!(text.contains("has not been connected since"), "{text}");
+
+    // Mail delivered to the mailbox while the IMAP server is down (by the MTA, into the
+    // Maildir), then the server comes back: the watcher reconnects and alerts on it.
+    let new = dv.dir.join(format!("mail/{}/Maildir/new", dovecot::USER));
+    std::fs::create_dir_all(&new).unwrap();
+    let file = new.join(format!("{}.test.localhost", ulid::Ulid::generate()));
+    std::fs::write(
+        &file,
+        dovecot::message("a@example.com", "INCIDENT 42", "while down"),
+    )
+    .unwrap();
+    let _ = std::process::Command::new("chown")
+        .args(["-R", "dovecot:dovecot"])
+        .arg(dv.dir.join("mail"))
+        .status();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    dv.restart();
+    w.wait_state("connected", Duration::from_secs(10)).await;
+    let got = wait_emails(&smtp, 2, Duration::from_secs(10)).await;
+    assert_eq!(incident_numbers(&got[1..]), vec![42]);
+    // One down alert per repeat interval (an hour here): no second one.
+    assert_stays(&smtp, 2, Duration::from_millis(1500)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uidvalidity_change_rescans_without_realerting() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dv = Dovecot::start(&dir.path().join("dovecot"));
+    let smtp = SmtpServer::start().await;
+    let mut w = Watching::start(
+        dir.path(),
+        &smtp,
+        mailbox(&dv, "none", true, "", PER_MESSAGE_RULE),
+    )
+    .await;
+    let before = w.wait_state("connected", Duration::from_secs(10)).await;
+    let mut c = dv.client().await;
+    c.append("INBOX", &dovecot::message("a@example.com", "filler", "x"))
+        .await;
+    c.append("INBOX", &dovecot::message("a@example.com", "filler", "y"))
+        .await;
+    c.append(
+        "INBOX",
+        &dovecot::message("a@example.com", "INCIDENT 1", "x"),
+    )
+    .await;
+    wait_emails(&smtp, 1, Duration::from_secs(10)).await;
+    c.delete("INBOX", 1).await;
+    c.delete("INBOX", 2).await;
+
+    // The mailbox is rebuilt (its index and UID list lost, as after a restore): every message
+    // is numbered again from 1, so INCIDENT 1 (UID 3) gets UID 1 or 2, and UIDVALIDITY changes.
+    w.stop_watchers().await;
+    drop(c);
+    dv.stop();
+    dv.forget_uids();
+    dv.restart();
+    let new_validity = before.uidvalidity.unwrap() + 1000;
+    dv.change_uidvalidity(new_validity);
+    let mut c = dv.client().await;
+    c.append(
+        "INBOX",
+        &dovecot::message("a@example.com", "INCIDENT 2", "x"),
+    )
+    .await;
+    assert_eq!(c.flags("INBOX").await, vec![(1, false), (2, false)]);
+    w.start_watchers();
+
+    // The folder is read again from the start under the new UIDVALIDITY: INCIDENT 1 is
+    // recognised (same header block) and not alerted again; INCIDENT 2 alerts.
+    let got = wait_emails(&smtp, 2, Duration::from_secs(10)).await;
+    assert_eq!(incident_numbers(&got), vec![1, 2]);
+    assert_stays(&smtp, 2, Duration::from_millis(1500)).await;
+    let st = w.status().await;
+    assert_eq!(st.uidvalidity, Some(new_validity));
+    assert_eq!(st.resyncs, 1);
+    assert_eq!(st.last_uid, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_makes_one_alert_and_repeats_wait_for_repeat_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let dv = Dovecot::start(&dir.path().join("dovecot"));
+    let smtp = SmtpServer::start().await;
+    let rules = r#"
+[[rules]]
+name = "storm"
+subject = '^ERROR (?P<code>\w+)'
+group_wait_secs = 3
+repeat_interval_secs = 5
+"#;
+    let w = Watching::start(dir.path(), &smtp, mailbox(&dv, "none", true, "", rules)).await;
+    w.wait_state("connected", Duration::from_secs(10)).await;
+    let mut c = dv.client().await;
+    for i in 0..200 {
+        c.append(
+            "INBOX",
+            &dovecot::message(
+                &format!("app{}@example.com", i % 3),
+                &format!("ERROR E{i}"),
+                "boom",
+            ),
+        )
+        .await;
+    }
+    let got = wait_emails(&smtp, 1, Duration::from_secs(15)).await;
+    assert_eq!(subject(&got[0]), "[critical] storm: 200 messages in mon");
+    let text = text_of(&got[0]);
+    assert!(text.contains("Messages: 200"), "{text}");
+    assert!(text.contains("... and 175 more not listed."), "{text}");
+    assert!(
+        text.contains("app0@example.com (67)"),
+        "senders with counts: {text}"
+    );
+    assert_stays(&smtp, 1, Duration::from_millis(500)).await;
+
+    // More of the same storm: held until repeat_interval after the first alert, then one alert.
+    for i in 200..205 {
+        c.append(
+            "INBOX",
+            &dovecot::message("app0@example.com", &format!("ERROR E{i}"), "boom"),
+        )
+        .await;
+    }
+    let got = wait_emails(&smtp, 2, Duration::from_secs(15)).await;
+    assert_eq!(subject(&got[1]), "[critical] storm: 5 messages in mon");
+    let gap = got[1].at.duration_since(got[0].at).unwrap();
+    assert!(
+        gap >= Duration::from_millis(4500),
+        "the repeat came {gap:?} after the first alert; repeat_interval is 5 s"
+    );
+    assert!(text_of(&got[1]).contains("keeps matching"));
+    assert_stays(&smtp, 2, Duration::from_millis(1000)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_huge_messages_do_not_stop_the_good_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let dv = Dovecot::start(&dir.path().join("dovecot"));
+    let smtp = SmtpServer::start().await;
+    let extra = "max_message_bytes = 65536";
+    let w = Watching::start(
+        dir.path(),
+        &smtp,
+        mailbox(&dv, "none", true, extra, PER_MESSAGE_RULE),
+    )
+    .await;
+    w.wait_state("connected", Duration::from_secs(10)).await;
+    let mut c = dv.client().await;
+    c.append(
+        "INBOX",
+        &dovecot::message("a@example.com", "INCIDENT 1", "good"),
+    )
+    .await;
+    // No header block, binary bytes, a broken multipart with an unknown charset.
+    c.append("INBOX", b"\x00\xff\xfe garbage \x01\x02 INCIDENT 99\r\n")
+        .await;
+    c.append(
+        "INBOX",
+        b"Subject: INCIDENT 2\r\nContent-Type: multipart/mixed; boundary=zz\r\n\r\n--zz\r\nContent-Type: text/plain; charset=x-klingon\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!not base64!!!\r\n",
+    )
+    .await;
+    // 3 MiB: only the first 64 KiB are fetched and matched.
+    let mut huge = dovecot::message("a@example.com", "INCIDENT 3", "");
+    huge.extend(std::iter::repeat_n(b'x', 3 * 1024 * 1024));
+    huge.extend(b"\r\n");
+    c.append("INBOX", &huge).await;
+    c.append(
+        "INBOX",
+        &dovecot::message("a@example.com", "INCIDENT 4", "good"),
+    )
+    .await;
+
+    let got = wait_emails(&smtp, 4, Duration::from_secs(15)).await;
+    assert_eq!(incident_numbers(&got), vec![1, 2, 3, 4]);
+    assert_stays(&smtp, 4, Duration::from_millis(1000)).await;
+    let st = w.status().await;
+    assert_eq!(
+        (st.state.as_str(), st.scanned, st.last_uid),
+        ("connected", 5, 5)
+    );
+}
