@@ -414,6 +414,53 @@ pub(crate) fn masked<S: Serializer>(v: &Option<SecretString>, s: S) -> Result<S:
 
 const ENV_PREFIX: &str = "POSTBOX_";
 
+/// The name of every mailbox in the file, with the names of its rules.
+fn mailbox_names(table: &toml::Table) -> Vec<(String, Vec<String>)> {
+    let name = |v: &toml::Value| {
+        v.get("name")
+            .and_then(|n| n.as_str())
+            .unwrap_or("?")
+            .to_string()
+    };
+    table
+        .get("mailboxes")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            let rules = m
+                .get("rules")
+                .and_then(|r| r.as_array())
+                .into_iter()
+                .flatten()
+                .map(name)
+                .collect();
+            (name(m), rules)
+        })
+        .collect()
+}
+
+/// `3` from `...<marker>3]...`.
+fn index_after(path: &str, marker: &str) -> Option<usize> {
+    let rest = &path[path.find(marker)? + marker.len()..];
+    rest[..rest.find(']')?].parse().ok()
+}
+
+/// The values of every `password_env` / `token_env` key in the file.
+fn secret_env_names(table: &toml::Table) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut collect = |list: Option<&toml::Value>, key: &str| {
+        for item in list.and_then(|v| v.as_array()).into_iter().flatten() {
+            if let Some(name) = item.get(key).and_then(|v| v.as_str()) {
+                out.push(name.to_string());
+            }
+        }
+    };
+    collect(table.get("mailboxes"), "password_env");
+    collect(table.get("api").and_then(|a| a.get("tokens")), "token_env");
+    out
+}
+
 impl Settings {
     /// Loads settings from an optional file plus the process environment.
     pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
@@ -448,21 +495,34 @@ impl Settings {
         })?;
         let defaults = toml::Table::try_from(Settings::default())
             .map_err(|e| ConfigError::new("(defaults)", e.to_string()))?;
+        // Variables the file names as secret sources (`password_env`, `token_env`) are not
+        // overrides, even when they start with POSTBOX_.
+        let referenced = secret_env_names(&table);
         let mut env: Vec<(String, String)> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != "POSTBOX_CONFIG")
+            .filter(|(k, _)| {
+                k.starts_with(ENV_PREFIX) && k != "POSTBOX_CONFIG" && !referenced.contains(k)
+            })
             .collect();
         env.sort();
         for (var, value) in env {
             apply_env(&mut table, &defaults, &var, &value)?;
         }
+        let names = mailbox_names(&table);
         let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| {
                 let path = e.path().to_string();
-                ConfigError::new(
-                    if path == "." { "(root)".into() } else { path },
-                    e.inner().to_string(),
-                )
+                let mut message = e.inner().to_string();
+                // Name the mailbox and rule, not just their positions.
+                if let Some(i) = index_after(&path, "mailboxes[")
+                    && let Some((mailbox, rules)) = names.get(i)
+                {
+                    message = match index_after(&path, ".rules[").and_then(|j| rules.get(j)) {
+                        Some(rule) => format!("(mailbox \"{mailbox}\", rule \"{rule}\") {message}"),
+                        None => format!("(mailbox \"{mailbox}\") {message}"),
+                    };
+                }
+                ConfigError::new(if path == "." { "(root)".into() } else { path }, message)
             })?;
         settings.validate()?;
         Ok(settings)

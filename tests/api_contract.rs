@@ -76,6 +76,7 @@ async fn the_openapi_document_validates_and_lists_exactly_the_served_routes() {
         ("GET", "/v1/templates"),
         ("POST", "/v1/templates/{kind}/preview"),
         ("GET", "/v1/stats"),
+        ("GET", "/v1/mailboxes"),
         ("GET", "/healthz"),
         ("GET", "/readyz"),
         ("GET", "/openapi.json"),

@@ -254,8 +254,24 @@ fn config_errors_name_the_key_and_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     // (environment, config file, the key the error must name)
     type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
-    let cases: [Case; 3] = [
+    const MAILBOX: &str = "[[mailboxes]]\nname = \"monitoring\"\nhost = \"127.0.0.1\"\nusername = \"u\"\npassword_env = \"POSTBOX_TEST_IMAP_PASSWORD\"\nalert_to = [\"ops@example.com\"]\n";
+    let bad_regex =
+        format!("{MAILBOX}[[mailboxes.rules]]\nname = \"disk full\"\nsubject = \"(?P<host>\"\n");
+    let unknown_field =
+        format!("{MAILBOX}[[mailboxes.rules]]\nname = \"disk full\"\nsubjcet = \"x\"\n");
+    let cases: [Case; 6] = [
         (&[("POSTBOX_SMTP__PORT", "abc")], "", "smtp.port"),
+        (
+            &[("POSTBOX_TEST_IMAP_PASSWORD", "p")],
+            &bad_regex,
+            "mailboxes[0].rules[0].subject`: (mailbox \"monitoring\", rule \"disk full\") not a valid regex",
+        ),
+        (
+            &[("POSTBOX_TEST_IMAP_PASSWORD", "p")],
+            &unknown_field,
+            "mailboxes[0].rules[0].subjcet`: (mailbox \"monitoring\", rule \"disk full\") unknown field `subjcet`",
+        ),
+        (&[], MAILBOX, "mailboxes[0].password_env"),
         (&[], "[queue]\nconcurency = 3\n", "concurency"),
         (
             &[],

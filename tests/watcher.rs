@@ -400,6 +400,22 @@ async fn dovecot_down_then_back_reconnects_alerts_and_raises_a_down_alert() {
     dv.stop();
     let st = w.wait_state("down", Duration::from_secs(10)).await;
     assert!(st.last_error.is_some(), "{st:?}");
+    // The state is visible to operators through the HTTP API.
+    let mut s = common::settings(dir.path(), smtp.port());
+    s.api.token = Some(common::http::TOKEN.to_string().into());
+    let api = common::http::Api::start(s, false)
+        .await
+        .with_token(common::http::TOKEN);
+    let r = api.get("/v1/mailboxes").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let mb = &r.json["mailboxes"][0];
+    assert_eq!(mb["name"], "mon");
+    assert_eq!(mb["state"], "down");
+    assert!(
+        mb["down_since"].is_string() && mb["last_error"].is_string(),
+        "{mb}"
+    );
+    assert!(!r.text.contains(dovecot::PASSWORD));
     // Down past down_alert_after_secs: one alert about the watcher itself.
     let got = wait_emails(&smtp, 1, Duration::from_secs(15)).await;
     assert_eq!(

@@ -11,7 +11,7 @@ use super::ApiState;
 use super::body::{JsonBody, parse};
 use super::error::{ApiError, ErrorResponse};
 use crate::render::{self, KINDS, RenderError};
-use crate::store::Stats;
+use crate::store::{MailboxStatus, Stats};
 
 /// A template variable.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -203,4 +203,21 @@ pub async fn readyz(State(st): State<ApiState>) -> Response {
 pub async fn openapi(State(st): State<ApiState>) -> Response {
     let doc = st.openapi.get().cloned().unwrap_or_default();
     ([(header::CONTENT_TYPE, "application/json")], doc).into_response()
+}
+
+/// The IMAP watchers' mailboxes.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct MailboxesResponse {
+    pub mailboxes: Vec<MailboxStatus>,
+}
+
+/// Each watched mailbox: connection state, position (UIDVALIDITY, last UID), last poll, last
+/// error, counters, and hits / pending / alerts per rule.
+#[utoipa::path(get, path = "/v1/mailboxes", tag = "operations",
+    responses((status = 200, body = MailboxesResponse), (status = 401, body = ErrorResponse)),
+    security(("bearer" = [])))]
+pub async fn mailboxes(State(st): State<ApiState>) -> Result<Json<MailboxesResponse>, ApiError> {
+    Ok(Json(MailboxesResponse {
+        mailboxes: st.postbox.mailboxes().await?,
+    }))
 }

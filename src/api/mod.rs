@@ -103,6 +103,7 @@ pub fn router(
         .routes(routes!(meta::list_templates))
         .routes(routes!(meta::preview_template))
         .routes(routes!(meta::stats))
+        .routes(routes!(meta::mailboxes))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,

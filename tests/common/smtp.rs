@@ -100,6 +100,7 @@ impl SmtpServer {
                 let Ok((sock, _)) = listener.accept().await else {
                     return;
                 };
+                let _ = sock.set_nodelay(true);
                 let me2 = me.clone();
                 let rx2 = rx.clone();
                 tokio::spawn(async move {
@@ -271,8 +272,8 @@ impl SmtpServer {
             } else {
                 "502 5.5.2 Command not recognized".into()
             };
-            w.write_all(reply.as_bytes()).await?;
-            w.write_all(b"\r\n").await?;
+            // One write per reply: two small writes meet Nagle and delayed ACKs (40 ms each).
+            w.write_all(format!("{reply}\r\n").as_bytes()).await?;
         }
     }
 }
