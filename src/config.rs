@@ -720,6 +720,39 @@ mod tests {
     }
 
     #[test]
+    fn the_commented_mailbox_example_parses_and_compiles() {
+        let text = include_str!("../config.example.toml");
+        let block: String = text
+            .lines()
+            .skip_while(|l| !l.contains("BEGIN mailboxes example"))
+            .skip(1)
+            .take_while(|l| !l.contains("END mailboxes example"))
+            .map(|l| l.strip_prefix("# ").unwrap_or(l.trim_start_matches('#')))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(block.contains("[[mailboxes.rules]]"));
+        let s = Settings::from_toml_and_env(
+            &block,
+            env(&[("POSTBOX_IMAP_MONITORING_PASSWORD", "secret")]),
+        );
+        // The password comes from the process environment at validation; compile with ours.
+        let s = match s {
+            Ok(s) => s,
+            Err(e) => {
+                assert_eq!(e.key, "mailboxes[0].password_env", "{e}");
+                let mut t: toml::Table = block.parse().unwrap();
+                let m = t["mailboxes"].as_array_mut().unwrap()[0].as_table_mut().unwrap();
+                m.remove("password_env");
+                m.insert("password".into(), "secret".into());
+                Settings::from_toml_and_env(&t.to_string(), env(&[])).unwrap()
+            }
+        };
+        let mb = crate::inbound::compile(&s.mailboxes, &|_| Some("x".into())).unwrap();
+        assert_eq!(mb[0].rules[0].name, "disk full");
+        assert_eq!(mb[0].rules[0].priority, crate::Priority::High);
+    }
+
+    #[test]
     fn env_overrides_file_with_types_and_secrets() {
         let s = Settings::from_toml_and_env(
             "[smtp]\nport = 25\nusername = \"u\"\n",

@@ -311,10 +311,16 @@ pub fn compile(
         let err = |field: &str, msg: String| {
             ConfigError::new(at(field), format!("(mailbox \"{}\") {msg}", m.name))
         };
-        if m.name.trim().is_empty() || m.name.chars().any(|c| c.is_whitespace() || c == ':') {
+        if m.name.is_empty()
+            || m.name.len() > 48
+            || !m
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
             return Err(err(
                 "name",
-                "must be a non-empty name without spaces or `:`".into(),
+                "must be 1-48 characters of A-Z a-z 0-9 - _ .".into(),
             ));
         }
         if out.iter().any(|o| o.name == m.name) {
