@@ -741,7 +741,9 @@ mod tests {
             Err(e) => {
                 assert_eq!(e.key, "mailboxes[0].password_env", "{e}");
                 let mut t: toml::Table = block.parse().unwrap();
-                let m = t["mailboxes"].as_array_mut().unwrap()[0].as_table_mut().unwrap();
+                let m = t["mailboxes"].as_array_mut().unwrap()[0]
+                    .as_table_mut()
+                    .unwrap();
                 m.remove("password_env");
                 m.insert("password".into(), "secret".into());
                 Settings::from_toml_and_env(&t.to_string(), env(&[])).unwrap()

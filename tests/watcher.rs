@@ -154,9 +154,16 @@ async fn idle_over_tls_alerts_on_a_match_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     let dv = Dovecot::start(&dir.path().join("dovecot"));
     let smtp = SmtpServer::start().await;
-    let w = Watching::start(dir.path(), &smtp, mailbox(&dv, "tls", true, "", DISK_RULE)).await;
+    let w = Watching::start(
+        dir.path(),
+        &smtp,
+        mailbox(&dv, "tls", true, "idle_renew_secs = 1", DISK_RULE),
+    )
+    .await;
     let st = w.wait_state("connected", Duration::from_secs(10)).await;
     assert!(st.idle, "Dovecot offers IDLE and the mailbox asks for it");
+    // Let IDLE be ended and re-issued a few times first (every second here).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
 
     let mut c = dv.client().await;
     c.append(
