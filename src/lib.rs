@@ -17,6 +17,7 @@
 //!              group commit of submits (store/group.rs)
 //! delivery/    MIME building, Mailer { Smtp, File }, classify() of SMTP replies, RetryPolicy
 //! queue/       apalis worker + supervisor, wake-up on submit, janitor
+//! metrics.rs   Prometheus metrics (recorded where things happen; queue gauges at scrape)
 //! inbound/     IMAP watchers (async-imap): rules (pure), grouping/throttling, alerts
 //! ```
 //!
@@ -42,6 +43,7 @@ pub mod config;
 pub mod delivery;
 pub mod domain;
 pub mod inbound;
+pub mod metrics;
 mod postbox;
 pub mod queue;
 pub mod render;

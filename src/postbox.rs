@@ -105,6 +105,7 @@ impl std::fmt::Debug for Postbox {
 impl Postbox {
     /// Opens the database (creating and migrating it) and prepares the mailer.
     pub async fn open(settings: Settings) -> Result<Postbox, OpenError> {
+        crate::metrics::init();
         let store = Store::open(&settings).await?;
         let mailer = Mailer::from_settings(&settings)?;
         let writer = GroupCommitter::start(
@@ -222,6 +223,11 @@ impl Postbox {
         opts: SubmitOptions,
     ) -> Result<SubmitOutcome, SubmitError> {
         let key = opts.idempotency.as_ref().map(|c| c.key.clone());
+        let labels: Vec<_> = rows
+            .iter()
+            .map(|(_, e, _)| crate::metrics::email_labels(e))
+            .collect();
+        let started = std::time::Instant::now();
         let outcome = self
             .inner
             .writer
@@ -234,6 +240,15 @@ impl Postbox {
         let (ids, replayed) = match outcome {
             InsertOutcome::Inserted(ids) => {
                 self.inner.wake.notify();
+                metrics::histogram!("postbox_submit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                for ((_, created), [(_, priority), (_, template)]) in ids.iter().zip(labels) {
+                    if *created {
+                        metrics::counter!("postbox_emails_submitted_total",
+                            "priority" => priority, "template" => template)
+                        .increment(1);
+                    }
+                }
                 (ids, false)
             }
             InsertOutcome::Replayed(ids) => (ids, true),

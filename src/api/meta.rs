@@ -221,3 +221,32 @@ pub async fn mailboxes(State(st): State<ApiState>) -> Result<Json<MailboxesRespo
         mailboxes: st.postbox.mailboxes().await?,
     }))
 }
+
+/// Prometheus metrics (text exposition format). Queue gauges are read from the database now.
+/// Open or behind the token like the health routes (`api.open_health`).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn metrics(State(st): State<ApiState>) -> Result<Response, ApiError> {
+    let stats = st.postbox.stats().await?;
+    for state in ["queued", "retrying", "sending"] {
+        let n: u64 = stats.depth.get(state).map_or(0, |p| p.values().sum());
+        metrics::gauge!("postbox_queue_depth", "state" => state).set(n as f64);
+    }
+    metrics::gauge!("postbox_queue_oldest_age_seconds")
+        .set(stats.oldest_queued_age_secs.unwrap_or(0.0));
+    match crate::metrics::render() {
+        Some(text) => Ok((
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "metrics_elsewhere",
+            "the embedding application installed its own metrics recorder",
+        )),
+    }
+}

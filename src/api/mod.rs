@@ -111,7 +111,8 @@ pub fn router(
     let mut health = OpenApiRouter::new()
         .routes(routes!(meta::healthz))
         .routes(routes!(meta::readyz))
-        .routes(routes!(meta::openapi));
+        .routes(routes!(meta::openapi))
+        .routes(routes!(meta::metrics));
     if !settings.open_health {
         health = health.route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -156,6 +157,12 @@ fn incoming_request_id(req: &Request) -> Option<String> {
 /// Request id, span, panic guard and the `x-request-id` header, for every request.
 async fn request_context(req: Request, next: Next) -> Response {
     let id = incoming_request_id(&req).unwrap_or_else(|| ulid::Ulid::generate().to_string());
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |m| m.as_str())
+        .to_string();
+    let method = req.method().as_str().to_string();
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(),
         path = %req.uri().path(), token = tracing::field::Empty);
     let started = Instant::now();
@@ -179,6 +186,11 @@ async fn request_context(req: Request, next: Next) -> Response {
     }
     tracing::debug!(parent: &span, status = res.status().as_u16(),
         micros = started.elapsed().as_micros() as u64, "request done");
+    metrics::counter!("postbox_http_requests_total", "method" => method.clone(),
+        "route" => route.clone(), "status" => res.status().as_u16().to_string())
+    .increment(1);
+    metrics::histogram!("postbox_http_request_seconds", "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
     res
 }
 

@@ -62,8 +62,12 @@ pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
 
 impl Inbound {
     /// Wakes the workers for alerts just queued.
-    fn alerted(&self, ids: &[EmailId]) {
-        if !ids.is_empty() {
+    fn alerted(&self, alerts: &[(String, EmailId)]) {
+        for (mailbox, _) in alerts {
+            metrics::counter!("postbox_mailbox_alerts_total", "mailbox" => mailbox.clone())
+                .increment(1);
+        }
+        if !alerts.is_empty() {
             self.pb.notify_workers();
         }
     }

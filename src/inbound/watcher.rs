@@ -57,6 +57,7 @@ pub(super) async fn watch(ctx: Arc<Inbound>, mb: Arc<Mailbox>, shutdown: Shutdow
             let down_for = (OffsetDateTime::now_utc() - down_since).unsigned_abs();
             warn!(error = %err, down_secs = down_for.as_secs(), retry_in_ms = backoff.as_millis() as u64,
                 "IMAP session failed; reconnecting");
+            metrics::gauge!("postbox_mailbox_connected", "mailbox" => mb.name.clone()).set(0.0);
             if let Err(e) = ctx
                 .pb
                 .store()
@@ -200,6 +201,7 @@ async fn session(
     };
     let use_idle = mb.idle && caps.idle;
     *connected = true;
+    metrics::gauge!("postbox_mailbox_connected", "mailbox" => mb.name.clone()).set(1.0);
     store
         .set_mailbox_health(&mb.name, Health::Connected { idle: use_idle })
         .await?;
@@ -272,8 +274,13 @@ async fn scan(
         .into_iter()
         .filter(|u| *u > pos.last_uid)
         .collect();
+    let polled = || {
+        metrics::gauge!("postbox_mailbox_last_poll_timestamp_seconds", "mailbox" => mb.name.clone())
+            .set(OffsetDateTime::now_utc().unix_timestamp() as f64);
+    };
     if uids.is_empty() {
         ctx.pb.store().record_poll(&mb.name).await?;
+        polled();
         return Ok(());
     }
     uids.sort_unstable();
@@ -363,6 +370,14 @@ async fn scan(
             })
             .await?;
         *pos = next;
+        metrics::counter!("postbox_mailbox_messages_scanned_total", "mailbox" => mb.name.clone())
+            .increment(scanned);
+        for h in &hits {
+            metrics::counter!("postbox_mailbox_rule_matches_total",
+                "mailbox" => mb.name.clone(), "rule" => h.rule.clone())
+            .increment(1);
+        }
+        polled();
         ctx.alerted(&out.alerts);
         if !out.alerts.is_empty() {
             info!(alerts = out.alerts.len(), "alert emails queued");

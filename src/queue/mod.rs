@@ -146,6 +146,20 @@ impl Deliverer {
                 }
             };
             let recorded = self.store.finish(&claim, &rec, &finish).await?;
+            metrics::histogram!("postbox_smtp_transaction_seconds")
+                .record(rec.duration_ms as f64 / 1e3);
+            metrics::counter!("postbox_smtp_replies_total",
+                "code" => rec.smtp_code.map_or_else(|| "none".to_string(), |c| c.to_string()))
+            .increment(1);
+            if recorded {
+                let [(_, priority), (_, template)] = crate::metrics::email_labels(&claim.email);
+                let name = match finish {
+                    Finish::Sent => "postbox_emails_sent_total",
+                    Finish::Retry { .. } => "postbox_emails_retried_total",
+                    Finish::Failed { .. } => "postbox_emails_failed_total",
+                };
+                metrics::counter!(name, "priority" => priority, "template" => template).increment(1);
+            }
             let rcpts: Vec<String> = claim.email.recipients().map(|a| mask(a.address())).collect();
             match (&finish, recorded) {
                 (_, false) => warn!("attempt superseded while in flight; not recorded"),

@@ -58,8 +58,8 @@ pub type AlertBuilder<'a> = &'a (dyn Fn(&DueGroup) -> Option<NewRow> + Sync);
 pub struct ScanOutcome {
     /// Hits stored (a hit seen before, by UID or fingerprint, is not stored again).
     pub new_hits: u64,
-    /// Alert emails created in the same transaction.
-    pub alerts: Vec<EmailId>,
+    /// Alert emails created in the same transaction, with their mailbox.
+    pub alerts: Vec<(String, EmailId)>,
 }
 
 /// A watcher's health, as it reports it.
@@ -297,7 +297,10 @@ impl Store {
 
     /// Makes the alert emails of every group that is due, in one transaction (nothing is
     /// written when none is due).
-    pub async fn flush_alerts(&self, build: AlertBuilder<'_>) -> Result<Vec<EmailId>, StoreError> {
+    pub async fn flush_alerts(
+        &self,
+        build: AlertBuilder<'_>,
+    ) -> Result<Vec<(String, EmailId)>, StoreError> {
         let now = now();
         let due: Option<i64> = sqlx::query_scalar(
             "SELECT 1 FROM postbox_alert_groups WHERE pending > 0 AND due_at <= ?1 LIMIT 1",
@@ -328,7 +331,7 @@ impl Store {
         tx: &mut SqliteConnection,
         now: OffsetDateTime,
         build: AlertBuilder<'_>,
-    ) -> Result<Vec<EmailId>, StoreError> {
+    ) -> Result<Vec<(String, EmailId)>, StoreError> {
         let now_ms = ms(now);
         let groups = sqlx::query(
             "SELECT mailbox, rule, group_key, alerts FROM postbox_alert_groups
@@ -367,7 +370,7 @@ impl Store {
                 Some(row) => {
                     let ids = self.insert_rows(tx, &[(&row, None)], now_ms).await?;
                     let id = ids[0].0.clone();
-                    out.push(id.clone());
+                    out.push((group.mailbox.clone(), id.clone()));
                     id.to_string()
                 }
                 None => "dropped".to_string(),
