@@ -365,3 +365,76 @@ async fn serve_refuses_a_public_address_without_a_token_and_serves_http_with_one
     let logs = serve.logs().await;
     assert!(!logs.contains(TOKEN), "the token never reaches the logs");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_parse_and_carry_span_fields_with_recipients_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = SmtpServer::start().await;
+    let mut serve = spawn_serve(
+        dir.path(),
+        smtp.port(),
+        &[
+            ("POSTBOX_LOG__FORMAT", "json"),
+            ("RUST_LOG", "postbox=debug"),
+        ],
+    );
+    let mut port = None;
+    wait_for("the API's listening line", LIMIT, || {
+        let logs = serve.logs.lock().unwrap();
+        port = logs
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["message"] == "HTTP API listening")
+            .and_then(|v| v["addr"].as_str()?.rsplit(':').next()?.parse::<u16>().ok());
+        port.is_some()
+    })
+    .await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let r = client
+        .post(format!("http://127.0.0.1:{}/v1/emails", port.unwrap()))
+        .header("x-request-id", "log-test-1")
+        .json(&serde_json::json!({"to": ["alice.secret@example.com"], "subject": "s", "text": "t"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::ACCEPTED);
+    wait_for("delivery", LIMIT, || smtp.count() == 1).await;
+    sigterm(&serve.child);
+    exit_ok(&mut serve.child).await;
+    let logs = serve.logs().await;
+
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let in_span = |v: &serde_json::Value, name: &str| -> Option<serde_json::Value> {
+        v["spans"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+    };
+    let request = lines
+        .iter()
+        .find_map(|v| in_span(v, "request").filter(|s| s["request_id"] == "log-test-1"))
+        .expect("a log line inside the request span carries its request_id");
+    assert_eq!(request["method"], "POST");
+    let sent = lines
+        .iter()
+        .find(|v| v["message"] == "sent")
+        .expect("a `sent` line");
+    let deliver = in_span(sent, "deliver").expect("`sent` is logged in the deliver span");
+    assert_eq!(deliver["attempt"], 1);
+    assert_eq!(deliver["email_id"].as_str().unwrap().len(), 26);
+    assert_eq!(sent["level"], "INFO");
+    assert!(sent["timestamp"].is_string());
+    assert!(
+        sent["to"].as_str().unwrap().contains("a***@example.com"),
+        "{sent}"
+    );
+    assert!(
+        !logs.contains("alice.secret"),
+        "recipient addresses are masked in every line"
+    );
+}

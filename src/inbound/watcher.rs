@@ -314,6 +314,7 @@ async fn scan(
                 continue;
             }
             scanned += 1;
+            let _message = tracing::info_span!("message", uid).entered();
             let Some(raw) = f.body() else {
                 warn!(uid, "the server sent no body for this message; skipped");
                 continue;
