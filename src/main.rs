@@ -35,6 +35,12 @@ enum Command {
     Api,
     /// Submit one email; prints its id.
     Send(Box<SendArgs>),
+    /// The queue at a glance: depth by state and priority, totals, recent outcomes.
+    Stats {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show an email's status and timeline.
     Status {
         id: String,
@@ -63,7 +69,11 @@ enum ConfigCommand {
 
 #[derive(clap::Args)]
 struct SendArgs {
-    #[arg(long, required = true)]
+    /// Submit every line of a JSON Lines file (one email per line, the fields of
+    /// `POST /v1/emails`); prints `<line>\t<id>` per accepted line and a summary.
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["to", "cc", "bcc", "subject", "text", "html", "template"])]
+    batch: Option<PathBuf>,
+    #[arg(long, required_unless_present = "batch")]
     to: Vec<String>,
     #[arg(long)]
     cc: Vec<String>,
@@ -202,6 +212,21 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             tracing::info!("postbox stopped");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Send(args) if args.batch.is_some() => {
+            let path = args.batch.expect("checked");
+            send_batch(settings, &path).await
+        }
+        Command::Stats { json } => {
+            let pb = open(settings).await?;
+            let stats = pb.stats().await?;
+            pb.close().await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else {
+                print_stats(&stats);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Send(args) => {
             let new = match new_email(*args) {
                 Ok(n) => n,
@@ -251,6 +276,153 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Cancel { id } => transition(settings, &id, true).await,
         Command::Retry { id } => transition(settings, &id, false).await,
     }
+}
+
+/// `postbox send --batch FILE.jsonl`: every line validated and submitted (500 per commit);
+/// a progress bar on a terminal; accepted lines printed as `<line>\t<id>`, rejected ones
+/// explained on stderr. Exit 0 when every line was accepted, 1 when some were rejected.
+async fn send_batch(settings: Settings, path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use std::io::BufRead;
+    const CHUNK: usize = 500;
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: --batch {}: {e}", path.display());
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let total = std::io::BufReader::new(&file).lines().count() as u64;
+    let lines = std::io::BufReader::new(std::fs::File::open(path)?).lines();
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} lines  {per_sec}  eta {eta}  {msg}",
+        )
+        .expect("a valid progress template"),
+    );
+    let pb = open(settings).await?;
+    let mut accepted = 0u64;
+    let mut rejected: Vec<(usize, String)> = Vec::new();
+    let mut chunk: Vec<(usize, NewEmail)> = Vec::with_capacity(CHUNK);
+    let mut out = std::io::stdout().lock();
+    async fn flush(
+        pb: &Postbox,
+        chunk: &mut Vec<(usize, NewEmail)>,
+        accepted: &mut u64,
+        rejected: &mut Vec<(usize, String)>,
+        out: &mut impl std::io::Write,
+    ) -> anyhow::Result<()> {
+        while !chunk.is_empty() {
+            let emails = chunk.iter().map(|(_, e)| e.clone()).collect();
+            match pb.submit_many(emails).await {
+                Ok(done) => {
+                    for ((line, _), s) in chunk.iter().zip(done) {
+                        writeln!(out, "{line}\t{}", s.id)?;
+                    }
+                    *accepted += chunk.len() as u64;
+                    chunk.clear();
+                }
+                Err(SubmitError::InvalidBatch(bad)) => {
+                    // Take the invalid lines out and submit the rest.
+                    let mut drop = std::collections::BTreeSet::new();
+                    for (i, errs) in bad {
+                        let why = errs
+                            .iter()
+                            .map(|e| format!("{}: {}", e.field, e.message))
+                            .collect::<Vec<_>>()
+                            .join("; ");
+                        rejected.push((chunk[i].0, why));
+                        drop.insert(i);
+                    }
+                    let mut i = 0;
+                    chunk.retain(|_| {
+                        i += 1;
+                        !drop.contains(&(i - 1))
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+    for (n, line) in lines.enumerate() {
+        let line_no = n + 1;
+        let line = line?;
+        bar.inc(1);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut de = serde_json::Deserializer::from_str(&line);
+        match serde_path_to_error::deserialize::<_, NewEmail>(&mut de) {
+            Ok(e) => chunk.push((line_no, e)),
+            Err(e) => {
+                let field = e.path().to_string();
+                let field = if field == "." { "(line)".into() } else { field };
+                rejected.push((line_no, format!("{field}: {}", e.inner())));
+            }
+        }
+        if chunk.len() >= CHUNK {
+            flush(&pb, &mut chunk, &mut accepted, &mut rejected, &mut out).await?;
+            bar.set_message(format!("{accepted} accepted, {} rejected", rejected.len()));
+        }
+    }
+    flush(&pb, &mut chunk, &mut accepted, &mut rejected, &mut out).await?;
+    bar.finish_and_clear();
+    pb.close().await;
+    rejected.sort();
+    for (line, why) in &rejected {
+        eprintln!("line {line}: {why}");
+    }
+    eprintln!(
+        "{accepted} accepted, {} rejected ({})",
+        rejected.len(),
+        path.display()
+    );
+    Ok(if rejected.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_stats(s: &postbox::store::Stats) {
+    let prios = ["high", "normal", "low"];
+    println!(
+        "{:<10} {:>8} {:>8} {:>8} {:>8}",
+        "waiting", "high", "normal", "low", "total"
+    );
+    for state in ["queued", "retrying", "sending"] {
+        let row = s.depth.get(state);
+        let n = |p: &str| row.and_then(|r| r.get(p)).copied().unwrap_or(0);
+        let total: u64 = prios.iter().map(|p| n(p)).sum();
+        println!(
+            "{state:<10} {:>8} {:>8} {:>8} {total:>8}",
+            n("high"),
+            n("normal"),
+            n("low")
+        );
+    }
+    println!();
+    println!("{:<10} {:>8}", "all", "emails");
+    for (status, n) in &s.totals {
+        println!("{status:<10} {n:>8}");
+    }
+    println!();
+    println!(
+        "oldest due and queued: {}",
+        s.oldest_queued_age_secs
+            .map_or("-".to_string(), |a| format!("{a:.1} s"))
+    );
+    println!("in flight: {}", s.in_flight);
+    println!(
+        "last minute: {} sent, {} failed, {} retried;  last hour: {} sent, {} failed, {} retried",
+        s.last_minute.sent,
+        s.last_minute.failed,
+        s.last_minute.retried,
+        s.last_hour.sent,
+        s.last_hour.failed,
+        s.last_hour.retried
+    );
 }
 
 async fn transition(settings: Settings, id: &str, cancel: bool) -> anyhow::Result<ExitCode> {

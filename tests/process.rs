@@ -438,3 +438,75 @@ async fn json_logs_parse_and_carry_span_fields_with_recipients_masked() {
         "recipient addresses are masked in every line"
     );
 }
+
+#[test]
+fn send_batch_reports_accepted_and_rejected_lines_and_stats_shows_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mail.jsonl");
+    std::fs::write(
+        &file,
+        [
+            r#"{"to": ["a@example.com"], "subject": "one", "text": "t"}"#,
+            r#"{"to": ["not an address"], "subject": "two", "text": "t"}"#,
+            r#"{"to": ["b@example.com"], "template": "welcome", "variables": {"name": "B", "product": "P"}, "priority": "high"}"#,
+            r#"{"to": ["c@example.com"], "subject": "four", "text": "t""#,
+            "",
+            r#"{"to": ["d@example.com"], "subject": "six", "text": "t", "colour": "red"}"#,
+            r#"{"to": ["e@example.com"], "subject": "seven", "text": "t"}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(bin())
+            .args(args)
+            .current_dir(dir.path())
+            .env_clear()
+            .envs(common::child_env(dir.path(), 9))
+            .output()
+            .unwrap()
+    };
+    let out = run(&["send", "--batch", file.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "some lines were rejected: {stderr}"
+    );
+    let accepted: Vec<(&str, &str)> = stdout
+        .lines()
+        .map(|l| l.split_once('\t').expect("<line>\\t<id>"))
+        .collect();
+    assert_eq!(
+        accepted.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
+        vec!["1", "3", "7"]
+    );
+    assert!(accepted.iter().all(|(_, id)| id.len() == 26));
+    assert!(stderr.contains("line 2: to[0]:"), "{stderr}");
+    assert!(stderr.contains("line 4: "), "{stderr}");
+    assert!(
+        stderr.contains("line 6: ") && stderr.contains("colour"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("3 accepted, 3 rejected"), "{stderr}");
+
+    let out = run(&["stats", "--json"]);
+    assert!(out.status.success());
+    let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats["totals"]["queued"], 3);
+    assert_eq!(stats["depth"]["queued"]["high"], 1);
+    assert_eq!(stats["depth"]["queued"]["normal"], 2);
+    let out = run(&["stats"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    let queued = table
+        .lines()
+        .find(|l| l.starts_with("queued "))
+        .unwrap_or_else(|| panic!("a queued row: {table}"));
+    let cells: Vec<&str> = queued.split_whitespace().collect();
+    assert_eq!(cells, vec!["queued", "1", "2", "0", "3"], "{table}");
+
+    let out = run(&["send", "--batch", "/nonexistent.jsonl"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--batch /nonexistent.jsonl"));
+}
