@@ -168,6 +168,27 @@ impl Postbox {
         Ok(())
     }
 
+    /// An email rendered as it would be sent now (subject, text, HTML), for previews.
+    pub async fn preview(
+        &self,
+        id: &EmailId,
+    ) -> Result<Option<Result<crate::render::Rendered, String>>, StoreError> {
+        Ok(self
+            .inner
+            .store
+            .email(id)
+            .await?
+            .map(|e| crate::render::render(&e).map_err(|e| e.to_string())))
+    }
+
+    /// Sent / failed attempts per minute over the last `minutes`.
+    pub async fn throughput(
+        &self,
+        minutes: u32,
+    ) -> Result<Vec<crate::store::MinuteCounts>, StoreError> {
+        self.inner.store.throughput(minutes).await
+    }
+
     /// Every watched mailbox's position, health and per-rule counts.
     pub async fn mailboxes(&self) -> Result<Vec<crate::store::MailboxStatus>, StoreError> {
         self.inner.store.mailboxes().await

@@ -78,6 +78,11 @@ impl Tokens {
         found
     }
 
+    /// The name of the token equal to `given` (dashboard login).
+    pub fn name_of(&self, given: &str) -> Option<String> {
+        self.find(given).map(|e| e.name.clone())
+    }
+
     /// Checks the `Authorization` header value and the token's rate limit.
     fn authorize(&self, header: Option<&str>) -> Result<Principal, ApiError> {
         if self.is_open() {

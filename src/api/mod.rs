@@ -11,6 +11,7 @@ mod body;
 mod emails;
 mod error;
 mod meta;
+mod ui;
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -49,6 +50,7 @@ pub struct ApiState {
     /// Whether this process runs workers (readiness requires them then).
     expect_workers: bool,
     openapi: Arc<OnceLock<String>>,
+    sessions: Arc<ui::Sessions>,
 }
 
 #[derive(OpenApi)]
@@ -93,6 +95,7 @@ pub fn router(
         tokens,
         expect_workers,
         openapi: Arc::new(OnceLock::new()),
+        sessions: Arc::new(ui::Sessions::default()),
     };
     let v1 = OpenApiRouter::new()
         .routes(routes!(emails::submit_email, emails::list_emails))
@@ -128,6 +131,7 @@ pub fn router(
             .map_err(|e| ConfigError::new("(openapi)", e.to_string()))?,
     );
     let router = router
+        .merge(ui::router())
         .fallback(|req: Request| async move {
             ApiError::not_found(format!("no route {} {}", req.method(), req.uri().path()))
         })

@@ -271,6 +271,14 @@ pub struct EmailPage {
     pub next_cursor: Option<String>,
 }
 
+/// Attempts that ended in one minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MinuteCounts {
+    pub minute: OffsetDateTime,
+    pub sent: u64,
+    pub failed: u64,
+}
+
 /// Attempts that ended in a window of time.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct WindowCounts {

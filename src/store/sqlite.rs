@@ -594,6 +594,52 @@ impl Store {
         Ok(Some(report_from(row, events)?))
     }
 
+    /// The validated email as stored (for previews).
+    pub async fn email(&self, id: &EmailId) -> Result<Option<Email>, StoreError> {
+        let spec: Option<String> =
+            sqlx::query_scalar("SELECT spec FROM postbox_emails WHERE id = ?1")
+                .bind(id.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        spec.map(|s| {
+            serde_json::from_str(&s).map_err(|e| StoreError::Corrupt {
+                id: id.to_string(),
+                message: e.to_string(),
+            })
+        })
+        .transpose()
+    }
+
+    /// Attempts that ended sent / failed per minute over the last `minutes` (oldest first,
+    /// every minute present).
+    pub async fn throughput(&self, minutes: u32) -> Result<Vec<MinuteCounts>, StoreError> {
+        let now_min = ms(now()) / 60_000;
+        let from = now_min - i64::from(minutes) + 1;
+        let rows = sqlx::query(
+            "SELECT at / 60000 AS m, sum(status = 'sent') AS sent, sum(status = 'failed') AS failed
+               FROM postbox_events WHERE at >= ?1 AND kind = 'attempt' GROUP BY m",
+        )
+        .bind(from * 60_000)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<MinuteCounts> = (from..=now_min)
+            .map(|m| MinuteCounts {
+                minute: OffsetDateTime::from_unix_timestamp(m * 60)
+                    .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+                sent: 0,
+                failed: 0,
+            })
+            .collect();
+        for r in rows {
+            let m: i64 = r.try_get("m")?;
+            if let Some(slot) = out.get_mut((m - from) as usize) {
+                slot.sent = r.try_get::<i64, _>("sent")? as u64;
+                slot.failed = r.try_get::<i64, _>("failed")? as u64;
+            }
+        }
+        Ok(out)
+    }
+
     /// Emails by status.
     pub async fn counts(&self) -> Result<Counts, StoreError> {
         let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM postbox_emails GROUP BY status")

@@ -159,6 +159,11 @@ impl SmtpServer {
             .push((recipient_contains.into(), reply.into()));
     }
 
+    /// Forgets every `reply_to_rcpt` rule: all recipients are accepted again.
+    pub fn clear_rcpt_replies(&self) {
+        self.behaviour.lock().unwrap().rcpt_replies.clear();
+    }
+
     pub fn set_delay(&self, d: Duration) {
         self.behaviour.lock().unwrap().delay = d;
     }

@@ -1,0 +1,279 @@
+//! The dashboard at /ui: a real headless Chromium (Debian's, driven over WebDriver) logs in,
+//! finds an email, reads its timeline, retries a dead letter and sees it sent; screenshots of
+//! each page go to target/ui-screenshots/. Plus the session and CSRF rules over plain HTTP.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::SmtpServer;
+use common::http::{Api, TOKEN};
+use common::webdriver::Browser;
+use serde_json::json;
+
+fn shots() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/ui-screenshots")
+}
+
+async fn start(dir: &std::path::Path, smtp: &SmtpServer) -> Api {
+    let mut s = common::settings(dir, smtp.port());
+    s.api.token = Some(TOKEN.to_string().into());
+    s.retry.max_attempts = 1;
+    Api::start(s, true).await.with_token(TOKEN)
+}
+
+/// Submits an email to `to`; returns its id.
+async fn submit(api: &Api, to: &str, subject: &str) -> String {
+    let r = api
+        .post(
+            "/v1/emails",
+            &json!({"to": [to], "subject": subject, "text": "Hello from the dashboard test."}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    r.json["id"].as_str().unwrap().to_string()
+}
+
+async fn wait_status(api: &Api, id: &str, want: &str) {
+    let t0 = Instant::now();
+    loop {
+        let r = api.get(&format!("/v1/emails/{id}")).await;
+        if r.json["status"] == want {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "{id} did not become {want}: {}",
+            r.text
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_real_browser_log_in_find_an_email_and_retry_a_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = SmtpServer::start().await;
+    smtp.reply_to_rcpt("dead", "550 5.1.1 <dead@example.com>: no such user");
+    let api = start(dir.path(), &smtp).await;
+    submit(&api, "ada@example.com", "Your invoice").await;
+    let dead = submit(&api, "dead@example.com", "Quarterly report").await;
+    wait_status(&api, &dead, "failed").await;
+
+    let b = Browser::start().await;
+    // Without a session the dashboard sends the browser to the login page.
+    b.goto(&format!("{}/ui", api.base)).await;
+    assert!(b.url().await.ends_with("/ui/login"), "{}", b.url().await);
+    b.screenshot(&shots().join("01-login.png")).await;
+    b.find("#token")
+        .await
+        .type_text("not-the-right-token")
+        .await;
+    b.find("#login").await.click().await;
+    assert!(b.find("#problem").await.text().await.contains("not valid"));
+    b.find("#token").await.type_text(TOKEN).await;
+    b.find("#login").await.click().await;
+    assert!(b.url().await.ends_with("/ui"), "{}", b.url().await);
+    let src = b.source().await;
+    assert!(
+        src.contains("Queue depth") && src.contains("Throughput"),
+        "overview"
+    );
+    assert!(
+        src.contains("Quarterly report"),
+        "recent failures list the dead letter"
+    );
+    b.screenshot(&shots().join("02-overview.png")).await;
+    let cookie = b.cookie("postbox_session").await;
+    assert_eq!(cookie["httpOnly"], true, "{cookie}");
+    assert_eq!(cookie["sameSite"], "Strict", "{cookie}");
+
+    // Find the email by recipient, open it, read the timeline.
+    b.goto(&format!("{}/ui/emails", api.base)).await;
+    b.find("#q").await.type_text("dead@example.com").await;
+    b.find("#search").await.click().await;
+    assert_eq!(b.count("a.email-link").await, 1);
+    b.screenshot(&shots().join("03-emails-search.png")).await;
+    b.find("a.email-link").await.click().await;
+    assert!(b.url().await.ends_with(&format!("/ui/emails/{dead}")));
+    assert_eq!(b.find("#status").await.text().await, "failed");
+    let timeline = b.find("#timeline").await.text().await;
+    assert!(
+        timeline.contains("550") && timeline.contains("no such user"),
+        "{timeline}"
+    );
+    assert!(
+        b.find("#preview-text")
+            .await
+            .text()
+            .await
+            .contains("Hello from the dashboard test.")
+    );
+    b.screenshot(&shots().join("04-email-failed.png")).await;
+
+    // The recipient exists now: retry the dead letter from the dead-letter page.
+    smtp.clear_rcpt_replies();
+    b.goto(&format!("{}/ui/dead", api.base)).await;
+    b.screenshot(&shots().join("05-dead-letters.png")).await;
+    b.find(&format!("button.retry[data-id=\"{dead}\"]"))
+        .await
+        .click()
+        .await;
+    assert!(b.find("#flash").await.text().await.contains("re-queued"));
+    wait_status(&api, &dead, "sent").await;
+    b.goto(&format!("{}/ui/emails/{dead}", api.base)).await;
+    assert_eq!(b.find("#status").await.text().await, "sent");
+    let timeline = b.find("#timeline").await.text().await;
+    assert!(timeline.contains("dashboard, token default"), "{timeline}");
+    b.screenshot(&shots().join("06-email-sent.png")).await;
+    b.goto(&format!("{}/ui/mailboxes", api.base)).await;
+    assert!(b.source().await.contains("No mailbox is watched"));
+    b.screenshot(&shots().join("07-mailboxes.png")).await;
+    assert_eq!(
+        smtp.received()
+            .iter()
+            .filter(|m| m.rcpt_to.contains(&"dead@example.com".to_string()))
+            .count(),
+        1
+    );
+    b.quit().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_and_csrf_guard_every_page_and_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = SmtpServer::start().await;
+    smtp.reply_to_rcpt("dead", "550 5.1.1 no such user");
+    let api = start(dir.path(), &smtp).await;
+    let dead = submit(&api, "dead@example.com", "s").await;
+    wait_status(&api, &dead, "failed").await;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let url = |p: &str| format!("{}{p}", api.base);
+
+    // No session: every page redirects to the login, and a form post changes nothing.
+    for p in [
+        "/ui",
+        "/ui/emails",
+        &format!("/ui/emails/{dead}"),
+        "/ui/dead",
+        "/ui/mailboxes",
+    ] {
+        let r = http.get(url(p)).send().await.unwrap();
+        assert_eq!(r.status(), 303, "{p}");
+        assert_eq!(r.headers()["location"], "/ui/login", "{p}");
+    }
+    let r = http
+        .post(url(&format!("/ui/emails/{dead}/retry")))
+        .form(&[("csrf", "x")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    // A wrong token: 401 and no cookie. The right one: a cookie with the expected flags.
+    let r = http
+        .post(url("/ui/login"))
+        .form(&[("token", "wrong-token-wrong-token")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().get("set-cookie").is_none());
+    let r = http
+        .post(url("/ui/login"))
+        .form(&[("token", TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    for flag in ["HttpOnly", "SameSite=Strict", "Path=/ui"] {
+        assert!(cookie.contains(flag), "{cookie}");
+    }
+    assert!(
+        !cookie.contains("Secure"),
+        "plain HTTP on loopback: no Secure flag"
+    );
+    let session = cookie.split(';').next().unwrap().to_string();
+    let r = http
+        .post(url("/ui/login"))
+        .header("x-forwarded-proto", "https")
+        .form(&[("token", TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("; Secure"),
+        "behind TLS: Secure"
+    );
+
+    // With a session but without (or with a wrong) CSRF token: 403, and the email stays failed.
+    for form in [vec![], vec![("csrf", "0".repeat(64))]] {
+        let r = http
+            .post(url(&format!("/ui/emails/{dead}/retry")))
+            .header("cookie", &session)
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{form:?}");
+    }
+    let r = api.get(&format!("/v1/emails/{dead}")).await;
+    assert_eq!(r.json["status"], "failed", "refused forms change nothing");
+
+    // The page's own token works.
+    let page = http
+        .get(url(&format!("/ui/emails/{dead}")))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        page.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("default-src 'none'")
+    );
+    let html = page.text().await.unwrap();
+    let at = html.find("name=\"csrf\" value=\"").expect("a CSRF field") + 19;
+    let csrf = &html[at..at + 64];
+    smtp.clear_rcpt_replies();
+    let r = http
+        .post(url(&format!("/ui/emails/{dead}/retry")))
+        .header("cookie", &session)
+        .form(&[("csrf", csrf), ("back", "https://evil.example/")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let to = r.headers()["location"].to_str().unwrap();
+    assert!(
+        to.starts_with(&format!("/ui/emails/{dead}?done=")),
+        "never redirects off the dashboard: {to}"
+    );
+    wait_status(&api, &dead, "sent").await;
+
+    // Logging out ends the session.
+    let r = http
+        .post(url("/ui/logout"))
+        .header("cookie", &session)
+        .form(&[("csrf", csrf)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let r = http
+        .get(url("/ui"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["location"], "/ui/login");
+}
