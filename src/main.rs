@@ -48,7 +48,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Cancel a queued or retrying email.
+    /// Cancel a queued or retrying email, or dismiss a dead letter (failed).
     Cancel { id: String },
     /// Re-drive a failed email (dead letter).
     Retry { id: String },

@@ -316,7 +316,7 @@ impl Postbox {
         self.inner.store.report(id).await
     }
 
-    /// Cancels a queued or retrying email.
+    /// Cancels a queued or retrying email, or dismisses a dead letter (failed).
     pub async fn cancel(&self, id: &EmailId) -> Result<(), TransitionError> {
         self.inner.store.cancel(id, None).await
     }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::SmtpServer;
+use common::dovecot::{self, Dovecot};
 use common::http::{Api, TOKEN};
 use common::webdriver::Browser;
 use serde_json::json;
@@ -17,7 +18,16 @@ fn shots() -> PathBuf {
 }
 
 async fn start(dir: &std::path::Path, smtp: &SmtpServer) -> Api {
+    start_with(dir, smtp, vec![]).await
+}
+
+async fn start_with(
+    dir: &std::path::Path,
+    smtp: &SmtpServer,
+    mailboxes: Vec<postbox::inbound::MailboxSettings>,
+) -> Api {
     let mut s = common::settings(dir, smtp.port());
+    s.mailboxes = mailboxes;
     s.api.token = Some(TOKEN.to_string().into());
     s.retry.max_attempts = 1;
     Api::start(s, true).await.with_token(TOKEN)
@@ -56,15 +66,45 @@ async fn in_a_real_browser_log_in_find_an_email_and_retry_a_dead_letter() {
     let dir = tempfile::tempdir().unwrap();
     let smtp = SmtpServer::start().await;
     smtp.reply_to_rcpt("dead", "550 5.1.1 <dead@example.com>: no such user");
-    let api = start(dir.path(), &smtp).await;
+    let dv = Dovecot::start(&dir.path().join("dovecot"));
+    let mailbox = toml::from_str(&format!(
+        r#"
+name = "monitoring"
+host = "127.0.0.1"
+port = {}
+tls = "none"
+username = "{}"
+password = "{}"
+alert_to = ["oncall@example.com"]
+[[rules]]
+name = "disk full"
+subject = '(?P<host>db\d+) disk full'
+"#,
+        dv.port,
+        dovecot::USER,
+        dovecot::PASSWORD
+    ))
+    .unwrap();
+    let api = start_with(dir.path(), &smtp, vec![mailbox]).await;
+    let pb = api.app.postbox.clone();
+    let (stop_watchers, rx) = tokio::sync::oneshot::channel::<()>();
+    let watchers = tokio::spawn(async move {
+        pb.run_watchers(postbox::queue::shutdown_signal(async move {
+            let _ = rx.await;
+        }))
+        .await
+        .unwrap()
+    });
     submit(&api, "ada@example.com", "Your invoice").await;
     let dead = submit(&api, "dead@example.com", "Quarterly report").await;
+    let dismiss = submit(&api, "dead.too@example.com", "Old newsletter").await;
     wait_status(&api, &dead, "failed").await;
+    wait_status(&api, &dismiss, "failed").await;
 
     let b = Browser::start().await;
     // Without a session the dashboard sends the browser to the login page.
     b.goto(&format!("{}/ui", api.base)).await;
-    assert!(b.url().await.ends_with("/ui/login"), "{}", b.url().await);
+    b.wait_url("/ui/login").await;
     b.screenshot(&shots().join("01-login.png")).await;
     b.find("#token")
         .await
@@ -74,7 +114,7 @@ async fn in_a_real_browser_log_in_find_an_email_and_retry_a_dead_letter() {
     assert!(b.find("#problem").await.text().await.contains("not valid"));
     b.find("#token").await.type_text(TOKEN).await;
     b.find("#login").await.click().await;
-    assert!(b.url().await.ends_with("/ui"), "{}", b.url().await);
+    b.wait_url("/ui").await;
     let src = b.source().await;
     assert!(
         src.contains("Queue depth") && src.contains("Throughput"),
@@ -93,10 +133,11 @@ async fn in_a_real_browser_log_in_find_an_email_and_retry_a_dead_letter() {
     b.goto(&format!("{}/ui/emails", api.base)).await;
     b.find("#q").await.type_text("dead@example.com").await;
     b.find("#search").await.click().await;
+    b.wait_url("q=dead%40example.com").await;
     assert_eq!(b.count("a.email-link").await, 1);
     b.screenshot(&shots().join("03-emails-search.png")).await;
     b.find("a.email-link").await.click().await;
-    assert!(b.url().await.ends_with(&format!("/ui/emails/{dead}")));
+    b.wait_url(&format!("/ui/emails/{dead}")).await;
     assert_eq!(b.find("#status").await.text().await, "failed");
     let timeline = b.find("#timeline").await.text().await;
     assert!(
@@ -116,6 +157,18 @@ async fn in_a_real_browser_log_in_find_an_email_and_retry_a_dead_letter() {
     smtp.clear_rcpt_replies();
     b.goto(&format!("{}/ui/dead", api.base)).await;
     b.screenshot(&shots().join("05-dead-letters.png")).await;
+    b.find(&format!("button.cancel[data-id=\"{dismiss}\"]"))
+        .await
+        .click()
+        .await;
+    assert!(b.find("#flash").await.text().await.contains("cancelled"));
+    wait_status(&api, &dismiss, "cancelled").await;
+    assert_eq!(
+        b.count(&format!("button.retry[data-id=\"{dismiss}\"]"))
+            .await,
+        0,
+        "dismissed"
+    );
     b.find(&format!("button.retry[data-id=\"{dead}\"]"))
         .await
         .click()
@@ -127,9 +180,50 @@ async fn in_a_real_browser_log_in_find_an_email_and_retry_a_dead_letter() {
     let timeline = b.find("#timeline").await.text().await;
     assert!(timeline.contains("dashboard, token default"), "{timeline}");
     b.screenshot(&shots().join("06-email-sent.png")).await;
+    // The mailbox page: state, position, rule hits and the alert it raised.
+    let t0 = Instant::now();
+    while api
+        .app
+        .postbox
+        .mailboxes()
+        .await
+        .unwrap()
+        .first()
+        .is_none_or(|m| m.state != "connected")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "watcher not connected"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let mut c = dv.client().await;
+    c.append(
+        "INBOX",
+        &dovecot::message("nagios@example.com", "PROBLEM db3 disk full", "97%"),
+    )
+    .await;
+    common::wait_for("the alert", Duration::from_secs(15), || {
+        smtp.received()
+            .iter()
+            .any(|m| m.rcpt_to == vec!["oncall@example.com".to_string()])
+    })
+    .await;
     b.goto(&format!("{}/ui/mailboxes", api.base)).await;
-    assert!(b.source().await.contains("No mailbox is watched"));
+    let src = b.source().await;
+    for want in [
+        "monitoring",
+        "connected",
+        "IDLE",
+        "disk full",
+        "(alert template)",
+        "oncall@example.com",
+    ] {
+        assert!(src.contains(want), "mailboxes page lacks {want:?}");
+    }
     b.screenshot(&shots().join("07-mailboxes.png")).await;
+    let _ = stop_watchers.send(());
+    watchers.await.unwrap();
     assert_eq!(
         smtp.received()
             .iter()

@@ -326,7 +326,7 @@ pub async fn list_emails(
     Ok(Json(st.postbox.list(&filter).await?))
 }
 
-/// Cancel a queued or retrying email.
+/// Cancel a queued or retrying email, or dismiss a dead letter (failed).
 #[utoipa::path(post, path = "/v1/emails/{id}/cancel", tag = "emails",
     params(("id" = String, Path, description = "The email's id")),
     responses((status = 200, body = Transitioned), (status = 400, body = ErrorResponse),

@@ -596,7 +596,10 @@ async fn email(
         next_attempt: when_opt(r.next_attempt_at),
         timeline: r.timeline.iter().map(|t| (when(t.at), t.clone())).collect(),
         can_retry: r.status == EmailStatus::Failed,
-        can_cancel: matches!(r.status, EmailStatus::Queued | EmailStatus::Retrying),
+        can_cancel: matches!(
+            r.status,
+            EmailStatus::Queued | EmailStatus::Retrying | EmailStatus::Failed
+        ),
         preview,
         preview_error,
         r,

@@ -471,7 +471,7 @@ impl Store {
         Ok(true)
     }
 
-    /// Cancels a queued or retrying email; `origin` (a request id) goes into the timeline.
+    /// Cancels a queued, retrying or failed email; `origin` (a request id) goes into the timeline.
     pub async fn cancel(&self, id: &EmailId, origin: Option<&str>) -> Result<(), TransitionError> {
         let now = now();
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
@@ -479,7 +479,7 @@ impl Store {
             "UPDATE postbox_emails
                 SET status = 'cancelled', job_seq = job_seq + 1, updated_at = ?1,
                     next_attempt_at = NULL
-              WHERE id = ?2 AND status IN ('queued', 'retrying')",
+              WHERE id = ?2 AND status IN ('queued', 'retrying', 'failed')",
         )
         .bind(ms(now))
         .bind(id.as_str())
@@ -488,7 +488,9 @@ impl Store {
         .map_err(StoreError::from)?;
         if res.rows_affected() == 0 {
             drop(tx);
-            return Err(self.refusal(id, "cancel", "queued or retrying").await);
+            return Err(self
+                .refusal(id, "cancel", "queued, retrying or failed")
+                .await);
         }
         insert_event(
             &mut tx,

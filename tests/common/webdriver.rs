@@ -94,12 +94,36 @@ impl Browser {
             .as_str()
             .unwrap_or_else(|| panic!("no WebDriver session: {r}"))
             .to_string();
-        Browser {
+        let b = Browser {
             driver,
             base,
             session,
             client,
             _profile: profile,
+        };
+        // Finding an element waits up to 5 s for it (pages load after clicks).
+        b.call(
+            reqwest::Method::POST,
+            "/timeouts",
+            Some(json!({"implicit": 5000, "pageLoad": 30000})),
+        )
+        .await;
+        b
+    }
+
+    /// Waits until the current URL ends with `suffix` (a click's navigation may still run).
+    pub async fn wait_url(&self, suffix: &str) {
+        let t0 = Instant::now();
+        loop {
+            let url = self.url().await;
+            if url.ends_with(suffix) {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the browser is at {url}, expected ...{suffix}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
 
