@@ -7,7 +7,8 @@
 //! ## Codemap
 //! ```text
 //! main.rs      CLI (clap): serve | api | send | status | cancel | retry | migrate | config check
-//! api/         HTTP (axum): routes + OpenAPI from one declaration, auth, errors as JSON
+//! api/         HTTP (axum): routes + OpenAPI from one declaration, auth, errors as JSON;
+//!              ui.rs: the /ui dashboard (askama pages, sessions, CSRF)
 //! postbox.rs   Postbox: the facade every entry point calls (submit, submit_many, status,
 //!              cancel, retry, run_workers)
 //! config.rs    Settings: defaults <- TOML file <- POSTBOX_* env; errors name the key
