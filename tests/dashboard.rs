@@ -86,15 +86,7 @@ subject = '(?P<host>db\d+) disk full'
     ))
     .unwrap();
     let api = start_with(dir.path(), &smtp, vec![mailbox]).await;
-    let pb = api.app.postbox.clone();
-    let (stop_watchers, rx) = tokio::sync::oneshot::channel::<()>();
-    let watchers = tokio::spawn(async move {
-        pb.run_watchers(postbox::queue::shutdown_signal(async move {
-            let _ = rx.await;
-        }))
-        .await
-        .unwrap()
-    });
+    let mut watchers = common::Watchers::start(&api.app.postbox);
     submit(&api, "ada@example.com", "Your invoice").await;
     let dead = submit(&api, "dead@example.com", "Quarterly report").await;
     let dismiss = submit(&api, "dead.too@example.com", "Old newsletter").await;
@@ -222,8 +214,7 @@ subject = '(?P<host>db\d+) disk full'
         assert!(src.contains(want), "mailboxes page lacks {want:?}");
     }
     b.screenshot(&shots().join("07-mailboxes.png")).await;
-    let _ = stop_watchers.send(());
-    watchers.await.unwrap();
+    watchers.stop().await;
     assert_eq!(
         smtp.received()
             .iter()

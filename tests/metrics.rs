@@ -92,15 +92,7 @@ subject = '^INCIDENT'
         .unwrap(),
     ];
     let api = Api::start(s, true).await.with_token(TOKEN);
-    let pb = api.app.postbox.clone();
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let watchers = tokio::spawn(async move {
-        pb.run_watchers(postbox::queue::shutdown_signal(async move {
-            let _ = rx.await;
-        }))
-        .await
-        .unwrap()
-    });
+    let mut watchers = common::Watchers::start(&api.app.postbox);
 
     let before = scrape(&api).await;
     for (to, body) in [
@@ -289,6 +281,5 @@ subject = '^INCIDENT'
             .keys()
             .any(|k| k.starts_with("postbox_smtp_transaction_seconds_bucket{"))
     );
-    let _ = stop.send(());
-    watchers.await.unwrap();
+    watchers.stop().await;
 }

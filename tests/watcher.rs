@@ -10,15 +10,12 @@ use common::dovecot::{self, Dovecot};
 use common::smtp::{Received, header};
 use common::{App, SmtpServer};
 use postbox::inbound::MailboxSettings;
-use postbox::queue::shutdown_signal;
 use postbox::store::MailboxStatus;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 /// postbox with workers and watchers running in this process.
 struct Watching {
     app: App,
-    stop: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+    watchers: common::Watchers,
 }
 
 impl Watching {
@@ -27,29 +24,16 @@ impl Watching {
         s.mailboxes = vec![mailbox];
         s.validate().expect("test mailbox settings are valid");
         let app = App::start(s).await;
-        let mut w = Watching { app, stop: None };
-        w.start_watchers();
-        w
+        let watchers = common::Watchers::start(&app.postbox);
+        Watching { app, watchers }
     }
 
     fn start_watchers(&mut self) {
-        let (tx, rx) = oneshot::channel::<()>();
-        let pb = self.app.postbox.clone();
-        let h = tokio::spawn(async move {
-            pb.run_watchers(shutdown_signal(async move {
-                let _ = rx.await;
-            }))
-            .await
-            .expect("watchers start");
-        });
-        self.stop = Some((tx, h));
+        self.watchers = common::Watchers::start(&self.app.postbox);
     }
 
     async fn stop_watchers(&mut self) {
-        if let Some((tx, h)) = self.stop.take() {
-            let _ = tx.send(());
-            h.await.expect("watchers exit cleanly");
-        }
+        self.watchers.stop().await;
     }
 
     async fn status(&self) -> MailboxStatus {

@@ -82,8 +82,7 @@ pub fn router() -> Router<ApiState> {
         .route("/ui/logout", post(logout))
         .route("/ui/emails", get(emails))
         .route("/ui/emails/{id}", get(email))
-        .route("/ui/emails/{id}/retry", post(retry))
-        .route("/ui/emails/{id}/cancel", post(cancel))
+        .route("/ui/emails/{id}/{action}", post(act))
         .route("/ui/dead", get(dead_letters))
         .route("/ui/mailboxes", get(mailboxes))
 }
@@ -606,22 +605,18 @@ async fn email(
     })
 }
 
-async fn retry(
+/// `POST /ui/emails/{id}/retry` or `/cancel`.
+async fn act(
     State(st): State<ApiState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    Path((id, action)): Path<(String, String)>,
     Form(f): Form<CsrfForm>,
 ) -> Response {
-    transition(st, headers, id, f, false).await
-}
-
-async fn cancel(
-    State(st): State<ApiState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Form(f): Form<CsrfForm>,
-) -> Response {
-    transition(st, headers, id, f, true).await
+    match action.as_str() {
+        "retry" => transition(st, headers, id, f, false).await,
+        "cancel" => transition(st, headers, id, f, true).await,
+        _ => (StatusCode::NOT_FOUND, Html("<h1>404</h1>")).into_response(),
+    }
 }
 
 async fn transition(

@@ -153,6 +153,9 @@ pub enum Then {
 }
 
 /// One rule (`[[mailboxes.rules]]`): the tests of a [`Condition`] block, then the action.
+///
+/// The test fields repeat [`Condition`]'s on purpose: serde cannot `flatten` into a struct that
+/// denies unknown fields, and a misspelt key must fail `config check`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSettings {

@@ -120,6 +120,31 @@ impl App {
     }
 }
 
+/// The IMAP watchers of `pb`, running until [`Watchers::stop`].
+pub struct Watchers(Option<(oneshot::Sender<()>, JoinHandle<()>)>);
+
+impl Watchers {
+    pub fn start(pb: &Postbox) -> Watchers {
+        let (tx, rx) = oneshot::channel::<()>();
+        let pb = pb.clone();
+        let h = tokio::spawn(async move {
+            pb.run_watchers(postbox::queue::shutdown_signal(async move {
+                let _ = rx.await;
+            }))
+            .await
+            .expect("watchers start");
+        });
+        Watchers(Some((tx, h)))
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some((tx, h)) = self.0.take() {
+            let _ = tx.send(());
+            h.await.expect("watchers exit cleanly");
+        }
+    }
+}
+
 /// Polls `cond` every 50 ms until true; panics with `what` after `limit`.
 pub async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let t0 = Instant::now();
