@@ -263,12 +263,18 @@ impl Postbox {
                 self.inner.wake.notify();
                 metrics::histogram!("postbox_submit_seconds")
                     .record(started.elapsed().as_secs_f64());
+                // One increment per label set, not per email (batches are large).
+                let mut by_label: std::collections::BTreeMap<(String, String), u64> =
+                    Default::default();
                 for ((_, created), [(_, priority), (_, template)]) in ids.iter().zip(labels) {
                     if *created {
-                        metrics::counter!("postbox_emails_submitted_total",
-                            "priority" => priority, "template" => template)
-                        .increment(1);
+                        *by_label.entry((priority, template)).or_default() += 1;
                     }
+                }
+                for ((priority, template), n) in by_label {
+                    metrics::counter!("postbox_emails_submitted_total",
+                        "priority" => priority, "template" => template)
+                    .increment(n);
                 }
                 (ids, false)
             }

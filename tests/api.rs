@@ -547,9 +547,10 @@ async fn auth_matrix_and_rate_limit() {
             "{path}"
         );
     }
-    // Health routes stay open.
+    // Health routes and metrics stay open (api.open_health = true, the default).
     assert_eq!(api.get("/healthz").await.status, StatusCode::OK);
     assert_eq!(api.get("/openapi.json").await.status, StatusCode::OK);
+    assert_eq!(api.get("/metrics").await.status, StatusCode::OK);
     assert_eq!(api.app.postbox.counts().await.unwrap().by_status.len(), 0);
 
     let api = api.with_token(TOKEN);
@@ -570,6 +571,25 @@ async fn auth_matrix_and_rate_limit() {
     for _ in 0..5 {
         assert_eq!(api.get("/v1/templates").await.status, StatusCode::OK);
     }
+    api.stop().await;
+
+    // With open_health = false, health and metrics need the token as well.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 9);
+    s.api.token = Some(TOKEN.to_string().into());
+    s.api.open_health = false;
+    let api = Api::start(s, false).await;
+    for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        assert_eq!(
+            api.get(path).await.status,
+            StatusCode::UNAUTHORIZED,
+            "{path}"
+        );
+    }
+    let api = api.with_token(TOKEN);
+    let r = api.get("/metrics").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.text.contains("postbox_queue_depth"), "{}", r.text);
     api.stop().await;
 }
 
