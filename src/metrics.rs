@@ -43,6 +43,17 @@ pub fn init() -> Option<&'static PrometheusHandle> {
             match builder.install_recorder() {
                 Ok(h) => {
                     describe();
+                    // Histogram samples pile up until drained: drain them every few seconds
+                    // even when nobody scrapes, so memory stays flat.
+                    let upkeep = h.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("postbox-metrics-upkeep".into())
+                        .spawn(move || {
+                            loop {
+                                std::thread::sleep(std::time::Duration::from_secs(5));
+                                upkeep.run_upkeep();
+                            }
+                        });
                     Some(h)
                 }
                 Err(e) => {
