@@ -291,12 +291,13 @@ async fn send_batch(settings: Settings, path: &std::path::Path) -> anyhow::Resul
             return Ok(ExitCode::from(2));
         }
     };
-    let total = std::io::BufReader::new(&file).lines().count() as u64;
-    let lines = std::io::BufReader::new(std::fs::File::open(path)?).lines();
-    let bar = indicatif::ProgressBar::new(total);
+    // Progress by bytes read, so the file is read once.
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let lines = std::io::BufReader::new(file).lines();
+    let bar = indicatif::ProgressBar::new(size);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} lines  {per_sec}  eta {eta}  {msg}",
+            "{bar:40} {bytes}/{total_bytes}  {bytes_per_sec}  eta {eta}  {msg}",
         )
         .expect("a valid progress template"),
     );
@@ -348,7 +349,7 @@ async fn send_batch(settings: Settings, path: &std::path::Path) -> anyhow::Resul
     for (n, line) in lines.enumerate() {
         let line_no = n + 1;
         let line = line?;
-        bar.inc(1);
+        bar.inc(line.len() as u64 + 1);
         if line.trim().is_empty() {
             continue;
         }
@@ -386,21 +387,13 @@ async fn send_batch(settings: Settings, path: &std::path::Path) -> anyhow::Resul
 }
 
 fn print_stats(s: &postbox::store::Stats) {
-    let prios = ["high", "normal", "low"];
     println!(
         "{:<10} {:>8} {:>8} {:>8} {:>8}",
         "waiting", "high", "normal", "low", "total"
     );
     for state in ["queued", "retrying", "sending"] {
-        let row = s.depth.get(state);
-        let n = |p: &str| row.and_then(|r| r.get(p)).copied().unwrap_or(0);
-        let total: u64 = prios.iter().map(|p| n(p)).sum();
-        println!(
-            "{state:<10} {:>8} {:>8} {:>8} {total:>8}",
-            n("high"),
-            n("normal"),
-            n("low")
-        );
+        let (h, n, l) = s.depth_of(state);
+        println!("{state:<10} {h:>8} {n:>8} {l:>8} {:>8}", h + n + l);
     }
     println!();
     println!("{:<10} {:>8}", "all", "emails");

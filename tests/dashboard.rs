@@ -67,24 +67,15 @@ async fn in_a_real_browser_log_in_find_an_email_and_retry_a_dead_letter() {
     let smtp = SmtpServer::start().await;
     smtp.reply_to_rcpt("dead", "550 5.1.1 <dead@example.com>: no such user");
     let dv = Dovecot::start(&dir.path().join("dovecot"));
-    let mailbox = toml::from_str(&format!(
+    let mailbox = dv.mailbox(
+        "monitoring",
+        "none",
         r#"
-name = "monitoring"
-host = "127.0.0.1"
-port = {}
-tls = "none"
-username = "{}"
-password = "{}"
-alert_to = ["oncall@example.com"]
 [[rules]]
 name = "disk full"
 subject = '(?P<host>db\d+) disk full'
 "#,
-        dv.port,
-        dovecot::USER,
-        dovecot::PASSWORD
-    ))
-    .unwrap();
+    );
     let api = start_with(dir.path(), &smtp, vec![mailbox]).await;
     let mut watchers = common::Watchers::start(&api.app.postbox);
     submit(&api, "ada@example.com", "Your invoice").await;
@@ -173,22 +164,7 @@ subject = '(?P<host>db\d+) disk full'
     assert!(timeline.contains("dashboard, token default"), "{timeline}");
     b.screenshot(&shots().join("06-email-sent.png")).await;
     // The mailbox page: state, position, rule hits and the alert it raised.
-    let t0 = Instant::now();
-    while api
-        .app
-        .postbox
-        .mailboxes()
-        .await
-        .unwrap()
-        .first()
-        .is_none_or(|m| m.state != "connected")
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "watcher not connected"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    dovecot::wait_watcher(&api.app.postbox, "connected", Duration::from_secs(10)).await;
     let mut c = dv.client().await;
     c.append(
         "INBOX",

@@ -45,51 +45,27 @@ impl Watching {
 
     /// Waits until the watcher reports `state` (connected / down).
     async fn wait_state(&self, state: &str, limit: Duration) -> MailboxStatus {
-        let t0 = Instant::now();
-        loop {
-            if let Ok(all) = self.app.postbox.mailboxes().await
-                && let Some(s) = all.into_iter().next()
-                && s.state == state
-            {
-                return s;
-            }
-            assert!(
-                t0.elapsed() < limit,
-                "the watcher did not become {state} within {limit:?}: {:?}",
-                self.app.postbox.mailboxes().await
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        dovecot::wait_watcher(&self.app.postbox, state, limit).await
     }
 }
 
-/// A mailbox on the test Dovecot; `rules` is TOML for `[[rules]]` tables.
+/// A mailbox on the test Dovecot with quick polls, reconnects and timeouts; `rules` is TOML
+/// for `[[rules]]` tables.
 fn mailbox(dv: &Dovecot, mode: &str, idle: bool, extra: &str, rules: &str) -> MailboxSettings {
-    let port = if mode == "tls" { dv.tls_port } else { dv.port };
-    let text = format!(
-        r#"
-name = "mon"
-host = "127.0.0.1"
-port = {port}
-tls = "{mode}"
-ca_file = "{ca}"
-username = "{user}"
-password = "{password}"
-idle = {idle}
+    dv.mailbox(
+        "mon",
+        mode,
+        &format!(
+            "idle = {idle}
 poll_interval_secs = 1
-alert_to = ["oncall@example.com"]
 reconnect_min_ms = 100
 reconnect_max_secs = 1
 connect_timeout_secs = 2
 command_timeout_secs = 5
 {extra}
-{rules}
-"#,
-        ca = dv.ca_file.display(),
-        user = dovecot::USER,
-        password = dovecot::PASSWORD,
-    );
-    toml::from_str(&text).unwrap_or_else(|e| panic!("test mailbox TOML: {e}\n{text}"))
+{rules}"
+        ),
+    )
 }
 
 /// The text part of a received alert.

@@ -35,25 +35,11 @@ fn settings(dir: &std::path::Path, smtp_port: u16, mailbox: MailboxSettings) -> 
 }
 
 fn mailbox(dv: &dovecot::Dovecot, from_start: bool, rules: &str) -> MailboxSettings {
-    toml::from_str(&format!(
-        r#"
-name = "bench"
-host = "127.0.0.1"
-port = {}
-tls = "tls"
-ca_file = "{}"
-username = "{}"
-password = "{}"
-from_start = {from_start}
-alert_to = ["oncall@example.com"]
-{rules}
-"#,
-        dv.tls_port,
-        dv.ca_file.display(),
-        dovecot::USER,
-        dovecot::PASSWORD,
-    ))
-    .expect("bench mailbox")
+    dv.mailbox(
+        "bench",
+        "tls",
+        &format!("from_start = {from_start}\n{rules}"),
+    )
 }
 
 struct Running {
@@ -83,18 +69,7 @@ async fn start(s: Settings) -> Running {
 
 impl Running {
     async fn wait_connected(&self) {
-        let t0 = Instant::now();
-        loop {
-            let st = self.pb.mailboxes().await.unwrap();
-            if st.first().is_some_and(|s| s.state == "connected") {
-                return;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "watcher not connected: {st:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        dovecot::wait_watcher(&self.pb, "connected", Duration::from_secs(20)).await;
     }
 
     async fn stop(self) {

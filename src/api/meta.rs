@@ -229,8 +229,8 @@ pub async fn mailboxes(State(st): State<ApiState>) -> Result<Json<MailboxesRespo
 pub async fn metrics(State(st): State<ApiState>) -> Result<Response, ApiError> {
     let stats = st.postbox.stats().await?;
     for state in ["queued", "retrying", "sending"] {
-        let n: u64 = stats.depth.get(state).map_or(0, |p| p.values().sum());
-        metrics::gauge!("postbox_queue_depth", "state" => state).set(n as f64);
+        let (h, n, l) = stats.depth_of(state);
+        metrics::gauge!("postbox_queue_depth", "state" => state).set((h + n + l) as f64);
     }
     metrics::gauge!("postbox_queue_oldest_age_seconds")
         .set(stats.oldest_queued_age_secs.unwrap_or(0.0));

@@ -374,10 +374,8 @@ async fn overview(
     let depth_rows = ["queued", "retrying", "sending"]
         .iter()
         .map(|state| {
-            let row = stats.depth.get(*state);
-            let n = |p: &str| row.and_then(|r| r.get(p)).copied().unwrap_or(0);
-            let (h, no, l) = (n("high"), n("normal"), n("low"));
-            (state.to_string(), h, no, l, h + no + l)
+            let (h, n, l) = stats.depth_of(state);
+            (state.to_string(), h, n, l, h + n + l)
         })
         .collect();
     let peak = minutes
@@ -434,10 +432,8 @@ struct EmailQuery {
     q: String,
     #[serde(default)]
     before: String,
-    #[serde(default)]
-    done: Option<String>,
-    #[serde(default)]
-    error: Option<String>,
+    #[serde(flatten)]
+    flash: Flash,
 }
 
 #[derive(Template)]
@@ -478,15 +474,9 @@ async fn list_page(st: ApiState, headers: HeaderMap, q: EmailQuery, dead: bool) 
         Ok(s) => s,
         Err(r) => return r.into_response(),
     };
-    let flash = Flash {
-        done: q.done.clone(),
-        error: q.error.clone(),
-    };
     let query = q.q.trim().to_string();
     // An id jumps straight to the email.
-    if let Ok(id) = EmailId::parse(&query)
-        && query.len() == 26
-    {
+    if let Ok(id) = EmailId::parse(&query) {
         return Redirect::to(&format!("/ui/emails/{id}")).into_response();
     }
     let filter = ListFilter {
@@ -507,7 +497,7 @@ async fn list_page(st: ApiState, headers: HeaderMap, q: EmailQuery, dead: bool) 
         ("emails", "Emails", "/ui/emails")
     };
     page(EmailsPage {
-        nav: nav(active, &s, &flash),
+        nav: nav(active, &s, &q.flash),
         title,
         action,
         status: q.status.clone(),

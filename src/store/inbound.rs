@@ -9,7 +9,7 @@ use sqlx::{Row, SqliteConnection};
 use time::OffsetDateTime;
 
 use super::sqlite::now;
-use super::{NewRow, Store, StoreError, ms};
+use super::{NewRow, Store, StoreError, from_ms, ms};
 use crate::domain::EmailId;
 
 /// Where a mailbox's watcher is: the folder's UIDVALIDITY and the last UID it has processed.
@@ -110,10 +110,6 @@ pub struct RuleStatus {
     #[serde(with = "time::serde::rfc3339::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub last_alert_at: Option<OffsetDateTime>,
-}
-
-fn from_ms(v: Option<i64>) -> Option<OffsetDateTime> {
-    v.and_then(|m| OffsetDateTime::from_unix_timestamp_nanos(i128::from(m) * 1_000_000).ok())
 }
 
 impl Store {
@@ -323,7 +319,7 @@ impl Store {
             sqlx::query_scalar("SELECT min(due_at) FROM postbox_alert_groups WHERE pending > 0")
                 .fetch_one(self.pool())
                 .await?;
-        Ok(from_ms(v))
+        Ok(v.map(from_ms))
     }
 
     async fn flush_due(
@@ -361,7 +357,7 @@ impl Store {
             .await?;
             for r in rows {
                 group.hits.push(PendingHit {
-                    seen_at: from_ms(Some(r.try_get("seen_at")?)).unwrap_or(now),
+                    seen_at: from_ms(r.try_get("seen_at")?),
                     detail: serde_json::from_str(&r.try_get::<String, _>("detail")?)
                         .unwrap_or_default(),
                 });
@@ -436,7 +432,7 @@ impl Store {
                         hits: x.try_get::<i64, _>("hits")? as u64,
                         pending: x.try_get::<Option<i64>, _>("pending")?.unwrap_or(0) as u64,
                         alerts: x.try_get::<Option<i64>, _>("alerts")?.unwrap_or(0) as u64,
-                        last_alert_at: from_ms(x.try_get("last_alert_at")?),
+                        last_alert_at: x.try_get::<Option<i64>, _>("last_alert_at")?.map(from_ms),
                     });
                 }
             }
@@ -448,9 +444,9 @@ impl Store {
                     .try_get::<Option<i64>, _>("uidvalidity")?
                     .map(|v| v as u32),
                 last_uid: r.try_get::<i64, _>("last_uid")? as u32,
-                connected_since: from_ms(r.try_get("connected_since")?),
-                down_since: from_ms(r.try_get("down_since")?),
-                last_poll_at: from_ms(r.try_get("last_poll_at")?),
+                connected_since: r.try_get::<Option<i64>, _>("connected_since")?.map(from_ms),
+                down_since: r.try_get::<Option<i64>, _>("down_since")?.map(from_ms),
+                last_poll_at: r.try_get::<Option<i64>, _>("last_poll_at")?.map(from_ms),
                 last_error: r.try_get("last_error")?,
                 scanned: r.try_get::<i64, _>("scanned")? as u64,
                 matched: r.try_get::<i64, _>("matched")? as u64,

@@ -271,6 +271,16 @@ pub struct EmailPage {
     pub next_cursor: Option<String>,
 }
 
+impl Stats {
+    /// Emails waiting or in flight in `state` (queued, retrying, sending), as
+    /// (high, normal, low) priority counts.
+    pub fn depth_of(&self, state: &str) -> (u64, u64, u64) {
+        let row = self.depth.get(state);
+        let n = |p: &str| row.and_then(|r| r.get(p)).copied().unwrap_or(0);
+        (n("high"), n("normal"), n("low"))
+    }
+}
+
 /// Attempts that ended in one minute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct MinuteCounts {

@@ -626,8 +626,7 @@ impl Store {
         .await?;
         let mut out: Vec<MinuteCounts> = (from..=now_min)
             .map(|m| MinuteCounts {
-                minute: OffsetDateTime::from_unix_timestamp(m * 60)
-                    .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+                minute: from_ms(m * 60_000),
                 sent: 0,
                 failed: 0,
             })

@@ -300,6 +300,31 @@ service auth {{
         }
     }
 
+    /// Settings for a watcher of this server's mailbox: `mode` is `tls` (the IMAPS port),
+    /// `starttls` or `none` (the plain port); `more` is further TOML (keys, then `[[rules]]`).
+    pub fn mailbox(&self, name: &str, mode: &str, more: &str) -> postbox::inbound::MailboxSettings {
+        let port = if mode == "tls" {
+            self.tls_port
+        } else {
+            self.port
+        };
+        let text = format!(
+            r#"
+name = "{name}"
+host = "127.0.0.1"
+port = {port}
+tls = "{mode}"
+ca_file = "{ca}"
+username = "{USER}"
+password = "{PASSWORD}"
+alert_to = ["oncall@example.com"]
+{more}
+"#,
+            ca = self.ca_file.display(),
+        );
+        toml::from_str(&text).unwrap_or_else(|e| panic!("test mailbox TOML: {e}\n{text}"))
+    }
+
     /// A logged-in test client (plaintext, loopback).
     pub async fn client(&self) -> Appender {
         let tcp = TcpStream::connect(("127.0.0.1", self.port))
@@ -322,6 +347,29 @@ service auth {{
 impl Drop for Dovecot {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Waits until `pb`'s watcher (the first mailbox) reports `state` (connected / down).
+pub async fn wait_watcher(
+    pb: &postbox::Postbox,
+    state: &str,
+    limit: Duration,
+) -> postbox::store::MailboxStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(all) = pb.mailboxes().await
+            && let Some(s) = all.into_iter().next()
+            && s.state == state
+        {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "the watcher did not become {state} within {limit:?}: {:?}",
+            pb.mailboxes().await
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
