@@ -3,7 +3,11 @@
 #   - Debian's postfix (for smtp-sink, used by scripts/bench.sh and as a reference SMTP peer);
 #   - Debian's dovecot-imapd (the watcher tests start their own Dovecot on random loopback ports)
 #     and openssl (their throwaway CA and certificate);
-#   - Debian's chromium and chromium-driver (the dashboard test drives a real headless Chromium).
+#   - Debian's chromium and chromium-driver (the dashboard test drives a real headless Chromium);
+#   - Debian's postgresql (server binaries only: a throwaway cluster is made with initdb and
+#     pg_ctl in a temp dir on a random 127.0.0.1 port, and removed at exit).
+# Two passes: every test on SQLite (the cluster tests always use PostgreSQL), then the delivery,
+# API and watcher tests again with POSTBOX_TEST_BACKEND=postgres.
 # The delivery tests themselves run a real SMTP server inside the test harness on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +18,9 @@ missing=()
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
@@ -23,4 +30,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Tests are fast on a throwaway server without fsync (kill -9 tests kill postbox, never
+# PostgreSQL).
+pg=$(PG_THROWAWAY_OPTS="-c fsync=off -c synchronous_commit=off -c full_page_writes=off" scripts/pg-throwaway.sh)
+export "$(echo "$pg" | sed -n 1p)"
+pg_dir=$(echo "$pg" | sed -n 2p | cut -d= -f2)
+trap 'scripts/pg-throwaway.sh stop "$pg_dir"' EXIT
+
 cargo test --locked "$@"
+echo "== again on PostgreSQL: delivery, API and watcher tests =="
+POSTBOX_TEST_BACKEND=postgres cargo test --locked --test delivery --test api --test watcher "$@"

@@ -44,15 +44,32 @@ pub struct Settings {
     pub limits: Limits,
     pub log: LogSettings,
     pub api: ApiSettings,
+    pub cluster: ClusterSettings,
     /// IMAP mailboxes the watcher reads (`[[mailboxes]]`); none by default.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mailboxes: Vec<crate::inbound::MailboxSettings>,
 }
 
+/// Several processes on one database (`[cluster]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    /// How long a mailbox watcher's lease lasts without renewal (renewed every third of it).
+    /// A standby takes a dead holder's mailbox over within this time.
+    pub lease_secs: u64,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self { lease_secs: 15 }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseSettings {
-    /// `sqlite://path/to/file.db` (created if missing) or `sqlite::memory:`.
+    /// `sqlite://path/to/file.db` (created if missing), `sqlite::memory:`, or
+    /// `postgres://user:password@host:port/db` (many processes on many hosts).
     pub url: String,
     pub max_connections: u32,
     /// How long a connection waits for SQLite's write lock before giving up.
@@ -531,17 +548,22 @@ impl Settings {
     /// Checks relations between keys that types alone cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let url = &self.database.url;
-        if url.starts_with("postgres") {
+        // The URL is never echoed: a postgres:// URL may carry a password.
+        if crate::store::is_postgres_url(url) {
+            if <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(url).is_err() {
+                return Err(ConfigError::new(
+                    "database.url",
+                    "not a valid postgres:// URL",
+                ));
+            }
+        } else if !url.starts_with("sqlite:") {
             return Err(ConfigError::new(
                 "database.url",
-                "the PostgreSQL backend is not available yet; use sqlite://",
+                "must be a sqlite:// or postgres:// URL",
             ));
         }
-        if !url.starts_with("sqlite:") {
-            return Err(ConfigError::new(
-                "database.url",
-                format!("`{url}` is not a sqlite:// URL"),
-            ));
+        if self.cluster.lease_secs < 3 {
+            return Err(ConfigError::new("cluster.lease_secs", "must be at least 3"));
         }
         if self.database.max_connections < 2 {
             return Err(ConfigError::new(
@@ -791,11 +813,13 @@ mod tests {
                 "retry.max_backoff_secs",
             ),
             ("[smtp]\ntls = \"maybe\"\n", vec![], "smtp.tls"),
+            ("[database]\nurl = \"mysql://x\"\n", vec![], "database.url"),
             (
-                "[database]\nurl = \"postgres://x\"\n",
+                "[database]\nurl = \"postgres://u:secret@h:notaport/db\"\n",
                 vec![],
                 "database.url",
             ),
+            ("[cluster]\nlease_secs = 1\n", vec![], "cluster.lease_secs"),
             ("[api]\nlisten = \"0.0.0.0:8080\"\n", vec![], "api.token"),
             ("[api]\nlisten = \"nowhere\"\n", vec![], "api.listen"),
             ("", vec![("POSTBOX_API__TOKEN", "short")], "api.token"),
@@ -811,6 +835,7 @@ mod tests {
                 err.key.starts_with(key),
                 "{text:?}: expected key {key}, got {err}"
             );
+            assert!(!err.to_string().contains("secret"), "{err}");
         }
     }
 

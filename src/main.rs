@@ -33,6 +33,9 @@ enum Command {
     Serve,
     /// Run only the HTTP API (no delivery in this process).
     Api,
+    /// Run only the delivery workers (no HTTP API, no mailbox watchers): add these on more
+    /// hosts, all on one PostgreSQL, to deliver more.
+    Worker,
     /// Submit one email; prints its id.
     Send(Box<SendArgs>),
     /// The queue at a glance: depth by state and priority, totals, recent outcomes.
@@ -166,9 +169,14 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             println!("database is up to date");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve | Command::Api => {
-            let workers = matches!(command, Command::Serve);
-            let api = !workers || settings.api.enabled;
+        Command::Serve | Command::Api | Command::Worker => {
+            let workers = !matches!(command, Command::Api);
+            let watchers = matches!(command, Command::Serve);
+            let api = match command {
+                Command::Api => true,
+                Command::Worker => false,
+                _ => settings.api.enabled,
+            };
             let pb = open(settings).await?;
             let shutdown = postbox::queue::shutdown_signal(shutdown_signal());
             let listener = if api {
@@ -185,6 +193,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             tracing::info!(
                 api,
                 workers,
+                watchers,
                 "postbox serving; SIGINT or SIGTERM stops it gracefully"
             );
             let http = async {
@@ -199,7 +208,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 }
             };
             let watch = async {
-                if workers {
+                if watchers {
                     pb.run_watchers(shutdown.clone()).await
                 } else {
                     Ok(())

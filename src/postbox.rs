@@ -164,7 +164,8 @@ impl Postbox {
     pub async fn run_watchers(&self, shutdown: Shutdown) -> Result<(), crate::config::ConfigError> {
         let mailboxes =
             crate::inbound::compile(&self.inner.settings.mailboxes, &|k| std::env::var(k).ok())?;
-        crate::inbound::run(self.clone(), mailboxes, shutdown).await;
+        let lease = std::time::Duration::from_secs(self.inner.settings.cluster.lease_secs);
+        crate::inbound::run(self.clone(), mailboxes, lease, shutdown).await;
         Ok(())
     }
 

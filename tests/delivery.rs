@@ -5,7 +5,7 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, SystemTime};
 
-use common::{App, SmtpServer, settings, wait_for};
+use common::{App, SmtpServer, db_exec, settings, wait_for};
 use mail_parser::{MessageParser, MimeHeaders};
 use postbox::{EmailStatus, NewAttachment, NewEmail, Priority};
 use serde_json::json;
@@ -419,20 +419,14 @@ async fn a_job_lost_from_the_queue_is_rescued_by_the_janitor() {
     let app = App::open(s).await;
     let id = app.submit(NewEmail::text("a@example.com", "Hi", "x")).await;
     // Simulate apalis losing the job (killed) and the email row going quiet for a while.
-    let db = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}",
-        dir.path().join("postbox.db").display()
-    ))
-    .await
-    .unwrap();
-    sqlx::query("UPDATE Jobs SET status = 'Killed', done_at = strftime('%s','now')")
-        .execute(&db)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE postbox_emails SET updated_at = updated_at - 60000")
-        .execute(&db)
-        .await
-        .unwrap();
+    db_exec(
+        dir.path(),
+        "UPDATE Jobs SET status = 'Killed', done_at = strftime('%s','now')",
+        "UPDATE apalis.jobs SET status = 'Killed', done_at = now()",
+    )
+    .await;
+    let quiet = "UPDATE postbox_emails SET updated_at = updated_at - 60000";
+    db_exec(dir.path(), quiet, quiet).await;
     let report = app.postbox.janitor().await.unwrap();
     assert_eq!(report.emails_rescued, 1, "{report:?}");
     let mut app = app;

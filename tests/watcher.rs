@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::dovecot::{self, Dovecot};
 use common::smtp::{Received, header};
-use common::{App, SmtpServer};
+use common::{App, SmtpServer, db_exec, db_scalar};
 use postbox::inbound::MailboxSettings;
 use postbox::store::MailboxStatus;
 
@@ -314,24 +314,11 @@ async fn restart_and_rereading_neither_duplicate_nor_miss_alerts() {
     // A crash after fetching but before committing means reading messages again. Simulate the
     // worst case, every message re-read, by rewinding the stored position: no alert repeats.
     w.stop_watchers().await;
-    let pool = sqlx::SqlitePool::connect(&format!(
-        "sqlite://{}",
-        dir.path().join("postbox.db").display()
-    ))
-    .await
-    .unwrap();
-    sqlx::query("UPDATE postbox_mailboxes SET last_uid = 0")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let rewind = "UPDATE postbox_mailboxes SET last_uid = 0";
+    db_exec(dir.path(), rewind, rewind).await;
     w.start_watchers();
     let t0 = Instant::now();
-    while sqlx::query_scalar::<_, i64>("SELECT last_uid FROM postbox_mailboxes")
-        .fetch_one(&pool)
-        .await
-        .unwrap()
-        < 6
-    {
+    while db_scalar(dir.path(), "SELECT last_uid FROM postbox_mailboxes").await < 6 {
         assert!(
             t0.elapsed() < Duration::from_secs(10),
             "the rewound watcher did not re-read"

@@ -51,6 +51,9 @@ const MAX_SENDERS: usize = 10;
 pub(crate) struct Inbound {
     pub(crate) pb: Postbox,
     mailboxes: Vec<Arc<Mailbox>>,
+    /// This process, as a lease holder: `host-pid-ulid`.
+    node: String,
+    lease: Duration,
 }
 
 pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
@@ -189,14 +192,20 @@ impl Inbound {
 
 /// Runs a watcher for every configured mailbox, and the flusher that raises alerts of groups
 /// falling due between scans, until `shutdown`.
-pub async fn run(pb: Postbox, mailboxes: Vec<Arc<Mailbox>>, shutdown: Shutdown) {
+///
+/// Each watcher first takes its mailbox's lease (see `watcher::watch`), so however many
+/// processes run watchers on one database, one of them reads each mailbox.
+pub async fn run(pb: Postbox, mailboxes: Vec<Arc<Mailbox>>, lease: Duration, shutdown: Shutdown) {
     if mailboxes.is_empty() {
         return;
     }
-    info!(mailboxes = mailboxes.len(), "IMAP watchers starting");
+    let node = crate::queue::node_name();
+    info!(mailboxes = mailboxes.len(), %node, "IMAP watchers starting");
     let ctx = Arc::new(Inbound {
         pb,
         mailboxes: mailboxes.clone(),
+        node,
+        lease,
     });
     let mut tasks = tokio::task::JoinSet::new();
     for mb in mailboxes {

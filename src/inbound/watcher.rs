@@ -19,13 +19,19 @@ use super::message;
 use super::rules::{self, Disposition};
 use super::{Inbound, rfc3339};
 use crate::queue::Shutdown;
-use crate::store::{Health, MailboxPosition, NewHit};
+use crate::store::{Health, MailboxPosition, NewHit, lease_name};
 
 /// A session shorter than this does not end an outage (a server that accepts the login and
 /// drops the connection at once is still down).
 const STABLE_AFTER: Duration = Duration::from_secs(30);
 
-/// Watches one mailbox until `shutdown`.
+/// Watches one mailbox until `shutdown`, while this process holds the mailbox's lease.
+///
+/// A standby tries to take the lease every third of its length; the holder renews it as often.
+/// A holder that cannot renew before its lease runs out stops reading at once, and every scan
+/// commits only if its lease is still held (checked inside the scan's transaction), so a
+/// holder that was paused past its lease writes nothing after a takeover. The new holder
+/// resumes from the stored (UIDVALIDITY, last UID).
 pub(super) async fn watch(ctx: Arc<Inbound>, mb: Arc<Mailbox>, shutdown: Shutdown) {
     let span = info_span!("watcher", mailbox = %mb.name);
     async move {
@@ -37,50 +43,110 @@ pub(super) async fn watch(ctx: Arc<Inbound>, mb: Arc<Mailbox>, shutdown: Shutdow
                 return;
             }
         };
-        let mut down_since = OffsetDateTime::now_utc();
-        let mut backoff = mb.reconnect_min;
+        let name = lease_name(&mb.name);
+        let store = ctx.pb.store();
+        let every = ctx.lease / 3;
+        let mut standby_logged = false;
         loop {
-            let started = Instant::now();
-            let mut connected = false;
-            let result = tokio::select! {
-                _ = shutdown.clone() => return,
-                r = session(&ctx, &mb, &tls, &mut connected) => r,
-            };
-            let err = match result {
-                Ok(()) => return,
-                Err(e) => format!("{e:#}"),
-            };
-            if connected && started.elapsed() >= STABLE_AFTER {
-                down_since = OffsetDateTime::now_utc();
-                backoff = mb.reconnect_min;
+            match store.acquire_lease(&name, &ctx.node, ctx.lease).await {
+                Ok(true) => {
+                    info!(node = %ctx.node, lease_secs = ctx.lease.as_secs(), "lease taken; watching");
+                    standby_logged = false;
+                    tokio::select! {
+                        _ = shutdown.clone() => {
+                            if let Err(e) = store.release_lease(&name, &ctx.node).await {
+                                warn!(error = %e, "cannot release the lease; it runs out by itself");
+                            }
+                            return;
+                        }
+                        _ = watch_held(&ctx, &mb, &tls) => {}
+                        _ = keep_lease(&ctx, &name) => {
+                            warn!("lease lost (not renewed in time, or taken over); standing by");
+                            metrics::gauge!("postbox_mailbox_connected", "mailbox" => mb.name.clone()).set(0.0);
+                        }
+                    }
+                }
+                Ok(false) => {
+                    if !standby_logged {
+                        info!("another process holds this mailbox's lease; standing by");
+                        standby_logged = true;
+                    }
+                }
+                Err(e) => warn!(error = %e, "cannot take the lease; will try again"),
             }
-            let down_for = (OffsetDateTime::now_utc() - down_since).unsigned_abs();
-            warn!(error = %err, down_secs = down_for.as_secs(), retry_in_ms = backoff.as_millis() as u64,
-                "IMAP session failed; reconnecting");
-            metrics::gauge!("postbox_mailbox_connected", "mailbox" => mb.name.clone()).set(0.0);
-            if let Err(e) = ctx
-                .pb
-                .store()
-                .set_mailbox_health(&mb.name, Health::Down { since: down_since, error: &err })
-                .await
-            {
-                warn!(error = %e, "cannot record the watcher's state");
-            }
-            if down_for >= mb.down_alert_after {
-                raise_down_alert(&ctx, &mb, down_since, down_for, &err).await;
-            }
-            // Equal jitter: half fixed, half random, so many watchers do not reconnect in step.
-            let half = backoff / 2;
-            let sleep = half + half.mul_f64(rand::random::<f64>());
             tokio::select! {
                 _ = shutdown.clone() => return,
-                _ = tokio::time::sleep(sleep) => {}
+                _ = tokio::time::sleep(every) => {}
             }
-            backoff = (backoff * 2).min(mb.reconnect_max);
         }
     }
     .instrument(span)
     .await
+}
+
+/// Renews the lease every third of its length; returns when it is lost: taken by another
+/// process, or not renewed before it would run out.
+async fn keep_lease(ctx: &Inbound, name: &str) {
+    let store = ctx.pb.store();
+    let mut held_until = Instant::now() + ctx.lease;
+    loop {
+        tokio::time::sleep(ctx.lease / 3).await;
+        let asked = Instant::now();
+        match store.acquire_lease(name, &ctx.node, ctx.lease).await {
+            Ok(true) => held_until = asked + ctx.lease,
+            Ok(false) => return,
+            Err(e) => warn!(error = %e, "cannot renew the lease; will try again"),
+        }
+        // Stop with a margin of a sixth of the lease: our clock and the database's writes
+        // must not let two holders overlap.
+        if Instant::now() + ctx.lease / 6 >= held_until {
+            return;
+        }
+    }
+}
+
+/// The watch loop of a lease holder: sessions, reconnects with backoff, the down alert.
+/// Returns only if TLS cannot be used (the caller stops); the caller's select ends it otherwise.
+async fn watch_held(ctx: &Inbound, mb: &Mailbox, tls: &Arc<tokio_rustls::rustls::ClientConfig>) {
+    let mut down_since = OffsetDateTime::now_utc();
+    let mut backoff = mb.reconnect_min;
+    loop {
+        let started = Instant::now();
+        let mut connected = false;
+        let err = match session(ctx, mb, tls, &mut connected).await {
+            Ok(()) => return,
+            Err(e) => format!("{e:#}"),
+        };
+        if connected && started.elapsed() >= STABLE_AFTER {
+            down_since = OffsetDateTime::now_utc();
+            backoff = mb.reconnect_min;
+        }
+        let down_for = (OffsetDateTime::now_utc() - down_since).unsigned_abs();
+        warn!(error = %err, down_secs = down_for.as_secs(), retry_in_ms = backoff.as_millis() as u64,
+            "IMAP session failed; reconnecting");
+        metrics::gauge!("postbox_mailbox_connected", "mailbox" => mb.name.clone()).set(0.0);
+        if let Err(e) = ctx
+            .pb
+            .store()
+            .set_mailbox_health(
+                &mb.name,
+                Health::Down {
+                    since: down_since,
+                    error: &err,
+                },
+            )
+            .await
+        {
+            warn!(error = %e, "cannot record the watcher's state");
+        }
+        if down_for >= mb.down_alert_after {
+            raise_down_alert(ctx, mb, down_since, down_for, &err).await;
+        }
+        // Equal jitter: half fixed, half random, so many watchers do not reconnect in step.
+        let half = backoff / 2;
+        tokio::time::sleep(half + half.mul_f64(rand::random::<f64>())).await;
+        backoff = (backoff * 2).min(mb.reconnect_max);
+    }
 }
 
 /// The watcher's own alert: one hit per `down_repeat_interval` of an outage, in the
@@ -121,7 +187,14 @@ async fn raise_down_alert(
     match ctx
         .pb
         .store()
-        .record_scan(&mb.name, None, 0, &[hit], &|g| ctx.build_alert(g))
+        .record_scan(
+            &mb.name,
+            None,
+            0,
+            &[hit],
+            &|g| ctx.build_alert(g),
+            Some(&ctx.node),
+        )
         .await
     {
         Ok(out) => {
@@ -366,9 +439,14 @@ async fn scan(
         let out = ctx
             .pb
             .store()
-            .record_scan(&mb.name, Some(next), scanned, &hits, &|g| {
-                ctx.build_alert(g)
-            })
+            .record_scan(
+                &mb.name,
+                Some(next),
+                scanned,
+                &hits,
+                &|g| ctx.build_alert(g),
+                Some(&ctx.node),
+            )
             .await?;
         *pos = next;
         metrics::counter!("postbox_mailbox_messages_scanned_total", "mailbox" => mb.name.clone())

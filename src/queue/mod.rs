@@ -18,6 +18,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use apalis::prelude::*;
+use apalis_postgres::PostgresStorage;
 use apalis_sqlite::SqliteStorage;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
@@ -30,7 +31,9 @@ use crate::config::Settings;
 use crate::delivery::{Decision, Mailer, Outcome, RetryPolicy, build_message};
 use crate::domain::address::mask;
 use crate::render::render;
-use crate::store::{AttemptRecord, ClaimResult, Finish, JanitorReport, SendJob, Store, StoreError};
+use crate::store::{
+    AttemptRecord, ClaimResult, Db, Finish, JanitorReport, SendJob, Store, StoreError,
+};
 
 /// A shutdown signal every loop can await (cloneable).
 pub type Shutdown = Shared<BoxFuture<'static, ()>>;
@@ -211,32 +214,58 @@ pub async fn run(
     ));
     let host = hostname();
     let pid = std::process::id();
+    if let Db::Pg(pool) = store.db() {
+        tokio::spawn(listen_for_jobs(
+            pool.clone(),
+            wake.clone(),
+            shutdown.clone(),
+        ));
+    }
     loop {
         let name = format!("postbox-{host}-{pid}-{}", ulid::Ulid::generate());
-        let config = apalis_sqlite::Config::default()
-            .queue(&q.name)
-            .batch_size(q.batch_size)
-            .heartbeat_interval(Duration::from_secs(q.heartbeat_secs));
-        let backend = SqliteStorage::<Value>::new(store.pool())
-            .with_config(config)
-            .poll_with_strategy(
-                Strategy::new()
-                    .stream(wake.stream())
-                    .interval(Duration::from_millis(q.poll_interval_ms)),
-            );
-        let worker = WorkerBuilder::new(name.as_str())
-            .backend(backend)
-            .data(deliverer.clone())
-            .concurrency(q.concurrency)
-            .build(handle);
-        info!(worker = %name, concurrency = q.concurrency, "delivery worker started");
+        let strategy = || {
+            Strategy::new()
+                .stream(wake.stream())
+                .interval(Duration::from_millis(q.poll_interval_ms))
+        };
+        let heartbeat = Duration::from_secs(q.heartbeat_secs);
+        macro_rules! worker {
+            ($backend:expr) => {
+                WorkerBuilder::new(name.as_str())
+                    .backend($backend.poll_with_strategy(strategy()))
+                    .data(deliverer.clone())
+                    .concurrency(q.concurrency)
+                    .build(handle)
+            };
+        }
         let sd = shutdown.clone();
-        let res = worker
-            .run_until(async move {
-                sd.await;
-                Ok::<(), std::io::Error>(())
-            })
-            .await;
+        let stop = async move {
+            sd.await;
+            Ok::<(), std::io::Error>(())
+        };
+        info!(worker = %name, concurrency = q.concurrency, "delivery worker started");
+        let res = match store.db() {
+            Db::Sqlite(pool) => {
+                let config = apalis_sqlite::Config::default()
+                    .queue(&q.name)
+                    .batch_size(q.batch_size)
+                    .heartbeat_interval(heartbeat);
+                worker!(SqliteStorage::<Value>::new(pool).with_config(config))
+                    .run_until(stop)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Db::Pg(pool) => {
+                let config = apalis_postgres::Config::default()
+                    .queue(&q.name)
+                    .batch_size(q.batch_size)
+                    .heartbeat_interval(heartbeat);
+                worker!(PostgresStorage::<Value>::new(pool).with_config(config))
+                    .run_until(stop)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        };
         if shutdown.clone().now_or_never().is_some() {
             info!(worker = %name, "delivery worker stopped");
             break;
@@ -251,6 +280,38 @@ pub async fn run(
         }
     }
     let _ = janitor.await;
+}
+
+/// PostgreSQL: wakes this process's idle workers when any process queues a job that is due
+/// now (apalis's insert trigger sends NOTIFY on `apalis::job::insert`; a burst of notifications
+/// makes one wake-up). Delayed jobs are found by the poll interval. Reconnects on error.
+async fn listen_for_jobs(pool: sqlx::PgPool, wake: Arc<Wake>, shutdown: Shutdown) {
+    use futures::StreamExt;
+    loop {
+        let listened = async {
+            let mut l = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            l.listen("apalis::job::insert").await?;
+            debug!("listening for new jobs");
+            // Jobs queued while we were not listening.
+            wake.notify();
+            let mut stream = l.into_stream();
+            while let Some(n) = stream.next().await {
+                n?;
+                wake.notify();
+            }
+            Ok::<(), sqlx::Error>(())
+        };
+        tokio::select! {
+            _ = shutdown.clone() => return,
+            r = listened => if let Err(e) = r {
+                warn!(error = %e, "LISTEN connection lost; reconnecting");
+            },
+        }
+        tokio::select! {
+            _ = shutdown.clone() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }
 
 /// One janitor pass with the thresholds the settings give.
@@ -289,6 +350,16 @@ async fn janitor_loop(settings: Settings, store: Store, shutdown: Shutdown) {
             _ = shutdown.clone() => return,
         }
     }
+}
+
+/// A name for this process, unique across hosts and restarts: `host-pid-ulid`.
+pub(crate) fn node_name() -> String {
+    format!(
+        "{}-{}-{}",
+        hostname(),
+        std::process::id(),
+        ulid::Ulid::generate()
+    )
 }
 
 fn hostname() -> String {

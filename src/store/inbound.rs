@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
+use super::db::{Lock, Tx, sql};
 use serde::Serialize;
-use sqlx::{Row, SqliteConnection};
 use time::OffsetDateTime;
 
-use super::sqlite::now;
+use super::emails::now;
 use super::{NewRow, Store, StoreError, from_ms, ms};
 use crate::domain::EmailId;
 
@@ -97,6 +97,12 @@ pub struct MailboxStatus {
     pub matched: u64,
     pub alerts: u64,
     pub resyncs: u64,
+    /// The process that holds this mailbox's watcher lease (`host-pid-ulid`), while its lease
+    /// runs; None when no process watches it (its last holder died or stopped).
+    pub lease_holder: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub lease_expires_at: Option<OffsetDateTime>,
     /// Per rule: hits stored, hits waiting for their alert, alerts raised.
     pub rules: Vec<RuleStatus>,
 }
@@ -112,22 +118,75 @@ pub struct RuleStatus {
     pub last_alert_at: Option<OffsetDateTime>,
 }
 
+/// The lease that makes one process in the cluster the watcher of `mailbox`.
+pub fn lease_name(mailbox: &str) -> String {
+    format!("mailbox:{mailbox}")
+}
+
 impl Store {
+    /// Takes the lease `name` for `holder` until `ttl` from now, or renews it if `holder` has
+    /// it. True when `holder` holds it afterwards; false while another holder's lease runs.
+    pub async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = ms(now());
+        let n = sql(
+            "INSERT INTO postbox_leases (name, holder, acquired_at, expires_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT(name) DO UPDATE SET holder = $2, expires_at = $4,
+                 acquired_at = CASE WHEN postbox_leases.holder = $2
+                                    THEN postbox_leases.acquired_at ELSE $3 END
+              WHERE postbox_leases.holder = $2 OR postbox_leases.expires_at < $3",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(now)
+        .bind(now + ttl.as_millis() as i64)
+        .execute(&self.db)
+        .await?;
+        Ok(n == 1)
+    }
+
+    /// Gives the lease up (a clean shutdown), so a standby takes over at once.
+    pub async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        sql("DELETE FROM postbox_leases WHERE name = $1 AND holder = $2")
+            .bind(name)
+            .bind(holder)
+            .execute(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Inside a write: does `holder` still hold an unexpired lease? (PostgreSQL also locks the
+    /// row, so a takeover waits for this transaction.)
+    async fn lease_held(&self, tx: &mut Tx, name: &str, holder: &str) -> Result<bool, StoreError> {
+        let n = sql("UPDATE postbox_leases SET holder = holder
+              WHERE name = $1 AND holder = $2 AND expires_at >= $3")
+        .bind(name)
+        .bind(holder)
+        .bind(ms(now()))
+        .execute(&mut *tx)
+        .await?;
+        Ok(n == 1)
+    }
+
     /// The stored position of `mailbox`, if it was ever scanned.
     pub async fn mailbox_position(
         &self,
         mailbox: &str,
     ) -> Result<Option<MailboxPosition>, StoreError> {
-        let row = sqlx::query(
-            "SELECT uidvalidity, last_uid FROM postbox_mailboxes WHERE name = ?1 AND uidvalidity IS NOT NULL",
+        let row = sql(
+            "SELECT uidvalidity, last_uid FROM postbox_mailboxes WHERE name = $1 AND uidvalidity IS NOT NULL",
         )
         .bind(mailbox)
-        .fetch_optional(self.pool())
+        .fetch_optional(&self.db)
         .await?;
         Ok(match row {
             Some(r) => Some(MailboxPosition {
-                uidvalidity: r.try_get::<i64, _>("uidvalidity")? as u32,
-                last_uid: r.try_get::<i64, _>("last_uid")? as u32,
+                uidvalidity: r.get::<i64>("uidvalidity")? as u32,
+                last_uid: r.get::<i64>("last_uid")? as u32,
             }),
             None => None,
         })
@@ -140,31 +199,29 @@ impl Store {
         pos: MailboxPosition,
         resync: bool,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        sql(
             "INSERT INTO postbox_mailboxes (name, uidvalidity, last_uid, resyncs, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT(name) DO UPDATE SET uidvalidity = ?2, last_uid = ?3,
-                 resyncs = resyncs + ?4, updated_at = ?5",
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT(name) DO UPDATE SET uidvalidity = $2, last_uid = $3,
+                 resyncs = postbox_mailboxes.resyncs + $4, updated_at = $5",
         )
         .bind(mailbox)
         .bind(i64::from(pos.uidvalidity))
         .bind(i64::from(pos.last_uid))
         .bind(i64::from(resync))
         .bind(ms(now()))
-        .execute(self.pool())
+        .execute(&self.db)
         .await?;
         Ok(())
     }
 
     /// Notes a scan that found nothing new.
     pub async fn record_poll(&self, mailbox: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE postbox_mailboxes SET last_poll_at = ?2, updated_at = ?2 WHERE name = ?1",
-        )
-        .bind(mailbox)
-        .bind(ms(now()))
-        .execute(self.pool())
-        .await?;
+        sql("UPDATE postbox_mailboxes SET last_poll_at = $2, updated_at = $2 WHERE name = $1")
+            .bind(mailbox)
+            .bind(ms(now()))
+            .execute(&self.db)
+            .await?;
         Ok(())
     }
 
@@ -176,27 +233,27 @@ impl Store {
     ) -> Result<(), StoreError> {
         let now = ms(now());
         let q = match health {
-            Health::Connected { idle } => sqlx::query(
+            Health::Connected { idle } => sql(
                 "INSERT INTO postbox_mailboxes (name, state, idle, connected_since, updated_at)
-                 VALUES (?1, 'connected', ?2, ?3, ?3)
-                 ON CONFLICT(name) DO UPDATE SET state = 'connected', idle = ?2,
-                     connected_since = ?3, down_since = NULL, last_error = NULL, updated_at = ?3",
+                 VALUES ($1, 'connected', $2, $3, $3)
+                 ON CONFLICT(name) DO UPDATE SET state = 'connected', idle = $2,
+                     connected_since = $3, down_since = NULL, last_error = NULL, updated_at = $3",
             )
             .bind(mailbox)
-            .bind(idle)
+            .bind(i64::from(idle))
             .bind(now),
-            Health::Down { since, error } => sqlx::query(
+            Health::Down { since, error } => sql(
                 "INSERT INTO postbox_mailboxes (name, state, down_since, last_error, updated_at)
-                 VALUES (?1, 'down', ?2, ?3, ?4)
+                 VALUES ($1, 'down', $2, $3, $4)
                  ON CONFLICT(name) DO UPDATE SET state = 'down', idle = 0, connected_since = NULL,
-                     down_since = ?2, last_error = ?3, updated_at = ?4",
+                     down_since = $2, last_error = $3, updated_at = $4",
             )
             .bind(mailbox)
             .bind(ms(since))
             .bind(error)
             .bind(now),
         };
-        q.execute(self.pool()).await?;
+        q.execute(&self.db).await?;
         Ok(())
     }
 
@@ -209,22 +266,30 @@ impl Store {
         scanned: u64,
         hits: &[NewHit],
         build: AlertBuilder<'_>,
+        holder: Option<&str>,
     ) -> Result<ScanOutcome, StoreError> {
         let now = now();
         let now_ms = ms(now);
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.db.begin_write().await?;
+        tx.lock(Lock::Alerts).await?;
+        if let Some(holder) = holder
+            && !self
+                .lease_held(&mut tx, &lease_name(mailbox), holder)
+                .await?
+        {
+            tx.rollback().await?;
+            return Err(StoreError::LeaseLost(mailbox.to_string()));
+        }
         let mut new_hits = 0u64;
         for h in hits {
             let (uidvalidity, uid) = match h.uid {
                 Some((v, u)) => (Some(i64::from(v)), Some(i64::from(u))),
                 None => (None, None),
             };
-            let inserted = sqlx::query(
-                "INSERT INTO postbox_alert_hits
+            let inserted = sql("INSERT INTO postbox_alert_hits
                      (mailbox, rule, group_key, uidvalidity, uid, fingerprint, seen_at, detail)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                 ON CONFLICT DO NOTHING",
-            )
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT DO NOTHING")
             .bind(mailbox)
             .bind(&h.rule)
             .bind(&h.group_key)
@@ -233,23 +298,23 @@ impl Store {
             .bind(&h.fingerprint)
             .bind(now_ms)
             .bind(h.detail.to_string())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            .execute(&mut tx)
+            .await?;
             if inserted == 0 {
                 continue;
             }
             new_hits += 1;
             // A group with nothing pending opens now: due after group_wait, and never sooner
             // than repeat_interval after its last alert.
-            sqlx::query(
-                "INSERT INTO postbox_alert_groups (mailbox, rule, group_key, pending, due_at)
-                 VALUES (?1, ?2, ?3, 1, ?4 + ?5)
+            sql(
+                "INSERT INTO postbox_alert_groups AS g (mailbox, rule, group_key, pending, due_at)
+                 VALUES ($1, $2, $3, 1, $4 + $5)
                  ON CONFLICT(mailbox, rule, group_key) DO UPDATE SET
-                     pending = pending + 1,
-                     due_at = CASE WHEN pending = 0
-                                   THEN max(?4 + ?5, coalesce(last_alert_at + ?6, 0))
-                                   ELSE due_at END",
+                     pending = g.pending + 1,
+                     due_at = CASE WHEN g.pending = 0
+                                   THEN (CASE WHEN $4 + $5 > coalesce(g.last_alert_at + $6, 0)
+                                              THEN $4 + $5 ELSE g.last_alert_at + $6 END)
+                                   ELSE g.due_at END",
             )
             .bind(mailbox)
             .bind(&h.rule)
@@ -257,15 +322,15 @@ impl Store {
             .bind(now_ms)
             .bind(h.group_wait.as_millis() as i64)
             .bind(h.repeat_interval.as_millis() as i64)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
         }
         if let Some(p) = pos {
-            sqlx::query(
+            sql(
                 "INSERT INTO postbox_mailboxes (name, uidvalidity, last_uid, last_poll_at, scanned, matched, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?4)
-                 ON CONFLICT(name) DO UPDATE SET uidvalidity = ?2, last_uid = max(last_uid, ?3),
-                     last_poll_at = ?4, scanned = scanned + ?5, matched = matched + ?6, updated_at = ?4",
+                 VALUES ($1, $2, $3, $4, $5, $6, $4)
+                 ON CONFLICT(name) DO UPDATE SET uidvalidity = $2, last_uid = CASE WHEN postbox_mailboxes.last_uid > $3 THEN postbox_mailboxes.last_uid ELSE $3 END,
+                     last_poll_at = $4, scanned = postbox_mailboxes.scanned + $5, matched = postbox_mailboxes.matched + $6, updated_at = $4",
             )
             .bind(mailbox)
             .bind(i64::from(p.uidvalidity))
@@ -273,17 +338,17 @@ impl Store {
             .bind(now_ms)
             .bind(scanned as i64)
             .bind(new_hits as i64)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
         } else if new_hits > 0 {
-            sqlx::query(
-                "INSERT INTO postbox_mailboxes (name, matched, updated_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(name) DO UPDATE SET matched = matched + ?2, updated_at = ?3",
+            sql(
+                "INSERT INTO postbox_mailboxes (name, matched, updated_at) VALUES ($1, $2, $3)
+                 ON CONFLICT(name) DO UPDATE SET matched = postbox_mailboxes.matched + $2, updated_at = $3",
             )
             .bind(mailbox)
             .bind(new_hits as i64)
             .bind(now_ms)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
         }
         let alerts = self.flush_due(&mut tx, now, build).await?;
@@ -298,16 +363,16 @@ impl Store {
         build: AlertBuilder<'_>,
     ) -> Result<Vec<(String, EmailId)>, StoreError> {
         let now = now();
-        let due: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM postbox_alert_groups WHERE pending > 0 AND due_at <= ?1 LIMIT 1",
-        )
-        .bind(ms(now))
-        .fetch_optional(self.pool())
-        .await?;
+        let due =
+            sql("SELECT 1 FROM postbox_alert_groups WHERE pending > 0 AND due_at <= $1 LIMIT 1")
+                .bind(ms(now))
+                .fetch_optional(&self.db)
+                .await?;
         if due.is_none() {
             return Ok(Vec::new());
         }
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.db.begin_write().await?;
+        tx.lock(Lock::Alerts).await?;
         let alerts = self.flush_due(&mut tx, now, build).await?;
         tx.commit().await?;
         Ok(alerts)
@@ -315,23 +380,23 @@ impl Store {
 
     /// The earliest time a pending group falls due, if any group is pending.
     pub async fn next_alert_due(&self) -> Result<Option<OffsetDateTime>, StoreError> {
-        let v: Option<i64> =
-            sqlx::query_scalar("SELECT min(due_at) FROM postbox_alert_groups WHERE pending > 0")
-                .fetch_one(self.pool())
-                .await?;
+        let v = sql("SELECT min(due_at) FROM postbox_alert_groups WHERE pending > 0")
+            .scalar::<Option<i64>>(&self.db)
+            .await?
+            .flatten();
         Ok(v.map(from_ms))
     }
 
     async fn flush_due(
         &self,
-        tx: &mut SqliteConnection,
+        tx: &mut Tx,
         now: OffsetDateTime,
         build: AlertBuilder<'_>,
     ) -> Result<Vec<(String, EmailId)>, StoreError> {
         let now_ms = ms(now);
-        let groups = sqlx::query(
+        let groups = sql(
             "SELECT mailbox, rule, group_key, alerts FROM postbox_alert_groups
-              WHERE pending > 0 AND due_at <= ?1 ORDER BY due_at",
+              WHERE pending > 0 AND due_at <= $1 ORDER BY due_at",
         )
         .bind(now_ms)
         .fetch_all(&mut *tx)
@@ -339,17 +404,15 @@ impl Store {
         let mut out = Vec::new();
         for g in groups {
             let mut group = DueGroup {
-                mailbox: g.try_get("mailbox")?,
-                rule: g.try_get("rule")?,
-                group_key: g.try_get("group_key")?,
-                alerts_before: g.try_get::<i64, _>("alerts")? as u64,
+                mailbox: g.get("mailbox")?,
+                rule: g.get("rule")?,
+                group_key: g.get("group_key")?,
+                alerts_before: g.get::<i64>("alerts")? as u64,
                 hits: Vec::new(),
             };
-            let rows = sqlx::query(
-                "SELECT seen_at, detail FROM postbox_alert_hits
-                  WHERE mailbox = ?1 AND rule = ?2 AND group_key = ?3 AND alert_id IS NULL
-                  ORDER BY id",
-            )
+            let rows = sql("SELECT seen_at, detail FROM postbox_alert_hits
+                  WHERE mailbox = $1 AND rule = $2 AND group_key = $3 AND alert_id IS NULL
+                  ORDER BY id")
             .bind(&group.mailbox)
             .bind(&group.rule)
             .bind(&group.group_key)
@@ -357,9 +420,8 @@ impl Store {
             .await?;
             for r in rows {
                 group.hits.push(PendingHit {
-                    seen_at: from_ms(r.try_get("seen_at")?),
-                    detail: serde_json::from_str(&r.try_get::<String, _>("detail")?)
-                        .unwrap_or_default(),
+                    seen_at: from_ms(r.get("seen_at")?),
+                    detail: serde_json::from_str(&r.get::<String>("detail")?).unwrap_or_default(),
                 });
             }
             let alert_id = match build(&group) {
@@ -371,22 +433,18 @@ impl Store {
                 }
                 None => "dropped".to_string(),
             };
-            sqlx::query(
-                "UPDATE postbox_alert_hits SET alert_id = ?4
-                  WHERE mailbox = ?1 AND rule = ?2 AND group_key = ?3 AND alert_id IS NULL",
-            )
+            sql("UPDATE postbox_alert_hits SET alert_id = $4
+                  WHERE mailbox = $1 AND rule = $2 AND group_key = $3 AND alert_id IS NULL")
             .bind(&group.mailbox)
             .bind(&group.rule)
             .bind(&group.group_key)
             .bind(&alert_id)
             .execute(&mut *tx)
             .await?;
-            sqlx::query(
-                "UPDATE postbox_alert_groups
-                    SET pending = 0, due_at = NULL, last_alert_at = ?4, last_alert_id = ?5,
+            sql("UPDATE postbox_alert_groups
+                    SET pending = 0, due_at = NULL, last_alert_at = $4, last_alert_id = $5,
                         alerts = alerts + 1
-                  WHERE mailbox = ?1 AND rule = ?2 AND group_key = ?3",
-            )
+                  WHERE mailbox = $1 AND rule = $2 AND group_key = $3")
             .bind(&group.mailbox)
             .bind(&group.rule)
             .bind(&group.group_key)
@@ -394,8 +452,8 @@ impl Store {
             .bind(&alert_id)
             .execute(&mut *tx)
             .await?;
-            sqlx::query(
-                "UPDATE postbox_mailboxes SET alerts = alerts + 1, updated_at = ?2 WHERE name = ?1",
+            sql(
+                "UPDATE postbox_mailboxes SET alerts = alerts + 1, updated_at = $2 WHERE name = $1",
             )
             .bind(&group.mailbox)
             .bind(now_ms)
@@ -407,51 +465,55 @@ impl Store {
 
     /// Every mailbox the watchers have recorded, with per-rule counts.
     pub async fn mailboxes(&self) -> Result<Vec<MailboxStatus>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM postbox_mailboxes ORDER BY name")
-            .fetch_all(self.pool())
-            .await?;
-        let rules = sqlx::query(
-            "SELECT h.mailbox, h.rule, count(*) AS hits,
-                    sum(h.alert_id IS NULL) AS pending,
-                    (SELECT sum(g.alerts) FROM postbox_alert_groups g
+        let rows = sql(
+            "SELECT m.*, l.holder AS lease_holder, l.expires_at AS lease_expires_at
+               FROM postbox_mailboxes m
+               LEFT JOIN postbox_leases l ON l.name = 'mailbox:' || m.name AND l.expires_at >= $1
+              ORDER BY m.name",
+        )
+        .bind(ms(now()))
+        .fetch_all(&self.db)
+        .await?;
+        let rules = sql("SELECT h.mailbox, h.rule, count(*) AS hits,
+                    COUNT(*) FILTER (WHERE h.alert_id IS NULL) AS pending,
+                    (SELECT CAST(sum(g.alerts) AS BIGINT) FROM postbox_alert_groups g
                       WHERE g.mailbox = h.mailbox AND g.rule = h.rule) AS alerts,
                     (SELECT max(g.last_alert_at) FROM postbox_alert_groups g
                       WHERE g.mailbox = h.mailbox AND g.rule = h.rule) AS last_alert_at
-               FROM postbox_alert_hits h GROUP BY h.mailbox, h.rule ORDER BY h.mailbox, h.rule",
-        )
-        .fetch_all(self.pool())
+               FROM postbox_alert_hits h GROUP BY h.mailbox, h.rule ORDER BY h.mailbox, h.rule")
+        .fetch_all(&self.db)
         .await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
-            let name: String = r.try_get("name")?;
+            let name: String = r.get("name")?;
             let mut mine = Vec::new();
             for x in &rules {
-                if x.try_get::<String, _>("mailbox")? == name {
+                if x.get::<String>("mailbox")? == name {
                     mine.push(RuleStatus {
-                        rule: x.try_get("rule")?,
-                        hits: x.try_get::<i64, _>("hits")? as u64,
-                        pending: x.try_get::<Option<i64>, _>("pending")?.unwrap_or(0) as u64,
-                        alerts: x.try_get::<Option<i64>, _>("alerts")?.unwrap_or(0) as u64,
-                        last_alert_at: x.try_get::<Option<i64>, _>("last_alert_at")?.map(from_ms),
+                        rule: x.get("rule")?,
+                        hits: x.get::<i64>("hits")? as u64,
+                        pending: x.get::<Option<i64>>("pending")?.unwrap_or(0) as u64,
+                        alerts: x.get::<Option<i64>>("alerts")?.unwrap_or(0) as u64,
+                        last_alert_at: x.get::<Option<i64>>("last_alert_at")?.map(from_ms),
                     });
                 }
             }
             out.push(MailboxStatus {
                 name,
-                state: r.try_get("state")?,
-                idle: r.try_get::<i64, _>("idle")? != 0,
-                uidvalidity: r
-                    .try_get::<Option<i64>, _>("uidvalidity")?
-                    .map(|v| v as u32),
-                last_uid: r.try_get::<i64, _>("last_uid")? as u32,
-                connected_since: r.try_get::<Option<i64>, _>("connected_since")?.map(from_ms),
-                down_since: r.try_get::<Option<i64>, _>("down_since")?.map(from_ms),
-                last_poll_at: r.try_get::<Option<i64>, _>("last_poll_at")?.map(from_ms),
-                last_error: r.try_get("last_error")?,
-                scanned: r.try_get::<i64, _>("scanned")? as u64,
-                matched: r.try_get::<i64, _>("matched")? as u64,
-                alerts: r.try_get::<i64, _>("alerts")? as u64,
-                resyncs: r.try_get::<i64, _>("resyncs")? as u64,
+                state: r.get("state")?,
+                idle: r.get::<i64>("idle")? != 0,
+                uidvalidity: r.get::<Option<i64>>("uidvalidity")?.map(|v| v as u32),
+                last_uid: r.get::<i64>("last_uid")? as u32,
+                connected_since: r.get::<Option<i64>>("connected_since")?.map(from_ms),
+                down_since: r.get::<Option<i64>>("down_since")?.map(from_ms),
+                last_poll_at: r.get::<Option<i64>>("last_poll_at")?.map(from_ms),
+                last_error: r.get("last_error")?,
+                scanned: r.get::<i64>("scanned")? as u64,
+                matched: r.get::<i64>("matched")? as u64,
+                alerts: r.get::<i64>("alerts")? as u64,
+                resyncs: r.get::<i64>("resyncs")? as u64,
+                lease_holder: r.get("lease_holder")?,
+                lease_expires_at: r.get::<Option<i64>>("lease_expires_at")?.map(from_ms),
                 rules: mine,
             });
         }

@@ -1,6 +1,6 @@
 //! The persistence seam. Everything postbox keeps (emails, their timelines, their jobs) goes
-//! through [`Store`]; no other module writes SQL. SQLite is the embedded default; a PostgreSQL
-//! store will sit beside it with the same methods.
+//! through [`Store`]; no other module writes SQL. SQLite is the embedded default; PostgreSQL
+//! (`database.url = "postgres://..."`) runs the same statements for many processes on many hosts.
 //!
 //! Invariants kept here:
 //! - an email row and the job that will deliver it commit in one transaction;
@@ -8,19 +8,21 @@
 //!   seq is not the email's current one is stale and does nothing;
 //! - every status change writes its timeline entry in the same transaction.
 
+mod db;
+mod emails;
 mod group;
 mod inbound;
-mod sqlite;
 
 use serde::Serialize;
 use time::OffsetDateTime;
 
+pub use db::{Db, Kind};
+pub use emails::{Store, is_postgres_url};
 pub use group::{GroupCommitter, GroupSettings};
 pub use inbound::{
     AlertBuilder, DueGroup, Health, MailboxPosition, MailboxStatus, NewHit, PendingHit, RuleStatus,
-    ScanOutcome,
+    ScanOutcome, lease_name,
 };
-pub use sqlite::Store;
 
 use crate::domain::{Email, EmailId, EmailStatus, Priority};
 
@@ -32,6 +34,8 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("queue error: {0}")]
     Queue(String),
+    #[error("the watcher lease of mailbox {0} was lost to another process")]
+    LeaseLost(String),
     #[error("stored email {id} is unreadable: {message}")]
     Corrupt { id: String, message: String },
 }

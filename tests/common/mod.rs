@@ -19,9 +19,108 @@ pub use smtp::SmtpServer;
 
 /// Settings for a test: a fresh SQLite file, SMTP to the test server in plaintext on loopback,
 /// fast polls and a 1 s backoff so retries are observable in seconds.
+/// Is this test run on PostgreSQL (`POSTBOX_TEST_BACKEND=postgres`, set by scripts/test.sh for
+/// its second pass)? Otherwise SQLite.
+pub fn on_postgres() -> bool {
+    std::env::var("POSTBOX_TEST_BACKEND").is_ok_and(|v| v == "postgres")
+}
+
+/// The throwaway PostgreSQL server scripts/test.sh starts (an admin URL).
+pub fn pg_admin_url() -> String {
+    std::env::var("POSTBOX_TEST_PG_URL").unwrap_or_else(|_| {
+        panic!(
+            "POSTBOX_TEST_PG_URL is not set: run the tests with scripts/test.sh, which starts a \
+             throwaway PostgreSQL (initdb + pg_ctl on a random loopback port) and sets it"
+        )
+    })
+}
+
+/// Runs SQL on the throwaway PostgreSQL with psql; its unaligned output.
+pub fn psql(url: &str, sql: &str) -> String {
+    let out = std::process::Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-t",
+            "-A",
+            "-v",
+            "ON_ERROR_STOP=1",
+            url,
+            "-c",
+            sql,
+        ])
+        .output()
+        .expect("run psql (Debian's postgresql-client; scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A new, empty PostgreSQL database; its URL.
+pub fn fresh_pg_database() -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let admin = pg_admin_url();
+    let name = format!(
+        "t_{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        ulid::Ulid::generate().to_string().to_lowercase()
+    );
+    psql(&admin, &format!("CREATE DATABASE {name}"));
+    let base = admin.rsplit_once('/').expect("a URL with a database").0;
+    format!("{base}/{name}")
+}
+
+/// The database URL of the test that uses `dir`: its own SQLite file, or (on PostgreSQL) its
+/// own fresh database, the same one for every call with the same `dir`.
+pub fn db_url(dir: &Path) -> String {
+    if !on_postgres() {
+        return format!("sqlite://{}", dir.join("postbox.db").display());
+    }
+    static URLS: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+    let mut urls = URLS.lock().unwrap();
+    if let Some((_, u)) = urls.iter().find(|(d, _)| d == dir) {
+        return u.clone();
+    }
+    let u = fresh_pg_database();
+    urls.push((dir.to_path_buf(), u.clone()));
+    u
+}
+
+/// Runs one statement on the test's database (`sqlite` or `postgres` text by backend).
+pub async fn db_exec(dir: &Path, sqlite: &str, postgres: &str) {
+    if on_postgres() {
+        psql(&db_url(dir), postgres);
+    } else {
+        let pool = sqlx::SqlitePool::connect(&db_url(dir)).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(sqlite.to_string()))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    }
+}
+
+/// One integer from the test's database (the same SQL on both backends).
+pub async fn db_scalar(dir: &Path, sql: &str) -> i64 {
+    if on_postgres() {
+        return psql(&db_url(dir), sql).parse().unwrap();
+    }
+    let pool = sqlx::SqlitePool::connect(&db_url(dir)).await.unwrap();
+    let v = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    v
+}
+
 pub fn settings(dir: &Path, smtp_port: u16) -> Settings {
     let mut s = Settings::default();
-    s.database.url = format!("sqlite://{}", dir.join("postbox.db").display());
+    s.database.url = db_url(dir);
     s.delivery.transport = Transport::Smtp;
     s.smtp.host = "127.0.0.1".into();
     s.smtp.port = smtp_port;
@@ -163,10 +262,7 @@ pub fn bin() -> PathBuf {
 /// Environment that points a `postbox` child process at the test database and SMTP server.
 pub fn child_env(dir: &Path, smtp_port: u16) -> Vec<(String, String)> {
     [
-        (
-            "POSTBOX_DATABASE__URL",
-            format!("sqlite://{}", dir.join("postbox.db").display()),
-        ),
+        ("POSTBOX_DATABASE__URL", db_url(dir)),
         ("POSTBOX_DELIVERY__TRANSPORT", "smtp".into()),
         ("POSTBOX_SMTP__HOST", "127.0.0.1".into()),
         ("POSTBOX_SMTP__PORT", smtp_port.to_string()),
@@ -236,23 +332,30 @@ pub fn spawn_serve(dir: &Path, smtp_port: u16, extra: &[(&str, &str)]) -> Serve 
 /// Emails in the database without the job that owns them (`<id>:<job_seq>`), and jobs without
 /// an email: both must always be 0, whatever a request did.
 pub async fn half_written(dir: &Path) -> (i64, i64) {
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", dir.join("postbox.db").display()))
-        .await
-        .unwrap();
-    let emails: i64 = sqlx::query_scalar(
+    let jobs = if on_postgres() { "apalis.jobs" } else { "Jobs" };
+    let emails_sql = format!(
         "SELECT COUNT(*) FROM postbox_emails e WHERE NOT EXISTS
-           (SELECT 1 FROM Jobs j WHERE j.idempotency_key = e.id || ':' || e.job_seq)",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    let jobs: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM Jobs j WHERE NOT EXISTS
-           (SELECT 1 FROM postbox_emails e WHERE j.idempotency_key = e.id || ':' || e.job_seq)",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+           (SELECT 1 FROM {jobs} j WHERE j.idempotency_key = e.id || ':' || e.job_seq)"
+    );
+    let jobs_sql = format!(
+        "SELECT COUNT(*) FROM {jobs} j WHERE NOT EXISTS
+           (SELECT 1 FROM postbox_emails e WHERE j.idempotency_key = e.id || ':' || e.job_seq)"
+    );
+    if on_postgres() {
+        let url = db_url(dir);
+        return (
+            psql(&url, &emails_sql).parse().unwrap(),
+            psql(&url, &jobs_sql).parse().unwrap(),
+        );
+    }
+    let pool = sqlx::SqlitePool::connect(&db_url(dir)).await.unwrap();
+    let mut out = [0i64; 2];
+    for (i, q) in [emails_sql, jobs_sql].into_iter().enumerate() {
+        out[i] = sqlx::query_scalar(sqlx::AssertSqlSafe(q))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    }
     pool.close().await;
-    (emails, jobs)
+    (out[0], out[1])
 }

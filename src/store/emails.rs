@@ -1,16 +1,17 @@
-//! The SQLite store (the embedded default): our tables plus apalis-sqlite's `Jobs`.
+//! The emails side of the store: submission (group commit), claims and attempts, manual
+//! transitions, listings and stats, the janitor. Every statement is written once for both
+//! databases (see `db.rs`); the apalis job tables are the one place the two differ.
 
 use std::str::FromStr;
 use std::time::Duration;
 
+use apalis_postgres::PostgresStorage;
 use apalis_sqlite::SqliteStorage;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
-};
-use sqlx::{Row, SqlitePool};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use time::OffsetDateTime;
 
+use super::db::{Db, DbRow, Kind, Lock, On, Sql, Tx, lock_hash, sql, values};
 use super::*;
 use crate::config::Settings;
 
@@ -21,7 +22,7 @@ const JOB_MAX_ATTEMPTS: usize = 10;
 /// Handle to the database; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pub(super) db: Db,
     queue: String,
 }
 /// How often WAL frames are copied back into the database, off the commit path.
@@ -31,10 +32,49 @@ pub(super) fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
 }
 
+/// Is this database URL a PostgreSQL one?
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
 impl Store {
-    /// Opens (creating if missing) the database and applies every migration: apalis's, then
-    /// ours (bookkept in `postbox_migrations`), then drops the index that makes acks quadratic.
+    /// Opens the database named by `database.url` (SQLite, or PostgreSQL for `postgres://`)
+    /// and applies every migration: apalis's, then ours (bookkept in `postbox_migrations`).
     pub async fn open(settings: &Settings) -> Result<Store, StoreError> {
+        let db = if is_postgres_url(&settings.database.url) {
+            Self::open_postgres(settings).await?
+        } else {
+            Self::open_sqlite(settings).await?
+        };
+        Ok(Store {
+            db,
+            queue: settings.queue.name.clone(),
+        })
+    }
+
+    /// PostgreSQL: apalis-postgres's schema `apalis` (it needs the hstore extension: the first
+    /// start must be allowed to `CREATE EXTENSION`), then `migrations/postgres`. Both migrators
+    /// hold sqlx's advisory lock, so many processes can start at once.
+    async fn open_postgres(settings: &Settings) -> Result<Db, StoreError> {
+        let opts = PgConnectOptions::from_str(&settings.database.url)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.database.max_connections)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_millis(
+                settings.database.busy_timeout_ms.max(1000),
+            ))
+            .connect_with(opts)
+            .await?;
+        PostgresStorage::setup(&pool)
+            .await
+            .map_err(|e| StoreError::Queue(format!("apalis setup: {e}")))?;
+        let mut migrator = sqlx::migrate!("./migrations/postgres");
+        migrator.dangerous_set_table_name("postbox_migrations");
+        migrator.run(&pool).await?;
+        Ok(Db::Pg(pool))
+    }
+
+    async fn open_sqlite(settings: &Settings) -> Result<Db, StoreError> {
         let opts = SqliteConnectOptions::from_str(&settings.database.url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -88,14 +128,16 @@ impl Store {
                 }
             }
         });
-        Ok(Store {
-            pool,
-            queue: settings.queue.name.clone(),
-        })
+        Ok(Db::Sqlite(pool))
     }
 
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
+    /// The database pool (the queue builds its apalis backend on it).
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.db.kind()
     }
 
     pub fn queue(&self) -> &str {
@@ -103,7 +145,7 @@ impl Store {
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        self.db.close().await;
     }
 
     /// Commits a group of submissions in ONE transaction (group commit): for each, in order,
@@ -130,7 +172,24 @@ impl Store {
         let now = now();
         let now_ms = ms(now);
         let cutoff = now_ms - idempotency_ttl.as_millis() as i64;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.db.begin_write().await?;
+        if tx.kind() == Kind::Postgres {
+            // Other nodes commit groups concurrently: hold every idempotency key of this group
+            // (in one global order, so two groups never deadlock), then the depth cap.
+            let mut hashes: Vec<i32> = reqs
+                .iter()
+                .filter_map(|r| r.idempotency.as_ref())
+                .map(|c| lock_hash(&[&c.scope, &c.key]))
+                .collect();
+            hashes.sort_unstable();
+            hashes.dedup();
+            for h in hashes {
+                tx.lock(Lock::Idempotency(h)).await?;
+            }
+            if max_depth > 0 {
+                tx.lock(Lock::Depth).await?;
+            }
+        }
         let mut depth: Option<u64> = None;
         let mut plans = Vec::with_capacity(reqs.len());
         let mut rows: Vec<(&NewRow, Option<&str>)> = Vec::new();
@@ -145,29 +204,27 @@ impl Store {
                     });
                     continue;
                 }
-                sqlx::query(
-                    "DELETE FROM postbox_idempotency WHERE scope = ?1 AND key = ?2 AND created_at < ?3",
+                sql(
+                    "DELETE FROM postbox_idempotency WHERE scope = $1 AND key = $2 AND created_at < $3",
                 )
                 .bind(&c.scope)
                 .bind(&c.key)
                 .bind(cutoff)
-                .execute(&mut *tx)
+                .execute(&mut tx)
                 .await?;
-                let seen = sqlx::query(
-                    "SELECT fingerprint, response FROM postbox_idempotency WHERE scope = ?1 AND key = ?2",
+                let seen = sql(
+                    "SELECT fingerprint, response FROM postbox_idempotency WHERE scope = $1 AND key = $2",
                 )
                 .bind(&c.scope)
                 .bind(&c.key)
-                .fetch_optional(&mut *tx)
+                .fetch_optional(&mut tx)
                 .await?;
                 if let Some(seen) = seen {
-                    let fingerprint: String = seen.try_get("fingerprint")?;
+                    let fingerprint: String = seen.get("fingerprint")?;
                     plans.push(Plan::Done(if fingerprint != c.fingerprint {
                         InsertOutcome::KeyReused
                     } else {
-                        InsertOutcome::Replayed(decode_ids(
-                            &seen.try_get::<String, _>("response")?,
-                        )?)
+                        InsertOutcome::Replayed(decode_ids(&seen.get::<String>("response")?)?)
                     }));
                     continue;
                 }
@@ -209,16 +266,16 @@ impl Store {
                 Plan::Insert { from, n } => {
                     let mine = ids[from..from + n].to_vec();
                     if let Some(c) = &req.idempotency {
-                        sqlx::query(
+                        sql(
                             "INSERT INTO postbox_idempotency (scope, key, fingerprint, response, created_at)
-                             VALUES (?1, ?2, ?3, ?4, ?5)",
+                             VALUES ($1, $2, $3, $4, $5)",
                         )
                         .bind(&c.scope)
                         .bind(&c.key)
                         .bind(&c.fingerprint)
                         .bind(encode_ids(&mine))
                         .bind(now_ms)
-                        .execute(&mut *tx)
+                        .execute(&mut tx)
                         .await?;
                     }
                     InsertOutcome::Inserted(mine)
@@ -230,13 +287,15 @@ impl Store {
         Ok(out)
     }
 
-    /// Emails waiting or in flight: one row kept exact by triggers (migration
-    /// `..._depth_counter.sql`), so checking the cap costs the same at any depth.
-    async fn depth(&self, conn: &mut SqliteConnection) -> Result<u64, StoreError> {
-        let n: Option<i64> =
-            sqlx::query_scalar("SELECT n FROM postbox_counters WHERE name = 'depth'")
-                .fetch_optional(conn)
-                .await?;
+    /// Emails waiting or in flight: kept exact by triggers (migration `..._depth_counter.sql`),
+    /// so checking the cap costs the same at any depth. PostgreSQL spreads the counter over
+    /// shards (one per connection slot) so concurrent writers do not queue on one row.
+    async fn depth(&self, tx: &mut Tx) -> Result<u64, StoreError> {
+        let n: Option<i64> = sql(
+            "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM postbox_counters WHERE name = 'depth'",
+        )
+        .scalar(&mut *tx)
+        .await?;
         Ok(n.unwrap_or(0).max(0) as u64)
     }
 
@@ -245,15 +304,22 @@ impl Store {
     /// email's id with `false`, and nothing is created for it.
     pub(super) async fn insert_rows(
         &self,
-        tx: &mut SqliteConnection,
+        tx: &mut Tx,
         rows: &[(&NewRow, Option<&str>)],
         now_ms: i64,
     ) -> Result<Vec<(EmailId, bool)>, StoreError> {
-        /// 14 parameters a row: 140 rows stay far below SQLite's 32,766 parameters.
+        /// 15 parameters a row: 140 rows stay far below SQLite's 32,766 parameters.
         const CHUNK: usize = 140;
+        const COLS: usize = 15;
         let mut out = Vec::with_capacity(rows.len());
         for chunk in rows.chunks(CHUNK) {
-            let mut prepared = Vec::with_capacity(chunk.len());
+            let mut q = sql(format!(
+                "INSERT INTO postbox_emails (id, status, priority, spec, message_id, idempotency_key,
+                     template, recipients, tags, send_at, expires_at, age_from, created_at,
+                     updated_at, request_id) VALUES {}
+                 ON CONFLICT(idempotency_key) DO NOTHING RETURNING id",
+                values(chunk.len(), COLS, 1)
+            ));
             for ((id, email, message_id), request_id) in chunk {
                 let spec = serde_json::to_string(email).map_err(|e| StoreError::Corrupt {
                     id: id.to_string(),
@@ -264,53 +330,41 @@ impl Store {
                     .map(|a| a.address())
                     .collect::<Vec<_>>()
                     .join(" ");
-                prepared.push((id, email, message_id, *request_id, spec, recipients));
+                let send_at = email.send_at.map(ms);
+                q.add(id.as_str())
+                    .add("queued")
+                    .add(email.priority.as_str())
+                    .add(spec)
+                    .add(message_id.as_str())
+                    .add(email.idempotency_key.as_deref())
+                    .add(email.content.template_name())
+                    .add(recipients)
+                    .add(email.tags.join(" "))
+                    .add(send_at)
+                    .add(email.expires_at.map(ms))
+                    .add(send_at.unwrap_or(now_ms).max(now_ms))
+                    .add(now_ms)
+                    .add(now_ms)
+                    .add(*request_id);
             }
-            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "INSERT INTO postbox_emails (id, status, priority, spec, message_id, idempotency_key,
-                     template, recipients, tags, send_at, expires_at, age_from, created_at,
-                     updated_at, request_id) ",
-            );
-            q.push_values(
-                &prepared,
-                |mut b, (id, email, message_id, request_id, spec, recipients)| {
-                    let send_at = email.send_at.map(ms);
-                    b.push_bind(id.as_str())
-                        .push_bind("queued")
-                        .push_bind(email.priority.as_str())
-                        .push_bind(spec.as_str())
-                        .push_bind(message_id.as_str())
-                        .push_bind(email.idempotency_key.as_deref())
-                        .push_bind(email.content.template_name())
-                        .push_bind(recipients.as_str())
-                        .push_bind(email.tags.join(" "))
-                        .push_bind(send_at)
-                        .push_bind(email.expires_at.map(ms))
-                        .push_bind(send_at.unwrap_or(now_ms).max(now_ms))
-                        .push_bind(now_ms)
-                        .push_bind(now_ms)
-                        .push_bind(*request_id);
-                },
-            );
-            q.push(" ON CONFLICT(idempotency_key) DO NOTHING RETURNING id");
             let inserted: std::collections::HashSet<String> = q
-                .build_query_scalar::<String>()
                 .fetch_all(&mut *tx)
                 .await?
-                .into_iter()
-                .collect();
+                .iter()
+                .map(|r| r.get_at::<String>(0))
+                .collect::<Result<_, _>>()?;
             let mut jobs = Vec::with_capacity(inserted.len());
-            for (id, email, ..) in &prepared {
+            for ((id, email, _), _) in chunk {
                 if inserted.contains(id.as_str()) {
                     jobs.push((id.as_str(), 0, email.priority, email.send_at));
-                    out.push(((*id).clone(), true));
+                    out.push((id.clone(), true));
                 } else {
-                    let existing: String = sqlx::query_scalar(
-                        "SELECT id FROM postbox_emails WHERE idempotency_key = ?1",
-                    )
-                    .bind(email.idempotency_key.as_deref())
-                    .fetch_one(&mut *tx)
-                    .await?;
+                    let existing: Option<String> =
+                        sql("SELECT id FROM postbox_emails WHERE idempotency_key = $1")
+                            .bind(email.idempotency_key.as_deref())
+                            .scalar(&mut *tx)
+                            .await?;
+                    let existing = existing.ok_or(sqlx::Error::RowNotFound)?;
                     out.push((EmailId::from_db(existing), false));
                 }
             }
@@ -325,34 +379,30 @@ impl Store {
     /// rare expiry and interrupted-send notes are written after it.
     pub async fn claim(&self, id: &str, seq: i64) -> Result<ClaimResult, StoreError> {
         let now = now();
-        let row = sqlx::query(
-            "UPDATE postbox_emails
+        let row = sql("UPDATE postbox_emails
                 SET status = 'sending', attempts = attempts + 1,
-                    interrupted = (status = 'sending'), updated_at = ?1
-              WHERE id = ?2 AND job_seq = ?3 AND status IN ('queued', 'retrying', 'sending')
-                AND (expires_at IS NULL OR expires_at > ?1)
-          RETURNING spec, message_id, attempts, priority, age_from, interrupted",
-        )
+                    interrupted = CASE WHEN status = 'sending' THEN 1 ELSE 0 END, updated_at = $1
+              WHERE id = $2 AND job_seq = $3 AND status IN ('queued', 'retrying', 'sending')
+                AND (expires_at IS NULL OR expires_at > $1)
+          RETURNING spec, message_id, attempts, priority, age_from, interrupted")
         .bind(ms(now))
         .bind(id)
         .bind(seq)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.db)
         .await?;
         let Some(row) = row else {
-            let mut tx = self.pool.begin().await?;
-            let expired = sqlx::query(
-                "UPDATE postbox_emails
-                    SET status = 'expired', job_seq = job_seq + 1, updated_at = ?1,
+            let mut tx = self.db.begin().await?;
+            let expired = sql("UPDATE postbox_emails
+                    SET status = 'expired', job_seq = job_seq + 1, updated_at = $1,
                         next_attempt_at = NULL, last_error = 'expired before it could be delivered'
-                  WHERE id = ?2 AND job_seq = ?3 AND status IN ('queued', 'retrying', 'sending')
-                    AND expires_at <= ?1",
-            )
+                  WHERE id = $2 AND job_seq = $3 AND status IN ('queued', 'retrying', 'sending')
+                    AND expires_at <= $1")
             .bind(ms(now))
             .bind(id)
             .bind(seq)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
-            if expired.rows_affected() == 1 {
+            if expired == 1 {
                 insert_expired(&mut tx, id, now).await?;
                 tx.commit().await?;
                 return Ok(ClaimResult::Expired);
@@ -360,17 +410,16 @@ impl Store {
             tx.commit().await?;
             return Ok(ClaimResult::Skip("final, cancelled or superseded"));
         };
-        let spec: String = row.try_get("spec")?;
+        let spec: String = row.get("spec")?;
         let email: Email = serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt {
             id: id.to_string(),
             message: e.to_string(),
         })?;
-        let attempt: i64 = row.try_get("attempts")?;
-        let interrupted: bool = row.try_get("interrupted")?;
+        let attempt: i64 = row.get("attempts")?;
+        let interrupted = row.get::<i64>("interrupted")? != 0;
         if interrupted {
-            let mut conn = self.pool.acquire().await?;
             insert_event(
-                &mut conn,
+                &self.db,
                 id,
                 now,
                 "interrupted",
@@ -382,15 +431,15 @@ impl Store {
             )
             .await?;
         }
-        let priority: String = row.try_get("priority")?;
+        let priority: String = row.get("priority")?;
         Ok(ClaimResult::Claimed(Box::new(Claim {
             id: EmailId::from_db(id.to_string()),
             email,
-            message_id: row.try_get("message_id")?,
+            message_id: row.get("message_id")?,
             attempt: attempt as u32,
             seq,
             priority: Priority::parse(&priority).unwrap_or_default(),
-            age_from: from_ms(row.try_get("age_from")?),
+            age_from: from_ms(row.get("age_from")?),
             interrupted,
         })))
     }
@@ -415,13 +464,11 @@ impl Store {
             ),
             Finish::Failed { reason } => ("failed", None, Some(reason.clone()), None, 0),
         };
-        let mut tx = self.pool.begin().await?;
-        let res = sqlx::query(
-            "UPDATE postbox_emails
-                SET status = ?1, next_attempt_at = ?2, last_error = ?3, sent_at = ?4,
-                    updated_at = ?5, job_seq = job_seq + ?6
-              WHERE id = ?7 AND job_seq = ?8 AND status = 'sending'",
-        )
+        let mut tx = self.db.begin().await?;
+        let res = sql("UPDATE postbox_emails
+                SET status = $1, next_attempt_at = $2, last_error = $3, sent_at = $4,
+                    updated_at = $5, job_seq = job_seq + $6
+              WHERE id = $7 AND job_seq = $8 AND status = 'sending'")
         .bind(status)
         .bind(next_at)
         .bind(last_error.as_deref())
@@ -430,9 +477,9 @@ impl Store {
         .bind(bump)
         .bind(claim.id.as_str())
         .bind(claim.seq)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
-        if res.rows_affected() == 0 {
+        if res == 0 {
             tx.rollback().await?;
             return Ok(false);
         }
@@ -441,10 +488,10 @@ impl Store {
             Finish::Retry { at } => Some(format!("retry at {}", rfc3339(*at))),
             Finish::Failed { reason } => Some(reason.clone()),
         };
-        sqlx::query(
+        sql(
             "INSERT INTO postbox_events (email_id, at, kind, status, attempt, smtp_code, smtp_text,
                  duration_ms, detail)
-             VALUES (?1, ?2, 'attempt', ?3, ?4, ?5, ?6, ?7, ?8)",
+             VALUES ($1, $2, 'attempt', $3, $4, $5, $6, $7, $8)",
         )
         .bind(claim.id.as_str())
         .bind(ms(rec.started_at))
@@ -454,7 +501,7 @@ impl Store {
         .bind(&rec.smtp_text)
         .bind(rec.duration_ms)
         .bind(detail)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
         if let Finish::Retry { at } = finish {
             push_job(
@@ -474,19 +521,17 @@ impl Store {
     /// Cancels a queued, retrying or failed email; `origin` (a request id) goes into the timeline.
     pub async fn cancel(&self, id: &EmailId, origin: Option<&str>) -> Result<(), TransitionError> {
         let now = now();
-        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        let res = sqlx::query(
-            "UPDATE postbox_emails
-                SET status = 'cancelled', job_seq = job_seq + 1, updated_at = ?1,
+        let mut tx = self.db.begin().await.map_err(StoreError::from)?;
+        let res = sql("UPDATE postbox_emails
+                SET status = 'cancelled', job_seq = job_seq + 1, updated_at = $1,
                     next_attempt_at = NULL
-              WHERE id = ?2 AND status IN ('queued', 'retrying', 'failed')",
-        )
+              WHERE id = $2 AND status IN ('queued', 'retrying', 'failed')")
         .bind(ms(now))
         .bind(id.as_str())
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await
         .map_err(StoreError::from)?;
-        if res.rows_affected() == 0 {
+        if res == 0 {
             drop(tx);
             return Err(self
                 .refusal(id, "cancel", "queued, retrying or failed")
@@ -510,25 +555,23 @@ impl Store {
     /// Re-drives a failed email: a fresh retry budget, a new job, the same Message-ID.
     pub async fn retry(&self, id: &EmailId, origin: Option<&str>) -> Result<(), TransitionError> {
         let now = now();
-        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
-        let row = sqlx::query(
-            "UPDATE postbox_emails
-                SET status = 'queued', job_seq = job_seq + 1, attempts = 0, age_from = ?1,
-                    next_attempt_at = NULL, updated_at = ?1
-              WHERE id = ?2 AND status = 'failed'
-          RETURNING job_seq, priority",
-        )
+        let mut tx = self.db.begin().await.map_err(StoreError::from)?;
+        let row = sql("UPDATE postbox_emails
+                SET status = 'queued', job_seq = job_seq + 1, attempts = 0, age_from = $1,
+                    next_attempt_at = NULL, updated_at = $1
+              WHERE id = $2 AND status = 'failed'
+          RETURNING job_seq, priority")
         .bind(ms(now))
         .bind(id.as_str())
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut tx)
         .await
         .map_err(StoreError::from)?;
         let Some(row) = row else {
             drop(tx);
             return Err(self.refusal(id, "retry", "failed").await);
         };
-        let seq: i64 = row.try_get("job_seq").map_err(StoreError::from)?;
-        let priority: String = row.try_get("priority").map_err(StoreError::from)?;
+        let seq: i64 = row.get("job_seq").map_err(StoreError::from)?;
+        let priority: String = row.get("priority").map_err(StoreError::from)?;
         insert_event(
             &mut tx,
             id.as_str(),
@@ -572,37 +615,35 @@ impl Store {
     }
 
     pub async fn status_of(&self, id: &EmailId) -> Result<Option<EmailStatus>, StoreError> {
-        let s: Option<String> =
-            sqlx::query_scalar("SELECT status FROM postbox_emails WHERE id = ?1")
-                .bind(id.as_str())
-                .fetch_optional(&self.pool)
-                .await?;
+        let s: Option<String> = sql("SELECT status FROM postbox_emails WHERE id = $1")
+            .bind(id.as_str())
+            .scalar(&self.db)
+            .await?;
         Ok(s.and_then(|s| EmailStatus::parse(&s)))
     }
 
     /// An email's state and timeline.
     pub async fn report(&self, id: &EmailId) -> Result<Option<EmailReport>, StoreError> {
-        let Some(row) = sqlx::query("SELECT * FROM postbox_emails WHERE id = ?1")
+        let Some(row) = sql("SELECT * FROM postbox_emails WHERE id = $1")
             .bind(id.as_str())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.db)
             .await?
         else {
             return Ok(None);
         };
-        let events = sqlx::query("SELECT * FROM postbox_events WHERE email_id = ?1 ORDER BY seq")
+        let events = sql("SELECT * FROM postbox_events WHERE email_id = $1 ORDER BY seq")
             .bind(id.as_str())
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db)
             .await?;
         Ok(Some(report_from(row, events)?))
     }
 
     /// The validated email as stored (for previews).
     pub async fn email(&self, id: &EmailId) -> Result<Option<Email>, StoreError> {
-        let spec: Option<String> =
-            sqlx::query_scalar("SELECT spec FROM postbox_emails WHERE id = ?1")
-                .bind(id.as_str())
-                .fetch_optional(&self.pool)
-                .await?;
+        let spec: Option<String> = sql("SELECT spec FROM postbox_emails WHERE id = $1")
+            .bind(id.as_str())
+            .scalar(&self.db)
+            .await?;
         spec.map(|s| {
             serde_json::from_str(&s).map_err(|e| StoreError::Corrupt {
                 id: id.to_string(),
@@ -617,12 +658,13 @@ impl Store {
     pub async fn throughput(&self, minutes: u32) -> Result<Vec<MinuteCounts>, StoreError> {
         let now_min = ms(now()) / 60_000;
         let from = now_min - i64::from(minutes) + 1;
-        let rows = sqlx::query(
-            "SELECT at / 60000 AS m, sum(status = 'sent') AS sent, sum(status = 'failed') AS failed
-               FROM postbox_events WHERE at >= ?1 AND kind = 'attempt' GROUP BY m",
+        let rows = sql(
+            "SELECT at / 60000 AS m, COUNT(*) FILTER (WHERE status = 'sent') AS sent,
+                    COUNT(*) FILTER (WHERE status = 'failed') AS failed
+               FROM postbox_events WHERE at >= $1 AND kind = 'attempt' GROUP BY m",
         )
         .bind(from * 60_000)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db)
         .await?;
         let mut out: Vec<MinuteCounts> = (from..=now_min)
             .map(|m| MinuteCounts {
@@ -632,10 +674,10 @@ impl Store {
             })
             .collect();
         for r in rows {
-            let m: i64 = r.try_get("m")?;
+            let m: i64 = r.get("m")?;
             if let Some(slot) = out.get_mut((m - from) as usize) {
-                slot.sent = r.try_get::<i64, _>("sent")? as u64;
-                slot.failed = r.try_get::<i64, _>("failed")? as u64;
+                slot.sent = r.get::<i64>("sent")? as u64;
+                slot.failed = r.get::<i64>("failed")? as u64;
             }
         }
         Ok(out)
@@ -643,13 +685,13 @@ impl Store {
 
     /// Emails by status.
     pub async fn counts(&self) -> Result<Counts, StoreError> {
-        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM postbox_emails GROUP BY status")
-            .fetch_all(&self.pool)
+        let rows = sql("SELECT status, COUNT(*) AS n FROM postbox_emails GROUP BY status")
+            .fetch_all(&self.db)
             .await?;
         let mut c = Counts::default();
         for r in rows {
-            let s: String = r.try_get("status")?;
-            let n: i64 = r.try_get("n")?;
+            let s: String = r.get("status")?;
+            let n: i64 = r.get("n")?;
             c.by_status.insert(s, n as u64);
         }
         Ok(c)
@@ -657,29 +699,35 @@ impl Store {
 
     /// Is the database answering?
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sql("SELECT 1").execute(&self.db).await?;
         Ok(())
     }
 
     /// A page of emails, newest first (by id, which is time-ordered and unique: a stable order).
     pub async fn list(&self, f: &ListFilter) -> Result<EmailPage, StoreError> {
-        let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "SELECT id, status, priority, json_extract(spec, '$.subject') AS subject, template,
+        let (subject, contains) = match self.db.kind() {
+            Kind::Sqlite => ("json_extract(spec, '$.subject')", "instr"),
+            Kind::Postgres => ("(spec::jsonb ->> 'subject')", "strpos"),
+        };
+        let mut q = sql(format!(
+            "SELECT id, status, priority, {subject} AS subject, template,
                     recipients, tags, attempts, created_at, updated_at, sent_at, last_error
-               FROM postbox_emails WHERE 1 = 1",
-        );
+               FROM postbox_emails WHERE 1 = 1"
+        ));
         if let Some(s) = f.status {
             q.push(" AND status = ").push_bind(s.as_str());
         }
         if let Some(t) = &f.tag {
-            q.push(" AND instr(' ' || tags || ' ', ")
+            q.push(&format!(" AND {contains}(' ' || tags || ' ', "))
                 .push_bind(format!(" {t} "))
                 .push(") > 0");
         }
         if let Some(r) = &f.recipient {
-            q.push(" AND instr(' ' || lower(recipients) || ' ', ")
-                .push_bind(format!(" {} ", r.to_lowercase()))
-                .push(") > 0");
+            q.push(&format!(
+                " AND {contains}(' ' || lower(recipients) || ' ', "
+            ))
+            .push_bind(format!(" {} ", r.to_lowercase()))
+            .push(") > 0");
         }
         if let Some(t) = f.created_after {
             q.push(" AND created_at >= ").push_bind(ms(t));
@@ -693,12 +741,12 @@ impl Store {
         let limit = f.limit.max(1);
         q.push(" ORDER BY id DESC LIMIT ")
             .push_bind(limit as i64 + 1);
-        let rows = q.build().fetch_all(&self.pool).await?;
+        let rows = q.fetch_all(&self.db).await?;
         let mut emails = Vec::with_capacity(rows.len());
         for row in rows.iter().take(limit as usize) {
-            let id: String = row.try_get("id")?;
-            let status: String = row.try_get("status")?;
-            let priority: String = row.try_get("priority")?;
+            let id: String = row.get("id")?;
+            let status: String = row.get("status")?;
+            let priority: String = row.get("priority")?;
             let split =
                 |s: String| -> Vec<String> { s.split_whitespace().map(str::to_string).collect() };
             emails.push(EmailSummary {
@@ -708,15 +756,15 @@ impl Store {
                 })?,
                 id: EmailId::from_db(id),
                 priority: Priority::parse(&priority).unwrap_or_default(),
-                subject: row.try_get("subject")?,
-                template: row.try_get("template")?,
-                recipients: split(row.try_get("recipients")?),
-                tags: split(row.try_get("tags")?),
-                attempts: row.try_get::<i64, _>("attempts")? as u32,
-                created_at: from_ms(row.try_get("created_at")?),
-                updated_at: from_ms(row.try_get("updated_at")?),
-                sent_at: row.try_get::<Option<i64>, _>("sent_at")?.map(from_ms),
-                last_error: row.try_get("last_error")?,
+                subject: row.get("subject")?,
+                template: row.get("template")?,
+                recipients: split(row.get("recipients")?),
+                tags: split(row.get("tags")?),
+                attempts: row.get::<i64>("attempts")? as u32,
+                created_at: from_ms(row.get("created_at")?),
+                updated_at: from_ms(row.get("updated_at")?),
+                sent_at: row.get::<Option<i64>>("sent_at")?.map(from_ms),
+                last_error: row.get("last_error")?,
             });
         }
         let next_cursor = if rows.len() > limit as usize {
@@ -734,42 +782,39 @@ impl Store {
     pub async fn stats(&self) -> Result<Stats, StoreError> {
         let now = ms(now());
         let mut st = Stats::default();
-        for r in sqlx::query(
-            "SELECT status, priority, COUNT(*) AS n FROM postbox_emails
-              WHERE status IN ('queued', 'retrying', 'sending') GROUP BY status, priority",
-        )
-        .fetch_all(&self.pool)
+        for r in sql("SELECT status, priority, COUNT(*) AS n FROM postbox_emails
+              WHERE status IN ('queued', 'retrying', 'sending') GROUP BY status, priority")
+        .fetch_all(&self.db)
         .await?
         {
-            let n: i64 = r.try_get("n")?;
+            let n: i64 = r.get("n")?;
             st.depth
-                .entry(r.try_get("status")?)
+                .entry(r.get("status")?)
                 .or_default()
-                .insert(r.try_get("priority")?, n as u64);
+                .insert(r.get("priority")?, n as u64);
         }
         st.totals = self.counts().await?.by_status;
         st.in_flight = st.totals.get("sending").copied().unwrap_or(0);
-        let oldest: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(age_from) FROM postbox_emails WHERE status = 'queued' AND age_from <= ?1",
+        let oldest: Option<i64> = sql(
+            "SELECT MIN(age_from) FROM postbox_emails WHERE status = 'queued' AND age_from <= $1",
         )
         .bind(now)
-        .fetch_one(&self.pool)
-        .await?;
+        .scalar::<Option<i64>>(&self.db)
+        .await?
+        .flatten();
         st.oldest_queued_age_secs = oldest.map(|t| (now - t).max(0) as f64 / 1000.0);
         for (window, ago) in [
             (&mut st.last_minute, 60_000),
             (&mut st.last_hour, 3_600_000),
         ] {
-            for r in sqlx::query(
-                "SELECT status, COUNT(*) AS n FROM postbox_events
-                  WHERE kind = 'attempt' AND at >= ?1 GROUP BY status",
-            )
+            for r in sql("SELECT status, COUNT(*) AS n FROM postbox_events
+                  WHERE kind = 'attempt' AND at >= $1 GROUP BY status")
             .bind(now - ago)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.db)
             .await?
             {
-                let n = r.try_get::<i64, _>("n")? as u64;
-                match r.try_get::<String, _>("status")?.as_str() {
+                let n = r.get::<i64>("n")? as u64;
+                match r.get::<String>("status")?.as_str() {
                     "sent" => window.sent = n,
                     "failed" => window.failed = n,
                     "retrying" => window.retried = n,
@@ -778,6 +823,27 @@ impl Store {
             }
         }
         Ok(st)
+    }
+
+    /// A statement on apalis's tables, whose names and time columns differ: `{jobs}` and
+    /// `{workers}` are the tables; `{t2}` and `{t3}` are parameters $2 and $3 given as unix
+    /// seconds, compared with apalis's time columns (integers on SQLite, timestamptz on
+    /// PostgreSQL).
+    fn jobs_sql(&self, text: &str) -> Sql {
+        let (jobs, workers, t2, t3) = match self.db.kind() {
+            Kind::Sqlite => ("Jobs", "Workers", "$2", "$3"),
+            Kind::Postgres => (
+                "apalis.jobs",
+                "apalis.workers",
+                "to_timestamp($2)",
+                "to_timestamp($3)",
+            ),
+        };
+        sql(text
+            .replace("{jobs}", jobs)
+            .replace("{workers}", workers)
+            .replace("{t2}", t2)
+            .replace("{t3}", t3))
     }
 
     /// One janitor pass: repairs what apalis 1.0 can leave stuck, expires mail, applies retention.
@@ -794,20 +860,20 @@ impl Store {
 
         // 1. Jobs held by dead workers, jobs running far longer than any send can, and jobs left
         //    Pending but locked: hand them back to the queue.
-        let jobs_requeued = sqlx::query(
-            "UPDATE Jobs SET status = 'Pending', lock_by = NULL, lock_at = NULL
-              WHERE job_type = ?1 AND (
-                    (status IN ('Running', 'Queued') AND lock_by IN
-                        (SELECT id FROM Workers WHERE worker_type = ?1 AND last_seen < ?2))
-                 OR (status IN ('Running', 'Queued') AND lock_at < ?3)
-                 OR (status = 'Pending' AND lock_by IS NOT NULL AND lock_at < ?3))",
-        )
-        .bind(&self.queue)
-        .bind(now_s - dead_after.as_secs() as i64)
-        .bind(now_s - stuck_after.as_secs() as i64)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
+        let jobs_requeued = self
+            .jobs_sql(
+                "UPDATE {jobs} SET status = 'Pending', lock_by = NULL, lock_at = NULL
+                  WHERE job_type = $1 AND (
+                        (status IN ('Running', 'Queued') AND lock_by IN
+                            (SELECT id FROM {workers} WHERE worker_type = $1 AND last_seen < {t2}))
+                     OR (status IN ('Running', 'Queued') AND lock_at < {t3})
+                     OR (status = 'Pending' AND lock_by IS NOT NULL AND lock_at < {t3}))",
+            )
+            .bind(&self.queue)
+            .bind(now_s - dead_after.as_secs() as i64)
+            .bind(now_s - stuck_after.as_secs() as i64)
+            .execute(&self.db)
+            .await?;
         let mut r = JanitorReport {
             jobs_requeued,
             ..Default::default()
@@ -815,42 +881,43 @@ impl Store {
 
         // 2. Emails that are not final but own no live job (a job killed or exhausted by
         //    infrastructure errors): give them a new one. Nothing accepted is ever dropped.
-        let orphans = sqlx::query(
+        let orphans = self
+            .jobs_sql(
             "SELECT e.id, e.job_seq, e.priority, e.next_attempt_at, e.send_at FROM postbox_emails e
-              WHERE e.status IN ('queued', 'retrying', 'sending') AND e.updated_at < ?2
-                AND NOT EXISTS (SELECT 1 FROM Jobs j
-                     WHERE j.job_type = ?1 AND j.idempotency_key = e.id || ':' || e.job_seq
+              WHERE e.status IN ('queued', 'retrying', 'sending') AND e.updated_at < $2
+                AND NOT EXISTS (SELECT 1 FROM {jobs} j
+                     WHERE j.job_type = $1 AND j.idempotency_key = e.id || ':' || e.job_seq
                        AND (j.status IN ('Pending', 'Queued', 'Running')
                             OR (j.status = 'Failed' AND j.attempts < j.max_attempts)))
               LIMIT 1000",
         )
         .bind(&self.queue)
         .bind(ms(now) - stuck_after.as_millis() as i64)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.db)
         .await?;
         for o in orphans {
-            let id: String = o.try_get("id")?;
-            let seq: i64 = o.try_get("job_seq")?;
-            let priority: String = o.try_get("priority")?;
+            let id: String = o.get("id")?;
+            let seq: i64 = o.get("job_seq")?;
+            let priority: String = o.get("priority")?;
             let at: Option<i64> = o
-                .try_get::<Option<i64>, _>("next_attempt_at")?
-                .or(o.try_get("send_at")?);
-            let mut tx = self.pool.begin().await?;
-            let moved = sqlx::query(
-                "UPDATE postbox_emails SET job_seq = job_seq + 1, updated_at = ?1
-                  WHERE id = ?2 AND job_seq = ?3 AND status IN ('queued', 'retrying', 'sending')",
+                .get::<Option<i64>>("next_attempt_at")?
+                .or(o.get("send_at")?);
+            let mut tx = self.db.begin().await?;
+            let moved = sql(
+                "UPDATE postbox_emails SET job_seq = job_seq + 1, updated_at = $1
+                  WHERE id = $2 AND job_seq = $3 AND status IN ('queued', 'retrying', 'sending')",
             )
             .bind(ms(now))
             .bind(&id)
             .bind(seq)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
-            if moved.rows_affected() == 1 {
-                let status: String =
-                    sqlx::query_scalar("SELECT status FROM postbox_emails WHERE id = ?1")
-                        .bind(&id)
-                        .fetch_one(&mut *tx)
-                        .await?;
+            if moved == 1 {
+                let status: String = sql("SELECT status FROM postbox_emails WHERE id = $1")
+                    .bind(&id)
+                    .scalar(&mut tx)
+                    .await?
+                    .ok_or(sqlx::Error::RowNotFound)?;
                 insert_event(
                     &mut tx,
                     &id,
@@ -877,73 +944,69 @@ impl Store {
         }
 
         // 3. Expiry of mail still waiting (a running send is left to finish).
-        let mut tx = self.pool.begin().await?;
-        let expired = sqlx::query(
+        let mut tx = self.db.begin().await?;
+        let expired = sql(
             "UPDATE postbox_emails
-                SET status = 'expired', job_seq = job_seq + 1, updated_at = ?1, next_attempt_at = NULL,
+                SET status = 'expired', job_seq = job_seq + 1, updated_at = $1, next_attempt_at = NULL,
                     last_error = 'expired before it could be delivered'
-              WHERE status IN ('queued', 'retrying') AND expires_at <= ?1
+              WHERE status IN ('queued', 'retrying') AND expires_at <= $1
           RETURNING id",
         )
         .bind(ms(now))
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut tx)
         .await?;
         for row in &expired {
-            let id: String = row.try_get("id")?;
+            let id: String = row.get("id")?;
             insert_expired(&mut tx, &id, now).await?;
         }
         tx.commit().await?;
         r.emails_expired = expired.len() as u64;
 
         // 4. Retention.
-        r.jobs_deleted = sqlx::query(
-            "DELETE FROM Jobs WHERE job_type = ?1 AND done_at IS NOT NULL AND done_at < ?2
+        r.jobs_deleted = self
+            .jobs_sql(
+            "DELETE FROM {jobs} WHERE job_type = $1 AND done_at IS NOT NULL AND done_at < {t2}
                 AND (status IN ('Done', 'Killed') OR (status = 'Failed' AND attempts >= max_attempts))",
         )
         .bind(&self.queue)
         .bind(now_s - finished_jobs.as_secs() as i64)
-        .execute(&self.pool)
+        .execute(&self.db)
         .await?
-        .rows_affected();
+        ;
         if let Some(keep) = emails_after {
             let cutoff = ms(now) - keep.as_millis() as i64;
-            let mut tx = self.pool.begin().await?;
-            sqlx::query(
+            let mut tx = self.db.begin().await?;
+            sql(
                 "DELETE FROM postbox_events WHERE email_id IN (SELECT id FROM postbox_emails
-                  WHERE status IN ('sent', 'failed', 'cancelled', 'expired') AND updated_at < ?1)",
+                  WHERE status IN ('sent', 'failed', 'cancelled', 'expired') AND updated_at < $1)",
             )
             .bind(cutoff)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
-            r.emails_deleted = sqlx::query(
-                "DELETE FROM postbox_emails
-                  WHERE status IN ('sent', 'failed', 'cancelled', 'expired') AND updated_at < ?1",
-            )
+            r.emails_deleted = sql("DELETE FROM postbox_emails
+                  WHERE status IN ('sent', 'failed', 'cancelled', 'expired') AND updated_at < $1")
             .bind(cutoff)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            .execute(&mut tx)
+            .await?;
             // Alerted rule matches age out with the emails (a UIDVALIDITY resync recognises
             // messages by these rows, so only this window is protected from re-alerting).
-            sqlx::query(
-                "DELETE FROM postbox_alert_hits WHERE alert_id IS NOT NULL AND seen_at < ?1",
-            )
-            .bind(cutoff)
-            .execute(&mut *tx)
-            .await?;
+            sql("DELETE FROM postbox_alert_hits WHERE alert_id IS NOT NULL AND seen_at < $1")
+                .bind(cutoff)
+                .execute(&mut tx)
+                .await?;
             tx.commit().await?;
         }
-        sqlx::query("DELETE FROM postbox_idempotency WHERE created_at < ?1")
+        sql("DELETE FROM postbox_idempotency WHERE created_at < $1")
             .bind(ms(now) - idempotency_ttl.as_millis() as i64)
-            .execute(&self.pool)
+            .execute(&self.db)
             .await?;
-        sqlx::query(
-            "DELETE FROM Workers WHERE worker_type = ?1 AND last_seen < ?2
-                AND NOT EXISTS (SELECT 1 FROM Jobs WHERE Jobs.lock_by = Workers.id)",
+        self.jobs_sql(
+            "DELETE FROM {workers} WHERE worker_type = $1 AND last_seen < {t2}
+                AND NOT EXISTS (SELECT 1 FROM {jobs} WHERE {jobs}.lock_by = {workers}.id)",
         )
         .bind(&self.queue)
         .bind(now_s - 24 * 3600)
-        .execute(&self.pool)
+        .execute(&self.db)
         .await?;
         Ok(r)
     }
@@ -975,25 +1038,25 @@ fn rfc3339(t: OffsetDateTime) -> String {
 
 /// Pushes the job that owns `<id>:<seq>`.
 async fn push_job(
-    conn: &mut SqliteConnection,
+    tx: &mut Tx,
     queue: &str,
     id: &str,
     seq: i64,
     priority: Priority,
     run_at: Option<OffsetDateTime>,
 ) -> Result<(), StoreError> {
-    push_jobs(conn, queue, &[(id, seq, priority, run_at)]).await
+    push_jobs(tx, queue, &[(id, seq, priority, run_at)]).await
 }
 
-/// Pushes jobs `(email id, seq, priority, run_at)` into apalis's `Jobs`, many per statement.
+/// Pushes jobs `(email id, seq, priority, run_at)` into apalis's table, many per statement.
 ///
-/// The row is exactly what `apalis_sqlite::queries::push_tasks` writes (its `sink.sql`: status
-/// Pending, 0 attempts, `{}` metadata, a ULID id, `ON CONFLICT(job_type, idempotency_key) DO
-/// NOTHING`), but push_tasks runs one statement per job, and each statement is a round trip to
-/// sqlx's SQLite thread: at a thousand jobs a batch that hand-off was most of the submit cost.
-/// `run_at` is rounded up to apalis's whole seconds, so nothing is sent before its time.
+/// The row is exactly what apalis's own `push_tasks` writes (status Pending, 0 attempts, a ULID
+/// id, `ON CONFLICT(job_type, idempotency_key) DO NOTHING`), but push_tasks runs one statement
+/// per job, and each statement is a round trip: at a thousand jobs a batch that was most of the
+/// submit cost. `run_at` is rounded up to apalis's whole seconds, so nothing is sent before its
+/// time. On PostgreSQL apalis's insert trigger notifies listening workers (LISTEN/NOTIFY).
 async fn push_jobs(
-    conn: &mut SqliteConnection,
+    tx: &mut Tx,
     queue: &str,
     jobs: &[(&str, i64, Priority, Option<OffsetDateTime>)],
 ) -> Result<(), StoreError> {
@@ -1001,11 +1064,32 @@ async fn push_jobs(
         return Ok(());
     }
     let now_s = now().unix_timestamp();
-    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-        "INSERT INTO Jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority,
-             metadata, idempotency_key) ",
-    );
-    q.push_values(jobs, |mut b, (id, seq, priority, run_at)| {
+    let mut q = match tx.kind() {
+        Kind::Sqlite => sql(format!(
+            "INSERT INTO Jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority,
+                 metadata, idempotency_key) VALUES {}
+             ON CONFLICT(job_type, idempotency_key) DO NOTHING",
+            values(jobs.len(), 10, 1)
+        )),
+        Kind::Postgres => {
+            let rows: Vec<String> = (0..jobs.len())
+                .map(|i| {
+                    let b = i * 6;
+                    format!(
+                        "(${}, ${}, ${}, 'Pending', 0, {JOB_MAX_ATTEMPTS}, to_timestamp(${}), ${}, NULL, ${})",
+                        b + 1, b + 2, b + 3, b + 4, b + 5, b + 6
+                    )
+                })
+                .collect();
+            sql(format!(
+                "INSERT INTO apalis.jobs (job, id, job_type, status, attempts, max_attempts, run_at,
+                     priority, metadata, idempotency_key) VALUES {}
+                 ON CONFLICT(job_type, idempotency_key) DO NOTHING",
+                rows.join(", ")
+            ))
+        }
+    };
+    for (id, seq, priority, run_at) in jobs {
         let payload = serde_json::to_vec(&SendJob {
             v: SendJob::VERSION,
             email_id: id.to_string(),
@@ -1013,30 +1097,26 @@ async fn push_jobs(
         })
         .expect("a job payload always serializes");
         let run_at = run_at.map_or(now_s, |t| ((ms(t) + 999) / 1000).max(0));
-        b.push_bind(payload)
-            .push_bind(ulid::Ulid::generate().to_string())
-            .push_bind(queue)
-            .push_bind("Pending")
-            .push_bind(0i64)
-            .push_bind(JOB_MAX_ATTEMPTS as i64)
-            .push_bind(run_at)
-            .push_bind(priority.job_priority() as i64)
-            .push_bind("{}")
-            .push_bind(format!("{id}:{seq}"));
-    });
-    q.push(" ON CONFLICT(job_type, idempotency_key) DO NOTHING");
-    q.build().execute(conn).await?;
+        q.add(payload)
+            .add(ulid::Ulid::generate().to_string())
+            .add(queue);
+        if tx.kind() == Kind::Sqlite {
+            q.add("Pending").add(0i64).add(JOB_MAX_ATTEMPTS as i64);
+        }
+        q.add(run_at).add(priority.job_priority() as i64);
+        if tx.kind() == Kind::Sqlite {
+            q.add("{}");
+        }
+        q.add(format!("{id}:{seq}"));
+    }
+    q.execute(&mut *tx).await?;
     Ok(())
 }
 
 /// The timeline entry of an email that expired before delivery.
-async fn insert_expired(
-    conn: &mut SqliteConnection,
-    id: &str,
-    at: OffsetDateTime,
-) -> Result<(), StoreError> {
+async fn insert_expired(tx: &mut Tx, id: &str, at: OffsetDateTime) -> Result<(), StoreError> {
     insert_event(
-        conn,
+        &mut *tx,
         id,
         at,
         "expired",
@@ -1049,8 +1129,8 @@ async fn insert_expired(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn insert_event(
-    conn: &mut SqliteConnection,
+async fn insert_event<'a>(
+    on: impl Into<On<'a>>,
     id: &str,
     at: OffsetDateTime,
     kind: &str,
@@ -1059,9 +1139,9 @@ async fn insert_event(
     smtp_code: Option<i64>,
     detail: &str,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    sql(
         "INSERT INTO postbox_events (email_id, at, kind, status, attempt, smtp_code, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(id)
     .bind(ms(at))
@@ -1070,26 +1150,26 @@ async fn insert_event(
     .bind(attempt)
     .bind(smtp_code)
     .bind(detail)
-    .execute(conn)
+    .execute(on)
     .await?;
     Ok(())
 }
 
-fn report_from(row: SqliteRow, events: Vec<SqliteRow>) -> Result<EmailReport, StoreError> {
-    let id: String = row.try_get("id")?;
-    let spec: String = row.try_get("spec")?;
+fn report_from(row: DbRow, events: Vec<DbRow>) -> Result<EmailReport, StoreError> {
+    let id: String = row.get("id")?;
+    let spec: String = row.get("spec")?;
     let email: Email = serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt {
         id: id.clone(),
         message: e.to_string(),
     })?;
-    let status: String = row.try_get("status")?;
-    let priority: String = row.try_get("priority")?;
+    let status: String = row.get("status")?;
+    let priority: String = row.get("priority")?;
     let opt = |c: &str| -> Result<Option<OffsetDateTime>, StoreError> {
-        Ok(row.try_get::<Option<i64>, _>(c)?.map(from_ms))
+        Ok(row.get::<Option<i64>>(c)?.map(from_ms))
     };
-    let request_id: Option<String> = row.try_get("request_id")?;
+    let request_id: Option<String> = row.get("request_id")?;
     let submitted = TimelineEntry {
-        at: from_ms(row.try_get("created_at")?),
+        at: from_ms(row.get("created_at")?),
         kind: "submitted".into(),
         status: "queued".into(),
         attempt: None,
@@ -1101,14 +1181,14 @@ fn report_from(row: SqliteRow, events: Vec<SqliteRow>) -> Result<EmailReport, St
     let timeline = std::iter::once(Ok(submitted))
         .chain(events.into_iter().map(|e| {
             Ok(TimelineEntry {
-                at: from_ms(e.try_get("at")?),
-                kind: e.try_get("kind")?,
-                status: e.try_get("status")?,
-                attempt: e.try_get::<Option<i64>, _>("attempt")?.map(|a| a as u32),
-                smtp_code: e.try_get::<Option<i64>, _>("smtp_code")?.map(|c| c as u16),
-                smtp_text: e.try_get("smtp_text")?,
-                duration_ms: e.try_get("duration_ms")?,
-                detail: e.try_get("detail")?,
+                at: from_ms(e.get("at")?),
+                kind: e.get("kind")?,
+                status: e.get("status")?,
+                attempt: e.get::<Option<i64>>("attempt")?.map(|a| a as u32),
+                smtp_code: e.get::<Option<i64>>("smtp_code")?.map(|c| c as u16),
+                smtp_text: e.get("smtp_text")?,
+                duration_ms: e.get("duration_ms")?,
+                detail: e.get("detail")?,
             })
         }))
         .collect::<Result<Vec<_>, StoreError>>()?;
@@ -1119,19 +1199,19 @@ fn report_from(row: SqliteRow, events: Vec<SqliteRow>) -> Result<EmailReport, St
             message: format!("unknown status {status}"),
         })?,
         priority: Priority::parse(&priority).unwrap_or_default(),
-        message_id: row.try_get("message_id")?,
+        message_id: row.get("message_id")?,
         subject: email.subject.clone(),
         template: email.content.template_name().map(str::to_string),
         to: email.to.iter().map(|a| a.to_string()).collect(),
         tags: email.tags.clone(),
-        attempts: row.try_get::<i64, _>("attempts")? as u32,
-        created_at: from_ms(row.try_get("created_at")?),
-        updated_at: from_ms(row.try_get("updated_at")?),
+        attempts: row.get::<i64>("attempts")? as u32,
+        created_at: from_ms(row.get("created_at")?),
+        updated_at: from_ms(row.get("updated_at")?),
         sent_at: opt("sent_at")?,
         next_attempt_at: opt("next_attempt_at")?,
         send_at: opt("send_at")?,
         expires_at: opt("expires_at")?,
-        last_error: row.try_get("last_error")?,
+        last_error: row.get("last_error")?,
         request_id,
         timeline,
     })

@@ -1,0 +1,385 @@
+//! One small query layer over both databases, so every statement of the store is written once.
+//!
+//! SQL is written with `$1`-style parameters (SQLite accepts them too) and the common subset of
+//! both dialects; the few places that differ ask [`Kind`]. Values are bound as [`Arg`]s (integers,
+//! text, bytes: all our columns are one of these) and rows are read through [`DbRow::get`], which
+//! takes any type both drivers decode.
+
+use std::borrow::Cow;
+
+use sqlx::postgres::{PgConnection, PgPool, PgRow};
+use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
+use sqlx::{Decode, Postgres, Row, Sqlite, Transaction, Type};
+
+/// Which database a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Sqlite,
+    Postgres,
+}
+
+/// The pool of either database.
+#[derive(Debug, Clone)]
+pub enum Db {
+    Sqlite(SqlitePool),
+    Pg(PgPool),
+}
+
+impl Db {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Db::Sqlite(_) => Kind::Sqlite,
+            Db::Pg(_) => Kind::Postgres,
+        }
+    }
+
+    /// A plain transaction.
+    pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        Ok(match self {
+            Db::Sqlite(p) => Tx::Sqlite(p.begin().await?),
+            Db::Pg(p) => Tx::Pg(p.begin().await?),
+        })
+    }
+
+    /// A transaction that writes after reading what it checks. SQLite: take the write lock
+    /// first (`BEGIN IMMEDIATE`). PostgreSQL: plain; callers serialize with [`Tx::lock`].
+    pub async fn begin_write(&self) -> Result<Tx, sqlx::Error> {
+        Ok(match self {
+            Db::Sqlite(p) => Tx::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
+            Db::Pg(p) => Tx::Pg(p.begin().await?),
+        })
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Db::Sqlite(p) => p.close().await,
+            Db::Pg(p) => p.close().await,
+        }
+    }
+}
+
+/// A transaction on either database.
+pub enum Tx {
+    Sqlite(Transaction<'static, Sqlite>),
+    Pg(Transaction<'static, Postgres>),
+}
+
+/// Advisory locks (PostgreSQL only; SQLite's write lock already serializes writers). The first
+/// key is the kind of lock, the second its object.
+#[derive(Debug, Clone, Copy)]
+pub enum Lock {
+    /// The queue depth cap: checked and raised by one submitter at a time.
+    Depth,
+    /// An idempotency key (hashed).
+    Idempotency(i32),
+    /// Alert groups: scans and flushes of alerts run one at a time across the cluster.
+    Alerts,
+}
+
+impl Tx {
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        match self {
+            Tx::Sqlite(t) => t.commit().await,
+            Tx::Pg(t) => t.commit().await,
+        }
+    }
+
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        match self {
+            Tx::Sqlite(t) => t.rollback().await,
+            Tx::Pg(t) => t.rollback().await,
+        }
+    }
+
+    pub fn kind(&self) -> Kind {
+        match self {
+            Tx::Sqlite(_) => Kind::Sqlite,
+            Tx::Pg(_) => Kind::Postgres,
+        }
+    }
+
+    /// Takes an advisory lock until the transaction ends (PostgreSQL; a no-op on SQLite, whose
+    /// `BEGIN IMMEDIATE` holds the one write lock).
+    pub async fn lock(&mut self, lock: Lock) -> Result<(), sqlx::Error> {
+        if let Tx::Pg(t) = self {
+            let (a, b) = match lock {
+                Lock::Depth => (0x5042_0001, 0),
+                Lock::Idempotency(h) => (0x5042_0002, h),
+                Lock::Alerts => (0x5042_0003, 0),
+            };
+            sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+                .bind(a)
+                .bind(b)
+                .execute(&mut **t)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a statement runs: a pool or an open transaction.
+pub enum On<'a> {
+    SqlitePool(&'a SqlitePool),
+    PgPool(&'a PgPool),
+    SqliteConn(&'a mut SqliteConnection),
+    PgConn(&'a mut PgConnection),
+}
+
+impl<'a> From<&'a Db> for On<'a> {
+    fn from(db: &'a Db) -> Self {
+        match db {
+            Db::Sqlite(p) => On::SqlitePool(p),
+            Db::Pg(p) => On::PgPool(p),
+        }
+    }
+}
+
+impl<'a> From<&'a mut Tx> for On<'a> {
+    fn from(tx: &'a mut Tx) -> Self {
+        match tx {
+            Tx::Sqlite(t) => On::SqliteConn(t),
+            Tx::Pg(t) => On::PgConn(t),
+        }
+    }
+}
+
+/// A bound value.
+#[derive(Debug, Clone)]
+pub enum Arg {
+    Int(Option<i64>),
+    Text(Option<String>),
+    Blob(Vec<u8>),
+}
+
+macro_rules! arg_from {
+    ($($t:ty => |$v:ident| $e:expr),* $(,)?) => {
+        $(impl From<$t> for Arg { fn from($v: $t) -> Arg { $e } })*
+    };
+}
+
+arg_from! {
+    i64 => |v| Arg::Int(Some(v)),
+    i32 => |v| Arg::Int(Some(i64::from(v))),
+    u32 => |v| Arg::Int(Some(i64::from(v))),
+    Option<i64> => |v| Arg::Int(v),
+    bool => |v| Arg::Int(Some(i64::from(v))),
+    &str => |v| Arg::Text(Some(v.to_string())),
+    &String => |v| Arg::Text(Some(v.clone())),
+    String => |v| Arg::Text(Some(v)),
+    Option<&str> => |v| Arg::Text(v.map(str::to_string)),
+    Option<String> => |v| Arg::Text(v),
+    Vec<u8> => |v| Arg::Blob(v),
+}
+
+/// A statement and its arguments.
+#[derive(Debug, Clone)]
+pub struct Sql {
+    text: Cow<'static, str>,
+    args: Vec<Arg>,
+}
+
+/// Starts a statement.
+pub fn sql(text: impl Into<Cow<'static, str>>) -> Sql {
+    Sql {
+        text: text.into(),
+        args: Vec::new(),
+    }
+}
+
+/// `($1, $2, ..), (..)`: placeholders for `rows` rows of `cols` values, numbered from `first`.
+pub fn values(rows: usize, cols: usize, first: usize) -> String {
+    let mut s = String::with_capacity(rows * cols * 5);
+    for r in 0..rows {
+        if r > 0 {
+            s.push_str(", ");
+        }
+        s.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                s.push_str(", ");
+            }
+            s.push('$');
+            s.push_str(&(first + r * cols + c).to_string());
+        }
+        s.push(')');
+    }
+    s
+}
+
+macro_rules! on_each {
+    ($sql:expr, $on:expr, |$q:ident, $e:ident| $body:expr) => {
+        match $on {
+            On::SqlitePool($e) => {
+                let $q = $sql.sqlite();
+                $body.map(|x| x.into_iter().map(DbRow::Sqlite).collect::<Vec<_>>())
+            }
+            On::PgPool($e) => {
+                let $q = $sql.pg();
+                $body.map(|x| x.into_iter().map(DbRow::Pg).collect::<Vec<_>>())
+            }
+            On::SqliteConn($e) => {
+                let $q = $sql.sqlite();
+                $body.map(|x| x.into_iter().map(DbRow::Sqlite).collect::<Vec<_>>())
+            }
+            On::PgConn($e) => {
+                let $q = $sql.pg();
+                $body.map(|x| x.into_iter().map(DbRow::Pg).collect::<Vec<_>>())
+            }
+        }
+    };
+}
+
+impl Sql {
+    pub fn bind(mut self, v: impl Into<Arg>) -> Self {
+        self.args.push(v.into());
+        self
+    }
+
+    pub fn push(&mut self, text: &str) -> &mut Self {
+        self.text.to_mut().push_str(text);
+        self
+    }
+
+    /// Appends a placeholder for `v` (numbered after the arguments so far).
+    pub fn push_bind(&mut self, v: impl Into<Arg>) -> &mut Self {
+        self.args.push(v.into());
+        let n = self.args.len();
+        self.text.to_mut().push_str(&format!("${n}"));
+        self
+    }
+
+    /// Adds an argument without text (for placeholders written with [`values`]).
+    pub fn add(&mut self, v: impl Into<Arg>) -> &mut Self {
+        self.args.push(v.into());
+        self
+    }
+
+    fn sqlite(&self) -> sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments> {
+        let mut q = match &self.text {
+            Cow::Borrowed(s) => sqlx::query(*s),
+            Cow::Owned(s) => sqlx::query(sqlx::AssertSqlSafe(s.clone())),
+        };
+        for a in &self.args {
+            q = match a {
+                Arg::Int(v) => q.bind(*v),
+                Arg::Text(v) => q.bind(v.as_deref()),
+                Arg::Blob(v) => q.bind(v.as_slice()),
+            };
+        }
+        q
+    }
+
+    fn pg(&self) -> sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments> {
+        let mut q = match &self.text {
+            Cow::Borrowed(s) => sqlx::query(*s),
+            Cow::Owned(s) => sqlx::query(sqlx::AssertSqlSafe(s.clone())),
+        };
+        for a in &self.args {
+            q = match a {
+                Arg::Int(v) => q.bind(*v),
+                Arg::Text(v) => q.bind(v.as_deref()),
+                Arg::Blob(v) => q.bind(v.as_slice()),
+            };
+        }
+        q
+    }
+
+    /// Runs it; the number of rows changed.
+    pub async fn execute<'a>(&self, on: impl Into<On<'a>>) -> Result<u64, sqlx::Error> {
+        Ok(match on.into() {
+            On::SqlitePool(p) => self.sqlite().execute(p).await?.rows_affected(),
+            On::PgPool(p) => self.pg().execute(p).await?.rows_affected(),
+            On::SqliteConn(c) => self.sqlite().execute(c).await?.rows_affected(),
+            On::PgConn(c) => self.pg().execute(c).await?.rows_affected(),
+        })
+    }
+
+    pub async fn fetch_all<'a>(&self, on: impl Into<On<'a>>) -> Result<Vec<DbRow>, sqlx::Error> {
+        on_each!(self, on.into(), |q, e| q.fetch_all(e).await)
+    }
+
+    pub async fn fetch_optional<'a>(
+        &self,
+        on: impl Into<On<'a>>,
+    ) -> Result<Option<DbRow>, sqlx::Error> {
+        Ok(on_each!(self, on.into(), |q, e| q.fetch_optional(e).await)?
+            .into_iter()
+            .next())
+    }
+
+    /// The first column of the first row, if there is a row.
+    pub async fn scalar<'a, T: Col>(
+        &self,
+        on: impl Into<On<'a>>,
+    ) -> Result<Option<T>, sqlx::Error> {
+        match self.fetch_optional(on).await? {
+            Some(r) => Ok(Some(r.get_at(0)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// A type both drivers decode.
+pub trait Col:
+    for<'r> Decode<'r, Sqlite> + Type<Sqlite> + for<'r> Decode<'r, Postgres> + Type<Postgres>
+{
+}
+impl<T> Col for T where
+    T: for<'r> Decode<'r, Sqlite> + Type<Sqlite> + for<'r> Decode<'r, Postgres> + Type<Postgres>
+{
+}
+
+/// A row of either database.
+pub enum DbRow {
+    Sqlite(SqliteRow),
+    Pg(PgRow),
+}
+
+impl DbRow {
+    pub fn get<T: Col>(&self, col: &str) -> Result<T, sqlx::Error> {
+        match self {
+            DbRow::Sqlite(r) => r.try_get(col),
+            DbRow::Pg(r) => r.try_get(col),
+        }
+    }
+
+    pub fn get_at<T: Col>(&self, i: usize) -> Result<T, sqlx::Error> {
+        match self {
+            DbRow::Sqlite(r) => r.try_get(i),
+            DbRow::Pg(r) => r.try_get(i),
+        }
+    }
+}
+
+/// The 31-bit hash used for advisory locks on a text key (FNV-1a).
+pub fn lock_hash(parts: &[&str]) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for p in parts {
+        for b in p.bytes().chain([0u8]) {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+    }
+    (h & 0x7fff_ffff) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_numbered_row_by_row() {
+        assert_eq!(values(2, 3, 1), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(values(1, 2, 5), "($5, $6)");
+        let mut s = sql("SELECT 1 WHERE a = ");
+        s.push_bind(1i64).push(" AND b = ").push_bind("x");
+        assert_eq!(s.text, "SELECT 1 WHERE a = $1 AND b = $2");
+        assert_eq!(s.args.len(), 2);
+    }
+
+    #[test]
+    fn lock_hashes_differ_by_part_boundaries() {
+        assert_ne!(lock_hash(&["ab", "c"]), lock_hash(&["a", "bc"]));
+        assert!(lock_hash(&["x"]) >= 0);
+    }
+}
