@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use base64::Engine;
-use common::{App, SmtpServer, bin, settings, spawn_serve, wait_for};
+use common::{App, SmtpServer, api_port, bin, settings, spawn_serve, wait_for};
 use postbox::{EmailStatus, NewEmail};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -300,26 +300,6 @@ fn config_errors_name_the_key_and_exit_2() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("to[0]"));
-}
-
-/// The port `postbox serve` logged it listens on.
-async fn api_port(serve: &common::Serve) -> u16 {
-    let mut port = None;
-    wait_for("the API's listening line", LIMIT, || {
-        let logs = serve.logs.lock().unwrap();
-        port = logs.find("HTTP API listening").and_then(|i| {
-            let rest = &logs[i..];
-            let at = rest.find("127.0.0.1:")? + "127.0.0.1:".len();
-            let digits: String = rest[at..]
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            digits.parse().ok()
-        });
-        port.is_some()
-    })
-    .await;
-    port.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

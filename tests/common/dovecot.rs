@@ -303,12 +303,18 @@ service auth {{
     /// Settings for a watcher of this server's mailbox: `mode` is `tls` (the IMAPS port),
     /// `starttls` or `none` (the plain port); `more` is further TOML (keys, then `[[rules]]`).
     pub fn mailbox(&self, name: &str, mode: &str, more: &str) -> postbox::inbound::MailboxSettings {
+        let text = self.mailbox_toml(name, mode, more);
+        toml::from_str(&text).unwrap_or_else(|e| panic!("test mailbox TOML: {e}\n{text}"))
+    }
+
+    /// The same mailbox as TOML (the body of a `[[mailboxes]]` table), for child processes.
+    pub fn mailbox_toml(&self, name: &str, mode: &str, more: &str) -> String {
         let port = if mode == "tls" {
             self.tls_port
         } else {
             self.port
         };
-        let text = format!(
+        format!(
             r#"
 name = "{name}"
 host = "127.0.0.1"
@@ -321,8 +327,7 @@ alert_to = ["oncall@example.com"]
 {more}
 "#,
             ca = self.ca_file.display(),
-        );
-        toml::from_str(&text).unwrap_or_else(|e| panic!("test mailbox TOML: {e}\n{text}"))
+        )
     }
 
     /// A logged-in test client (plaintext, loopback).

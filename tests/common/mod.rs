@@ -300,9 +300,14 @@ impl Serve {
 }
 
 pub fn spawn_serve(dir: &Path, smtp_port: u16, extra: &[(&str, &str)]) -> Serve {
+    spawn_postbox("serve", dir, smtp_port, extra)
+}
+
+/// A `postbox <command>` child process (serve, api, worker) as [`spawn_serve`] makes it.
+pub fn spawn_postbox(command: &str, dir: &Path, smtp_port: u16, extra: &[(&str, &str)]) -> Serve {
     use tokio::io::AsyncReadExt;
     let mut cmd = tokio::process::Command::new(bin());
-    cmd.arg("serve")
+    cmd.arg(command)
         .current_dir(dir)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -327,6 +332,26 @@ pub fn spawn_serve(dir: &Path, smtp_port: u16, extra: &[(&str, &str)]) -> Serve 
         }
     });
     Serve { child, logs, drain }
+}
+
+/// The port a `postbox serve` or `postbox api` child logged it listens on.
+pub async fn api_port(serve: &Serve) -> u16 {
+    let mut port = None;
+    wait_for("the API's listening line", Duration::from_secs(30), || {
+        let logs = serve.logs.lock().unwrap();
+        port = logs.find("HTTP API listening").and_then(|i| {
+            let rest = &logs[i..];
+            let at = rest.find("127.0.0.1:")? + "127.0.0.1:".len();
+            let digits: String = rest[at..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        });
+        port.is_some()
+    })
+    .await;
+    port.unwrap()
 }
 
 /// Emails in the database without the job that owns them (`<id>:<job_seq>`), and jobs without
