@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Scale-out benchmark: N queued emails (default 5000) delivered to smtp-sink on 127.0.0.1 by 1, 2
+# and 4 `postbox worker` processes on a throwaway PostgreSQL (default durability settings), next
+# to 1 worker process on SQLite, in the same run. Prints delivered/s; asserts nothing.
+# Needs Debian's postfix (smtp-sink) and postgresql (scripts/test.sh installs both).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-5000}
+cargo build --release --locked --quiet
+bin=target/release/postbox
+work=$(mktemp -d /tmp/postbox-bench.XXXXXX)
+sink_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+sink=$(command -v smtp-sink || echo /usr/sbin/smtp-sink)
+"$sink" -c -u nobody 127.0.0.1:"$sink_port" 1000 & sink_pid=$!
+pg=$(scripts/pg-throwaway.sh)
+admin=$(echo "$pg" | sed -n 1p | cut -d= -f2-)
+pg_dir=$(echo "$pg" | sed -n 2p | cut -d= -f2)
+cleanup() { kill "$sink_pid" 2>/dev/null || true; pkill -f "$work" 2>/dev/null || true; scripts/pg-throwaway.sh stop "$pg_dir"; rm -rf "$work"; }
+trap cleanup EXIT
+python3 - "$N" > "$work/emails.jsonl" <<'PY'
+import json, sys
+for i in range(int(sys.argv[1])):
+    print(json.dumps({"to": [f"u{i}@example.com"], "subject": f"bench {i}", "text": "hello " * 40}))
+PY
+export POSTBOX_DELIVERY__TRANSPORT=smtp POSTBOX_SMTP__HOST=127.0.0.1 POSTBOX_SMTP__PORT=$sink_port \
+  POSTBOX_SMTP__TLS=none POSTBOX_LOG__LEVEL=warn POSTBOX_QUEUE__MAX_DEPTH=0
+
+run() { # backend workers
+  local url
+  if [ "$1" = sqlite ]; then url="sqlite://$work/bench-$2.db"; else
+    local db="bench_$2"; psql -X -q "$admin" -c "CREATE DATABASE $db"; url="${admin%/*}/$db"; fi
+  export POSTBOX_DATABASE__URL=$url
+  "$bin" send --batch "$work/emails.jsonl" > /dev/null
+  local t0; t0=$(date +%s.%N)
+  local pids=()
+  for _ in $(seq "$2"); do "$bin" worker 2>>"$work/worker.log" & pids+=($!); done
+  while :; do
+    sent=$("$bin" stats --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["totals"].get("sent", 0))')
+    [ "$sent" -ge "$N" ] && break
+    sleep 0.1
+  done
+  local t1; t1=$(date +%s.%N)
+  kill "${pids[@]}"; wait "${pids[@]}" 2>/dev/null || true
+  python3 -c "print(f'{\"$1\":<9} {$2} worker process(es): {$N} delivered in {$t1-$t0:.2f} s = {$N/($t1-$t0):,.0f} delivered/s')"
+}
+echo "$N emails each, smtp-sink on 127.0.0.1:$sink_port, $(nproc) cores"
+run sqlite 1
+for w in 1 2 4; do run postgres "$w"; done
