@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts a throwaway PostgreSQL (Debian's server binaries: initdb + pg_ctl) in a new temp dir,
 # listening only on 127.0.0.1 at a random free port, and prints two lines:
-#   POSTBOX_TEST_PG_URL=postgres://postgres@127.0.0.1:<port>/postgres
+#   TEST_PG_URL=postgres://postgres@127.0.0.1:<port>/postgres
 #   PG_THROWAWAY_DIR=<dir>
 # Stop it with: scripts/pg-throwaway.sh stop <dir>
 # Extra server settings can be passed in PG_THROWAWAY_OPTS (e.g. "-c fsync=off").
@@ -24,5 +24,5 @@ as_owner "$pgbin/initdb" -D "$dir/data" -A trust -U postgres -E UTF8 >"$dir/init
 as_owner "$pgbin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
   -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=600 ${PG_THROWAWAY_OPTS:-}" \
   start >/dev/null || { cat "$dir/server.log" >&2; exit 1; }
-echo "POSTBOX_TEST_PG_URL=postgres://postgres@127.0.0.1:$port/postgres"
+echo "TEST_PG_URL=postgres://postgres@127.0.0.1:$port/postgres"
 echo "PG_THROWAWAY_DIR=$dir"

@@ -19,17 +19,17 @@ pub use smtp::SmtpServer;
 
 /// Settings for a test: a fresh SQLite file, SMTP to the test server in plaintext on loopback,
 /// fast polls and a 1 s backoff so retries are observable in seconds.
-/// Is this test run on PostgreSQL (`POSTBOX_TEST_BACKEND=postgres`, set by scripts/test.sh for
+/// Is this test run on PostgreSQL (`TEST_DB_BACKEND=postgres`, set by scripts/test.sh for
 /// its second pass)? Otherwise SQLite.
 pub fn on_postgres() -> bool {
-    std::env::var("POSTBOX_TEST_BACKEND").is_ok_and(|v| v == "postgres")
+    std::env::var("TEST_DB_BACKEND").is_ok_and(|v| v == "postgres")
 }
 
 /// The throwaway PostgreSQL server scripts/test.sh starts (an admin URL).
 pub fn pg_admin_url() -> String {
-    std::env::var("POSTBOX_TEST_PG_URL").unwrap_or_else(|_| {
+    std::env::var("TEST_PG_URL").unwrap_or_else(|_| {
         panic!(
-            "POSTBOX_TEST_PG_URL is not set: run the tests with scripts/test.sh, which starts a \
+            "TEST_PG_URL is not set: run the tests with scripts/test.sh, which starts a \
              throwaway PostgreSQL (initdb + pg_ctl on a random loopback port) and sets it"
         )
     })
