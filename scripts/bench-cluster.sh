@@ -11,7 +11,7 @@ bin=target/release/postbox
 work=$(mktemp -d /tmp/postbox-bench.XXXXXX)
 sink_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 sink=$(command -v smtp-sink || echo /usr/sbin/smtp-sink)
-"$sink" -c -u nobody 127.0.0.1:"$sink_port" 1000 & sink_pid=$!
+"$sink" -u nobody 127.0.0.1:"$sink_port" 1000 & sink_pid=$!
 pg=$(scripts/pg-throwaway.sh)
 admin=$(echo "$pg" | sed -n 1p | cut -d= -f2-)
 pg_dir=$(echo "$pg" | sed -n 2p | cut -d= -f2)
