@@ -212,8 +212,6 @@ pub async fn run(
         store.clone(),
         shutdown.clone(),
     ));
-    let host = hostname();
-    let pid = std::process::id();
     if let Db::Pg(pool) = store.db() {
         tokio::spawn(listen_for_jobs(
             pool.clone(),
@@ -222,7 +220,7 @@ pub async fn run(
         ));
     }
     loop {
-        let name = format!("postbox-{host}-{pid}-{}", ulid::Ulid::generate());
+        let name = format!("postbox-{}", node_name());
         let strategy = || {
             Strategy::new()
                 .stream(wake.stream())

@@ -254,7 +254,13 @@ impl Sql {
         self
     }
 
-    fn sqlite(&self) -> sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments> {
+    /// The sqlx query for database `DB`, with every argument bound.
+    fn query<'q, DB: sqlx::Database>(&'q self) -> sqlx::query::Query<'q, DB, DB::Arguments>
+    where
+        Option<i64>: sqlx::Encode<'q, DB> + Type<DB>,
+        Option<&'q str>: sqlx::Encode<'q, DB> + Type<DB>,
+        &'q [u8]: sqlx::Encode<'q, DB> + Type<DB>,
+    {
         let mut q = match &self.text {
             Cow::Borrowed(s) => sqlx::query(*s),
             Cow::Owned(s) => sqlx::query(sqlx::AssertSqlSafe(s.clone())),
@@ -269,19 +275,12 @@ impl Sql {
         q
     }
 
+    fn sqlite(&self) -> sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments> {
+        self.query()
+    }
+
     fn pg(&self) -> sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments> {
-        let mut q = match &self.text {
-            Cow::Borrowed(s) => sqlx::query(*s),
-            Cow::Owned(s) => sqlx::query(sqlx::AssertSqlSafe(s.clone())),
-        };
-        for a in &self.args {
-            q = match a {
-                Arg::Int(v) => q.bind(*v),
-                Arg::Text(v) => q.bind(v.as_deref()),
-                Arg::Blob(v) => q.bind(v.as_slice()),
-            };
-        }
-        q
+        self.query()
     }
 
     /// Runs it; the number of rows changed.

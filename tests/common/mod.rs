@@ -61,14 +61,8 @@ pub fn psql(url: &str, sql: &str) -> String {
 
 /// A new, empty PostgreSQL database; its URL.
 pub fn fresh_pg_database() -> String {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let admin = pg_admin_url();
-    let name = format!(
-        "t_{}_{}_{}",
-        std::process::id(),
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        ulid::Ulid::generate().to_string().to_lowercase()
-    );
+    let name = format!("t_{}", ulid::Ulid::generate().to_string().to_lowercase());
     psql(&admin, &format!("CREATE DATABASE {name}"));
     let base = admin.rsplit_once('/').expect("a URL with a database").0;
     format!("{base}/{name}")
@@ -358,29 +352,21 @@ pub async fn api_port(serve: &Serve) -> u16 {
 /// an email: both must always be 0, whatever a request did.
 pub async fn half_written(dir: &Path) -> (i64, i64) {
     let jobs = if on_postgres() { "apalis.jobs" } else { "Jobs" };
-    let emails_sql = format!(
-        "SELECT COUNT(*) FROM postbox_emails e WHERE NOT EXISTS
-           (SELECT 1 FROM {jobs} j WHERE j.idempotency_key = e.id || ':' || e.job_seq)"
-    );
-    let jobs_sql = format!(
-        "SELECT COUNT(*) FROM {jobs} j WHERE NOT EXISTS
-           (SELECT 1 FROM postbox_emails e WHERE j.idempotency_key = e.id || ':' || e.job_seq)"
-    );
-    if on_postgres() {
-        let url = db_url(dir);
-        return (
-            psql(&url, &emails_sql).parse().unwrap(),
-            psql(&url, &jobs_sql).parse().unwrap(),
-        );
-    }
-    let pool = sqlx::SqlitePool::connect(&db_url(dir)).await.unwrap();
-    let mut out = [0i64; 2];
-    for (i, q) in [emails_sql, jobs_sql].into_iter().enumerate() {
-        out[i] = sqlx::query_scalar(sqlx::AssertSqlSafe(q))
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    }
-    pool.close().await;
-    (out[0], out[1])
+    let emails = db_scalar(
+        dir,
+        &format!(
+            "SELECT COUNT(*) FROM postbox_emails e WHERE NOT EXISTS
+               (SELECT 1 FROM {jobs} j WHERE j.idempotency_key = e.id || ':' || e.job_seq)"
+        ),
+    )
+    .await;
+    let orphan_jobs = db_scalar(
+        dir,
+        &format!(
+            "SELECT COUNT(*) FROM {jobs} j WHERE NOT EXISTS
+               (SELECT 1 FROM postbox_emails e WHERE j.idempotency_key = e.id || ':' || e.job_seq)"
+        ),
+    )
+    .await;
+    (emails, orphan_jobs)
 }
