@@ -65,15 +65,68 @@ impl Default for ClusterSettings {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseSettings {
     /// `sqlite://path/to/file.db` (created if missing), `sqlite::memory:`, or
-    /// `postgres://user:password@host:port/db` (many processes on many hosts).
+    /// `postgres://user:password@host:port/db` (many processes on many hosts). Its password is
+    /// a secret: printed only through [`redact_url`].
+    #[serde(serialize_with = "redacted_url")]
     pub url: String,
     pub max_connections: u32,
     /// How long a connection waits for SQLite's write lock before giving up.
     pub busy_timeout_ms: u64,
+}
+
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &redact_url(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("busy_timeout_ms", &self.busy_timeout_ms)
+            .finish()
+    }
+}
+
+/// A database URL fit to print: the password (`user:PASSWORD@`, or a `password=` query
+/// parameter) replaced by `********`. Every place that shows a URL goes through this.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_string();
+    // userinfo: between "://" and the last '@' before the path.
+    if let Some(scheme_end) = out.find("://") {
+        let auth_start = scheme_end + 3;
+        let rest = &out[auth_start..];
+        let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if let Some(at) = rest[..auth_end].rfind('@')
+            && let Some(colon) = rest[..at].find(':')
+        {
+            out.replace_range(auth_start + colon + 1..auth_start + at, "********");
+        }
+    }
+    // query parameters named password (libpq style `?password=...`).
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=********"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out = format!("{head}{}", query.join("&"));
+    }
+    out
+}
+
+fn redacted_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(url))
+}
+
+/// Keys whose values are secrets: errors about them never echo the value.
+fn is_secret_key(key: &str) -> bool {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    let last = last.split('[').next().unwrap_or(last);
+    matches!(last, "password" | "token" | "secret" | "url")
 }
 
 impl Default for DatabaseSettings {
@@ -504,10 +557,18 @@ impl Settings {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            let key = e.message().to_string();
+            // Only the message and the position: toml's Display quotes the offending line,
+            // which may hold a password.
+            let at = e
+                .span()
+                .map(|span| {
+                    let line = text[..span.start].matches('\n').count() + 1;
+                    format!(" (line {line})")
+                })
+                .unwrap_or_default();
             ConfigError::new(
                 "(file)",
-                format!("not valid TOML: {}", e.to_string().trim()).replace(&key, &key),
+                format!("not valid TOML{at}: {}", e.message().trim()),
             )
         })?;
         let defaults = toml::Table::try_from(Settings::default())
@@ -530,6 +591,12 @@ impl Settings {
             .map_err(|e| {
                 let path = e.path().to_string();
                 let mut message = e.inner().to_string();
+                if is_secret_key(&path) {
+                    // serde quotes the value it could not use; this one is a secret.
+                    message = "has the wrong type or format (the value is not shown: it is a \
+                               secret)"
+                        .into();
+                }
                 // Name the mailbox and rule, not just their positions.
                 if let Some(i) = index_after(&path, "mailboxes[")
                     && let Some((mailbox, rules)) = names.get(i)
@@ -662,7 +729,16 @@ fn apply_env(
         .map(|s| s.to_ascii_lowercase())
         .collect();
     let key = path.join(".");
+    let secret = is_secret_key(&key);
     let err = |m: String| ConfigError::new(key.clone(), format!("{m} (from {var})"));
+    // The value is quoted in errors unless the key holds a secret.
+    let shown = |raw: &str| {
+        if secret {
+            "the value".to_string()
+        } else {
+            format!("`{raw}`")
+        }
+    };
     if path.iter().any(|p| p.is_empty()) {
         return Err(err("is not a valid key".into()));
     }
@@ -680,16 +756,16 @@ fn apply_env(
             .trim()
             .parse::<i64>()
             .map(toml::Value::Integer)
-            .map_err(|_| err(format!("`{raw}` is not an integer")))?,
+            .map_err(|_| err(format!("{} is not an integer", shown(raw))))?,
         Some(toml::Value::Float(_)) => raw
             .trim()
             .parse::<f64>()
             .map(toml::Value::Float)
-            .map_err(|_| err(format!("`{raw}` is not a number")))?,
+            .map_err(|_| err(format!("{} is not a number", shown(raw))))?,
         Some(toml::Value::Boolean(_)) => match raw.trim() {
             "true" | "1" => toml::Value::Boolean(true),
             "false" | "0" => toml::Value::Boolean(false),
-            _ => return Err(err(format!("`{raw}` is not true or false"))),
+            _ => return Err(err(format!("{} is not true or false", shown(raw)))),
         },
         Some(toml::Value::Table(_)) => {
             return Err(err("is a section, not a value".into()));
@@ -836,6 +912,66 @@ mod tests {
                 "{text:?}: expected key {key}, got {err}"
             );
             assert!(!err.to_string().contains("secret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn database_passwords_are_redacted_wherever_a_url_is_shown() {
+        for (url, shown) in [
+            (
+                "postgres://u:PW@db.internal:5432/postbox",
+                "postgres://u:********@db.internal:5432/postbox",
+            ),
+            (
+                "postgresql://u:p%40ss:w@[::1]/db?sslmode=require",
+                "postgresql://u:********@[::1]/db?sslmode=require",
+            ),
+            (
+                "postgres://u@h/db?sslmode=disable&password=PW",
+                "postgres://u@h/db?sslmode=disable&password=********",
+            ),
+            ("postgres://h/db", "postgres://h/db"),
+            ("sqlite://postbox.db", "sqlite://postbox.db"),
+            ("sqlite://dir/a@b.db", "sqlite://dir/a@b.db"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+        let s = Settings::from_toml_and_env(
+            "",
+            env(&[(
+                "POSTBOX_DATABASE__URL",
+                "postgres://postbox:hunter2-secret@127.0.0.1:5432/postbox",
+            )]),
+        )
+        .unwrap();
+        for printed in [s.to_masked_toml(), format!("{s:?}")] {
+            assert!(!printed.contains("hunter2-secret"), "{printed}");
+            assert!(
+                printed.contains("postgres://postbox:********@127.0.0.1:5432/postbox"),
+                "{printed}"
+            );
+        }
+    }
+
+    #[test]
+    fn config_errors_never_echo_a_secret() {
+        let cases = [
+            // toml quotes the offending line in its own message.
+            ("[smtp]\npassword = \"hunter2-secret\nport = 1\n", vec![]),
+            ("[smtp]\npassword = [\"hunter2-secret\"]\n", vec![]),
+            ("[database]\nurl = [\"hunter2-secret\"]\n", vec![]),
+            (
+                "[api]\ntoken = 5\n",
+                vec![("POSTBOX_API__TOKEN", "hunter2-secret")],
+            ),
+            (
+                "[[api.tokens]]\nname = \"a\"\ntoken = \"hunter2-secret\"\nrate_per_sec = \"x\"\n",
+                vec![],
+            ),
+        ];
+        for (text, e) in cases {
+            let err = Settings::from_toml_and_env(text, env(&e)).unwrap_err();
+            assert!(!err.to_string().contains("hunter2"), "{text:?}: {err}");
         }
     }
 

@@ -449,7 +449,7 @@ async fn transition(settings: Settings, id: &str, cancel: bool) -> anyhow::Resul
 }
 
 async fn open(settings: Settings) -> anyhow::Result<Postbox> {
-    let url = settings.database.url.clone();
+    let url = postbox::config::redact_url(&settings.database.url);
     Postbox::open(settings)
         .await
         .with_context(|| format!("Failed to open postbox (database.url = {url})"))

@@ -196,6 +196,38 @@ async fn a_secret_never_appears_in_logs_or_config_output() {
         stdout.contains("password = \"********\"") && !stdout.contains(SECRET),
         "{stdout}"
     );
+
+    // A database password, in `config check` and in the error of a command that cannot
+    // connect (nothing listens on port 1).
+    let url = format!("postgres://postbox:{SECRET}@127.0.0.1:1/postbox");
+    let shown = "postgres://postbox:********@127.0.0.1:1/postbox";
+    let check = std::process::Command::new(bin())
+        .args(["config", "check"])
+        .env("POSTBOX_DATABASE__URL", &url)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(shown) && !stdout.contains(SECRET),
+        "{stdout}"
+    );
+    for args in [&["stats"][..], &["status", "01KAQ3N2W4XGZ8Y5B7C9D1E3F5"]] {
+        let out = std::process::Command::new(bin())
+            .args(args)
+            .env("POSTBOX_DATABASE__URL", &url)
+            .env("RUST_LOG", "trace")
+            .output()
+            .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{args:?}: {all}");
+        assert!(all.contains(shown), "{args:?} names the database: {all}");
+        assert!(!all.contains(SECRET), "{args:?} leaked the password: {all}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
