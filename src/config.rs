@@ -10,7 +10,7 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::delivery::RetryPolicy;
-use crate::domain::{EmailAddress, Limits};
+use crate::domain::{EmailAddress, Limits, Senders};
 
 /// A configuration problem, naming the key it is about.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -218,6 +218,10 @@ pub struct DeliverySettings {
     pub outbox_dir: PathBuf,
     /// Used when an email gives no `from`.
     pub default_from: String,
+    /// When not empty, the only senders accepted: domains (`example.com`) or addresses
+    /// (`ops@example.com`). A submit from anyone else is refused, naming `from`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allowed_from: Vec<String>,
 }
 
 impl Default for DeliverySettings {
@@ -226,6 +230,7 @@ impl Default for DeliverySettings {
             transport: Transport::File,
             outbox_dir: PathBuf::from("outbox"),
             default_from: "postbox@localhost".into(),
+            allowed_from: Vec::new(),
         }
     }
 }
@@ -237,8 +242,17 @@ pub enum TlsMode {
     Tls,
     /// STARTTLS, required: refuses to send if the server does not offer it (usually 587).
     Starttls,
-    /// DANGEROUS: plaintext, credentials and mail readable on the wire. Loopback/testing only.
+    /// DANGEROUS: plaintext, credentials and mail readable on the wire. Refused for a host that
+    /// is not loopback unless `allow_plaintext = true`.
     None,
+}
+
+/// Is `host` this machine (`localhost`, 127.0.0.0/8, ::1)? Plaintext is allowed only there.
+pub fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim().trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -259,6 +273,12 @@ pub struct SmtpSettings {
     /// Name sent in EHLO; defaults to this host's name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hello_name: Option<String>,
+    /// Extra trust anchors (PEM) for a relay whose certificate a public CA did not sign.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Allow `tls = "none"` to a host that is not loopback (mail and the password cross the
+    /// network readable). Off: such a config is refused.
+    pub allow_plaintext: bool,
     pub connect_timeout_secs: u64,
     /// Timeout of each SMTP command (and of the whole DATA transfer).
     pub command_timeout_secs: u64,
@@ -276,6 +296,8 @@ impl Default for SmtpSettings {
             username: None,
             password: None,
             hello_name: None,
+            ca_file: None,
+            allow_plaintext: false,
             connect_timeout_secs: 10,
             command_timeout_secs: 30,
             pool_max: 10,
@@ -667,12 +689,32 @@ impl Settings {
         }
         self.retry.validate()?;
         crate::inbound::compile(&self.mailboxes, &|k| std::env::var(k).ok())?;
-        EmailAddress::parse(&self.delivery.default_from)
-            .map_err(|m| ConfigError::new("delivery.default_from", m))?;
+        self.senders()?;
         if self.delivery.transport == Transport::Smtp && self.smtp.host.trim().is_empty() {
             return Err(ConfigError::new(
                 "smtp.host",
                 "is required when delivery.transport = \"smtp\"",
+            ));
+        }
+        if self.smtp.tls == TlsMode::None
+            && !self.smtp.allow_plaintext
+            && !is_loopback_host(&self.smtp.host)
+        {
+            return Err(ConfigError::new(
+                "smtp.tls",
+                format!(
+                    "\"none\" sends mail and the password readable over the network to {}; use \
+                     \"starttls\" or \"tls\", or set smtp.allow_plaintext = true to accept that",
+                    self.smtp.host
+                ),
+            ));
+        }
+        if let Some(ca) = &self.smtp.ca_file
+            && !ca.is_file()
+        {
+            return Err(ConfigError::new(
+                "smtp.ca_file",
+                format!("{} is not a file", ca.display()),
             ));
         }
         if self.smtp.password.is_some() && self.smtp.username.is_none() {
@@ -712,8 +754,18 @@ impl Settings {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}"))
     }
 
-    pub fn default_from(&self) -> EmailAddress {
-        EmailAddress::parse(&self.delivery.default_from).expect("validated")
+    /// `delivery.default_from` and `delivery.allowed_from`, checked.
+    pub fn senders(&self) -> Result<Senders, ConfigError> {
+        let from = EmailAddress::parse(&self.delivery.default_from)
+            .map_err(|m| ConfigError::new("delivery.default_from", m))?;
+        Senders::new(from, &self.delivery.allowed_from).map_err(|(i, m)| {
+            let key = if i == usize::MAX {
+                "delivery.allowed_from".to_string()
+            } else {
+                format!("delivery.allowed_from[{i}]")
+            };
+            ConfigError::new(key, m)
+        })
     }
 }
 
@@ -853,6 +905,16 @@ mod tests {
     }
 
     #[test]
+    fn plaintext_is_for_loopback_unless_explicitly_allowed() {
+        for host in ["127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.53"] {
+            let t = format!("[smtp]\nhost = \"{host}\"\ntls = \"none\"\n");
+            assert!(Settings::from_toml_and_env(&t, env(&[])).is_ok(), "{host}");
+        }
+        let t = "[smtp]\nhost = \"10.0.0.5\"\ntls = \"none\"\nallow_plaintext = true\n";
+        assert!(Settings::from_toml_and_env(t, env(&[])).is_ok());
+    }
+
+    #[test]
     fn env_overrides_file_with_types_and_secrets() {
         let s = Settings::from_toml_and_env(
             "[smtp]\nport = 25\nusername = \"u\"\n",
@@ -889,6 +951,26 @@ mod tests {
                 "retry.max_backoff_secs",
             ),
             ("[smtp]\ntls = \"maybe\"\n", vec![], "smtp.tls"),
+            (
+                "[smtp]\nhost = \"smtp.example.com\"\ntls = \"none\"\n",
+                vec![],
+                "smtp.tls",
+            ),
+            (
+                "[smtp]\nca_file = \"/nonexistent.pem\"\n",
+                vec![],
+                "smtp.ca_file",
+            ),
+            (
+                "[delivery]\nallowed_from = [\"example.com\"]\n",
+                vec![],
+                "delivery.allowed_from",
+            ),
+            (
+                "[delivery]\nallowed_from = [\"localhost\", \"x@@y\"]\n",
+                vec![],
+                "delivery.allowed_from[1]",
+            ),
             ("[database]\nurl = \"mysql://x\"\n", vec![], "database.url"),
             (
                 "[database]\nurl = \"postgres://u:secret@h:notaport/db\"\n",

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::config::Settings;
 use crate::delivery::{Mailer, MailerError, message_id_for};
-use crate::domain::{Email, EmailAddress, EmailId, FieldError, NewEmail, ValidationErrors};
+use crate::domain::{Email, EmailId, FieldError, NewEmail, Senders, ValidationErrors};
 use crate::queue::{self, Deliverer, Shutdown, Wake};
 use crate::render::Templates;
 use crate::store::{
@@ -17,6 +17,8 @@ use crate::store::{
 /// Errors of [`Postbox::open`].
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -71,7 +73,7 @@ pub struct Submitted {
 struct Inner {
     settings: Settings,
     store: Store,
-    default_from: EmailAddress,
+    senders: Senders,
     wake: Arc<Wake>,
     mailer: Mailer,
     writer: GroupCommitter,
@@ -118,7 +120,7 @@ impl Postbox {
         );
         Ok(Postbox {
             inner: Arc::new(Inner {
-                default_from: settings.default_from(),
+                senders: settings.senders()?,
                 settings,
                 store,
                 wake: Arc::new(Wake::default()),
@@ -137,7 +139,7 @@ impl Postbox {
         let email = Email::parse(
             new,
             &self.inner.settings.limits,
-            &self.inner.default_from,
+            &self.inner.senders,
             &Templates,
         )?;
         let id = EmailId::generate();

@@ -741,3 +741,137 @@ async fn idempotency_key_replays_refuses_other_payloads_and_survives_a_race() {
     assert_eq!(api.app.count(EmailStatus::Queued).await, 4);
     api.stop().await;
 }
+
+/// A raw request to the API (reqwest sends our `Host` when one is given).
+async fn send(
+    api: &Api,
+    method: Method,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> common::http::Reply {
+    let mut rb = api.client.request(method, format!("{}{path}", api.base));
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    if let Some(b) = body {
+        rb = rb.body(b.to_string());
+    }
+    let res = rb.send().await.unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let text = res.text().await.unwrap();
+    common::http::Reply {
+        status,
+        headers,
+        json: serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_local_programs_are_served_but_no_web_page_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 9);
+    s.delivery.default_from = "app@example.com".into();
+    s.delivery.allowed_from = vec!["example.com".into()];
+    let api = Api::start(s, false).await;
+    let port = api.base.rsplit(':').next().unwrap().to_string();
+    let body = r#"{"to": ["a@example.com"], "subject": "s", "text": "t"}"#;
+    let json = ("content-type", "application/json");
+
+    // A program (no browser headers) is served, addressed by any loopback name.
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        "localhost".to_string(),
+    ] {
+        let r = send(&api, Method::GET, "/v1/emails", None, &[("host", &host)]).await;
+        assert_eq!(r.status, StatusCode::OK, "{host}: {}", r.text);
+    }
+    let r = send(&api, Method::POST, "/v1/emails", Some(body), &[json]).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    // The dashboard's own same-origin form posts are served too.
+    let origin = format!("http://127.0.0.1:{port}");
+    let same = [
+        json,
+        ("origin", origin.as_str()),
+        ("sec-fetch-site", "same-origin"),
+    ];
+    let r = send(&api, Method::POST, "/v1/emails", Some(body), &same).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+
+    // DNS rebinding: a page on another name that resolves to 127.0.0.1.
+    for path in ["/v1/emails", "/v1/stats", "/ui", "/ui/login", "/metrics"] {
+        let r = send(&api, Method::GET, path, None, &[("host", "evil.example")]).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}: {}", r.text);
+        assert_eq!(r.error(), ("forbidden_host".into(), Some("Host".into())));
+        assert!(!r.text.contains("a@example.com"), "{}", r.text);
+    }
+    // Requests another site started (a no-cors fetch or a form post).
+    for headers in [
+        vec![json, ("origin", "http://evil.example")],
+        vec![json, ("origin", "null")],
+        vec![json, ("sec-fetch-site", "cross-site")],
+        vec![json, ("sec-fetch-site", "same-site")],
+        vec![
+            ("content-type", "text/plain"),
+            ("sec-fetch-site", "cross-site"),
+        ],
+        vec![json, ("origin", "http://localhost:1")],
+    ] {
+        let r = send(&api, Method::POST, "/v1/emails", Some(body), &headers).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{headers:?}: {}", r.text);
+        assert_eq!(r.error().0, "cross_site_request", "{headers:?}");
+    }
+    // A body without a JSON Content-Type (what a no-cors fetch with a Blob sends).
+    for headers in [vec![], vec![("content-type", "text/plain")]] {
+        let r = send(&api, Method::POST, "/v1/emails", Some(body), &headers).await;
+        assert_eq!(r.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{}", r.text);
+        assert_eq!(
+            r.error(),
+            ("unsupported_media_type".into(), Some("Content-Type".into()))
+        );
+    }
+    // delivery.allowed_from: only example.com may send.
+    let r = api
+        .post(
+            "/v1/emails",
+            &json!({"from": "boss@evil.example", "to": ["a@example.com"], "subject": "s", "text": "t"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert_eq!(r.error(), ("invalid_email".into(), Some("from".into())));
+    let r = api
+        .post(
+            "/v1/emails",
+            &json!({"from": "Shop <shop@example.com>", "to": ["a@example.com"], "subject": "s", "text": "t"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    assert_eq!(
+        api.app.count(EmailStatus::Queued).await,
+        3,
+        "only the accepted ones"
+    );
+    api.stop().await;
+
+    // With a token the name in Host does not matter (a bearer token is never sent by a
+    // browser on its own).
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 9);
+    s.api.token = Some(TOKEN.to_string().into());
+    let api = Api::start(s, false).await;
+    let auth = format!("Bearer {TOKEN}");
+    let r = send(
+        &api,
+        Method::GET,
+        "/v1/emails",
+        None,
+        &[("host", "postbox.internal"), ("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    api.stop().await;
+}

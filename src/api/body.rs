@@ -9,25 +9,32 @@ use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
 
-/// The raw body of a JSON request: a present Content-Type must be JSON (415 otherwise); a body
-/// past `api.max_body_bytes` is refused with 413.
+/// The raw body of a JSON request: the Content-Type must be JSON (415 otherwise, also when it is
+/// missing: a browser's no-cors request carries none or a form type); a body past
+/// `api.max_body_bytes` is refused with 413.
 pub struct JsonBody(pub Bytes);
 
 impl<S: Send + Sync> FromRequest<S> for JsonBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
-            let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
-            let essence = ct.split(';').next().unwrap_or("").trim();
-            if essence != "application/json" && !essence.ends_with("+json") {
-                return Err(ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
-                    format!("Content-Type must be application/json, not `{essence}`"),
-                )
-                .field("Content-Type"));
-            }
+        let ct = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap_or("").to_ascii_lowercase());
+        let essence = ct
+            .as_deref()
+            .map(|c| c.split(';').next().unwrap_or("").trim());
+        if !essence.is_some_and(|e| e == "application/json" || e.ends_with("+json")) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                match essence {
+                    Some(e) => format!("Content-Type must be application/json, not `{e}`"),
+                    None => "Content-Type: application/json is required".to_string(),
+                },
+            )
+            .field("Content-Type"));
         }
         let bytes = Bytes::from_request(req, state).await.map_err(|r| {
             if r.status() == StatusCode::PAYLOAD_TOO_LARGE {

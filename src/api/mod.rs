@@ -130,8 +130,13 @@ pub fn router(
         doc.to_pretty_json()
             .map_err(|e| ConfigError::new("(openapi)", e.to_string()))?,
     );
+    let open = state.tokens.is_open();
+    let mut router = router.merge(ui::router());
+    if open {
+        // No token: any local process may call, but no web page may (see `open_guard`).
+        router = router.layer(middleware::from_fn(open_guard));
+    }
     let router = router
-        .merge(ui::router())
         .fallback(|req: Request| async move {
             ApiError::not_found(format!("no route {} {}", req.method(), req.uri().path()))
         })
@@ -156,6 +161,62 @@ fn incoming_request_id(req: &Request) -> Option<String> {
         && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
     ok.then(|| v.to_string())
+}
+
+/// Is a `Host` (or an `Origin`'s host) this machine: `localhost`, 127.0.0.0/8 or `[::1]`, with
+/// any port?
+fn loopback_authority(authority: &str) -> bool {
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.split(':').next().unwrap_or(""),
+    };
+    crate::config::is_loopback_host(host)
+}
+
+/// The API without a token (loopback only) trusts every local process, so it must not serve a
+/// web page the user happens to visit:
+/// - DNS rebinding: a page on `evil.example` whose name now points at 127.0.0.1 reads
+///   `GET /v1/emails` as same-origin; it sends `Host: evil.example`, so only loopback hosts
+///   are served;
+/// - cross-site requests: a page may POST here (a no-cors fetch needs no preflight); browsers
+///   say where a request comes from in `Sec-Fetch-Site` and `Origin`, so requests another
+///   site started are refused. Programs (curl, SDKs) send neither header.
+async fn open_guard(req: Request, next: Next) -> Response {
+    let h = req.headers();
+    let text = |name: &str| h.get(name).map(|v| v.to_str().unwrap_or("\u{0}"));
+    let host = text("host");
+    if let Some(host) = host
+        && !loopback_authority(host)
+    {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_host",
+            "without an API token postbox answers only requests addressed to localhost, \
+             127.0.0.1 or [::1] (configure api.token to serve other names)",
+        )
+        .field("Host")
+        .into_response();
+    }
+    let cross_site = match (text("sec-fetch-site"), text("origin")) {
+        (Some(site), _) if !matches!(site, "same-origin" | "none") => true,
+        (_, Some(origin)) => {
+            let origin_host = origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"));
+            origin_host.is_none_or(|o| Some(o) != host || !loopback_authority(o))
+        }
+        _ => false,
+    };
+    if cross_site {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "cross_site_request",
+            "requests started by another web site are refused (no API token is configured)",
+        )
+        .field("Origin")
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// Request id, span, panic guard and the `x-request-id` header, for every request.

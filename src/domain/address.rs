@@ -31,8 +31,8 @@ impl EmailAddress {
         if input.is_empty() {
             return Err("must not be empty".into());
         }
-        if input.chars().any(|c| c == '\r' || c == '\n' || c == '\0') {
-            return Err("must not contain CR, LF or NUL".into());
+        if input.chars().any(char::is_control) {
+            return Err("must not contain control characters (CR, LF, NUL, ...)".into());
         }
         if input.len() > 320 {
             return Err("is longer than 320 characters".into());

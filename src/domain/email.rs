@@ -314,6 +314,69 @@ pub struct Email {
     pub idempotency_key: Option<String>,
 }
 
+/// Who an email may be from: the address used when an email names none, and, when `allowed`
+/// is not empty, the only senders accepted (`delivery.allowed_from`).
+#[derive(Debug, Clone)]
+pub struct Senders {
+    default_from: EmailAddress,
+    /// Lower-cased; `@domain` for a whole domain, `user@domain` for one address.
+    allowed: Vec<String>,
+}
+
+impl Senders {
+    /// `allowed` entries are domains (`example.com` or `@example.com`) or addresses
+    /// (`ops@example.com`); an error names the bad entry's index. The default sender must be
+    /// allowed itself.
+    pub fn new(default_from: EmailAddress, allowed: &[String]) -> Result<Senders, (usize, String)> {
+        let mut list = Vec::with_capacity(allowed.len());
+        for (i, a) in allowed.iter().enumerate() {
+            let a = a.trim();
+            let domain = a.strip_prefix('@').unwrap_or(a);
+            let entry = if domain.contains('@') {
+                let addr = EmailAddress::parse(a).map_err(|m| (i, format!("`{a}` {m}")))?;
+                addr.address().to_ascii_lowercase()
+            } else {
+                let ascii = idna::domain_to_ascii(domain)
+                    .ok()
+                    .filter(|d| !d.is_empty() && (d.contains('.') || d == "localhost"))
+                    .ok_or_else(|| (i, format!("`{a}` is not a domain or an address")))?;
+                format!("@{ascii}")
+            };
+            list.push(entry);
+        }
+        let s = Senders {
+            default_from,
+            allowed: list,
+        };
+        if !s.allows(&s.default_from) {
+            return Err((
+                usize::MAX,
+                format!(
+                    "does not allow delivery.default_from ({})",
+                    s.default_from.address()
+                ),
+            ));
+        }
+        Ok(s)
+    }
+
+    pub fn default_from(&self) -> &EmailAddress {
+        &self.default_from
+    }
+
+    /// Is `a` an allowed sender?
+    pub fn allows(&self, a: &EmailAddress) -> bool {
+        if self.allowed.is_empty() {
+            return true;
+        }
+        let addr = a.address().to_ascii_lowercase();
+        let domain = addr.rsplit_once('@').map_or("", |(_, d)| d);
+        self.allowed
+            .iter()
+            .any(|e| e.strip_prefix('@').map_or(*e == addr, |d| d == domain))
+    }
+}
+
 /// Checks a template name and its variables (implemented by `render`).
 pub trait TemplateCheck {
     fn check(&self, name: &str, variables: &Value) -> Result<(), FieldError>;
@@ -335,7 +398,7 @@ impl Email {
     pub fn parse(
         new: NewEmail,
         limits: &Limits,
-        default_from: &EmailAddress,
+        senders: &Senders,
         templates: &dyn TemplateCheck,
     ) -> Result<Email, ValidationErrors> {
         let mut errs = Vec::new();
@@ -352,9 +415,19 @@ impl Email {
                 .collect::<Vec<_>>()
         };
         let from = match new.from.as_deref() {
-            None => Some(default_from.clone()),
+            None => Some(senders.default_from().clone()),
             Some(s) => match EmailAddress::parse(s) {
-                Ok(a) => Some(a),
+                Ok(a) if senders.allows(&a) => Some(a),
+                Ok(a) => {
+                    errs.push(FieldError::new(
+                        "from",
+                        format!(
+                            "{} is not an allowed sender (delivery.allowed_from)",
+                            a.address()
+                        ),
+                    ));
+                    None
+                }
                 Err(m) => {
                     errs.push(FieldError::new("from", m));
                     None
@@ -618,9 +691,47 @@ mod tests {
         }
     }
 
-    fn parse(n: NewEmail) -> Result<Email, ValidationErrors> {
+    fn senders(allowed: &[&str]) -> Senders {
         let from = EmailAddress::parse("app@example.com").unwrap();
-        Email::parse(n, &Limits::default(), &from, &AnyTemplate)
+        let allowed: Vec<String> = allowed.iter().map(|s| s.to_string()).collect();
+        Senders::new(from, &allowed).unwrap()
+    }
+
+    fn parse(n: NewEmail) -> Result<Email, ValidationErrors> {
+        Email::parse(n, &Limits::default(), &senders(&[]), &AnyTemplate)
+    }
+
+    #[test]
+    fn allowed_from_limits_senders_to_domains_and_addresses() {
+        let s = senders(&["example.com", "@Bücher.example", "ops@other.example"]);
+        let check = |from: &str| {
+            let mut n = base();
+            n.from = Some(from.into());
+            Email::parse(n, &Limits::default(), &s, &AnyTemplate).map(|_| ())
+        };
+        for ok in [
+            "a@example.com",
+            "Zoë <zoe@bücher.example>",
+            "OPS@other.example",
+        ] {
+            assert!(check(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "a@sub.example.com",
+            "a@other.example",
+            "a@example.com.evil.example",
+        ] {
+            let e = check(bad).unwrap_err();
+            assert!(
+                e.has_field("from") && e.0[0].message.contains("allowed_from"),
+                "{bad}: {e}"
+            );
+        }
+        // No `from`: the default, which must itself be allowed.
+        assert!(Email::parse(base(), &Limits::default(), &s, &AnyTemplate).is_ok());
+        let from = EmailAddress::parse("app@example.com").unwrap();
+        assert!(Senders::new(from.clone(), &["other.example".into()]).is_err());
+        assert_eq!(Senders::new(from, &["x".into()]).unwrap_err().0, 0);
     }
 
     fn base() -> NewEmail {

@@ -11,7 +11,7 @@ mod email;
 pub use address::EmailAddress;
 pub use email::{
     Attachment, Content, Email, EmailId, EmailStatus, Limits, NewAttachment, NewEmail, Priority,
-    TemplateCheck,
+    Senders, TemplateCheck,
 };
 
 use serde::Serialize;

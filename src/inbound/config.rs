@@ -41,6 +41,10 @@ pub struct MailboxSettings {
     /// Extra trust anchors (PEM) for a server whose certificate a public CA did not sign.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// Allow `tls = "none"` to a host that is not loopback (the password crosses the network
+    /// readable). Off: such a mailbox is refused.
+    #[serde(default)]
+    pub allow_plaintext: bool,
     pub username: String,
     /// The environment variable that holds the password (preferred) ...
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -334,6 +338,17 @@ pub fn compile(
         }
         if m.port == 0 {
             return Err(err("port", "must be greater than 0".into()));
+        }
+        if m.tls == ImapTls::None && !m.allow_plaintext && !crate::config::is_loopback_host(&m.host)
+        {
+            return Err(err(
+                "tls",
+                format!(
+                    "\"none\" sends the password readable over the network to {}; use \"tls\" or \
+                     \"starttls\", or set allow_plaintext = true to accept that",
+                    m.host
+                ),
+            ));
         }
         for (key, v) in [
             ("poll_interval_secs", m.poll_interval_secs),

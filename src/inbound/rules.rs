@@ -447,5 +447,18 @@ name = "c"
         let e = compile(&[m], &|_| None).unwrap_err();
         assert_eq!(e.key, "mailboxes[0].password_env");
         assert!(e.message.contains("POSTBOX_TEST_NOPE"));
+        // Plaintext IMAP only to this machine, unless explicitly allowed.
+        let plain = |host: &str, allow: bool| {
+            let t = format!(
+                "name = \"mon\"\nhost = \"{host}\"\ntls = \"none\"\nallow_plaintext = {allow}\nusername = \"u\"\npassword = \"p\"\nalert_to = [\"ops@example.com\"]"
+            );
+            compile(&[toml::from_str(&t).unwrap()], &|_| None).map(|_| ())
+        };
+        assert_eq!(
+            plain("imap.example.com", false).unwrap_err().key,
+            "mailboxes[0].tls"
+        );
+        assert!(plain("imap.example.com", true).is_ok());
+        assert!(plain("127.0.0.1", false).is_ok());
     }
 }
