@@ -360,6 +360,12 @@ pub struct ApiSettings {
     pub idempotency_ttl_hours: u64,
     /// Leave `/healthz`, `/readyz` and `/openapi.json` open (no token).
     pub open_health: bool,
+    /// Open HTTP connections at most; more wait to be accepted.
+    pub max_connections: usize,
+    /// Seconds to read a request's headers; a keep-alive connection idle this long is closed.
+    pub header_timeout_secs: u64,
+    /// Seconds to read a request's body (408 past it).
+    pub body_timeout_secs: u64,
 }
 
 impl Default for ApiSettings {
@@ -375,6 +381,9 @@ impl Default for ApiSettings {
             max_batch: 1_000,
             idempotency_ttl_hours: 24,
             open_health: true,
+            max_connections: 1024,
+            header_timeout_secs: 30,
+            body_timeout_secs: 30,
         }
     }
 }
@@ -738,6 +747,9 @@ impl Settings {
             ("api.max_body_bytes", self.api.max_body_bytes as u64),
             ("api.max_batch", self.api.max_batch as u64),
             ("api.burst", self.api.burst as u64),
+            ("api.max_connections", self.api.max_connections as u64),
+            ("api.header_timeout_secs", self.api.header_timeout_secs),
+            ("api.body_timeout_secs", self.api.body_timeout_secs),
             ("queue.group_commit_max", self.queue.group_commit_max as u64),
         ] {
             if v == 0 {

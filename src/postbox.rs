@@ -310,6 +310,11 @@ impl Postbox {
         self.inner.store.stats().await
     }
 
+    /// The queue gauges of `/metrics` (depth by state, oldest queued age).
+    pub async fn queue_gauges(&self) -> Result<crate::store::QueueGauges, StoreError> {
+        self.inner.store.queue_gauges().await
+    }
+
     /// Checks that the database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.inner.store.ping().await

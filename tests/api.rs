@@ -875,3 +875,128 @@ async fn without_a_token_local_programs_are_served_but_no_web_page_is() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     api.stop().await;
 }
+
+/// Reads from `s` until the server closes the connection (or `limit` passes); what it sent.
+async fn read_until_closed(s: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let t0 = std::time::Instant::now();
+    loop {
+        let left = limit.checked_sub(t0.elapsed())?;
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(String::from_utf8_lossy(&got).into_owned()),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_idle_and_surplus_connections_are_bounded_and_labels_stay_fixed() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 9);
+    s.api.token = Some(TOKEN.to_string().into());
+    s.api.header_timeout_secs = 1;
+    s.api.body_timeout_secs = 1;
+    s.api.max_connections = 3;
+    let api = Api::start(s, false).await.with_token(TOKEN);
+    let addr = api.base.trim_start_matches("http://").to_string();
+    let connect = || tokio::net::TcpStream::connect(addr.clone());
+
+    // Headers that never finish (slow loris): the connection is closed after the deadline.
+    let mut slow = connect().await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        .await
+        .unwrap();
+    assert!(
+        read_until_closed(&mut slow, Duration::from_secs(10))
+            .await
+            .is_some(),
+        "a connection trickling its headers is closed"
+    );
+    // A keep-alive connection left idle after a request is closed too.
+    let mut idle = connect().await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let got = read_until_closed(&mut idle, Duration::from_secs(10)).await;
+    assert!(
+        got.as_deref()
+            .is_some_and(|g| g.starts_with("HTTP/1.1 200")),
+        "{got:?}"
+    );
+    // A body that stops half way: 408, nothing stored.
+    let mut body = connect().await.unwrap();
+    body.write_all(
+        format!(
+            "POST /v1/emails HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"to\": "
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let got = read_until_closed(&mut body, Duration::from_secs(10))
+        .await
+        .unwrap_or_default();
+    assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+    assert!(got.contains("body_timeout"), "{got}");
+    assert_eq!(api.app.postbox.counts().await.unwrap().by_status.len(), 0);
+
+    // At most 3 connections: with 3 held open, a 4th is not served until one closes.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = connect().await.unwrap();
+        // Half a request keeps each busy until the header deadline.
+        c.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+        held.push(c);
+    }
+    let fourth = tokio::time::timeout(
+        Duration::from_millis(500),
+        api.client.get(format!("{}/healthz", api.base)).send(),
+    )
+    .await;
+    assert!(
+        fourth.is_err(),
+        "served past the connection cap: {fourth:?}"
+    );
+    // The held ones time out (1 s) and free their slots: the API serves again.
+    assert_eq!(api.get("/healthz").await.status, StatusCode::OK);
+    drop(held);
+
+    // A made-up method is counted as "other": no new series per method string.
+    let r = send(
+        &api,
+        Method::from_bytes(b"BREW").unwrap(),
+        "/v1/emails",
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    let metrics = api.get("/metrics").await.text;
+    assert!(!metrics.contains("BREW"), "{metrics}");
+    assert!(metrics.contains("method=\"other\""), "{metrics}");
+
+    // /readyz without a token says ready or not, nothing more.
+    let anonymous = send(&api, Method::GET, "/readyz", None, &[]).await;
+    assert_eq!(anonymous.status, StatusCode::OK);
+    assert_eq!(anonymous.json, json!({"status": "ready"}));
+    let r = api.get("/readyz").await;
+    assert_eq!(r.json["database"], "ok", "{}", r.text);
+
+    // Dashboard forms are small.
+    let big = format!("token={}", "x".repeat(64 * 1024));
+    let r = send(
+        &api,
+        Method::POST,
+        "/ui/login",
+        Some(&big),
+        &[("content-type", "application/x-www-form-urlencoded")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text);
+    api.stop().await;
+}

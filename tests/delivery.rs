@@ -115,6 +115,7 @@ async fn n_emails_each_arrive_exactly_once_with_headers_parts_attachments_and_me
         assert_eq!(events(&report).len(), 1);
         assert_eq!(events(&report)[0].smtp_code, Some(250));
     }
+    common::assert_counters_match(dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,6 +189,7 @@ async fn a_5xx_reply_fails_after_one_attempt_and_a_manual_retry_sends_it() {
         app.postbox.retry(&id).await.is_err(),
         "a sent email cannot be retried"
     );
+    common::assert_counters_match(dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,6 +319,7 @@ async fn cancel_stops_a_queued_email_and_is_refused_once_final() {
             .to_string()
             .contains("no email")
     );
+    common::assert_counters_match(dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use std::time::Duration;
+
+use super::ApiState;
 use super::error::ApiError;
 
 /// The raw body of a JSON request: the Content-Type must be JSON (415 otherwise, also when it is
@@ -14,10 +17,10 @@ use super::error::ApiError;
 /// `api.max_body_bytes` is refused with 413.
 pub struct JsonBody(pub Bytes);
 
-impl<S: Send + Sync> FromRequest<S> for JsonBody {
+impl FromRequest<ApiState> for JsonBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, state: &ApiState) -> Result<Self, ApiError> {
         let ct = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -36,23 +39,40 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
             )
             .field("Content-Type"));
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
-                    "the request body is larger than api.max_body_bytes",
-                )
-            } else {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "unreadable_body",
-                    format!("the request body could not be read: {}", r.body_text()),
-                )
-            }
-        })?;
+        let deadline = Duration::from_secs(state.postbox.settings().api.body_timeout_secs);
+        let read = tokio::time::timeout(deadline, Bytes::from_request(req, state));
+        let bytes = read
+            .await
+            .map_err(|_| body_timeout(deadline))?
+            .map_err(|r| {
+                if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body_too_large",
+                        "the request body is larger than api.max_body_bytes",
+                    )
+                } else {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "unreadable_body",
+                        format!("the request body could not be read: {}", r.body_text()),
+                    )
+                }
+            })?;
         Ok(JsonBody(bytes))
     }
+}
+
+/// 408: the client did not send its body within `api.body_timeout_secs`.
+pub fn body_timeout(deadline: Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "body_timeout",
+        format!(
+            "the request body did not arrive within {} s (api.body_timeout_secs)",
+            deadline.as_secs()
+        ),
+    )
 }
 
 /// Parses JSON straight into `T`; errors name the field (`to[0]`, `emails[2].subject`).

@@ -162,16 +162,21 @@ pub async fn healthz() -> Json<Health> {
 pub struct Readiness {
     /// `ready` or `not ready`.
     pub status: String,
-    /// `ok`, or the error.
-    pub database: String,
-    /// `running`, `stopped`, or `not run here` (an API-only process).
-    pub workers: String,
+    /// `ok`, or the error (only for a caller with a token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// `running`, `stopped`, or `not run here` (an API-only process; only for a caller with a
+    /// token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<String>,
 }
 
-/// Ready: the database answers, and the workers run (when this process runs them).
+/// Ready: the database answers, and the workers run (when this process runs them). What was
+/// found (`database`, `workers`) is shown only to a caller with a valid token (or when no token
+/// is configured); anyone else gets the status alone.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
-pub async fn readyz(State(st): State<ApiState>) -> Response {
+pub async fn readyz(State(st): State<ApiState>, headers: axum::http::HeaderMap) -> Response {
     let db = tokio::time::timeout(std::time::Duration::from_secs(2), st.postbox.ping()).await;
     let database = match db {
         Ok(Ok(())) => "ok".to_string(),
@@ -184,10 +189,16 @@ pub async fn readyz(State(st): State<ApiState>) -> Response {
         (true, false) => "stopped",
     };
     let ready = database == "ok" && workers != "stopped";
+    let detailed = st.tokens.is_open()
+        || headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| st.tokens.name_of(t.trim()).is_some());
     let body = Readiness {
         status: if ready { "ready" } else { "not ready" }.into(),
-        database,
-        workers: workers.into(),
+        database: if detailed { Some(database) } else { None },
+        workers: if detailed { Some(workers.into()) } else { None },
     };
     let code = if ready {
         StatusCode::OK
@@ -222,18 +233,51 @@ pub async fn mailboxes(State(st): State<ApiState>) -> Result<Json<MailboxesRespo
     }))
 }
 
-/// Prometheus metrics (text exposition format). Queue gauges are read from the database now.
-/// Open or behind the token like the health routes (`api.open_health`).
+/// The queue gauges of `/metrics`, read from the database at most once per [`GAUGES_EVERY`] and
+/// by one scrape at a time: scrapers, however many and however often, cost the database (and the
+/// workers sharing its pool) one small read every few seconds.
+#[derive(Default)]
+pub struct Gauges {
+    refreshed: std::sync::Mutex<Option<std::time::Instant>>,
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+/// How old the queue gauges may be.
+pub const GAUGES_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Gauges {
+    async fn refresh(&self, pb: &crate::Postbox) {
+        let fresh =
+            |at: &Option<std::time::Instant>| at.is_some_and(|t| t.elapsed() < GAUGES_EVERY);
+        if fresh(&self.refreshed.lock().unwrap_or_else(|p| p.into_inner())) {
+            return;
+        }
+        // Another scrape is reading: serve the values it last set.
+        let Ok(_one) = self.refreshing.try_lock() else {
+            return;
+        };
+        match pb.queue_gauges().await {
+            Ok(g) => {
+                for (state, n) in g.depth {
+                    metrics::gauge!("postbox_queue_depth", "state" => state).set(n as f64);
+                }
+                metrics::gauge!("postbox_queue_oldest_age_seconds")
+                    .set(g.oldest_queued_age_secs.unwrap_or(0.0));
+                *self.refreshed.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(std::time::Instant::now());
+            }
+            // The counters still render; the gauges keep their last values.
+            Err(e) => tracing::warn!(error = %e, "cannot read the queue gauges"),
+        }
+    }
+}
+
+/// Prometheus metrics (text exposition format). Queue gauges come from the database, at most
+/// [`GAUGES_EVERY`] old. Open or behind the token like the health routes (`api.open_health`).
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(State(st): State<ApiState>) -> Result<Response, ApiError> {
-    let stats = st.postbox.stats().await?;
-    for state in ["queued", "retrying", "sending"] {
-        let (h, n, l) = stats.depth_of(state);
-        metrics::gauge!("postbox_queue_depth", "state" => state).set((h + n + l) as f64);
-    }
-    metrics::gauge!("postbox_queue_oldest_age_seconds")
-        .set(stats.oldest_queued_age_secs.unwrap_or(0.0));
+    st.gauges.refresh(&st.postbox).await;
     match crate::metrics::render() {
         Some(text) => Ok((
             [(

@@ -11,6 +11,7 @@ mod body;
 mod emails;
 mod error;
 mod meta;
+mod server;
 mod ui;
 
 use std::net::SocketAddr;
@@ -33,6 +34,7 @@ use utoipa_axum::routes;
 pub use auth::{Bucket, Principal, Tokens};
 pub use emails::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 pub use error::{ApiError, ErrorBody, ErrorResponse};
+pub use meta::GAUGES_EVERY;
 
 use crate::config::ConfigError;
 use crate::postbox::Postbox;
@@ -51,6 +53,7 @@ pub struct ApiState {
     expect_workers: bool,
     openapi: Arc<OnceLock<String>>,
     sessions: Arc<ui::Sessions>,
+    gauges: Arc<meta::Gauges>,
 }
 
 #[derive(OpenApi)]
@@ -96,6 +99,7 @@ pub fn router(
         expect_workers,
         openapi: Arc::new(OnceLock::new()),
         sessions: Arc::new(ui::Sessions::default()),
+        gauges: Arc::new(meta::Gauges::default()),
     };
     let v1 = OpenApiRouter::new()
         .routes(routes!(emails::submit_email, emails::list_emails))
@@ -219,6 +223,22 @@ async fn open_guard(req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
+/// The method as a metrics label: a fixed set, so a client cannot mint new series by sending
+/// made-up methods.
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 /// Request id, span, panic guard and the `x-request-id` header, for every request.
 async fn request_context(req: Request, next: Next) -> Response {
     let id = incoming_request_id(&req).unwrap_or_else(|| ulid::Ulid::generate().to_string());
@@ -227,7 +247,7 @@ async fn request_context(req: Request, next: Next) -> Response {
         .get::<axum::extract::MatchedPath>()
         .map_or("unmatched", |m| m.as_str())
         .to_string();
-    let method = req.method().as_str().to_string();
+    let method = method_label(req.method());
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(),
         path = %req.uri().path(), token = tracing::field::Empty);
     let started = Instant::now();
@@ -251,7 +271,7 @@ async fn request_context(req: Request, next: Next) -> Response {
     }
     tracing::debug!(parent: &span, status = res.status().as_u16(),
         micros = started.elapsed().as_micros() as u64, "request done");
-    metrics::counter!("postbox_http_requests_total", "method" => method.clone(),
+    metrics::counter!("postbox_http_requests_total", "method" => method,
         "route" => route.clone(), "status" => res.status().as_u16().to_string())
     .increment(1);
     metrics::histogram!("postbox_http_request_seconds", "method" => method, "route" => route)
@@ -266,12 +286,15 @@ pub async fn serve(
     expect_workers: bool,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    let api = postbox.settings().api.clone();
     let (router, _) = router(postbox, expect_workers)?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "HTTP API listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let limits = server::Limits {
+        max_connections: api.max_connections,
+        header_timeout: std::time::Duration::from_secs(api.header_timeout_secs),
+    };
+    server::run(router, listener, limits, shutdown).await;
     Ok(())
 }
 

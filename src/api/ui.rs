@@ -11,7 +11,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use askama::Template;
-use axum::Form;
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -72,6 +71,58 @@ impl Sessions {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
+    }
+}
+
+/// Largest dashboard form body (a CSRF token, a path, a login token).
+const FORM_MAX_BYTES: usize = 16 * 1024;
+
+/// A dashboard form (`application/x-www-form-urlencoded`): at most [`FORM_MAX_BYTES`], read
+/// within `api.body_timeout_secs`.
+struct UiForm<T>(T);
+
+impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<ApiState> for UiForm<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, st: &ApiState) -> Result<Self, Response> {
+        let refuse = |status: StatusCode, what: &str| {
+            (
+                status,
+                Html(format!("<h1>{}</h1><p>{what}</p>", status.as_u16())),
+            )
+                .into_response()
+        };
+        let form = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+        if !form {
+            return Err(refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Expected a form post.",
+            ));
+        }
+        let deadline = Duration::from_secs(st.postbox.settings().api.body_timeout_secs);
+        let body = axum::body::to_bytes(req.into_body(), FORM_MAX_BYTES);
+        let bytes = match tokio::time::timeout(deadline, body).await {
+            Err(_) => {
+                return Err(refuse(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "The form did not arrive in time.",
+                ));
+            }
+            Ok(Err(_)) => {
+                return Err(refuse(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "The form is too large.",
+                ));
+            }
+            Ok(Ok(b)) => b,
+        };
+        serde_urlencoded::from_bytes(&bytes)
+            .map(UiForm)
+            .map_err(|_| refuse(StatusCode::BAD_REQUEST, "The form could not be read."))
     }
 }
 
@@ -212,7 +263,7 @@ struct LoginForm {
 async fn login(
     State(st): State<ApiState>,
     headers: HeaderMap,
-    Form(f): Form<LoginForm>,
+    UiForm(f): UiForm<LoginForm>,
 ) -> Response {
     let who = if st.tokens.is_open() {
         Some("anonymous".to_string())
@@ -273,7 +324,7 @@ fn check_csrf(s: &Session, given: &str) -> Result<(), Refused> {
 async fn logout(
     State(st): State<ApiState>,
     headers: HeaderMap,
-    Form(f): Form<CsrfForm>,
+    UiForm(f): UiForm<CsrfForm>,
 ) -> Response {
     let s = match require(&st, &headers) {
         Ok(s) => s,
@@ -600,7 +651,7 @@ async fn act(
     State(st): State<ApiState>,
     headers: HeaderMap,
     Path((id, action)): Path<(String, String)>,
-    Form(f): Form<CsrfForm>,
+    UiForm(f): UiForm<CsrfForm>,
 ) -> Response {
     match action.as_str() {
         "retry" => transition(st, headers, id, f, false).await,

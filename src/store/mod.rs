@@ -302,6 +302,14 @@ pub struct WindowCounts {
     pub retried: u64,
 }
 
+/// The `/metrics` queue gauges.
+#[derive(Debug, Default, Clone)]
+pub struct QueueGauges {
+    /// Emails queued, retrying and sending.
+    pub depth: std::collections::BTreeMap<String, u64>,
+    pub oldest_queued_age_secs: Option<f64>,
+}
+
 /// The queue at a glance.
 #[derive(Debug, Default, Clone, Serialize, utoipa::ToSchema)]
 pub struct Stats {

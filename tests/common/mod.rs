@@ -370,3 +370,25 @@ pub async fn half_written(dir: &Path) -> (i64, i64) {
     .await;
     (emails, orphan_jobs)
 }
+
+/// Asserts the trigger-kept counters (by status and priority, and the depth) equal a real
+/// count of the emails table.
+pub async fn assert_counters_match(dir: &Path) {
+    let off = db_scalar(
+        dir,
+        "SELECT COUNT(*) FROM (SELECT name, SUM(n) AS n FROM postbox_counters
+           WHERE name LIKE 'status:%' GROUP BY name) c
+          WHERE c.n <> (SELECT COUNT(*) FROM postbox_emails e
+                         WHERE 'status:' || e.status || ':' || e.priority = c.name)",
+    )
+    .await;
+    assert_eq!(off, 0, "status counters differ from the emails table");
+    let depth = db_scalar(
+        dir,
+        "SELECT CAST(SUM(n) AS BIGINT) - (SELECT COUNT(*) FROM postbox_emails
+           WHERE status IN ('queued', 'retrying', 'sending'))
+           FROM postbox_counters WHERE name = 'depth'",
+    )
+    .await;
+    assert_eq!(depth, 0, "the depth counter differs from the emails table");
+}
