@@ -366,6 +366,11 @@ pub struct ApiSettings {
     pub header_timeout_secs: u64,
     /// Seconds to read a request's body (408 past it).
     pub body_timeout_secs: u64,
+    /// Requests with a wrong token (bearer or dashboard login) one client address may make in
+    /// `failed_login_window_secs`; past it every login from that address is refused (429)
+    /// until the window ends.
+    pub max_failed_logins: u32,
+    pub failed_login_window_secs: u64,
 }
 
 impl Default for ApiSettings {
@@ -384,6 +389,8 @@ impl Default for ApiSettings {
             max_connections: 1024,
             header_timeout_secs: 30,
             body_timeout_secs: 30,
+            max_failed_logins: 10,
+            failed_login_window_secs: 600,
         }
     }
 }
@@ -485,6 +492,13 @@ impl ApiSettings {
             if t.secret.expose_secret().len() < 16 {
                 return Err(ConfigError::new(key, "must be at least 16 characters"));
             }
+            if t.secret.expose_secret() == README_EXAMPLE_TOKEN {
+                return Err(ConfigError::new(
+                    key,
+                    "is the README's example value, known to everyone; generate a token \
+                     (e.g. `openssl rand -hex 32`)",
+                ));
+            }
             if !(t.rate_per_sec >= 0.0 && t.rate_per_sec.is_finite()) {
                 return Err(ConfigError::new(
                     "api.rate_per_sec",
@@ -505,6 +519,9 @@ impl ApiSettings {
         })
     }
 }
+
+/// The token the README's examples show: refused as a real token.
+const README_EXAMPLE_TOKEN: &str = "change-me-to-a-long-random-string";
 
 pub(crate) fn masked<S: Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
     match v {
@@ -750,6 +767,14 @@ impl Settings {
             ("api.max_connections", self.api.max_connections as u64),
             ("api.header_timeout_secs", self.api.header_timeout_secs),
             ("api.body_timeout_secs", self.api.body_timeout_secs),
+            (
+                "api.max_failed_logins",
+                u64::from(self.api.max_failed_logins),
+            ),
+            (
+                "api.failed_login_window_secs",
+                self.api.failed_login_window_secs,
+            ),
             ("queue.group_commit_max", self.queue.group_commit_max as u64),
         ] {
             if v == 0 {
@@ -993,6 +1018,11 @@ mod tests {
             ("[api]\nlisten = \"0.0.0.0:8080\"\n", vec![], "api.token"),
             ("[api]\nlisten = \"nowhere\"\n", vec![], "api.listen"),
             ("", vec![("POSTBOX_API__TOKEN", "short")], "api.token"),
+            (
+                "",
+                vec![("POSTBOX_API__TOKEN", "change-me-to-a-long-random-string")],
+                "api.token",
+            ),
             (
                 "[[api.tokens]]\nname = \"a\"\ntoken_env = \"POSTBOX_TEST_UNSET_VAR\"\n",
                 vec![],

@@ -201,6 +201,105 @@ subject = '(?P<host>db\d+) disk full'
     b.quit().await;
 }
 
+async fn get_as(api: &Api, token: &str, path: &str) -> common::http::Reply {
+    let auth = format!("Bearer {token}");
+    api.raw(
+        reqwest::Method::GET,
+        path,
+        None,
+        &[("authorization", &auth)],
+    )
+    .await
+}
+
+fn set_cookies(r: &reqwest::Response) -> Vec<String> {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect()
+}
+
+/// The login page's cookie (`postbox_login=...`) and the CSRF token in its form.
+async fn login_form(http: &reqwest::Client, url: &str) -> (String, String) {
+    let r = http.get(url).send().await.unwrap();
+    let cookie = set_cookies(&r)
+        .into_iter()
+        .find(|c| c.starts_with("postbox_login="))
+        .expect("the login page sets its cookie");
+    for flag in ["HttpOnly", "SameSite=Strict", "Path=/ui/login"] {
+        assert!(cookie.contains(flag), "{cookie}");
+    }
+    let html = r.text().await.unwrap();
+    let at = html.find("name=\"csrf\" value=\"").expect("a CSRF field") + 19;
+    (
+        cookie.split(';').next().unwrap().to_string(),
+        html[at..at + 64].to_string(),
+    )
+}
+
+/// Logs in through the login form as a browser would.
+async fn login(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let (cookie, csrf) = login_form(http, url).await;
+    let mut rb = http
+        .post(url)
+        .header("cookie", cookie)
+        .form(&[("token", token), ("csrf", csrf.as_str())]);
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    rb.send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_lock_the_client_out_for_the_window_bearer_and_dashboard_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = SmtpServer::start().await;
+    let mut s = common::settings(dir.path(), smtp.port());
+    s.api.token = Some(TOKEN.to_string().into());
+    s.api.max_failed_logins = 3;
+    let api = Api::start(s, false).await;
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let url = |p: &str| format!("{}{p}", api.base);
+    // Requests without any token are not guesses: they do not count.
+    for _ in 0..5 {
+        assert_eq!(api.get("/v1/stats").await.status, 401);
+    }
+    // Two wrong bearer tokens and one wrong dashboard login: the third failure locks out.
+    for _ in 0..2 {
+        let r = get_as(&api, "wrong-token-0123456789abcdef", "/v1/stats").await;
+        assert_eq!(r.status, 401);
+    }
+    assert_eq!(
+        login(&http, &url("/ui/login"), "nope-nope-nope-nope", &[])
+            .await
+            .status(),
+        401
+    );
+    // Now even the right token is refused from this address, on both doors, with Retry-After.
+    let r = get_as(&api, TOKEN, "/v1/stats").await;
+    assert_eq!(r.status, 429, "{}", r.text);
+    assert_eq!(r.error().0, "too_many_failed_logins");
+    let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((500..=600).contains(&wait), "{wait}");
+    let r = login(&http, &url("/ui/login"), TOKEN, &[]).await;
+    assert_eq!(r.status(), 429);
+    assert!(
+        !set_cookies(&r)
+            .iter()
+            .any(|c| c.starts_with("postbox_session="))
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_and_csrf_guard_every_page_and_form() {
     let dir = tempfile::tempdir().unwrap();
@@ -235,23 +334,43 @@ async fn sessions_and_csrf_guard_every_page_and_form() {
         .await
         .unwrap();
     assert_eq!(r.status(), 303);
-    // A wrong token: 401 and no cookie. The right one: a cookie with the expected flags.
-    let r = http
-        .post(url("/ui/login"))
-        .form(&[("token", "wrong-token-wrong-token")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
-    assert!(r.headers().get("set-cookie").is_none());
+    // Logging in takes the login form's CSRF token and its cookie: without them, 403.
     let r = http
         .post(url("/ui/login"))
         .form(&[("token", TOKEN)])
         .send()
         .await
         .unwrap();
+    assert_eq!(r.status(), 403, "a login post without the form's token");
+    assert!(
+        !set_cookies(&r)
+            .iter()
+            .any(|c| c.starts_with("postbox_session="))
+    );
+    let (login_cookie, login_csrf) = login_form(&http, &url("/ui/login")).await;
+    let r = http
+        .post(url("/ui/login"))
+        .form(&[("token", TOKEN), ("csrf", "0".repeat(64).as_str())])
+        .header("cookie", &login_cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "another form's token");
+    // A wrong token: 401 and no session. The right one: a cookie with the expected flags.
+    let r = login(&http, &url("/ui/login"), "wrong-token-wrong-token", &[]).await;
+    assert_eq!(r.status(), 401);
+    assert!(
+        !set_cookies(&r)
+            .iter()
+            .any(|c| c.starts_with("postbox_session="))
+    );
+    let _ = login_csrf;
+    let r = login(&http, &url("/ui/login"), TOKEN, &[]).await;
     assert_eq!(r.status(), 303);
-    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    let cookie = set_cookies(&r)
+        .into_iter()
+        .find(|c| c.starts_with("postbox_session="))
+        .expect("a session cookie");
     for flag in ["HttpOnly", "SameSite=Strict", "Path=/ui"] {
         assert!(cookie.contains(flag), "{cookie}");
     }
@@ -260,18 +379,17 @@ async fn sessions_and_csrf_guard_every_page_and_form() {
         "plain HTTP on loopback: no Secure flag"
     );
     let session = cookie.split(';').next().unwrap().to_string();
-    let r = http
-        .post(url("/ui/login"))
-        .header("x-forwarded-proto", "https")
-        .form(&[("token", TOKEN)])
-        .send()
-        .await
-        .unwrap();
+    let r = login(
+        &http,
+        &url("/ui/login"),
+        TOKEN,
+        &[("x-forwarded-proto", "https")],
+    )
+    .await;
     assert!(
-        r.headers()["set-cookie"]
-            .to_str()
-            .unwrap()
-            .contains("; Secure"),
+        set_cookies(&r)
+            .iter()
+            .any(|c| c.starts_with("postbox_session=") && c.contains("; Secure")),
         "behind TLS: Secure"
     );
 
@@ -315,9 +433,35 @@ async fn sessions_and_csrf_guard_every_page_and_form() {
         .unwrap();
     assert_eq!(r.status(), 303);
     let to = r.headers()["location"].to_str().unwrap();
+    assert_eq!(
+        to,
+        format!("/ui/emails/{dead}"),
+        "never redirects off the dashboard, and the outcome is not in the URL"
+    );
+    // The outcome is shown once, on the next page of this session.
+    let show = |path: String| {
+        let http = http.clone();
+        let session = session.clone();
+        async move {
+            http.get(path)
+                .header("cookie", &session)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let next = show(url(to)).await;
     assert!(
-        to.starts_with(&format!("/ui/emails/{dead}?done=")),
-        "never redirects off the dashboard: {to}"
+        next.contains("id=\"flash\"") && next.contains("re-queued"),
+        "{next}"
+    );
+    let again = show(url(to)).await;
+    assert!(
+        !again.contains("id=\"flash\""),
+        "a flash message is shown once"
     );
     wait_status(&api, &dead, "sent").await;
 

@@ -1,7 +1,13 @@
-//! Bearer tokens (compared in constant time) and a per-token rate limit (token bucket).
+//! Bearer tokens (compared in constant time), a per-token rate limit (token bucket), and a
+//! limit on failed logins per client address (bearer and dashboard alike).
 
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use axum::extract::ConnectInfo;
+use axum::http::request::Parts;
 
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
@@ -156,23 +162,113 @@ impl Bucket {
     }
 }
 
+/// The address a request came from (`0.0.0.0` when the router is called without a server, as
+/// some tests do).
+pub fn client_ip(parts: &Parts) -> IpAddr {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip())
+}
+
+/// Failed logins per client address: after `max` in one `window`, every login from that
+/// address (right token or not) is refused until the window ends, so guessing a token costs
+/// `window / max` per try. A success clears the count.
+pub struct FailedLogins {
+    max: u32,
+    window: Duration,
+    map: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+/// Addresses tracked at most (oldest windows are dropped first).
+const MAX_TRACKED: usize = 100_000;
+
+impl FailedLogins {
+    pub fn new(max: u32, window: Duration) -> FailedLogins {
+        FailedLogins {
+            max: max.max(1),
+            window,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (u32, Instant)>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long `ip` must still wait, if it is locked out.
+    pub fn blocked(&self, ip: IpAddr) -> Option<Duration> {
+        let (n, since) = *self.lock().get(&ip)?;
+        let left = self.window.checked_sub(since.elapsed())?;
+        (n >= self.max).then_some(left)
+    }
+
+    pub fn fail(&self, ip: IpAddr) {
+        let mut map = self.lock();
+        if map.len() >= MAX_TRACKED && !map.contains_key(&ip) {
+            let window = self.window;
+            map.retain(|_, (_, since)| since.elapsed() < window);
+            if map.len() >= MAX_TRACKED {
+                return;
+            }
+        }
+        let e = map.entry(ip).or_insert((0, Instant::now()));
+        if e.1.elapsed() >= self.window {
+            *e = (0, Instant::now());
+        }
+        e.0 += 1;
+    }
+
+    pub fn clear(&self, ip: IpAddr) {
+        self.lock().remove(&ip);
+    }
+}
+
+/// 429 for a client locked out by [`FailedLogins`].
+pub fn locked_out(wait: Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_failed_logins",
+        "too many requests with a wrong token from this address; try again later",
+    )
+    .retry_after(wait.as_secs().max(1))
+}
+
 /// Middleware on every authenticated route.
 pub async fn require_token(
     State(state): State<ApiState>,
     mut req: Request,
     next: Next,
 ) -> Response {
-    let header = req
-        .headers()
+    if state.tokens.is_open() {
+        req.extensions_mut().insert(Principal("anonymous".into()));
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let ip = client_ip(&parts);
+    if let Some(wait) = state.logins.blocked(ip) {
+        return locked_out(wait).into_response();
+    }
+    let header = parts
+        .headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     match state.tokens.authorize(header) {
         Ok(p) => {
             tracing::Span::current().record("token", p.0.as_str());
+            let mut req = Request::from_parts(parts, body);
             req.extensions_mut().insert(p);
             next.run(req).await
         }
-        Err(e) => e.into_response(),
+        Err(e) => {
+            // A wrong token counts (a missing one is no guess; a rate-limited right one is no
+            // failure).
+            if e.status == StatusCode::UNAUTHORIZED && header.is_some() {
+                state.logins.fail(ip);
+                tracing::warn!(client = %ip, "request with a wrong bearer token");
+            }
+            e.into_response()
+        }
     }
 }
 
@@ -198,6 +294,27 @@ mod tests {
             assert!(b.take(later).is_ok());
         }
         assert!(b.take(later).is_err());
+    }
+
+    #[test]
+    fn failed_logins_lock_an_address_out_for_the_rest_of_the_window() {
+        let f = FailedLogins::new(3, Duration::from_secs(60));
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        for _ in 0..2 {
+            f.fail(a);
+        }
+        assert!(f.blocked(a).is_none());
+        f.fail(a);
+        let wait = f.blocked(a).expect("locked out after 3");
+        assert!(wait <= Duration::from_secs(60) && wait > Duration::from_secs(50));
+        assert!(f.blocked(b).is_none(), "other addresses are not affected");
+        f.clear(a);
+        assert!(f.blocked(a).is_none());
+        // A window that ran out starts counting again.
+        let f = FailedLogins::new(1, Duration::from_millis(1));
+        f.fail(a);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(f.blocked(a).is_none());
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub struct ApiState {
     expect_workers: bool,
     openapi: Arc<OnceLock<String>>,
     sessions: Arc<ui::Sessions>,
+    logins: Arc<auth::FailedLogins>,
     gauges: Arc<meta::Gauges>,
 }
 
@@ -91,6 +92,13 @@ pub fn router(
     postbox: Postbox,
     expect_workers: bool,
 ) -> Result<(Router, utoipa::openapi::OpenApi), ConfigError> {
+    build(postbox, expect_workers).map(|(r, doc, _)| (r, doc))
+}
+
+fn build(
+    postbox: Postbox,
+    expect_workers: bool,
+) -> Result<(Router, utoipa::openapi::OpenApi, ApiState), ConfigError> {
     let settings = postbox.settings().api.clone();
     let tokens = Arc::new(Tokens::new(&settings.resolved_tokens()?));
     let state = ApiState {
@@ -99,6 +107,10 @@ pub fn router(
         expect_workers,
         openapi: Arc::new(OnceLock::new()),
         sessions: Arc::new(ui::Sessions::default()),
+        logins: Arc::new(auth::FailedLogins::new(
+            settings.max_failed_logins,
+            std::time::Duration::from_secs(settings.failed_login_window_secs),
+        )),
         gauges: Arc::new(meta::Gauges::default()),
     };
     let v1 = OpenApiRouter::new()
@@ -153,8 +165,8 @@ pub fn router(
         })
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
         .layer(middleware::from_fn(request_context))
-        .with_state(state);
-    Ok((router, doc))
+        .with_state(state.clone());
+    Ok((router, doc, state))
 }
 
 /// A client's `x-request-id` is kept when it is short and plain; otherwise a new one is made.
@@ -287,7 +299,8 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let api = postbox.settings().api.clone();
-    let (router, _) = router(postbox, expect_workers)?;
+    let (router, _, state) = build(postbox, expect_workers)?;
+    tokio::spawn(state.sessions.clone().sweeper(shutdown.clone()));
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "HTTP API listening");
     let limits = server::Limits {

@@ -1,181 +1,36 @@
 //! The dashboard at `/ui`: server-rendered askama HTML, no scripts, no external assets.
 //!
-//! Login with an API token gives a session cookie (HttpOnly, SameSite=Strict, Path=/ui, Secure
-//! when the request came through TLS per `X-Forwarded-Proto: https`). Sessions live in this
-//! process's memory for 12 hours. Every form carries the session's CSRF token; a POST without
-//! the right one is refused with 403 and changes nothing. When the API has no token configured
+//! [`session`] holds login, sessions, CSRF and flash messages; every handler here takes an
+//! [`Authed`] (no session: a redirect to the login page). When the API has no token configured
 //! (loopback only), the dashboard is open too, but forms still need the CSRF token.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+mod session;
 
 use askama::Template;
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
-use subtle::ConstantTimeEq;
+
+pub use session::Sessions;
+use session::{Authed, CsrfForm, Flash, UiForm};
 
 use super::ApiState;
 use crate::domain::{EmailId, EmailStatus};
 use crate::store::{EmailReport, EmailSummary, ListFilter, MailboxStatus, Stats};
 
-const COOKIE: &str = "postbox_session";
-const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
-
-/// Dashboard sessions of this process.
-#[derive(Default)]
-pub struct Sessions {
-    map: Mutex<HashMap<String, Session>>,
-}
-
-#[derive(Clone)]
-struct Session {
-    /// The API token's name that logged in.
-    who: String,
-    csrf: String,
-    expires: Instant,
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut b = vec![0u8; bytes];
-    rand::fill(&mut b[..]);
-    hex::encode(b)
-}
-
-impl Sessions {
-    fn create(&self, who: String) -> (String, Session) {
-        let id = random_hex(32);
-        let s = Session {
-            who,
-            csrf: random_hex(32),
-            expires: Instant::now() + SESSION_TTL,
-        };
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        map.retain(|_, v| v.expires > now);
-        map.insert(id.clone(), s.clone());
-        (id, s)
-    }
-
-    fn get(&self, id: &str) -> Option<Session> {
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(id).filter(|s| s.expires > Instant::now()).cloned()
-    }
-
-    fn remove(&self, id: &str) {
-        self.map
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-    }
-}
-
-/// Largest dashboard form body (a CSRF token, a path, a login token).
-const FORM_MAX_BYTES: usize = 16 * 1024;
-
-/// A dashboard form (`application/x-www-form-urlencoded`): at most [`FORM_MAX_BYTES`], read
-/// within `api.body_timeout_secs`.
-struct UiForm<T>(T);
-
-impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<ApiState> for UiForm<T> {
-    type Rejection = Response;
-
-    async fn from_request(req: axum::extract::Request, st: &ApiState) -> Result<Self, Response> {
-        let refuse = |status: StatusCode, what: &str| {
-            (
-                status,
-                Html(format!("<h1>{}</h1><p>{what}</p>", status.as_u16())),
-            )
-                .into_response()
-        };
-        let form = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
-        if !form {
-            return Err(refuse(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "Expected a form post.",
-            ));
-        }
-        let deadline = Duration::from_secs(st.postbox.settings().api.body_timeout_secs);
-        let body = axum::body::to_bytes(req.into_body(), FORM_MAX_BYTES);
-        let bytes = match tokio::time::timeout(deadline, body).await {
-            Err(_) => {
-                return Err(refuse(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "The form did not arrive in time.",
-                ));
-            }
-            Ok(Err(_)) => {
-                return Err(refuse(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "The form is too large.",
-                ));
-            }
-            Ok(Ok(b)) => b,
-        };
-        serde_urlencoded::from_bytes(&bytes)
-            .map(UiForm)
-            .map_err(|_| refuse(StatusCode::BAD_REQUEST, "The form could not be read."))
-    }
-}
-
 pub fn router() -> Router<ApiState> {
     Router::new()
         .route("/ui", get(overview))
-        .route("/ui/login", get(login_form).post(login))
-        .route("/ui/logout", post(logout))
+        .route("/ui/login", get(session::login_form).post(session::login))
+        .route("/ui/logout", post(session::logout))
         .route("/ui/emails", get(emails))
         .route("/ui/emails/{id}", get(email))
         .route("/ui/emails/{id}/{action}", post(act))
         .route("/ui/dead", get(dead_letters))
         .route("/ui/mailboxes", get(mailboxes))
-}
-
-fn session_id(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|c| {
-            let (k, v) = c.trim().split_once('=')?;
-            (k == COOKIE).then(|| v.to_string())
-        })
-}
-
-/// Why a dashboard request is turned away.
-enum Refused {
-    /// No (live) session: to the login page.
-    Login,
-    /// A form without the session's CSRF token.
-    Csrf,
-}
-
-impl IntoResponse for Refused {
-    fn into_response(self) -> Response {
-        match self {
-            Refused::Login => Redirect::to("/ui/login").into_response(),
-            Refused::Csrf => (
-                StatusCode::FORBIDDEN,
-                Html("<h1>403</h1><p>This form is missing its CSRF token or it is stale. Reload the page and try again.</p>"),
-            )
-                .into_response(),
-        }
-    }
-}
-
-/// The caller's session, or a redirect to the login page.
-fn require(st: &ApiState, headers: &HeaderMap) -> Result<Session, Refused> {
-    session_id(headers)
-        .and_then(|id| st.sessions.get(&id))
-        .ok_or(Refused::Login)
 }
 
 fn page<T: Template>(t: T) -> Response {
@@ -208,19 +63,18 @@ struct Nav {
     problem: Option<String>,
 }
 
-#[derive(Deserialize, Default)]
-struct Flash {
-    done: Option<String>,
-    error: Option<String>,
-}
-
-fn nav(active: &'static str, s: &Session, flash: &Flash) -> Nav {
+fn nav(active: &'static str, me: &Authed) -> Nav {
+    let (notice, problem) = match &me.flash {
+        Some(Flash::Done(m)) => (Some(m.clone()), None),
+        Some(Flash::Problem(m)) => (None, Some(m.clone())),
+        None => (None, None),
+    };
     Nav {
         active,
-        csrf: s.csrf.clone(),
-        who: s.who.clone(),
-        notice: flash.done.clone(),
-        problem: flash.error.clone(),
+        csrf: me.session.csrf.clone(),
+        who: me.session.who.clone(),
+        notice,
+        problem,
     }
 }
 
@@ -232,118 +86,6 @@ fn when(t: time::OffsetDateTime) -> String {
 
 fn when_opt(t: Option<time::OffsetDateTime>) -> String {
     t.map(when).unwrap_or_else(|| "-".into())
-}
-
-// ---- login -------------------------------------------------------------------------------
-
-#[derive(Template)]
-#[template(path = "ui/login.html")]
-struct LoginPage {
-    problem: Option<String>,
-}
-
-async fn login_form(State(st): State<ApiState>, headers: HeaderMap) -> Response {
-    if session_id(&headers)
-        .and_then(|id| st.sessions.get(&id))
-        .is_some()
-    {
-        return Redirect::to("/ui").into_response();
-    }
-    if st.tokens.is_open() {
-        return start_session(&st, &headers, "anonymous".into());
-    }
-    page(LoginPage { problem: None })
-}
-
-#[derive(Deserialize)]
-struct LoginForm {
-    token: String,
-}
-
-async fn login(
-    State(st): State<ApiState>,
-    headers: HeaderMap,
-    UiForm(f): UiForm<LoginForm>,
-) -> Response {
-    let who = if st.tokens.is_open() {
-        Some("anonymous".to_string())
-    } else {
-        st.tokens.name_of(f.token.trim())
-    };
-    match who {
-        Some(who) => {
-            tracing::info!(token = %who, "dashboard login");
-            start_session(&st, &headers, who)
-        }
-        None => {
-            tracing::warn!("dashboard login with a wrong token");
-            let mut r = page(LoginPage {
-                problem: Some("That token is not valid.".into()),
-            });
-            *r.status_mut() = StatusCode::UNAUTHORIZED;
-            r
-        }
-    }
-}
-
-fn start_session(st: &ApiState, headers: &HeaderMap, who: String) -> Response {
-    let (id, _) = st.sessions.create(who);
-    let secure = headers
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("https"));
-    let cookie = format!(
-        "{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/ui; Max-Age={}{}",
-        SESSION_TTL.as_secs(),
-        if secure { "; Secure" } else { "" }
-    );
-    let mut r = Redirect::to("/ui").into_response();
-    if let Ok(v) = HeaderValue::from_str(&cookie) {
-        r.headers_mut().insert(header::SET_COOKIE, v);
-    }
-    r
-}
-
-#[derive(Deserialize)]
-struct CsrfForm {
-    #[serde(default)]
-    csrf: String,
-    #[serde(default)]
-    back: String,
-}
-
-fn check_csrf(s: &Session, given: &str) -> Result<(), Refused> {
-    if !given.is_empty() && bool::from(s.csrf.as_bytes().ct_eq(given.as_bytes())) {
-        Ok(())
-    } else {
-        tracing::warn!(token = %s.who, "dashboard form without a valid CSRF token refused");
-        Err(Refused::Csrf)
-    }
-}
-
-async fn logout(
-    State(st): State<ApiState>,
-    headers: HeaderMap,
-    UiForm(f): UiForm<CsrfForm>,
-) -> Response {
-    let s = match require(&st, &headers) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
-    if let Err(r) = check_csrf(&s, &f.csrf) {
-        return r.into_response();
-    }
-    if let Some(id) = session_id(&headers) {
-        st.sessions.remove(&id);
-    }
-    let mut r = Redirect::to("/ui/login").into_response();
-    r.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_static(
-            "postbox_session=; HttpOnly; SameSite=Strict; Path=/ui; Max-Age=0",
-        ),
-    );
-    r
 }
 
 // ---- overview ----------------------------------------------------------------------------
@@ -402,15 +144,7 @@ impl From<&EmailSummary> for Row {
 const CHART_MINUTES: u32 = 30;
 const CHART_H: u32 = 120;
 
-async fn overview(
-    State(st): State<ApiState>,
-    headers: HeaderMap,
-    Query(flash): Query<Flash>,
-) -> Response {
-    let s = match require(&st, &headers) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
+async fn overview(State(st): State<ApiState>, me: Authed) -> Response {
     let pb = &st.postbox;
     let failed = ListFilter {
         status: Some(EmailStatus::Failed),
@@ -452,7 +186,7 @@ async fn overview(
         })
         .collect();
     page(OverviewPage {
-        nav: nav("overview", &s, &flash),
+        nav: nav("overview", &me),
         stats,
         depth_rows,
         bars,
@@ -483,8 +217,6 @@ struct EmailQuery {
     q: String,
     #[serde(default)]
     before: String,
-    #[serde(flatten)]
-    flash: Flash,
 }
 
 #[derive(Template)]
@@ -503,28 +235,20 @@ struct EmailsPage {
     dead: bool,
 }
 
-async fn emails(
-    State(st): State<ApiState>,
-    headers: HeaderMap,
-    Query(q): Query<EmailQuery>,
-) -> Response {
-    list_page(st, headers, q, false).await
+async fn emails(State(st): State<ApiState>, me: Authed, Query(q): Query<EmailQuery>) -> Response {
+    list_page(st, me, q, false).await
 }
 
 async fn dead_letters(
     State(st): State<ApiState>,
-    headers: HeaderMap,
+    me: Authed,
     Query(mut q): Query<EmailQuery>,
 ) -> Response {
     q.status = "failed".into();
-    list_page(st, headers, q, true).await
+    list_page(st, me, q, true).await
 }
 
-async fn list_page(st: ApiState, headers: HeaderMap, q: EmailQuery, dead: bool) -> Response {
-    let s = match require(&st, &headers) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
+async fn list_page(st: ApiState, me: Authed, q: EmailQuery, dead: bool) -> Response {
     let query = q.q.trim().to_string();
     // An id jumps straight to the email.
     if let Ok(id) = EmailId::parse(&query) {
@@ -548,7 +272,7 @@ async fn list_page(st: ApiState, headers: HeaderMap, q: EmailQuery, dead: bool) 
         ("emails", "Emails", "/ui/emails")
     };
     page(EmailsPage {
-        nav: nav(active, &s, &q.flash),
+        nav: nav(active, &me),
         title,
         action,
         status: q.status.clone(),
@@ -594,16 +318,7 @@ struct EmailPage {
     preview_error: Option<String>,
 }
 
-async fn email(
-    State(st): State<ApiState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    Query(flash): Query<Flash>,
-) -> Response {
-    let s = match require(&st, &headers) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
+async fn email(State(st): State<ApiState>, me: Authed, Path(id): Path<String>) -> Response {
     let Ok(id) = EmailId::parse(&id) else {
         return (
             StatusCode::NOT_FOUND,
@@ -629,7 +344,7 @@ async fn email(
         None => (None, None),
     };
     page(EmailPage {
-        nav: nav("emails", &s, &flash),
+        nav: nav("emails", &me),
         created: when(r.created_at),
         updated: when(r.updated_at),
         sent: when_opt(r.sent_at),
@@ -649,62 +364,49 @@ async fn email(
 /// `POST /ui/emails/{id}/retry` or `/cancel`.
 async fn act(
     State(st): State<ApiState>,
-    headers: HeaderMap,
+    me: Authed,
     Path((id, action)): Path<(String, String)>,
     UiForm(f): UiForm<CsrfForm>,
 ) -> Response {
     match action.as_str() {
-        "retry" => transition(st, headers, id, f, false).await,
-        "cancel" => transition(st, headers, id, f, true).await,
+        "retry" => transition(st, me, id, f, false).await,
+        "cancel" => transition(st, me, id, f, true).await,
         _ => (StatusCode::NOT_FOUND, Html("<h1>404</h1>")).into_response(),
     }
 }
 
-async fn transition(
-    st: ApiState,
-    headers: HeaderMap,
-    id: String,
-    f: CsrfForm,
-    cancel: bool,
-) -> Response {
-    let s = match require(&st, &headers) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
-    if let Err(r) = check_csrf(&s, &f.csrf) {
+async fn transition(st: ApiState, me: Authed, id: String, f: CsrfForm, cancel: bool) -> Response {
+    if let Err(r) = me.check_csrf(&f.csrf) {
         return r.into_response();
     }
     let Ok(id) = EmailId::parse(&id) else {
         return (StatusCode::NOT_FOUND, Html("<h1>404</h1>")).into_response();
     };
-    let origin = format!("dashboard, token {}", s.who);
+    let origin = format!("dashboard, token {}", me.session.who);
     let res = if cancel {
         st.postbox.cancel_from(&id, &origin).await
     } else {
         st.postbox.retry_from(&id, &origin).await
     };
-    // Back to where the button was (only dashboard pages), with the outcome.
-    let back = if f.back.starts_with("/ui") && !f.back.contains("//") {
-        f.back.split('?').next().unwrap_or("/ui").to_string()
+    // Back to where the button was (only dashboard pages); the outcome waits in the session.
+    let back = if f.back.starts_with("/ui") && !f.back.contains("//") && !f.back.contains('\\') {
+        f.back.clone()
     } else {
         format!("/ui/emails/{id}")
     };
     let flash = match res {
         Ok(()) => {
-            tracing::info!(email_id = %id, token = %s.who, cancel, "dashboard action");
-            (
-                "done",
-                if cancel {
-                    format!("{id} cancelled")
-                } else {
-                    format!("{id} re-queued")
-                },
-            )
+            tracing::info!(email_id = %id, token = %me.session.who, cancel, "dashboard action");
+            Flash::Done(if cancel {
+                format!("{id} cancelled")
+            } else {
+                format!("{id} re-queued")
+            })
         }
-        Err(e) => ("error", e.to_string()),
+        Err(e) => Flash::Problem(e.to_string()),
     };
-    let qs = serde_urlencoded::to_string([flash]).unwrap_or_default();
-    Redirect::to(&format!("{back}?{qs}")).into_response()
+    st.sessions.set_flash(&me.id, flash);
+    Redirect::to(&back).into_response()
 }
 
 // ---- mailboxes ---------------------------------------------------------------------------
@@ -725,15 +427,7 @@ struct MailboxesPage {
     mailboxes: Vec<MailboxView>,
 }
 
-async fn mailboxes(
-    State(st): State<ApiState>,
-    headers: HeaderMap,
-    Query(flash): Query<Flash>,
-) -> Response {
-    let s = match require(&st, &headers) {
-        Ok(s) => s,
-        Err(r) => return r.into_response(),
-    };
+async fn mailboxes(State(st): State<ApiState>, me: Authed) -> Response {
     let list = match st.postbox.mailboxes().await {
         Ok(l) => l,
         Err(e) => return store_error(e),
@@ -766,7 +460,7 @@ async fn mailboxes(
         });
     }
     page(MailboxesPage {
-        nav: nav("mailboxes", &s, &flash),
+        nav: nav("mailboxes", &me),
         mailboxes: views,
     })
 }
