@@ -356,6 +356,9 @@ pub struct ApiSettings {
     pub max_body_bytes: usize,
     /// Most emails in one `POST /v1/emails/batch`.
     pub max_batch: usize,
+    /// Most JSON values (elements and keys) in one request body: a body describing more is
+    /// refused (413) before it is parsed.
+    pub max_json_values: usize,
     /// How long an `Idempotency-Key` is remembered.
     pub idempotency_ttl_hours: u64,
     /// Leave `/healthz`, `/readyz` and `/openapi.json` open (no token).
@@ -384,6 +387,7 @@ impl Default for ApiSettings {
             burst: 100,
             max_body_bytes: 16 * 1024 * 1024,
             max_batch: 1_000,
+            max_json_values: 200_000,
             idempotency_ttl_hours: 24,
             open_health: true,
             max_connections: 1024,
@@ -704,6 +708,24 @@ impl Settings {
                 return Err(ConfigError::new(key, "must be greater than 0"));
             }
         }
+        use crate::domain::{MAX_LIST, MAX_SMALL};
+        for (key, v, max) in [
+            (
+                "limits.max_recipients",
+                self.limits.max_recipients,
+                MAX_LIST,
+            ),
+            ("limits.max_tags", self.limits.max_tags, MAX_SMALL),
+            (
+                "limits.max_metadata_entries",
+                self.limits.max_metadata_entries,
+                MAX_SMALL,
+            ),
+        ] {
+            if v > max {
+                return Err(ConfigError::new(key, format!("must be at most {max}")));
+            }
+        }
         if q.name.trim().is_empty() {
             return Err(ConfigError::new("queue.name", "must not be empty"));
         }
@@ -763,6 +785,7 @@ impl Settings {
         for (key, v) in [
             ("api.max_body_bytes", self.api.max_body_bytes as u64),
             ("api.max_batch", self.api.max_batch as u64),
+            ("api.max_json_values", self.api.max_json_values as u64),
             ("api.burst", self.api.burst as u64),
             ("api.max_connections", self.api.max_connections as u64),
             ("api.header_timeout_secs", self.api.header_timeout_secs),

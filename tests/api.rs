@@ -1000,3 +1000,153 @@ async fn slow_idle_and_surplus_connections_are_bounded_and_labels_stay_fixed() {
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.text);
     api.stop().await;
 }
+
+/// This process's peak resident memory (the API runs in it), in MiB.
+fn peak_rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_bodies_cost_a_bounded_error_and_store_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(settings(dir.path(), 9), false).await;
+    let json = ("content-type", "application/json");
+    let before = peak_rss_mib();
+
+    // 16 MiB of `{}`: millions of values, refused before anything is built.
+    let mut huge = String::from("{\"emails\": [");
+    while huge.len() < 16 * 1024 * 1024 - 16 {
+        huge.push_str("{},");
+    }
+    huge.push_str("{}]}");
+    let r = send(&api, Method::POST, "/v1/emails/batch", Some(&huge), &[json]).await;
+    assert_eq!(
+        r.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        &r.text[..r.text.len().min(300)]
+    );
+    assert_eq!(r.error().0, "too_many_values");
+    // Under the value bound, a batch past api.max_batch stops at the cap while reading.
+    let many = format!("{{\"emails\": [{}{{}}]}}", "{},".repeat(50_000));
+    let r = send(&api, Method::POST, "/v1/emails/batch", Some(&many), &[json]).await;
+    assert_eq!(r.error(), ("invalid_batch".into(), Some("emails".into())));
+    assert!(
+        r.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 1000"),
+        "{}",
+        r.text
+    );
+    // A list of 100,000 empty recipients: one error, not 100,000.
+    let r = send(
+        &api,
+        Method::POST,
+        "/v1/emails",
+        Some(&format!(r#"{{"to": [{}""]}}"#, "\"\",".repeat(100_000))),
+        &[json],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.error().1.as_deref(), Some("to"));
+    assert!(r.text.len() < 1000, "{}", r.text);
+    // Template variables past their bound.
+    let deep = format!(
+        r#"{{"to": ["a@example.com"], "template": "welcome", "variables": {{"name": {}1{}}}}}"#,
+        "[".repeat(100),
+        "]".repeat(100)
+    );
+    let r = send(&api, Method::POST, "/v1/emails", Some(&deep), &[json]).await;
+    let field = r.error().1.unwrap_or_default();
+    assert!(field.starts_with("variables.name[0]"), "{}", r.text);
+    assert!(r.text.contains("nested more than 32 deep"), "{}", r.text);
+    // A valid-shaped batch where every email has many bad addresses: at most 100 details
+    // (plus one counting the rest), whatever the number of problems.
+    let bad: Vec<Value> = (0..1000)
+        .map(|_| json!({"to": vec!["x"; 60], "subject": "s", "text": "t"}))
+        .collect();
+    let r = api
+        .post("/v1/emails/batch", &json!({ "emails": bad }))
+        .await;
+    assert_eq!(r.error().0, "invalid_batch");
+    let details = r.json["error"]["details"].as_array().unwrap();
+    assert_eq!(details.len(), 101, "{}", details.len());
+    assert!(
+        details[100]["message"]
+            .as_str()
+            .unwrap()
+            .contains("more problems")
+    );
+    assert!(r.text.len() < 64 * 1024, "{} bytes", r.text.len());
+    let grew = peak_rss_mib().saturating_sub(before);
+    assert!(grew < 300, "hostile bodies grew the peak RSS by {grew} MiB");
+
+    // Control characters where they make no sense (NUL breaks PostgreSQL's json, ESC a
+    // terminal): refused, naming the field.
+    for (body, field) in [
+        (
+            json!({"to": ["a@example.com"], "subject": "a\u{0}b", "text": "t"}),
+            "subject",
+        ),
+        (
+            json!({"to": ["a@example.com"], "subject": "a\u{1b}[31m", "text": "t"}),
+            "subject",
+        ),
+        (
+            json!({"to": ["a@example.com"], "subject": "s", "text": "a\u{0}b"}),
+            "text",
+        ),
+        (
+            json!({"to": ["a@example.com"], "subject": "s", "html": "<b>\u{0}</b>"}),
+            "html",
+        ),
+        (
+            json!({"to": ["a\u{0}@example.com"], "subject": "s", "text": "t"}),
+            "to[0]",
+        ),
+        (
+            json!({"to": ["a@example.com"], "subject": "s", "text": "t", "metadata": {"k": "v\u{0}"}}),
+            "metadata.k",
+        ),
+        (
+            json!({"to": ["a@example.com"], "subject": "s", "text": "t", "idempotency_key": "k\u{0}"}),
+            "idempotency_key",
+        ),
+        (
+            json!({"to": ["a@example.com"], "template": "welcome", "variables": {"name": "A\u{0}", "product": "P"}}),
+            "variables.name",
+        ),
+        (
+            json!({"to": ["a@example.com"], "subject": "s", "text": "t", "attachments": [{"filename": "a\u{0}.txt", "content_type": "text/plain", "content": ""}]}),
+            "attachments[0].filename",
+        ),
+    ] {
+        let r = api.post("/v1/emails", &body).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text);
+        assert_eq!(r.error().1.as_deref(), Some(field), "{body}: {}", r.text);
+    }
+    // Tabs, line breaks and form feeds are text: accepted in bodies.
+    let r = api
+        .post(
+            "/v1/emails",
+            &json!({"to": ["a@example.com"], "subject": "tab\there", "text": "a\tb\r\nc\u{c}d"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    assert_eq!(api.app.count(EmailStatus::Queued).await, 1);
+    let list = api.get("/v1/emails").await;
+    assert_eq!(
+        list.json["emails"][0]["subject"], "tab\there",
+        "{}",
+        list.text
+    );
+    api.stop().await;
+}

@@ -3,7 +3,7 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{StatusCode, header};
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, DeserializeSeed};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -59,6 +59,17 @@ impl FromRequest<ApiState> for JsonBody {
                     )
                 }
             })?;
+        // Refuse before parsing what would build more values than the bound (a batch of a
+        // million `{}` is 16 MiB of text but gigabytes of parsed structs). A body shorter than
+        // the bound cannot exceed it: each counted value takes at least one byte.
+        let max = state.postbox.settings().api.max_json_values;
+        if bytes.len() > max && crate::domain::bounded::count_values(&bytes) > max {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_many_values",
+                format!("the request body holds more than {max} JSON values (api.max_json_values)"),
+            ));
+        }
         Ok(JsonBody(bytes))
     }
 }
@@ -107,6 +118,40 @@ pub fn from_value<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(v).map_err(data_error)
 }
 
+/// Like [`parse`], with a seed that carries runtime bounds (a batch's `api.max_batch`).
+pub fn parse_seeded<'de, S: DeserializeSeed<'de>>(
+    bytes: &'de [u8],
+    seed: S,
+) -> Result<S::Value, ApiError> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        // Not an object: let `parse` say what it is.
+        return parse::<Value>(bytes).and_then(|_| {
+            Err(ApiError::bad_request(
+                "invalid_field",
+                "body",
+                "the body must be a JSON object",
+            ))
+        });
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let mut track = serde_path_to_error::Track::new();
+    let v = seed
+        .deserialize(serde_path_to_error::Deserializer::new(&mut de, &mut track))
+        .map_err(|e| data_error(serde_path_to_error::Error::new(track.path(), e)))?;
+    de.end().map_err(|e| malformed(&e))?;
+    Ok(v)
+}
+
+/// [`parse_seeded`] from an already parsed JSON value.
+pub fn from_value_seeded<'de, S: DeserializeSeed<'de>>(
+    v: &'de Value,
+    seed: S,
+) -> Result<S::Value, ApiError> {
+    let mut track = serde_path_to_error::Track::new();
+    seed.deserialize(serde_path_to_error::Deserializer::new(v, &mut track))
+        .map_err(|e| data_error(serde_path_to_error::Error::new(track.path(), e)))
+}
+
 /// The body is not JSON at all.
 fn malformed(e: &serde_json::Error) -> ApiError {
     ApiError::bad_request(
@@ -122,6 +167,9 @@ fn data_error(e: serde_path_to_error::Error<serde_json::Error>) -> ApiError {
         return malformed(inner);
     }
     let msg = inner.to_string();
+    if msg.starts_with(super::emails::BATCH_CAP) {
+        return ApiError::bad_request("invalid_batch", "emails", strip_position(&msg));
+    }
     let path = e.path().to_string();
     let base = if path == "." { String::new() } else { path };
     if let Some(rest) = msg.strip_prefix("unknown field `")

@@ -12,7 +12,9 @@ use time::format_description::well_known::Rfc3339;
 
 use super::ApiState;
 use super::auth::Principal;
-use super::body::{JsonBody, fingerprint, from_value, parse, query};
+use super::body::{
+    JsonBody, fingerprint, from_value, from_value_seeded, parse, parse_seeded, query,
+};
 use super::error::{ApiError, ErrorResponse, current_request_id};
 use crate::domain::{EmailId, EmailStatus, NewEmail};
 use crate::store::{EmailPage, EmailReport, IdempotencyClaim, ListFilter};
@@ -63,6 +65,77 @@ fn accepted(id: EmailId, created: bool) -> Accepted {
     }
 }
 
+/// The start of the error a batch past `api.max_batch` gets (recognised by `body::data_error`).
+pub const BATCH_CAP: &str = "a batch holds at most";
+
+/// Reads `{"emails": [...]}`, stopping at the first email past `max` instead of reading (and
+/// allocating) the rest.
+struct BatchSeed {
+    max: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for BatchSeed {
+    type Value = BatchRequest;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<BatchRequest, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for BatchSeed {
+    type Value = BatchRequest;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object with `emails`")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<BatchRequest, A::Error> {
+        use serde::de::Error;
+        let mut emails = None;
+        while let Some(k) = m.next_key::<String>()? {
+            match k.as_str() {
+                "emails" if emails.is_none() => {
+                    emails = Some(m.next_value_seed(EmailsSeed(self.max))?)
+                }
+                "emails" => return Err(A::Error::duplicate_field("emails")),
+                other => return Err(A::Error::unknown_field(other, &["emails"])),
+            }
+        }
+        Ok(BatchRequest {
+            emails: emails.ok_or_else(|| A::Error::missing_field("emails"))?,
+        })
+    }
+}
+
+struct EmailsSeed(usize);
+
+impl<'de> serde::de::DeserializeSeed<'de> for EmailsSeed {
+    type Value = Vec<NewEmail>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Vec<NewEmail>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EmailsSeed {
+    type Value = Vec<NewEmail>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of emails")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> Result<Vec<NewEmail>, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(self.0).min(1024));
+        while let Some(e) = seq.next_element::<NewEmail>()? {
+            if out.len() == self.0 {
+                return Err(serde::de::Error::custom(format!(
+                    "{BATCH_CAP} {} emails (api.max_batch); this one has more",
+                    self.0
+                )));
+            }
+            out.push(e);
+        }
+        Ok(out)
+    }
+}
+
 /// Reads `Idempotency-Key`: 1 to 255 visible ASCII characters.
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(v) = headers.get(IDEMPOTENCY_KEY) else {
@@ -93,13 +166,22 @@ fn read<T: serde::de::DeserializeOwned>(
         None => Ok((parse(body)?, None)),
         Some(key) => {
             let v: Value = parse(body)?;
-            let claim = IdempotencyClaim {
-                scope: principal.map_or("anonymous", |p| p.0.as_str()).to_string(),
-                key,
-                fingerprint: fingerprint("POST", route, &v),
-            };
+            let claim = claim_of(principal, key, route, &v);
             Ok((from_value(v)?, Some(claim)))
         }
+    }
+}
+
+fn claim_of(
+    principal: Option<&Principal>,
+    key: String,
+    route: &str,
+    body: &Value,
+) -> IdempotencyClaim {
+    IdempotencyClaim {
+        scope: principal.map_or("anonymous", |p| p.0.as_str()).to_string(),
+        key,
+        fingerprint: fingerprint("POST", route, body),
     }
 }
 
@@ -174,24 +256,25 @@ pub async fn submit_batch(
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
-    let (batch, claim): (BatchRequest, _) =
-        read(&headers, principal.as_deref(), "/v1/emails/batch", &body)?;
-    let max = st.postbox.settings().api.max_batch;
+    let seed = || BatchSeed {
+        max: st.postbox.settings().api.max_batch,
+    };
+    let (batch, claim) = match idempotency_key(&headers)? {
+        None => (parse_seeded(&body, seed())?, None),
+        Some(key) => {
+            let v: Value = parse(&body)?;
+            let batch = from_value_seeded(&v, seed())?;
+            (
+                batch,
+                Some(claim_of(principal.as_deref(), key, "/v1/emails/batch", &v)),
+            )
+        }
+    };
     if batch.emails.is_empty() {
         return Err(ApiError::bad_request(
             "invalid_batch",
             "emails",
             "a batch needs at least one email",
-        ));
-    }
-    if batch.emails.len() > max {
-        return Err(ApiError::bad_request(
-            "invalid_batch",
-            "emails",
-            format!(
-                "a batch holds at most {max} emails (api.max_batch); this one has {}",
-                batch.emails.len()
-            ),
         ));
     }
     let out = st

@@ -113,20 +113,21 @@ impl ApiError {
         e
     }
 
-    /// Field errors of one email (`prefix` = `emails[3].` inside a batch).
+    /// Field errors of one email.
     pub fn invalid_email(errors: &[FieldError]) -> Self {
         let mut e = Self::new(
             StatusCode::BAD_REQUEST,
             "invalid_email",
-            errors
-                .iter()
-                .map(|f| format!("{}: {}", f.field, f.message))
-                .collect::<Vec<_>>()
-                .join("; "),
+            summary(
+                errors.iter().map(|f| format!("{}: {}", f.field, f.message)),
+                errors.len(),
+                "; ",
+            ),
         );
         e.body.field = errors.first().map(|f| f.field.clone());
         e.body.details = errors
             .iter()
+            .take(MAX_DETAILS)
             .map(|f| ErrorDetail {
                 index: None,
                 field: f.field.clone(),
@@ -135,6 +136,19 @@ impl ApiError {
             .collect();
         e
     }
+}
+
+/// Field errors listed in one response (`details`); more are counted in a last entry.
+pub const MAX_DETAILS: usize = 100;
+
+/// The first few of `items` joined, and how many more there are.
+fn summary(items: impl Iterator<Item = String>, total: usize, sep: &str) -> String {
+    const SHOWN: usize = 10;
+    let mut s = items.take(SHOWN).collect::<Vec<_>>().join(sep);
+    if total > SHOWN {
+        s.push_str(&format!("{sep}and {} more", total - SHOWN));
+    }
+    s
 }
 
 impl From<StoreError> for ApiError {
@@ -166,9 +180,13 @@ impl From<SubmitError> for ApiError {
         match e {
             SubmitError::Invalid(v) => ApiError::invalid_email(&v.0),
             SubmitError::InvalidBatch(bad) => {
+                let total: usize = bad.iter().map(|(_, errs)| errs.len()).sum();
                 let mut details = Vec::new();
                 for (i, errs) in &bad {
                     for f in errs {
+                        if details.len() == MAX_DETAILS {
+                            break;
+                        }
                         details.push(ErrorDetail {
                             index: Some(*i),
                             field: format!("emails[{i}].{}", f.field),
@@ -176,16 +194,20 @@ impl From<SubmitError> for ApiError {
                         });
                     }
                 }
+                if total > details.len() {
+                    details.push(ErrorDetail {
+                        index: None,
+                        field: "emails".into(),
+                        message: format!("{} more problems are not listed", total - details.len()),
+                    });
+                }
                 let mut err = ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "invalid_batch",
                     format!(
                         "{} of the batch's emails are invalid (indexes {}); nothing was stored",
                         bad.len(),
-                        bad.iter()
-                            .map(|(i, _)| i.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        summary(bad.iter().map(|(i, _)| i.to_string()), bad.len(), ", ")
                     ),
                 );
                 err.body.field = details.first().map(|d| d.field.clone());

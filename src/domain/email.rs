@@ -8,7 +8,49 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use super::{EmailAddress, FieldError, ValidationErrors};
+use super::{EmailAddress, FieldError, ValidationErrors, bounded};
+
+/// Hard caps while reading a submission, far above any sensible `[limits]` (which are checked
+/// after): each of to / cc / bcc,
+pub const MAX_LIST: usize = 1_000;
+/// ... reply_to,
+pub const MAX_REPLY_TO: usize = 100;
+/// ... and tags, headers, metadata entries, attachments.
+pub const MAX_SMALL: usize = 100;
+/// Field errors reported for one email; the rest are counted in one more.
+pub const MAX_FIELD_ERRORS: usize = 20;
+
+/// Is there a control character other than tab, CR, LF or form feed (text bodies)?
+fn has_binary(s: &str) -> bool {
+    s.chars()
+        .any(|c| c.is_control() && !matches!(c, '\t' | '\r' | '\n' | '\u{c}'))
+}
+
+/// Is there a control character other than tab (single-line fields)?
+fn has_control(s: &str) -> bool {
+    s.chars().any(|c| c.is_control() && c != '\t')
+}
+
+/// The first string in `v` (keys included) holding a control character other than tab, CR,
+/// LF or form feed; its path.
+fn binary_in(v: &Value, path: &str) -> Option<String> {
+    match v {
+        Value::String(s) => has_binary(s).then(|| path.to_string()),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| binary_in(x, &format!("{path}[{i}]"))),
+        Value::Object(m) => m.iter().find_map(|(k, x)| {
+            let at = format!("{path}.{k}");
+            if has_binary(k) {
+                Some(at)
+            } else {
+                binary_in(x, &at)
+            }
+        }),
+        _ => None,
+    }
+}
 
 /// A stable, sortable email id (a ULID).
 #[derive(
@@ -164,6 +206,8 @@ pub struct Limits {
     pub max_attachments_total_bytes: usize,
     pub max_tags: usize,
     pub max_metadata_entries: usize,
+    /// Template variables of one email, as JSON.
+    pub max_variables_bytes: usize,
 }
 
 impl Default for Limits {
@@ -176,6 +220,7 @@ impl Default for Limits {
             max_attachments_total_bytes: 20 * 1024 * 1024,
             max_tags: 20,
             max_metadata_entries: 50,
+            max_variables_bytes: 64 * 1024,
         }
     }
 }
@@ -202,13 +247,13 @@ pub struct NewEmail {
     /// Defaults to the configured `delivery.default_from`.
     #[serde(default)]
     pub from: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded::list::<_, _, MAX_REPLY_TO>")]
     pub reply_to: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded::list::<_, _, MAX_LIST>")]
     pub to: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded::list::<_, _, MAX_LIST>")]
     pub cc: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded::list::<_, _, MAX_LIST>")]
     pub bcc: Vec<String>,
     /// Required for raw content; a template renders its own subject.
     #[serde(default)]
@@ -220,17 +265,17 @@ pub struct NewEmail {
     #[serde(default)]
     pub template: Option<String>,
     /// The template's variables (see `GET /v1/templates`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded::variables")]
     #[schema(value_type = Option<Object>)]
     pub variables: Option<Value>,
     /// Only List-Unsubscribe, List-Unsubscribe-Post, In-Reply-To, References and X-* headers.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded::map::<_, MAX_SMALL>")]
     pub headers: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded::list::<_, _, MAX_SMALL>")]
     pub tags: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded::map::<_, MAX_SMALL>")]
     pub metadata: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded::list::<_, _, MAX_SMALL>")]
     pub attachments: Vec<NewAttachment>,
     /// Not before this time (RFC 3339).
     #[serde(default, with = "time::serde::rfc3339::option")]
@@ -454,6 +499,11 @@ impl Email {
         if let Some(s) = &new.subject {
             if has_crlf(s) {
                 errs.push(FieldError::new("subject", "must not contain CR or LF"));
+            } else if has_control(s) {
+                errs.push(FieldError::new(
+                    "subject",
+                    "must not contain control characters (NUL, ESC, ...)",
+                ));
             }
             if s.chars().count() > limits.max_subject_chars {
                 errs.push(FieldError::new(
@@ -469,7 +519,21 @@ impl Email {
                     .variables
                     .clone()
                     .unwrap_or(Value::Object(Default::default()));
-                if let Err(e) = templates.check(name, &variables) {
+                let size = serde_json::to_vec(&variables).map_or(usize::MAX, |v| v.len());
+                if size > limits.max_variables_bytes {
+                    errs.push(FieldError::new(
+                        "variables",
+                        format!(
+                            "are {size} bytes as JSON; at most {} (limits.max_variables_bytes)",
+                            limits.max_variables_bytes
+                        ),
+                    ));
+                } else if let Some(at) = binary_in(&variables, "variables") {
+                    errs.push(FieldError::new(
+                        at,
+                        "must not contain control characters (NUL, ESC, ...)",
+                    ));
+                } else if let Err(e) = templates.check(name, &variables) {
                     errs.push(e);
                 }
                 Some(Content::Template {
@@ -513,6 +577,12 @@ impl Email {
                             field,
                             format!("is larger than {} bytes", limits.max_body_bytes),
                         ));
+                    } else if body.as_deref().is_some_and(has_binary) {
+                        errs.push(FieldError::new(
+                            field,
+                            "must not contain control characters other than tab, CR, LF and \
+                             form feed (NUL, ESC, ...)",
+                        ));
                     }
                 }
                 Some(Content::Raw {
@@ -540,8 +610,11 @@ impl Email {
                     "is not an allowed header (List-Unsubscribe, List-Unsubscribe-Post, \
                      In-Reply-To, References, X-*)",
                 ));
-            } else if has_crlf(value) || value.contains('\0') {
-                errs.push(FieldError::new(field, "must not contain CR, LF or NUL"));
+            } else if has_control(value) {
+                errs.push(FieldError::new(
+                    field,
+                    "must not contain control characters (CR, LF, NUL, ...)",
+                ));
             } else if value.len() > 998 {
                 errs.push(FieldError::new(field, "is longer than 998 bytes"));
             } else {
@@ -574,10 +647,17 @@ impl Email {
             ));
         }
         for (k, v) in &new.metadata {
-            if k.is_empty() || k.len() > 64 || v.len() > 1024 {
+            if k.is_empty() || k.len() > 64 || v.len() > 1024 || has_control(k) || has_control(v) {
                 errs.push(FieldError::new(
-                    format!("metadata.{k}"),
-                    "keys must be 1-64 bytes and values at most 1024 bytes",
+                    format!(
+                        "metadata.{}",
+                        k.chars()
+                            .filter(|c| !c.is_control())
+                            .take(64)
+                            .collect::<String>()
+                    ),
+                    "keys must be 1-64 bytes and values at most 1024 bytes, without control \
+                     characters",
                 ));
             }
         }
@@ -585,10 +665,10 @@ impl Email {
         let mut total = 0usize;
         for (i, a) in new.attachments.iter().enumerate() {
             total += a.content.len();
-            if a.filename.trim().is_empty() || has_crlf(&a.filename) || a.filename.len() > 255 {
+            if a.filename.trim().is_empty() || has_control(&a.filename) || a.filename.len() > 255 {
                 errs.push(FieldError::new(
                     format!("attachments[{i}].filename"),
-                    "must be 1-255 bytes without CR or LF",
+                    "must be 1-255 bytes without control characters",
                 ));
             }
             if a.content_type
@@ -623,15 +703,23 @@ impl Email {
             errs.push(FieldError::new("expires_at", "must be after send_at"));
         }
         if let Some(k) = &new.idempotency_key
-            && (k.is_empty() || k.len() > 255)
+            && (k.is_empty() || k.len() > 255 || has_control(k))
         {
             errs.push(FieldError::new(
                 "idempotency_key",
-                "must be 1-255 characters",
+                "must be 1-255 characters without control characters",
             ));
         }
 
         if !errs.is_empty() {
+            if errs.len() > MAX_FIELD_ERRORS {
+                let more = errs.len() - MAX_FIELD_ERRORS;
+                errs.truncate(MAX_FIELD_ERRORS);
+                errs.push(FieldError::new(
+                    "(more)",
+                    format!("{more} more problems with this email are not listed"),
+                ));
+            }
             return Err(ValidationErrors(errs));
         }
         Ok(Email {

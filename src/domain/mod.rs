@@ -6,12 +6,13 @@
 //! type-check). Every rule that fails is reported with the name of the field.
 
 pub(crate) mod address;
+pub mod bounded;
 mod email;
 
 pub use address::EmailAddress;
 pub use email::{
-    Attachment, Content, Email, EmailId, EmailStatus, Limits, NewAttachment, NewEmail, Priority,
-    Senders, TemplateCheck,
+    Attachment, Content, Email, EmailId, EmailStatus, Limits, MAX_FIELD_ERRORS, MAX_LIST,
+    MAX_REPLY_TO, MAX_SMALL, NewAttachment, NewEmail, Priority, Senders, TemplateCheck,
 };
 
 use serde::Serialize;
