@@ -736,7 +736,36 @@ impl Settings {
             ));
         }
         self.retry.validate()?;
-        crate::inbound::compile(&self.mailboxes, &|k| std::env::var(k).ok())?;
+        let mailboxes = crate::inbound::compile(&self.mailboxes, &|k| std::env::var(k).ok())?;
+        // An alert is an ordinary email: recipients past the limit would fail it at send time.
+        let max = self.limits.max_recipients;
+        for (i, mb) in mailboxes.iter().enumerate() {
+            if mb.alert_to.len() > max {
+                return Err(ConfigError::new(
+                    format!("mailboxes[{i}].alert_to"),
+                    format!(
+                        "(mailbox \"{}\") {} recipients; an email may have at most {max} \
+                         (limits.max_recipients)",
+                        mb.name,
+                        mb.alert_to.len()
+                    ),
+                ));
+            }
+            for (j, r) in mb.rules.iter().enumerate() {
+                if r.recipients.len() > max {
+                    return Err(ConfigError::new(
+                        format!("mailboxes[{i}].rules[{j}].alert_to"),
+                        format!(
+                            "(mailbox \"{}\", rule \"{}\") {} recipients; an email may have at \
+                             most {max} (limits.max_recipients)",
+                            mb.name,
+                            r.name,
+                            r.recipients.len()
+                        ),
+                    ));
+                }
+            }
+        }
         self.senders()?;
         if self.delivery.transport == Transport::Smtp && self.smtp.host.trim().is_empty() {
             return Err(ConfigError::new(
@@ -1038,6 +1067,16 @@ mod tests {
                 "database.url",
             ),
             ("[cluster]\nlease_secs = 1\n", vec![], "cluster.lease_secs"),
+            (
+                "[limits]\nmax_recipients = 2\n[[mailboxes]]\nname = \"m\"\nhost = \"h\"\nusername = \"u\"\npassword = \"p\"\nalert_to = [\"a@example.com\", \"b@example.com\", \"c@example.com\"]\n",
+                vec![],
+                "mailboxes[0].alert_to",
+            ),
+            (
+                "[limits]\nmax_recipients = 1001\n",
+                vec![],
+                "limits.max_recipients",
+            ),
             ("[api]\nlisten = \"0.0.0.0:8080\"\n", vec![], "api.token"),
             ("[api]\nlisten = \"nowhere\"\n", vec![], "api.listen"),
             ("", vec![("POSTBOX_API__TOKEN", "short")], "api.token"),

@@ -43,6 +43,8 @@ pub mod api;
 pub mod config;
 pub mod delivery;
 pub mod domain;
+#[doc(hidden)]
+pub mod faults;
 pub mod inbound;
 pub mod metrics;
 mod postbox;

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::SubmitError;
 use crate::domain::FieldError;
-use crate::store::{StoreError, TransitionError};
+use crate::store::{Fault, StoreError, TransitionError};
 
 tokio::task_local! {
     /// The current request's id, set by the request-id middleware for the whole request.
@@ -153,25 +153,26 @@ fn summary(items: impl Iterator<Item = String>, total: usize, sep: &str) -> Stri
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        if is_busy(&e) {
-            return ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
+        let (code, message, retry) = match e.fault() {
+            Fault::Busy => (
                 "database_busy",
-                "the database is busy; try again shortly",
-            )
-            .retry_after(1);
-        }
-        ApiError::internal(e)
-    }
-}
-
-fn is_busy(e: &StoreError) -> bool {
-    match e {
-        StoreError::Db(sqlx::Error::Database(d)) => {
-            matches!(d.code().as_deref(), Some("5" | "6" | "517" | "261" | "262"))
-        }
-        StoreError::Db(sqlx::Error::PoolTimedOut) => true,
-        _ => false,
+                "the database is busy; nothing was stored; try again shortly",
+                1,
+            ),
+            Fault::Full => (
+                "storage_full",
+                "the database's disk is full; nothing was stored; try again once space is freed",
+                30,
+            ),
+            Fault::Unavailable => (
+                "database_unavailable",
+                "the database cannot be reached; nothing was stored; try again shortly",
+                5,
+            ),
+            Fault::Other => return ApiError::internal(e),
+        };
+        tracing::warn!(error = %e, code, "request refused: the database is not writable now");
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message).retry_after(retry)
     }
 }
 

@@ -103,6 +103,44 @@ pub fn snippet(m: &Message) -> String {
     s
 }
 
+/// `s` made safe to store and show: control characters (NUL among them, which PostgreSQL cannot
+/// store in text) become spaces, and the result is cut to at most `max_bytes` at a character
+/// boundary, ending in `…` when cut. Everything a hostile message contributes to a hit passes
+/// through here.
+pub fn clip(s: &str, max_bytes: usize) -> String {
+    let clean: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if clean.len() <= max_bytes {
+        return clean;
+    }
+    let mut end = max_bytes.saturating_sub('…'.len_utf8());
+    while !clean.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &clean[..end])
+}
+
+/// One part of a group key: cleaned, whitespace folded, at most [`KEY_PART_BYTES`]. A longer
+/// value keeps its start plus a short hash of the whole, so two long values that differ only
+/// at the end still make two groups, and every key fits the database's index rows.
+pub fn key_part(s: &str) -> String {
+    let folded = s
+        .split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if folded.len() <= KEY_PART_BYTES {
+        return folded;
+    }
+    let hash = hex::encode(&Sha256::digest(folded.as_bytes())[..4]);
+    format!("{}#{hash}", clip(&folded, KEY_PART_BYTES - 9))
+}
+
+/// Bytes of one group-key part (see [`key_part`]).
+pub const KEY_PART_BYTES: usize = 200;
+
 fn truncate(s: &str, max_chars: usize) -> String {
     match s.char_indices().nth(max_chars) {
         Some((i, _)) => s[..i].to_string(),
@@ -158,6 +196,21 @@ mod tests {
         let p = parse(b"Content-Type: multipart/mixed; boundary=x\r\nSubject: broken\r\n\r\n--x\r\nContent-Type: text/plain; charset=x-unknown-charset\r\n\r\nbody text\r\n");
         assert_eq!(p.message.subject, "broken");
         assert!(p.message.body.contains("body text"));
+    }
+
+    #[test]
+    fn clipped_text_is_clean_and_bounded_in_bytes() {
+        assert_eq!(clip("a\u{0}b\u{1b}[31mc", 100), "a b [31mc");
+        let long = "ü".repeat(300);
+        let c = clip(&long, 101);
+        assert!(c.len() <= 101 && c.ends_with('…'), "{}", c.len());
+        // Key parts: folded, and a long one keeps a hash of the whole.
+        assert_eq!(key_part("  db1 \t\u{0} x  "), "db1 x");
+        let a = key_part(&format!("{}A", "x".repeat(5000)));
+        let b = key_part(&format!("{}B", "x".repeat(5000)));
+        assert!(a.len() <= KEY_PART_BYTES && b.len() <= KEY_PART_BYTES);
+        assert_ne!(a, b, "long values differing at the end stay apart");
+        assert_eq!(a, key_part(&format!("{}A", "x".repeat(5000))));
     }
 
     #[test]

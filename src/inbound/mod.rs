@@ -42,11 +42,6 @@ use crate::queue::Shutdown;
 use crate::render::{AlertMessage, AlertVars};
 use crate::store::{DueGroup, NewRow};
 
-/// Messages listed in one alert; the rest are counted.
-const MAX_LISTED: usize = 25;
-/// Distinct senders named in one alert.
-const MAX_SENDERS: usize = 10;
-
 /// What every watcher shares.
 pub(crate) struct Inbound {
     pub(crate) pb: Postbox,
@@ -76,9 +71,15 @@ impl Inbound {
     }
 
     /// The alert email of a due group, rendered later by the worker from the rule's template.
+    ///
+    /// Built so that it passes validation whatever the matched mail held: its parts were
+    /// cleaned and clipped when the hits were stored, the group key in the metadata is clipped
+    /// to 1024 bytes, the recipients were checked against `limits.max_recipients` at start-up,
+    /// and listed messages are dropped (and counted as unlisted) until the variables fit
+    /// `limits.max_variables_bytes`. None only for a mailbox or rule no longer configured.
     fn build_alert(&self, g: &DueGroup) -> Option<NewRow> {
         let Some(mb) = self.mailboxes.iter().find(|m| m.name == g.mailbox) else {
-            warn!(mailbox = %g.mailbox, rule = %g.rule, hits = g.hits.len(),
+            warn!(mailbox = %g.mailbox, rule = %g.rule, hits = g.count,
                 "matches of a mailbox no longer configured: dropped");
             return None;
         };
@@ -98,7 +99,7 @@ impl Inbound {
                     r.template.clone(),
                 ),
                 None => {
-                    warn!(mailbox = %g.mailbox, rule = %g.rule, hits = g.hits.len(),
+                    warn!(mailbox = %g.mailbox, rule = %g.rule, hits = g.count,
                         "matches of a rule no longer configured: dropped");
                     return None;
                 }
@@ -110,19 +111,9 @@ impl Inbound {
                 .unwrap_or_default()
                 .to_string()
         };
-        let mut senders: BTreeMap<String, u64> = BTreeMap::new();
-        for h in &g.hits {
-            let s = text(&h.detail, "sender");
-            if !s.is_empty() {
-                *senders.entry(s).or_default() += 1;
-            }
-        }
-        let mut senders: Vec<(String, u64)> = senders.into_iter().collect();
-        senders.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        let messages: Vec<AlertMessage> = g
-            .hits
+        let mut messages: Vec<AlertMessage> = g
+            .listed
             .iter()
-            .take(MAX_LISTED)
             .map(|h| AlertMessage {
                 from: text(&h.detail, "from"),
                 subject: text(&h.detail, "subject"),
@@ -135,8 +126,8 @@ impl Inbound {
             })
             .collect();
         let mut summary = g
-            .hits
-            .last()
+            .last
+            .as_ref()
             .map(|h| text(&h.detail, "summary"))
             .filter(|s| !s.is_empty());
         if summary.is_none() && g.alerts_before > 0 {
@@ -145,35 +136,42 @@ impl Inbound {
                 g.alerts_before + 1
             ));
         }
-        let first = g.hits.first().map(|h| h.seen_at);
-        let last = g.hits.last().map(|h| h.seen_at);
-        let vars = AlertVars {
-            rule: g.rule.clone(),
-            severity,
-            mailbox: g.mailbox.clone(),
-            count: g.hits.len() as u64,
-            first_seen: first.map(rfc3339).unwrap_or_default(),
-            last_seen: last.map(rfc3339).unwrap_or_default(),
-            summary,
-            group: (!g.group_key.is_empty()).then(|| g.group_key.clone()),
-            senders: senders
-                .iter()
-                .take(MAX_SENDERS)
-                .map(|(s, n)| format!("{s} ({n})"))
-                .collect(),
-            unlisted: g.hits.len().saturating_sub(messages.len()) as u64,
-            messages,
+        let group = (!g.group_key.is_empty()).then(|| g.group_key.clone());
+        let max_bytes = self.pb.settings().limits.max_variables_bytes;
+        let vars = loop {
+            let vars = AlertVars {
+                rule: g.rule.clone(),
+                severity: severity.clone(),
+                mailbox: g.mailbox.clone(),
+                count: g.count,
+                first_seen: rfc3339(g.first_seen),
+                last_seen: rfc3339(g.last_seen),
+                summary: summary.clone(),
+                group: group.clone(),
+                senders: g
+                    .senders
+                    .iter()
+                    .map(|(s, n)| format!("{s} ({n})"))
+                    .collect(),
+                unlisted: g.count.saturating_sub(messages.len() as u64),
+                messages: messages.clone(),
+            };
+            let v = serde_json::to_value(&vars).expect("alert variables serialize");
+            if messages.is_empty() || v.to_string().len() <= max_bytes {
+                break v;
+            }
+            messages.pop();
         };
         let mut metadata = BTreeMap::new();
         metadata.insert("mailbox".to_string(), g.mailbox.clone());
         metadata.insert("rule".to_string(), g.rule.clone());
-        if !g.group_key.is_empty() {
-            metadata.insert("group".to_string(), g.group_key.clone());
+        if let Some(group) = group {
+            metadata.insert("group".to_string(), message::clip(&group, 1024));
         }
         let new = NewEmail {
             to: to.iter().map(|a| a.to_string()).collect(),
             template: Some(template),
-            variables: Some(serde_json::to_value(&vars).expect("alert variables serialize")),
+            variables: Some(vars),
             priority,
             tags: vec!["alert".into(), format!("mailbox:{}", g.mailbox)],
             metadata,
@@ -182,19 +180,23 @@ impl Inbound {
         match self.pb.validate_email(new) {
             Ok(row) => Some(row),
             Err(e) => {
-                warn!(mailbox = %g.mailbox, rule = %g.rule, error = %e,
+                // Unreachable by construction (see above); if it happens, it is loud.
+                tracing::error!(mailbox = %g.mailbox, rule = %g.rule, error = %e,
                     "alert email refused by validation: dropped");
+                metrics::counter!("postbox_mailbox_alerts_dropped_total", "mailbox" => g.mailbox.clone())
+                    .increment(1);
                 None
             }
         }
     }
 }
 
-/// Runs a watcher for every configured mailbox, and the flusher that raises alerts of groups
-/// falling due between scans, until `shutdown`.
+/// Runs a watcher for every configured mailbox until `shutdown`.
 ///
 /// Each watcher first takes its mailbox's lease (see `watcher::watch`), so however many
-/// processes run watchers on one database, one of them reads each mailbox.
+/// processes run watchers on one database, one of them reads each mailbox and raises its
+/// alerts. A watcher that panics is logged, its mailbox marked down with the panic as its error,
+/// and restarted after a pause: one mailbox's bug never stops the others, nor itself for good.
 pub async fn run(pb: Postbox, mailboxes: Vec<Arc<Mailbox>>, lease: Duration, shutdown: Shutdown) {
     if mailboxes.is_empty() {
         return;
@@ -209,20 +211,60 @@ pub async fn run(pb: Postbox, mailboxes: Vec<Arc<Mailbox>>, lease: Duration, shu
     });
     let mut tasks = tokio::task::JoinSet::new();
     for mb in mailboxes {
-        tasks.spawn(watcher::watch(ctx.clone(), mb, shutdown.clone()));
+        tasks.spawn(supervise(ctx.clone(), mb, shutdown.clone()));
     }
-    tasks.spawn(flusher(ctx, shutdown));
-    while let Some(r) = tasks.join_next().await {
-        if let Err(e) = r {
-            warn!(error = %e, "an inbound task panicked");
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Runs one mailbox's watcher, restarting it if it panics.
+async fn supervise(ctx: Arc<Inbound>, mb: Arc<Mailbox>, shutdown: Shutdown) {
+    let mut pause = mb.reconnect_min;
+    loop {
+        let task = tokio::spawn(watcher::watch(ctx.clone(), mb.clone(), shutdown.clone()));
+        let Err(e) = task.await else {
+            return; // shutdown
+        };
+        let what = match e.try_into_panic() {
+            Ok(p) => p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into()),
+            Err(e) => e.to_string(),
+        };
+        let error = format!("the watcher panicked: {what}; restarting it");
+        tracing::error!(mailbox = %mb.name, %error);
+        metrics::counter!("postbox_mailbox_watcher_restarts_total", "mailbox" => mb.name.clone())
+            .increment(1);
+        metrics::gauge!("postbox_mailbox_connected", "mailbox" => mb.name.clone()).set(0.0);
+        let down = crate::store::Health::Down {
+            since: OffsetDateTime::now_utc(),
+            error: &error,
+        };
+        if let Err(e) = ctx.pb.store().set_mailbox_health(&mb.name, down).await {
+            warn!(mailbox = %mb.name, error = %e, "cannot record the watcher's state");
         }
+        // Its lease would keep a standby out until it runs out: hand it back now.
+        let _ = ctx
+            .pb
+            .store()
+            .release_lease(&crate::store::lease_name(&mb.name), &ctx.node)
+            .await;
+        tokio::select! {
+            _ = shutdown.clone() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(mb.reconnect_max);
     }
 }
 
-/// Raises the alerts of groups whose `group_wait` or `repeat_interval` ends between scans.
-async fn flusher(ctx: Arc<Inbound>, shutdown: Shutdown) {
+/// While this process holds `mb`'s lease: raises the alerts of its groups that fall due
+/// between scans (a group's `group_wait` or `repeat_interval` ending). Returns if the lease is
+/// lost.
+async fn flusher(ctx: &Inbound, mb: &Mailbox) {
+    let store = ctx.pb.store();
     loop {
-        let wait = match ctx.pb.store().next_alert_due().await {
+        let wait = match store.next_alert_due(&mb.name).await {
             Ok(Some(due)) => (due - OffsetDateTime::now_utc())
                 .try_into()
                 .unwrap_or(Duration::ZERO)
@@ -233,17 +275,18 @@ async fn flusher(ctx: Arc<Inbound>, shutdown: Shutdown) {
                 Duration::from_secs(1)
             }
         };
-        tokio::select! {
-            _ = shutdown.clone() => return,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        match ctx.pb.store().flush_alerts(&|g| ctx.build_alert(g)).await {
+        tokio::time::sleep(wait).await;
+        match store
+            .flush_alerts(&mb.name, &ctx.node, &|g| ctx.build_alert(g))
+            .await
+        {
             Ok(ids) => {
                 if !ids.is_empty() {
                     info!(alerts = ids.len(), "alert emails queued for due groups");
                 }
                 ctx.alerted(&ids);
             }
+            Err(crate::store::StoreError::LeaseLost(_)) => return,
             Err(e) => warn!(error = %e, "cannot raise due alerts"),
         }
     }

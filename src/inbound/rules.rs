@@ -212,12 +212,17 @@ fn group_key(
     m: &Message,
     caps: &BTreeMap<String, String>,
 ) -> String {
+    use super::message::key_part;
+    // Every part is cleaned and bounded (a subject or capture comes from whoever sent the mail):
+    // the key is stored in indexed columns, and shown in alerts.
     by.iter()
         .map(|g| match g {
             GroupBy::Mailbox => format!("mailbox={mailbox}"),
-            GroupBy::Sender => format!("sender={}", m.sender()),
-            GroupBy::Subject => format!("subject={}", m.subject.trim()),
-            GroupBy::Capture(c) => format!("{c}={}", caps.get(c).map_or("", |s| s.as_str())),
+            GroupBy::Sender => format!("sender={}", key_part(&m.sender())),
+            GroupBy::Subject => format!("subject={}", key_part(&m.subject)),
+            GroupBy::Capture(c) => {
+                format!("{c}={}", key_part(caps.get(c).map_or("", |s| s.as_str())))
+            }
         })
         .collect::<Vec<_>>()
         .join(", ")

@@ -15,11 +15,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::config::{DOWN_RULE, Mailbox};
 use super::imap::{self, Caps, Session};
-use super::message;
+use super::message::{self, clip};
 use super::rules::{self, Disposition};
 use super::{Inbound, rfc3339};
 use crate::queue::Shutdown;
-use crate::store::{Health, MailboxPosition, NewHit, lease_name};
+use crate::store::{Health, MailboxPosition, NewHit, StoreError, lease_name};
 
 /// A session shorter than this does not end an outage (a server that accepts the login and
 /// drops the connection at once is still down).
@@ -60,7 +60,12 @@ pub(super) async fn watch(ctx: Arc<Inbound>, mb: Arc<Mailbox>, shutdown: Shutdow
                             return;
                         }
                         _ = watch_held(&ctx, &mb, &tls) => {}
-                        _ = keep_lease(&ctx, &name) => {
+                        _ = async {
+                            tokio::select! {
+                                _ = keep_lease(&ctx, &name) => {}
+                                _ = super::flusher(&ctx, &mb) => {}
+                            }
+                        } => {
                             warn!("lease lost (not renewed in time, or taken over); standing by");
                             metrics::gauge!("postbox_mailbox_connected", "mailbox" => mb.name.clone()).set(0.0);
                         }
@@ -159,6 +164,7 @@ async fn raise_down_alert(
     error: &str,
 ) {
     let period = (down_for - mb.down_alert_after).as_secs() / mb.down_repeat_interval.as_secs();
+    let error = clip(error, 1000);
     let summary = format!(
         "The watcher for mailbox {} ({}:{}, folder {}) has not been connected since {} ({} minutes). Last error: {error}",
         mb.name,
@@ -173,6 +179,7 @@ async fn raise_down_alert(
         group_key: String::new(),
         uid: None,
         fingerprint: format!("down:{}:{period}", since.unix_timestamp()),
+        sender: String::new(),
         detail: serde_json::json!({
             "from": "postbox",
             "subject": format!("Mailbox {} is unreachable", mb.name),
@@ -366,22 +373,25 @@ async fn scan(
         } else {
             format!("{first}:{last}")
         };
-        let fetched: Vec<_> = timed(cmd * 4, async {
-            s.uid_fetch(
-                &set,
-                format!("(UID BODY.PEEK[]<0.{}>)", mb.max_message_bytes),
-            )
-            .await?
-            .try_collect::<Vec<_>>()
-            .await
-        })
-        .await?
-        .with_context(|| format!("UID FETCH {set}"))?;
         let mut hits = Vec::new();
         let mut seen = Vec::new();
         let mut moves: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
         let mut scanned = 0u64;
-        for f in &fetched {
+        // Each message is matched as it arrives and dropped: a batch holds one message's bytes
+        // at a time (plus its hits), not fetch_batch x max_message_bytes.
+        let mut stream = timed(
+            cmd,
+            s.uid_fetch(
+                &set,
+                format!("(UID BODY.PEEK[]<0.{}>)", mb.max_message_bytes),
+            ),
+        )
+        .await?
+        .with_context(|| format!("UID FETCH {set}"))?;
+        while let Some(f) = timed(cmd, stream.try_next())
+            .await?
+            .with_context(|| format!("UID FETCH {set}"))?
+        {
             let Some(uid) = f.uid else { continue };
             if uid <= pos.last_uid || uid > last {
                 continue;
@@ -393,6 +403,10 @@ async fn scan(
                 continue;
             };
             let parsed = message::parse(raw);
+            drop(f);
+            if crate::faults::hit(crate::faults::WATCHER_PANIC, &mb.name) {
+                panic!("injected fault: the watcher panics on message {uid}");
+            }
             if !parsed.well_formed {
                 warn!(
                     uid,
@@ -404,23 +418,35 @@ async fn scan(
                 continue;
             }
             let m = &parsed.message;
-            let from = m.from.first().map(|a| a.display()).unwrap_or_default();
-            let snippet = message::snippet(m);
+            let from = clip(
+                &m.from.first().map(|a| a.display()).unwrap_or_default(),
+                300,
+            );
+            let subject = clip(&m.subject, 300);
+            let date = clip(m.date.as_deref().unwrap_or_default(), 64);
+            let snippet = clip(&message::snippet(m), 600);
+            let sender = clip(&m.sender(), 320);
             for x in &matches {
                 let rule = &mb.rules[x.rule];
                 debug!(uid, rule = %rule.name, group = %x.group_key, "rule matched");
+                let captures: BTreeMap<&str, String> = x
+                    .captures
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), clip(v, 200)))
+                    .collect();
                 hits.push(NewHit {
                     rule: rule.name.clone(),
                     group_key: x.group_key.clone(),
                     uid: Some((pos.uidvalidity, uid)),
                     fingerprint: parsed.fingerprint.clone(),
+                    sender: sender.clone(),
                     detail: serde_json::json!({
                         "from": from,
-                        "subject": m.subject,
-                        "date": m.date.clone().unwrap_or_default(),
+                        "subject": subject,
+                        "date": date,
                         "snippet": snippet,
-                        "captures": x.captures,
-                        "sender": m.sender(),
+                        "captures": captures,
+                        "sender": sender,
                     }),
                     group_wait: rule.group_wait,
                     repeat_interval: rule.repeat_interval,
@@ -432,22 +458,37 @@ async fn scan(
                 None => {}
             }
         }
+        drop(stream);
         let next = MailboxPosition {
             uidvalidity: pos.uidvalidity,
             last_uid: last,
         };
-        let out = ctx
-            .pb
-            .store()
+        let store = ctx.pb.store();
+        let build = |g: &crate::store::DueGroup| ctx.build_alert(g);
+        let out = match store
             .record_scan(
                 &mb.name,
                 Some(next),
                 scanned,
                 &hits,
-                &|g| ctx.build_alert(g),
+                &build,
                 Some(&ctx.node),
             )
-            .await?;
+            .await
+        {
+            Ok(out) => out,
+            // The database is busy, full or away, or the lease is gone: the session ends and
+            // the batch is read again later.
+            Err(e) if e.is_transient() || matches!(e, StoreError::LeaseLost(_)) => {
+                return Err(e.into());
+            }
+            // Something in this batch cannot be stored: never retry it forever (that would
+            // blind the mailbox); record it message by message instead.
+            Err(e) => {
+                warn!(error = %e, first, last, "a batch of matches could not be stored; storing its messages one by one");
+                record_one_by_one(ctx, mb, *pos, next, scanned, hits.clone()).await?
+            }
+        };
         *pos = next;
         metrics::counter!("postbox_mailbox_messages_scanned_total", "mailbox" => mb.name.clone())
             .increment(scanned);
@@ -494,6 +535,80 @@ async fn scan(
         "scan done"
     );
     Ok(())
+}
+
+/// Stores a batch's hits message by message, after the batch as a whole was refused for a
+/// reason that retrying will not fix. A message whose hits still cannot be stored is stored as
+/// an error hit instead (same rule, no group key, the error as its subject), so its alert still
+/// says something arrived; if even that fails, the message is skipped with an error in the log.
+/// Either way the position advances: one message never stops the others.
+async fn record_one_by_one(
+    ctx: &Inbound,
+    mb: &Mailbox,
+    from: MailboxPosition,
+    to: MailboxPosition,
+    scanned: u64,
+    hits: Vec<NewHit>,
+) -> Result<crate::store::ScanOutcome, StoreError> {
+    let store = ctx.pb.store();
+    let build = |g: &crate::store::DueGroup| ctx.build_alert(g);
+    let mut by_uid: BTreeMap<u32, Vec<NewHit>> = BTreeMap::new();
+    for h in hits {
+        by_uid
+            .entry(h.uid.map_or(0, |(_, u)| u))
+            .or_default()
+            .push(h);
+    }
+    let mut all = crate::store::ScanOutcome::default();
+    let record = |pos: MailboxPosition, scanned: u64, hits: Vec<NewHit>| {
+        let build = &build;
+        async move {
+            store
+                .record_scan(&mb.name, Some(pos), scanned, &hits, build, Some(&ctx.node))
+                .await
+        }
+    };
+    for (uid, hits) in by_uid {
+        let pos = MailboxPosition {
+            uidvalidity: from.uidvalidity,
+            last_uid: uid.max(from.last_uid),
+        };
+        let out = match record(pos, 0, hits.clone()).await {
+            Ok(out) => out,
+            Err(e) if e.is_transient() || matches!(e, StoreError::LeaseLost(_)) => return Err(e),
+            Err(e) => {
+                let error = clip(&e.to_string(), 300);
+                warn!(uid, error = %error, "a message's matches cannot be stored; storing an error hit instead");
+                let degraded = hits
+                    .iter()
+                    .map(|h| NewHit {
+                        group_key: String::new(),
+                        sender: String::new(),
+                        detail: serde_json::json!({
+                            "subject": format!("(a message that could not be stored: {error})"),
+                            "captures": {},
+                        }),
+                        ..h.clone()
+                    })
+                    .collect();
+                match record(pos, 0, degraded).await {
+                    Ok(out) => out,
+                    Err(e) if e.is_transient() || matches!(e, StoreError::LeaseLost(_)) => {
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        tracing::error!(uid, error = %e, "a message's matches cannot be stored at all; skipped");
+                        record(pos, 0, Vec::new()).await?
+                    }
+                }
+            }
+        };
+        all.new_hits += out.new_hits;
+        all.alerts.extend(out.alerts);
+    }
+    let out = record(to, scanned, Vec::new()).await?;
+    all.alerts.extend(out.alerts);
+    Ok(all)
 }
 
 /// MOVE for servers without it: COPY, flag \Deleted, and expunge those UIDs if UIDPLUS allows.

@@ -27,13 +27,21 @@ pub struct NewHit {
     /// (UIDVALIDITY, UID) of the message; `None` for the watcher's own alerts.
     pub uid: Option<(u32, u32)>,
     pub fingerprint: String,
+    /// The message's sender (lower-cased address; empty when it has none).
+    pub sender: String,
     /// What the alert shows about the message (JSON object).
     pub detail: serde_json::Value,
     pub group_wait: Duration,
     pub repeat_interval: Duration,
 }
 
-/// A group whose alert is due, with every hit it has not alerted on yet (oldest first).
+/// Pending hits an alert lists; the rest are counted.
+pub const MAX_LISTED: usize = 25;
+/// Distinct senders an alert names (with their counts).
+pub const MAX_SENDERS: usize = 10;
+
+/// A group whose alert is due: what it holds, loaded in bounded pieces whatever the number of
+/// pending hits (a storm of a million matches loads 25 hits and a few counts).
 #[derive(Debug, Clone)]
 pub struct DueGroup {
     pub mailbox: String,
@@ -41,7 +49,16 @@ pub struct DueGroup {
     pub group_key: String,
     /// Alerts this group raised before (0 for the first).
     pub alerts_before: u64,
-    pub hits: Vec<PendingHit>,
+    /// Hits pending in all.
+    pub count: u64,
+    pub first_seen: OffsetDateTime,
+    pub last_seen: OffsetDateTime,
+    /// The oldest pending hits, at most [`MAX_LISTED`].
+    pub listed: Vec<PendingHit>,
+    /// The newest pending hit (its `summary`, if any, leads the alert).
+    pub last: Option<PendingHit>,
+    /// Senders of every pending hit with their counts, most first, at most [`MAX_SENDERS`].
+    pub senders: Vec<(String, u64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -287,8 +304,8 @@ impl Store {
                 None => (None, None),
             };
             let inserted = sql("INSERT INTO postbox_alert_hits
-                     (mailbox, rule, group_key, uidvalidity, uid, fingerprint, seen_at, detail)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                     (mailbox, rule, group_key, uidvalidity, uid, fingerprint, seen_at, detail, sender)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                  ON CONFLICT DO NOTHING")
             .bind(mailbox)
             .bind(&h.rule)
@@ -298,6 +315,7 @@ impl Store {
             .bind(&h.fingerprint)
             .bind(now_ms)
             .bind(h.detail.to_string())
+            .bind(&h.sender)
             .execute(&mut tx)
             .await?;
             if inserted == 0 {
@@ -351,39 +369,55 @@ impl Store {
             .execute(&mut tx)
             .await?;
         }
-        let alerts = self.flush_due(&mut tx, now, build).await?;
+        let alerts = self.flush_due(&mut tx, now, build, mailbox).await?;
         tx.commit().await?;
         Ok(ScanOutcome { new_hits, alerts })
     }
 
-    /// Makes the alert emails of every group that is due, in one transaction (nothing is
-    /// written when none is due).
+    /// Makes the alert emails of `mailbox`'s due groups, in one transaction that commits only
+    /// while `holder` holds the mailbox's lease: only the watcher of a mailbox (which knows its
+    /// rules) raises its alerts. Nothing is written when no group is due.
     pub async fn flush_alerts(
         &self,
+        mailbox: &str,
+        holder: &str,
         build: AlertBuilder<'_>,
     ) -> Result<Vec<(String, EmailId)>, StoreError> {
         let now = now();
-        let due =
-            sql("SELECT 1 FROM postbox_alert_groups WHERE pending > 0 AND due_at <= $1 LIMIT 1")
-                .bind(ms(now))
-                .fetch_optional(&self.db)
-                .await?;
+        let due = sql("SELECT 1 FROM postbox_alert_groups
+              WHERE mailbox = $1 AND pending > 0 AND due_at <= $2 LIMIT 1")
+        .bind(mailbox)
+        .bind(ms(now))
+        .fetch_optional(&self.db)
+        .await?;
         if due.is_none() {
             return Ok(Vec::new());
         }
         let mut tx = self.db.begin_write().await?;
         tx.lock(Lock::Alerts).await?;
-        let alerts = self.flush_due(&mut tx, now, build).await?;
+        if !self
+            .lease_held(&mut tx, &lease_name(mailbox), holder)
+            .await?
+        {
+            tx.rollback().await?;
+            return Err(StoreError::LeaseLost(mailbox.to_string()));
+        }
+        let alerts = self.flush_due(&mut tx, now, build, mailbox).await?;
         tx.commit().await?;
         Ok(alerts)
     }
 
-    /// The earliest time a pending group falls due, if any group is pending.
-    pub async fn next_alert_due(&self) -> Result<Option<OffsetDateTime>, StoreError> {
-        let v = sql("SELECT min(due_at) FROM postbox_alert_groups WHERE pending > 0")
-            .scalar::<Option<i64>>(&self.db)
-            .await?
-            .flatten();
+    /// The earliest time a pending group of `mailbox` falls due, if any is pending.
+    pub async fn next_alert_due(
+        &self,
+        mailbox: &str,
+    ) -> Result<Option<OffsetDateTime>, StoreError> {
+        let v =
+            sql("SELECT min(due_at) FROM postbox_alert_groups WHERE mailbox = $1 AND pending > 0")
+                .bind(mailbox)
+                .scalar::<Option<i64>>(&self.db)
+                .await?
+                .flatten();
         Ok(v.map(from_ms))
     }
 
@@ -392,38 +426,77 @@ impl Store {
         tx: &mut Tx,
         now: OffsetDateTime,
         build: AlertBuilder<'_>,
+        mailbox: &str,
     ) -> Result<Vec<(String, EmailId)>, StoreError> {
         let now_ms = ms(now);
-        let groups = sql(
-            "SELECT mailbox, rule, group_key, alerts FROM postbox_alert_groups
-              WHERE pending > 0 AND due_at <= $1 ORDER BY due_at",
-        )
+        let groups = sql("SELECT rule, group_key, alerts FROM postbox_alert_groups
+              WHERE mailbox = $1 AND pending > 0 AND due_at <= $2 ORDER BY due_at")
+        .bind(mailbox)
         .bind(now_ms)
         .fetch_all(&mut *tx)
         .await?;
         let mut out = Vec::new();
         for g in groups {
-            let mut group = DueGroup {
-                mailbox: g.get("mailbox")?,
-                rule: g.get("rule")?,
-                group_key: g.get("group_key")?,
-                alerts_before: g.get::<i64>("alerts")? as u64,
-                hits: Vec::new(),
+            let rule: String = g.get("rule")?;
+            let group_key: String = g.get("group_key")?;
+            let pending = |q: &str| {
+                sql(format!(
+                    "{q} FROM postbox_alert_hits
+                      WHERE mailbox = $1 AND rule = $2 AND group_key = $3 AND alert_id IS NULL"
+                ))
+                .bind(mailbox)
+                .bind(&rule)
+                .bind(&group_key)
             };
-            let rows = sql("SELECT seen_at, detail FROM postbox_alert_hits
-                  WHERE mailbox = $1 AND rule = $2 AND group_key = $3 AND alert_id IS NULL
-                  ORDER BY id")
-            .bind(&group.mailbox)
-            .bind(&group.rule)
-            .bind(&group.group_key)
-            .fetch_all(&mut *tx)
-            .await?;
-            for r in rows {
-                group.hits.push(PendingHit {
+            let hit = |r: &super::db::DbRow| -> Result<PendingHit, StoreError> {
+                Ok(PendingHit {
                     seen_at: from_ms(r.get("seen_at")?),
                     detail: serde_json::from_str(&r.get::<String>("detail")?).unwrap_or_default(),
-                });
+                })
+            };
+            let counts =
+                pending("SELECT COUNT(*) AS n, MIN(seen_at) AS first, MAX(seen_at) AS last")
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let (count, first, last) = match &counts {
+                Some(c) => (
+                    c.get::<i64>("n")? as u64,
+                    c.get::<Option<i64>>("first")?.unwrap_or(now_ms),
+                    c.get::<Option<i64>>("last")?.unwrap_or(now_ms),
+                ),
+                None => (0, now_ms, now_ms),
+            };
+            let mut listed = Vec::new();
+            let mut q = pending("SELECT seen_at, detail");
+            q.push(" ORDER BY id LIMIT ").push_bind(MAX_LISTED as i64);
+            for r in q.fetch_all(&mut *tx).await? {
+                listed.push(hit(&r)?);
             }
+            let mut q = pending("SELECT seen_at, detail");
+            q.push(" ORDER BY id DESC LIMIT 1");
+            let last_hit = match q.fetch_optional(&mut *tx).await? {
+                Some(r) => Some(hit(&r)?),
+                None => None,
+            };
+            let mut q = pending("SELECT sender, COUNT(*) AS n");
+            q.push(" AND sender <> '' GROUP BY sender ORDER BY n DESC, sender LIMIT ")
+                .push_bind(MAX_SENDERS as i64);
+            let mut senders = Vec::new();
+            for r in q.fetch_all(&mut *tx).await? {
+                senders.push((r.get::<String>("sender")?, r.get::<i64>("n")? as u64));
+            }
+            let group = DueGroup {
+                mailbox: mailbox.to_string(),
+                rule,
+                group_key,
+                alerts_before: g.get::<i64>("alerts")? as u64,
+                count,
+                first_seen: from_ms(first),
+                last_seen: from_ms(last),
+                listed,
+                last: last_hit,
+                senders,
+            };
             let alert_id = match build(&group) {
                 Some(row) => {
                     let ids = self.insert_rows(tx, &[(&row, None)], now_ms).await?;

@@ -23,6 +23,7 @@ pub use inbound::{
     AlertBuilder, DueGroup, Health, MailboxPosition, MailboxStatus, NewHit, PendingHit, RuleStatus,
     ScanOutcome, lease_name,
 };
+pub use inbound::{MAX_LISTED, MAX_SENDERS};
 
 use crate::domain::{Email, EmailId, EmailStatus, Priority};
 
@@ -38,6 +39,64 @@ pub enum StoreError {
     LeaseLost(String),
     #[error("stored email {id} is unreadable: {message}")]
     Corrupt { id: String, message: String },
+}
+
+/// What kind of trouble a [`StoreError`] is: decided here, once, from the driver's codes, so no
+/// other layer reads SQLite or PostgreSQL error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Another writer holds the lock (SQLite busy/locked, a pool timeout, a deadlock or a
+    /// serialization failure): try again shortly.
+    Busy,
+    /// The disk (or the database's storage) is full: nothing could be written; it clears when
+    /// space is freed.
+    Full,
+    /// The database cannot be reached or is shutting down.
+    Unavailable,
+    /// Anything else: a constraint, a value the database cannot store, a bug.
+    Other,
+}
+
+impl StoreError {
+    pub fn fault(&self) -> Fault {
+        let StoreError::Db(e) = self else {
+            return Fault::Other;
+        };
+        match e {
+            sqlx::Error::PoolTimedOut => Fault::Busy,
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_) => Fault::Unavailable,
+            sqlx::Error::Database(d) => {
+                let code = d.code();
+                let code = code.as_deref().unwrap_or("");
+                match code {
+                    // SQLite (extended codes keep the primary one in the low byte).
+                    c if c.parse::<u32>().is_ok() => match c.parse::<u32>().unwrap_or(0) & 0xff {
+                        5 | 6 => Fault::Busy,
+                        13 => Fault::Full,
+                        10 | 14 => Fault::Unavailable,
+                        _ => Fault::Other,
+                    },
+                    // PostgreSQL SQLSTATE classes.
+                    "53100" => Fault::Full,
+                    "40001" | "40P01" | "55P03" => Fault::Busy,
+                    c if c.starts_with("08") || c.starts_with("57P") || c.starts_with("53") => {
+                        Fault::Unavailable
+                    }
+                    _ => Fault::Other,
+                }
+            }
+            _ => Fault::Other,
+        }
+    }
+
+    /// Busy, full or unavailable: the same write may work later. `Other` will not.
+    pub fn is_transient(&self) -> bool {
+        self.fault() != Fault::Other
+    }
 }
 
 /// The job payload: small, versioned, ids only. Unknown versions are dropped with a warning, so

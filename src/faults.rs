@@ -1,0 +1,53 @@
+//! Fault injection for tests: a point in the code asks [`hit`] whether to fail now. Nothing is
+//! armed unless a test calls [`arm`]; an unarmed check costs one atomic load.
+//!
+//! Points are armed for a key (a mailbox name, a recipient address) so that tests running in
+//! parallel in one process never trip each other's faults. Used where no real part can be made
+//! to fail on cue: a panic inside the watcher or inside a delivery.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static ARMED: AtomicBool = AtomicBool::new(false);
+/// (point, key, times left).
+static POINTS: Mutex<Vec<(&'static str, String, usize)>> = Mutex::new(Vec::new());
+
+/// Makes `point` fire the next `times` times it is reached for `key`.
+pub fn arm(point: &'static str, key: &str, times: usize) {
+    POINTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((point, key.to_string(), times));
+    ARMED.store(true, Ordering::Release);
+}
+
+/// Does `point` fire now for `key`? (Counts one firing.)
+pub fn hit(point: &'static str, key: &str) -> bool {
+    if !ARMED.load(Ordering::Acquire) {
+        return false;
+    }
+    let mut points = POINTS.lock().unwrap_or_else(|p| p.into_inner());
+    for p in points.iter_mut() {
+        if p.0 == point && p.1 == key && p.2 > 0 {
+            p.2 -= 1;
+            return true;
+        }
+    }
+    false
+}
+
+/// The firings left for `point` and `key` (0 once they have all happened).
+pub fn left(point: &'static str, key: &str) -> usize {
+    POINTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|p| p.0 == point && p.1 == key)
+        .map(|p| p.2)
+        .sum()
+}
+
+/// The watcher panics while scanning a message (key: the mailbox name).
+pub const WATCHER_PANIC: &str = "watcher.scan.panic";
+/// A delivery panics after its claim (key: the email's first recipient).
+pub const DELIVERY_PANIC: &str = "delivery.panic";
