@@ -47,6 +47,7 @@ pub mod domain;
 pub mod faults;
 pub mod inbound;
 pub mod metrics;
+mod net;
 mod postbox;
 pub mod queue;
 pub mod render;

@@ -445,3 +445,82 @@ fn events(r: &postbox::EmailReport) -> Vec<postbox::TimelineEntry> {
     assert_eq!(r.timeline[0].kind, "submitted", "{:#?}", r.timeline);
     r.timeline[1..].to_vec()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_delivery_on_starttls_and_implicit_tls_and_5xx_at_connect_fails_alike() {
+    use common::smtp::Security;
+    use postbox::config::TlsMode;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::tls::TestCa::create(&dir.path().join("ca"));
+    for (mode, security) in [
+        (TlsMode::Starttls, Security::Starttls(ca.server_config())),
+        (TlsMode::Tls, Security::Implicit(ca.server_config())),
+    ] {
+        let smtp = SmtpServer::start_with(security).await;
+        let sub = dir.path().join(format!("{mode:?}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let mut s = settings(&sub, smtp.port());
+        s.smtp.tls = mode;
+        s.smtp.ca_file = Some(ca.ca_file.clone());
+        s.smtp.username = Some("postbox".into());
+        s.smtp.password = Some("relay-password".to_string().into());
+        let app = App::start(s).await;
+
+        // Delivered, encrypted, authenticated.
+        let id = app
+            .submit(NewEmail::text("a@example.com", "over TLS", "x"))
+            .await;
+        app.wait_status(&id, EmailStatus::Sent, LIMIT).await;
+        assert!(smtp.received()[0].tls, "{mode:?}: the message crossed TLS");
+        assert_eq!(smtp.auth_seen().len(), 1, "{mode:?}");
+
+        // A 535 at AUTH and a 554 greeting fail the email at once, keeping the code, in every
+        // TLS mode (the pool's connections are new: the server drops idle ones first).
+        for (script, code) in [("auth", 535), ("greeting", 554)] {
+            smtp.stop().await;
+            smtp.resume().await;
+            match script {
+                "auth" => smtp.set_auth_reply(Some("535 5.7.8 Authentication credentials invalid")),
+                _ => smtp.set_greeting(Some("554 5.7.1 no SMTP service for you")),
+            }
+            let id = app
+                .submit(NewEmail::text("b@example.com", script, "x"))
+                .await;
+            let r = app.wait_status(&id, EmailStatus::Failed, LIMIT).await;
+            let attempts = events(&r);
+            assert_eq!(
+                attempts.len(),
+                1,
+                "{mode:?} {script}: one attempt: {attempts:?}"
+            );
+            assert_eq!(attempts[0].smtp_code, Some(code), "{mode:?} {script}");
+            smtp.set_auth_reply(None);
+            smtp.set_greeting(None);
+        }
+        assert_eq!(smtp.count(), 1);
+
+        // Without the CA the relay's certificate is not trusted: nothing is sent, and the
+        // email waits to be retried.
+        let plain = dir.path().join(format!("{mode:?}-untrusted"));
+        std::fs::create_dir_all(&plain).unwrap();
+        let mut s = settings(&plain, smtp.port());
+        s.smtp.tls = mode;
+        let untrusted = App::start(s).await;
+        let id = untrusted
+            .submit(NewEmail::text("c@example.com", "x", "x"))
+            .await;
+        let r = untrusted
+            .wait_status(&id, EmailStatus::Retrying, LIMIT)
+            .await;
+        assert!(
+            r.last_error
+                .as_deref()
+                .unwrap_or("")
+                .contains("certificate")
+                || r.last_error.as_deref().unwrap_or("").contains("TLS"),
+            "{:?}",
+            r.last_error
+        );
+        assert_eq!(smtp.count(), 1);
+    }
+}

@@ -15,6 +15,9 @@ mod dovecot;
 #[path = "../../tests/common/smtp.rs"]
 #[allow(dead_code)]
 mod smtp;
+#[path = "../../tests/common/tls.rs"]
+#[allow(dead_code)]
+mod tls;
 
 use std::time::{Duration, Instant, SystemTime};
 

@@ -8,17 +8,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lettre::Message;
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Attachment as MimeAttachment, MultiPart, SinglePart};
-use lettre::transport::smtp::PoolConfig;
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::extension::ClientId;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use secrecy::ExposeSecret;
 
 pub use policy::{Decision, RetryPolicy};
 
-use crate::config::{Settings, TlsMode, Transport};
+use crate::config::{Settings, Transport};
 use crate::domain::Email;
 use crate::render::Rendered;
 
@@ -154,15 +150,10 @@ pub struct MailerError(String);
 /// Where messages go.
 #[derive(Clone)]
 pub enum Mailer {
-    /// Plaintext or STARTTLS relays: our pool with TCP_NODELAY sockets (see `pool.rs`).
-    Pooled {
-        pool: Arc<pool::SmtpPool>,
-        deadline: Duration,
-    },
-    /// Implicit TLS relays: lettre's own pooled transport.
+    /// The relay in `[smtp]`, over our pool (plaintext, STARTTLS or implicit TLS; see `pool.rs`).
     Smtp {
-        transport: AsyncSmtpTransport<Tokio1Executor>,
-        /// Hard cap on one whole transaction, beyond lettre's per-command timeout.
+        pool: Arc<pool::SmtpPool>,
+        /// Cap on one whole transaction (connecting included), beyond the per-command timeout.
         deadline: Duration,
     },
     /// One `<email id>.eml` per email in this folder (development default).
@@ -173,7 +164,6 @@ impl std::fmt::Debug for Mailer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Mailer::Smtp { .. } => f.write_str("Mailer::Smtp"),
-            Mailer::Pooled { .. } => f.write_str("Mailer::Pooled"),
             Mailer::File(p) => write!(f, "Mailer::File({})", p.display()),
         }
     }
@@ -183,63 +173,10 @@ impl Mailer {
     pub fn from_settings(settings: &Settings) -> Result<Mailer, MailerError> {
         match settings.delivery.transport {
             Transport::File => Ok(Mailer::File(settings.delivery.outbox_dir.clone())),
-            Transport::Smtp if settings.smtp.tls != TlsMode::Tls => {
-                let s = &settings.smtp;
-                let hello = match &s.hello_name {
-                    Some(n) => ClientId::Domain(n.clone()),
-                    None => ClientId::default(),
-                };
-                let credentials = match (&s.username, &s.password) {
-                    (Some(u), Some(p)) => {
-                        Some(Credentials::new(u.clone(), p.expose_secret().to_string()))
-                    }
-                    _ => None,
-                };
-                Ok(Mailer::Pooled {
-                    pool: Arc::new(pool::SmtpPool::new(
-                        s.host.clone(),
-                        s.port,
-                        s.tls == TlsMode::Starttls,
-                        hello,
-                        credentials,
-                        Duration::from_secs(s.connect_timeout_secs),
-                        Duration::from_secs(s.pool_idle_secs),
-                        s.pool_max as usize,
-                    )),
-                    deadline: Duration::from_secs(
-                        s.connect_timeout_secs + 3 * s.command_timeout_secs,
-                    ),
-                })
-            }
             Transport::Smtp => {
                 let s = &settings.smtp;
-                let mut b = match s.tls {
-                    TlsMode::None => {
-                        AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(s.host.clone())
-                    }
-                    TlsMode::Starttls => {
-                        AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&s.host)
-                            .map_err(|e| MailerError(e.to_string()))?
-                    }
-                    TlsMode::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&s.host)
-                        .map_err(|e| MailerError(e.to_string()))?,
-                };
-                b = b
-                    .port(s.port)
-                    .timeout(Some(Duration::from_secs(s.command_timeout_secs)))
-                    .pool_config(
-                        PoolConfig::new()
-                            .max_size(s.pool_max)
-                            .idle_timeout(Duration::from_secs(s.pool_idle_secs)),
-                    );
-                if let Some(name) = &s.hello_name {
-                    b = b.hello_name(ClientId::Domain(name.clone()));
-                }
-                if let (Some(u), Some(p)) = (&s.username, &s.password) {
-                    b = b.credentials(Credentials::new(u.clone(), p.expose_secret().to_string()));
-                }
                 Ok(Mailer::Smtp {
-                    transport: b.build(),
+                    pool: Arc::new(pool::SmtpPool::new(s)?),
                     deadline: Duration::from_secs(
                         s.connect_timeout_secs + 3 * s.command_timeout_secs,
                     ),
@@ -251,25 +188,7 @@ impl Mailer {
     /// Sends one message; never panics, never hangs past the deadline.
     pub async fn send(&self, message: &Message, email_id: &str) -> Outcome {
         match self {
-            Mailer::Pooled { pool, deadline } => {
-                match tokio::time::timeout(*deadline, pool.send(message)).await {
-                    Ok(o) => o,
-                    Err(_) => Outcome::Temporary {
-                        code: None,
-                        text: format!("no answer within {}s", deadline.as_secs()),
-                    },
-                }
-            }
-            Mailer::Smtp {
-                transport,
-                deadline,
-            } => match tokio::time::timeout(*deadline, transport.send(message.clone())).await {
-                Ok(r) => classify(r),
-                Err(_) => Outcome::Temporary {
-                    code: None,
-                    text: format!("no answer within {}s", deadline.as_secs()),
-                },
-            },
+            Mailer::Smtp { pool, deadline } => pool.send(message, *deadline).await,
             Mailer::File(dir) => {
                 let path = dir.join(format!("{email_id}.eml"));
                 let tmp = dir.join(format!(".{email_id}.eml.tmp"));

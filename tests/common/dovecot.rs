@@ -72,67 +72,7 @@ impl Dovecot {
         std::fs::create_dir_all(dir.join("state")).unwrap();
         let (port, tls_port) = (free_port(), free_port());
         // Certificates: a CA, and a server certificate it signs for 127.0.0.1 / localhost.
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        run(Command::new("openssl")
-            .current_dir(dir)
-            .args(["req", "-x509"])
-            .args(ec)
-            .args([
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "3",
-                "-subj",
-                "/CN=postbox test CA",
-            ])
-            .args([
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ]));
-        run(Command::new("openssl")
-            .current_dir(dir)
-            .args(["req"])
-            .args(ec)
-            .args([
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=localhost",
-            ]));
-        std::fs::write(
-            dir.join("ext.cnf"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        run(Command::new("openssl").current_dir(dir).args([
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "3",
-            "-extfile",
-            "ext.cnf",
-        ]));
+        super::tls::TestCa::create(dir);
         std::fs::write(dir.join("users"), format!("{USER}:{{PLAIN}}{PASSWORD}\n")).unwrap();
         // As root, Dovecot drops to its own users; mail is owned by `dovecot`.
         let (internal, login, mail_uid) = if is_root() {

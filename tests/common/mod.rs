@@ -4,6 +4,7 @@
 pub mod dovecot;
 pub mod http;
 pub mod smtp;
+pub mod tls;
 pub mod webdriver;
 
 use std::path::{Path, PathBuf};

@@ -1,13 +1,15 @@
-//! A real SMTP server on 127.0.0.1 for tests: speaks the protocol over TCP (EHLO, AUTH PLAIN,
-//! MAIL, RCPT, DATA with dot-unstuffing, RSET, NOOP, QUIT), records every accepted message, and
-//! fails on cue: scripted replies to DATA, replies by recipient, a delay, or going down entirely.
+//! A real SMTP server on 127.0.0.1 for tests: speaks the protocol over TCP (EHLO, STARTTLS,
+//! AUTH PLAIN, MAIL, RCPT, DATA with dot-unstuffing, RSET, NOOP, QUIT), in plaintext, with
+//! STARTTLS or with implicit TLS (a throwaway CA's certificate), records every accepted message,
+//! and fails on cue: a scripted greeting or AUTH reply, scripted replies to DATA, replies by
+//! recipient, a delay, or going down entirely.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -18,7 +20,22 @@ pub struct Received {
     pub rcpt_to: Vec<String>,
     pub data: Vec<u8>,
     pub at: SystemTime,
+    /// The session was encrypted (STARTTLS or implicit TLS) when the message arrived.
+    pub tls: bool,
 }
+
+/// How the server protects its sessions.
+#[derive(Clone)]
+pub enum Security {
+    Plain,
+    /// Offers STARTTLS in EHLO and upgrades on request.
+    Starttls(Arc<tokio_rustls::rustls::ServerConfig>),
+    /// TLS from the first byte.
+    Implicit(Arc<tokio_rustls::rustls::ServerConfig>),
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 impl Received {
     pub fn message_id(&self) -> String {
@@ -47,11 +64,15 @@ struct Behaviour {
     delay: Duration,
     /// Every end of DATA gets this reply while set.
     data_reply_always: Option<String>,
+    /// Replaces the 220 greeting (the session then waits for QUIT).
+    greeting: Option<String>,
+    /// Replaces the 235 reply to AUTH.
+    auth_reply: Option<String>,
 }
 
 /// Reads the next line into `line`; false when the client hung up or the server went down.
 async fn next_line(
-    r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    r: &mut BufReader<Box<dyn Io>>,
     line: &mut String,
     down: &mut watch::Receiver<bool>,
 ) -> std::io::Result<bool> {
@@ -72,10 +93,15 @@ pub struct SmtpServer {
     behaviour: Arc<Mutex<Behaviour>>,
     auth_seen: Arc<Mutex<Vec<String>>>,
     state: Arc<Mutex<Option<Listening>>>,
+    security: Security,
 }
 
 impl SmtpServer {
     pub async fn start() -> SmtpServer {
+        Self::start_with(Security::Plain).await
+    }
+
+    pub async fn start_with(security: Security) -> SmtpServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind smtp");
         let s = SmtpServer {
             addr: listener.local_addr().unwrap(),
@@ -83,9 +109,20 @@ impl SmtpServer {
             behaviour: Default::default(),
             auth_seen: Default::default(),
             state: Default::default(),
+            security,
         };
         s.serve(listener);
         s
+    }
+
+    /// The greeting sessions get from now on (e.g. "554 5.7.1 no service").
+    pub fn set_greeting(&self, reply: Option<&str>) {
+        self.behaviour.lock().unwrap().greeting = reply.map(str::to_string);
+    }
+
+    /// The reply to AUTH from now on (e.g. "535 5.7.8 bad credentials").
+    pub fn set_auth_reply(&self, reply: Option<&str>) {
+        self.behaviour.lock().unwrap().auth_reply = reply.map(str::to_string);
     }
 
     pub fn port(&self) -> u16 {
@@ -173,10 +210,26 @@ impl SmtpServer {
         sock: TcpStream,
         mut down: watch::Receiver<bool>,
     ) -> std::io::Result<()> {
-        let (r, mut w) = sock.into_split();
-        let mut r = BufReader::new(r);
-        w.write_all(b"220 test.local ESMTP postbox-test\r\n")
+        let mut tls = false;
+        let io: Box<dyn Io> = match &self.security {
+            Security::Implicit(config) => {
+                tls = true;
+                Box::new(
+                    tokio_rustls::TlsAcceptor::from(config.clone())
+                        .accept(sock)
+                        .await?,
+                )
+            }
+            _ => Box::new(sock),
+        };
+        let mut r = BufReader::new(io);
+        let greeting = self.behaviour.lock().unwrap().greeting.clone();
+        let refused = greeting.is_some();
+        let greeting = greeting.unwrap_or_else(|| "220 test.local ESMTP postbox-test".into());
+        r.get_mut()
+            .write_all(format!("{greeting}\r\n").as_bytes())
             .await?;
+        r.get_mut().flush().await?;
         let mut from = String::new();
         let mut rcpts: Vec<String> = Vec::new();
         let mut line = String::new();
@@ -186,13 +239,38 @@ impl SmtpServer {
             }
             let cmd = line.trim_end().to_string();
             let upper = cmd.to_ascii_uppercase();
-            let reply: String = if upper.starts_with("EHLO") {
-                "250-test.local\r\n250-8BITMIME\r\n250-AUTH PLAIN LOGIN\r\n250 SMTPUTF8".into()
+            let reply: String = if refused && upper != "QUIT" {
+                "503 5.5.1 no service".into()
+            } else if upper.starts_with("EHLO") {
+                let starttls = if !tls && matches!(self.security, Security::Starttls(_)) {
+                    "250-STARTTLS\r\n"
+                } else {
+                    ""
+                };
+                format!(
+                    "250-test.local\r\n{starttls}250-8BITMIME\r\n250-AUTH PLAIN LOGIN\r\n250 SMTPUTF8"
+                )
+            } else if upper == "STARTTLS" {
+                let Security::Starttls(config) = &self.security else {
+                    r.get_mut().write_all(b"502 5.5.1 no TLS here\r\n").await?;
+                    continue;
+                };
+                r.get_mut()
+                    .write_all(b"220 2.0.0 ready for TLS\r\n")
+                    .await?;
+                let plain = r.into_inner();
+                let secured = tokio_rustls::TlsAcceptor::from(config.clone())
+                    .accept(plain)
+                    .await?;
+                r = BufReader::new(Box::new(secured));
+                tls = true;
+                continue;
             } else if upper.starts_with("HELO") {
                 "250 test.local".into()
             } else if upper.starts_with("AUTH PLAIN") {
                 self.auth_seen.lock().unwrap().push(cmd.clone());
-                "235 2.7.0 Authentication successful".into()
+                let scripted = self.behaviour.lock().unwrap().auth_reply.clone();
+                scripted.unwrap_or_else(|| "235 2.7.0 Authentication successful".into())
             } else if upper.starts_with("MAIL FROM:") {
                 from = cmd[10..]
                     .trim()
@@ -229,8 +307,10 @@ impl SmtpServer {
                     }
                 }
             } else if upper == "DATA" {
-                w.write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                r.get_mut()
+                    .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
                     .await?;
+                r.get_mut().flush().await?;
                 let mut data = Vec::new();
                 loop {
                     if !next_line(&mut r, &mut line, &mut down).await? {
@@ -263,6 +343,7 @@ impl SmtpServer {
                         rcpt_to: rcpts.clone(),
                         data,
                         at: SystemTime::now(),
+                        tls,
                     });
                 }
                 reply
@@ -272,13 +353,16 @@ impl SmtpServer {
             } else if upper == "NOOP" {
                 "250 2.0.0 OK".into()
             } else if upper == "QUIT" {
-                w.write_all(b"221 2.0.0 Bye\r\n").await?;
+                r.get_mut().write_all(b"221 2.0.0 Bye\r\n").await?;
                 return Ok(());
             } else {
                 "502 5.5.2 Command not recognized".into()
             };
             // One write per reply: two small writes meet Nagle and delayed ACKs (40 ms each).
-            w.write_all(format!("{reply}\r\n").as_bytes()).await?;
+            r.get_mut()
+                .write_all(format!("{reply}\r\n").as_bytes())
+                .await?;
+            r.get_mut().flush().await?;
         }
     }
 }
