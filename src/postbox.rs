@@ -78,6 +78,8 @@ struct Inner {
     mailer: Mailer,
     writer: GroupCommitter,
     workers_running: AtomicUsize,
+    /// This process in the cluster (`host-pid-ulid`): the holder of its leases and claims.
+    node: String,
 }
 
 /// postbox as a library: submit mail, look it up, cancel or re-drive it, and run the workers.
@@ -127,6 +129,7 @@ impl Postbox {
                 mailer,
                 writer,
                 workers_running: AtomicUsize::new(0),
+                node: queue::node_name(),
             }),
         })
     }
@@ -154,6 +157,11 @@ impl Postbox {
 
     pub(crate) fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// This process's name in the cluster (`host-pid-ulid`).
+    pub(crate) fn node(&self) -> &str {
+        &self.inner.node
     }
 
     /// Wakes idle workers in this process (emails were queued outside `submit`).
@@ -386,6 +394,8 @@ impl Postbox {
             i.store.clone(),
             i.mailer.clone(),
             i.settings.retry.clone(),
+            i.node.clone(),
+            shutdown.clone(),
         ));
         queue::run(
             &i.settings,

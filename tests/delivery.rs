@@ -524,3 +524,129 @@ async fn tls_delivery_on_starttls_and_implicit_tls_and_5xx_at_connect_fails_alik
         assert_eq!(smtp.count(), 1);
     }
 }
+
+/// Settings whose database writes give up quickly when the database is away.
+fn impatient(dir: &std::path::Path, smtp_port: u16) -> postbox::Settings {
+    let mut s = settings(dir, smtp_port);
+    s.database.busy_timeout_ms = 100;
+    s
+}
+
+async fn wait_all(app: &App, ids: &[postbox::EmailId], want: EmailStatus) {
+    for id in ids {
+        app.wait_status(id, want, LIMIT).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_after_the_relay_said_250_is_recorded_without_a_second_send() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = SmtpServer::start().await;
+    smtp.set_delay(Duration::from_millis(1500));
+    let app = App::start(impatient(dir.path(), smtp.port())).await;
+    let ids = vec![
+        app.submit(NewEmail::text("a@example.com", "1", "x")).await,
+        app.submit(NewEmail::text("b@example.com", "2", "x")).await,
+        app.submit(NewEmail::text("c@example.com", "3", "x")).await,
+    ];
+    wait_all(&app, &ids, EmailStatus::Sending).await;
+    // The relay answers 250 while the database refuses every write (and the worker, whose
+    // fetches and heartbeat fail too, dies): the outcomes wait in memory.
+    common::db_outage(dir.path(), Duration::from_secs(3)).await;
+    wait_all(&app, &ids, EmailStatus::Sent).await;
+    // Let any re-run of the jobs happen (the janitor requeues the dead worker's jobs).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(smtp.count(), 3, "each email was sent once");
+    for id in &ids {
+        let r = app.status(id).await;
+        assert_eq!(r.attempts, 1, "{r:#?}");
+        assert!(
+            !r.timeline.iter().any(|e| e.kind == "interrupted"),
+            "{r:#?}"
+        );
+    }
+    common::assert_counters_match(dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_dies_on_a_failed_heartbeat_lets_its_sends_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = SmtpServer::start().await;
+    smtp.set_delay(Duration::from_millis(3000));
+    let app = App::start(impatient(dir.path(), smtp.port())).await;
+    let ids = vec![
+        app.submit(NewEmail::text("a@example.com", "1", "x")).await,
+        app.submit(NewEmail::text("b@example.com", "2", "x")).await,
+    ];
+    wait_all(&app, &ids, EmailStatus::Sending).await;
+    // An outage shorter than the sends: the worker's heartbeat fails and ends it (apalis),
+    // while the relay has not answered yet. The sends must not be dropped with the worker.
+    common::db_outage(dir.path(), Duration::from_millis(1500)).await;
+    wait_all(&app, &ids, EmailStatus::Sent).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(smtp.count(), 2, "each email was sent once");
+    for id in &ids {
+        let r = app.status(id).await;
+        assert!(
+            !r.timeline.iter().any(|e| e.kind == "interrupted"),
+            "{r:#?}"
+        );
+    }
+    // The process keeps delivering.
+    let later = app.submit(NewEmail::text("d@example.com", "4", "x")).await;
+    smtp.set_delay(Duration::ZERO);
+    app.wait_status(&later, EmailStatus::Sent, LIMIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_while_delivering_fails_that_email_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = SmtpServer::start().await;
+    let app = App::start(settings(dir.path(), smtp.port())).await;
+    postbox::faults::arm(postbox::faults::DELIVERY_PANIC, "panic@example.com", 1);
+    let bad = app
+        .submit(NewEmail::text("panic@example.com", "boom", "x"))
+        .await;
+    let good = app
+        .submit(NewEmail::text("ok@example.com", "fine", "x"))
+        .await;
+    let r = app.wait_status(&bad, EmailStatus::Failed, LIMIT).await;
+    assert!(
+        r.last_error.as_deref().unwrap_or("").contains("panicked"),
+        "{:?}",
+        r.last_error
+    );
+    app.wait_status(&good, EmailStatus::Sent, LIMIT).await;
+    assert!(app.postbox.workers_running());
+    // The dead letter can be re-driven once the bug is gone.
+    app.postbox.retry(&bad).await.unwrap();
+    app.wait_status(&bad, EmailStatus::Sent, LIMIT).await;
+    assert_eq!(smtp.count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_email_that_cannot_be_read_fails_with_the_reason_instead_of_looping() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = SmtpServer::start().await;
+    let mut app = App::open(settings(dir.path(), smtp.port())).await;
+    let id = app.submit(NewEmail::text("a@example.com", "s", "x")).await;
+    let ok = app.submit(NewEmail::text("b@example.com", "s", "x")).await;
+    let sql =
+        format!("UPDATE postbox_emails SET spec = '{{\"not\": \"an email\"}}' WHERE id = '{id}'");
+    db_exec(dir.path(), &sql, &sql).await;
+    app.start_workers();
+    let r = app.wait_status(&id, EmailStatus::Failed, LIMIT).await;
+    assert!(
+        r.last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("cannot be read"),
+        "{:?}",
+        r.last_error
+    );
+    app.wait_status(&ok, EmailStatus::Sent, LIMIT).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r = app.status(&id).await;
+    assert_eq!((r.status, r.attempts), (EmailStatus::Failed, 1), "no loop");
+    assert_eq!(smtp.count(), 1);
+}

@@ -201,7 +201,7 @@ pub async fn run(pb: Postbox, mailboxes: Vec<Arc<Mailbox>>, lease: Duration, shu
     if mailboxes.is_empty() {
         return;
     }
-    let node = crate::queue::node_name();
+    let node = pb.node().to_string();
     info!(mailboxes = mailboxes.len(), %node, "IMAP watchers starting");
     let ctx = Arc::new(Inbound {
         pb,

@@ -11,6 +11,7 @@
 //! - a unique worker name per start, a janitor that re-queues jobs of dead workers and repairs
 //!   stuck rows, and a supervisor that restarts a worker that died on a database error.
 
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,7 +33,7 @@ use crate::delivery::{Decision, Mailer, Outcome, RetryPolicy, build_message};
 use crate::domain::address::mask;
 use crate::render::render;
 use crate::store::{
-    AttemptRecord, ClaimResult, Db, Finish, JanitorReport, SendJob, Store, StoreError,
+    AttemptRecord, Claim, ClaimResult, Db, Finish, JanitorReport, SendJob, Store, StoreError,
 };
 
 /// A shutdown signal every loop can await (cloneable).
@@ -77,25 +78,95 @@ impl futures::Stream for WakeStream {
 }
 
 /// Everything a delivery needs; shared by all concurrent handler calls.
+///
+/// Each delivery runs as a task of its own ([`Deliverer::spawn`]), not inside the apalis
+/// worker's future: when a worker dies (one failed heartbeat ends it), its sends in flight still
+/// finish and are recorded. [`Deliverer::drain`] waits for them at shutdown.
 #[derive(Debug)]
 pub struct Deliverer {
     store: Store,
     mailer: Mailer,
     policy: RetryPolicy,
+    /// This process, as recorded in its claims.
+    node: String,
+    /// Emails being delivered by this process now: a second job for one of them (a repeated or
+    /// recovered job) does nothing.
+    in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
+    tasks: tokio_util::task::TaskTracker,
+    /// Fires when the process is stopping: recording retries give up after [`RECORD_GRACE`].
+    shutdown: Shutdown,
+}
+
+/// How long a known outcome is retried into the database once the process is stopping.
+const RECORD_GRACE: Duration = Duration::from_secs(10);
+
+/// Removes an email from the in-flight set when its delivery ends, however it ends.
+struct InFlight<'a> {
+    set: &'a std::sync::Mutex<std::collections::HashSet<String>>,
+    id: String,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
 }
 
 impl Deliverer {
-    pub fn new(store: Store, mailer: Mailer, policy: RetryPolicy) -> Self {
+    pub fn new(
+        store: Store,
+        mailer: Mailer,
+        policy: RetryPolicy,
+        node: String,
+        shutdown: Shutdown,
+    ) -> Self {
         Self {
             store,
             mailer,
             policy,
+            node,
+            in_flight: Default::default(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            shutdown,
         }
+    }
+
+    /// Runs [`Deliverer::deliver`] as a task of its own and waits for it.
+    pub async fn spawn(self: &Arc<Self>, job: SendJob) -> Result<(), StoreError> {
+        let me = self.clone();
+        match self.tasks.spawn(async move { me.deliver(job).await }).await {
+            Ok(r) => r,
+            // deliver() catches panics around the attempt; one elsewhere is a bug, reported
+            // as an error (the job runs again, and a claim that went through is safe).
+            Err(e) => Err(StoreError::Queue(format!("a delivery task failed: {e}"))),
+        }
+    }
+
+    /// Waits until every delivery task has ended (after the workers stopped taking jobs).
+    pub async fn drain(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// Runs one job: claim, render, send, record. Idempotent: a stale or repeated job does nothing.
     pub async fn deliver(&self, job: SendJob) -> Result<(), StoreError> {
-        let claim = match self.store.claim(&job.email_id, job.seq).await? {
+        if !self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(job.email_id.clone())
+        {
+            debug!(email_id = %job.email_id, seq = job.seq, "already being delivered by this process");
+            return Ok(());
+        }
+        let _in_flight = InFlight {
+            set: &self.in_flight,
+            id: job.email_id.clone(),
+        };
+        let claim = match self.store.claim(&job.email_id, job.seq, &self.node).await? {
             ClaimResult::Claimed(c) => c,
             ClaimResult::Skip(why) => {
                 debug!(email_id = %job.email_id, seq = job.seq, why, "job has nothing to do");
@@ -103,6 +174,10 @@ impl Deliverer {
             }
             ClaimResult::Expired => {
                 info!(email_id = %job.email_id, "email expired before delivery");
+                return Ok(());
+            }
+            ClaimResult::Failed(reason) => {
+                warn!(email_id = %job.email_id, %reason, "failed; moved to dead letters");
                 return Ok(());
             }
         };
@@ -113,12 +188,22 @@ impl Deliverer {
             }
             let started_at = OffsetDateTime::now_utc();
             let t0 = Instant::now();
-            let outcome = match render(&claim.email)
-                .map_err(|e| e.to_string())
-                .and_then(|r| build_message(&claim.email, &r, &claim.message_id).map_err(|e| e.to_string()))
-            {
-                Ok(msg) => self.mailer.send(&msg, claim.id.as_str()).await,
-                Err(text) => Outcome::Permanent { code: None, text },
+            // A panic (a bug in rendering, MIME building or a transport) fails this email with
+            // the reason; nothing else stops.
+            let outcome = match AssertUnwindSafe(self.attempt(&claim)).catch_unwind().await {
+                Ok(o) => o,
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into());
+                    error!(panic = %what, "the delivery panicked; failing this email");
+                    Outcome::Permanent {
+                        code: None,
+                        text: format!("internal error: the delivery panicked ({what})"),
+                    }
+                }
             };
             let rec = AttemptRecord {
                 started_at,
@@ -148,7 +233,7 @@ impl Deliverer {
                     }
                 }
             };
-            let recorded = self.store.finish(&claim, &rec, &finish).await?;
+            let recorded = self.record(&claim, &rec, &finish).await?;
             metrics::histogram!("postbox_smtp_transaction_seconds")
                 .record(rec.duration_ms as f64 / 1e3);
             metrics::counter!("postbox_smtp_replies_total",
@@ -175,6 +260,55 @@ impl Deliverer {
         .instrument(span)
         .await
     }
+
+    /// Render, build the MIME message, send.
+    async fn attempt(&self, claim: &Claim) -> Outcome {
+        let first = claim.email.to.first().map_or("", |a| a.address());
+        if crate::faults::hit(crate::faults::DELIVERY_PANIC, first) {
+            panic!("injected fault: the delivery of {} panics", claim.id);
+        }
+        match render(&claim.email)
+            .map_err(|e| e.to_string())
+            .and_then(|r| {
+                build_message(&claim.email, &r, &claim.message_id).map_err(|e| e.to_string())
+            }) {
+            Ok(msg) => self.mailer.send(&msg, claim.id.as_str()).await,
+            Err(text) => Outcome::Permanent { code: None, text },
+        }
+    }
+
+    /// Records a known outcome, retrying from memory while the database refuses (busy, full,
+    /// unreachable): the message is never sent again for a failed write. Once the process is
+    /// stopping, it tries for [`RECORD_GRACE`] more, then gives up; the email then stays
+    /// `sending` and is sent again after a restart (the one duplicate the README admits).
+    async fn record(
+        &self,
+        claim: &Claim,
+        rec: &AttemptRecord,
+        finish: &Finish,
+    ) -> Result<bool, StoreError> {
+        let mut pause = Duration::from_millis(50);
+        let mut stopping_since: Option<Instant> = None;
+        loop {
+            match self.store.finish(claim, rec, finish).await {
+                Ok(recorded) => return Ok(recorded),
+                Err(e) => {
+                    if stopping_since.is_none() && self.shutdown.clone().now_or_never().is_some() {
+                        stopping_since = Some(Instant::now());
+                    }
+                    if stopping_since.is_some_and(|t| t.elapsed() > RECORD_GRACE) {
+                        error!(error = %e, "the outcome could not be recorded before shutdown; \
+                            the email will be sent again after a restart");
+                        return Err(e);
+                    }
+                    warn!(error = %e, retry_in_ms = pause.as_millis() as u64,
+                        "cannot record the outcome yet; retrying (the message is not sent again)");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
 }
 
 /// The apalis handler. Errors returned here are infrastructure errors (the database); apalis
@@ -191,7 +325,7 @@ async fn handle(job: Value, deliverer: Data<Arc<Deliverer>>) -> Result<(), BoxDy
             return Ok(());
         }
     };
-    deliverer.deliver(job).await.map_err(|e| {
+    deliverer.spawn(job).await.map_err(|e| {
         error!(error = %e, "delivery could not be recorded; the job will run again");
         Box::new(e) as BoxDynError
     })
@@ -207,6 +341,29 @@ pub async fn run(
     shutdown: Shutdown,
 ) {
     let q = settings.queue.clone();
+    // This process's liveness, which keeps its claims from being taken over: renewed every
+    // heartbeat, valid for three.
+    let node = deliverer.node.clone();
+    let lease = crate::store::node_lease(&node);
+    let heartbeat = Duration::from_secs(q.heartbeat_secs);
+    if let Err(e) = store.acquire_lease(&lease, &node, heartbeat * 3).await {
+        warn!(error = %e, "cannot record this process's liveness; will try again");
+    }
+    let liveness = tokio::spawn({
+        let (store, lease, node, shutdown) =
+            (store.clone(), lease.clone(), node.clone(), shutdown.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.clone() => return,
+                    _ = tokio::time::sleep(heartbeat) => {}
+                }
+                if let Err(e) = store.acquire_lease(&lease, &node, heartbeat * 3).await {
+                    warn!(error = %e, "cannot renew this process's liveness; will try again");
+                }
+            }
+        }
+    });
     let janitor = tokio::spawn(janitor_loop(
         settings.clone(),
         store.clone(),
@@ -219,8 +376,10 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
+    let mut restarts = 0u32;
     loop {
-        let name = format!("postbox-{}", node_name());
+        let name = format!("postbox-{node}-{restarts}");
+        restarts += 1;
         let strategy = || {
             Strategy::new()
                 .stream(wake.stream())
@@ -277,7 +436,13 @@ pub async fn run(
             _ = shutdown.clone() => break,
         }
     }
+    // Sends started by a worker that died are still running: let them finish and record.
+    deliverer.drain().await;
     let _ = janitor.await;
+    let _ = liveness.await;
+    if let Err(e) = store.release_lease(&lease, &node).await {
+        warn!(error = %e, "cannot release this process's liveness lease; it runs out by itself");
+    }
 }
 
 /// PostgreSQL: wakes this process's idle workers when any process queues a job that is due

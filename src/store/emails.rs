@@ -378,17 +378,26 @@ impl Store {
     ///
     /// The claim is one autocommit statement (the hot path: no BEGIN/COMMIT round trips); the
     /// rare expiry and interrupted-send notes are written after it.
-    pub async fn claim(&self, id: &str, seq: i64) -> Result<ClaimResult, StoreError> {
+    ///
+    /// `node` is the claiming process; it is recorded so that an email still `sending` is
+    /// re-claimed only when its claimer is gone (its node lease ran out): a crash. A live
+    /// claimer may still be recording the outcome of a send that went through.
+    pub async fn claim(&self, id: &str, seq: i64, node: &str) -> Result<ClaimResult, StoreError> {
         let now = now();
         let row = sql("UPDATE postbox_emails
                 SET status = 'sending', attempts = attempts + 1,
-                    interrupted = CASE WHEN status = 'sending' THEN 1 ELSE 0 END, updated_at = $1
+                    interrupted = CASE WHEN status = 'sending' THEN 1 ELSE 0 END, updated_at = $1,
+                    claimed_by = $4
               WHERE id = $2 AND job_seq = $3 AND status IN ('queued', 'retrying', 'sending')
                 AND (expires_at IS NULL OR expires_at > $1)
+                AND (status <> 'sending' OR claimed_by IS NULL OR NOT EXISTS
+                     (SELECT 1 FROM postbox_leases l
+                       WHERE l.name = 'node:' || postbox_emails.claimed_by AND l.expires_at >= $1))
           RETURNING spec, message_id, attempts, priority, age_from, interrupted")
         .bind(ms(now))
         .bind(id)
         .bind(seq)
+        .bind(node)
         .fetch_optional(&self.db)
         .await?;
         let Some(row) = row else {
@@ -409,13 +418,21 @@ impl Store {
                 return Ok(ClaimResult::Expired);
             }
             tx.commit().await?;
-            return Ok(ClaimResult::Skip("final, cancelled or superseded"));
+            return Ok(ClaimResult::Skip(
+                "final, cancelled, superseded, or in flight in a live process",
+            ));
         };
         let spec: String = row.get("spec")?;
-        let email: Email = serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt {
-            id: id.to_string(),
-            message: e.to_string(),
-        })?;
+        let email: Email = match serde_json::from_str(&spec) {
+            Ok(e) => e,
+            Err(e) => {
+                // Retrying cannot make it readable: fail it, with the reason, instead of
+                // claiming it again and again.
+                let reason = format!("the stored email cannot be read: {e}");
+                self.fail_claimed(id, seq, &reason).await?;
+                return Ok(ClaimResult::Failed(reason));
+            }
+        };
         let attempt: i64 = row.get("attempts")?;
         let interrupted = row.get::<i64>("interrupted")? != 0;
         if interrupted {
@@ -443,6 +460,26 @@ impl Store {
             age_from: from_ms(row.get("age_from")?),
             interrupted,
         })))
+    }
+
+    /// Fails a claimed email without an attempt record (it could not even be tried).
+    async fn fail_claimed(&self, id: &str, seq: i64, reason: &str) -> Result<(), StoreError> {
+        let now = now();
+        let mut tx = self.db.begin().await?;
+        let n = sql("UPDATE postbox_emails
+                SET status = 'failed', next_attempt_at = NULL, last_error = $1, updated_at = $2
+              WHERE id = $3 AND job_seq = $4 AND status = 'sending'")
+        .bind(reason)
+        .bind(ms(now))
+        .bind(id)
+        .bind(seq)
+        .execute(&mut tx)
+        .await?;
+        if n == 1 {
+            insert_event(&mut tx, id, now, "failed", "failed", None, None, reason).await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Records an attempt and the email's new state in ONE transaction (with the next job, when
@@ -919,10 +956,16 @@ impl Store {
 
         // 2. Emails that are not final but own no live job (a job killed or exhausted by
         //    infrastructure errors): give them a new one. Nothing accepted is ever dropped.
+        //    Quiet for stuck_after, or at once for an email still `sending` whose claimer is
+        //    gone (its node lease ran out: a crash): its job was acked by a process that found
+        //    the claimer still alive a moment earlier.
         let orphans = self
             .jobs_sql(
             "SELECT e.id, e.job_seq, e.priority, e.next_attempt_at, e.send_at FROM postbox_emails e
-              WHERE e.status IN ('queued', 'retrying', 'sending') AND e.updated_at < $2
+              WHERE e.status IN ('queued', 'retrying', 'sending')
+                AND (e.updated_at < $2
+                     OR (e.status = 'sending' AND NOT EXISTS (SELECT 1 FROM postbox_leases l
+                          WHERE l.name = 'node:' || e.claimed_by AND l.expires_at >= $3)))
                 AND NOT EXISTS (SELECT 1 FROM {jobs} j
                      WHERE j.job_type = $1 AND j.idempotency_key = e.id || ':' || e.job_seq
                        AND (j.status IN ('Pending', 'Queued', 'Running')
@@ -931,6 +974,7 @@ impl Store {
         )
         .bind(&self.queue)
         .bind(ms(now) - stuck_after.as_millis() as i64)
+        .bind(ms(now))
         .fetch_all(&self.db)
         .await?;
         for o in orphans {
@@ -1195,11 +1239,17 @@ async fn insert_event<'a>(
 
 fn report_from(row: DbRow, events: Vec<DbRow>) -> Result<EmailReport, StoreError> {
     let id: String = row.get("id")?;
+    // Columns where they exist; the stored email only for `to` with display names, and the
+    // recipients column when it cannot be read (an unreadable email can still be looked at).
     let spec: String = row.get("spec")?;
-    let email: Email = serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt {
-        id: id.clone(),
-        message: e.to_string(),
-    })?;
+    let to = match serde_json::from_str::<Email>(&spec) {
+        Ok(email) => email.to.iter().map(|a| a.to_string()).collect(),
+        Err(_) => row
+            .get::<String>("recipients")?
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
+    };
     let status: String = row.get("status")?;
     let priority: String = row.get("priority")?;
     let opt = |c: &str| -> Result<Option<OffsetDateTime>, StoreError> {
@@ -1238,10 +1288,14 @@ fn report_from(row: DbRow, events: Vec<DbRow>) -> Result<EmailReport, StoreError
         })?,
         priority: Priority::parse(&priority).unwrap_or_default(),
         message_id: row.get("message_id")?,
-        subject: email.subject.clone(),
-        template: email.content.template_name().map(str::to_string),
-        to: email.to.iter().map(|a| a.to_string()).collect(),
-        tags: email.tags.clone(),
+        subject: row.get("subject")?,
+        template: row.get("template")?,
+        to,
+        tags: row
+            .get::<String>("tags")?
+            .split_whitespace()
+            .map(str::to_string)
+            .collect(),
         attempts: row.get::<i64>("attempts")? as u32,
         created_at: from_ms(row.get("created_at")?),
         updated_at: from_ms(row.get("updated_at")?),

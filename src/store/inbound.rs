@@ -140,6 +140,12 @@ pub fn lease_name(mailbox: &str) -> String {
     format!("mailbox:{mailbox}")
 }
 
+/// The lease a delivering process renews while it lives: its claims are not taken over while
+/// it runs (see `Store::claim`).
+pub fn node_lease(node: &str) -> String {
+    format!("node:{node}")
+}
+
 impl Store {
     /// Takes the lease `name` for `holder` until `ttl` from now, or renews it if `holder` has
     /// it. True when `holder` holds it afterwards; false while another holder's lease runs.

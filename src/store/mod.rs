@@ -21,7 +21,7 @@ pub use emails::{Store, is_postgres_url};
 pub use group::{GroupCommitter, GroupSettings};
 pub use inbound::{
     AlertBuilder, DueGroup, Health, MailboxPosition, MailboxStatus, NewHit, PendingHit, RuleStatus,
-    ScanOutcome, lease_name,
+    ScanOutcome, lease_name, node_lease,
 };
 pub use inbound::{MAX_LISTED, MAX_SENDERS};
 
@@ -136,6 +136,8 @@ pub enum ClaimResult {
     Skip(&'static str),
     /// Past `expires_at`: marked expired.
     Expired,
+    /// The stored email cannot be read: marked failed with this reason.
+    Failed(String),
 }
 
 /// How an attempt ends, as the store records it.

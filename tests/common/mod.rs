@@ -393,3 +393,36 @@ pub async fn assert_counters_match(dir: &Path) {
     .await;
     assert_eq!(depth, 0, "the depth counter differs from the emails table");
 }
+
+/// A real database outage for `hold`, while postbox runs: on SQLite another connection holds
+/// the write lock (postbox's writes fail with "database is locked" once their busy timeout
+/// runs out); on PostgreSQL every other connection to the test's database is terminated, again
+/// and again (postbox's statements fail with a closed connection and its pools reconnect).
+pub async fn db_outage(dir: &Path, hold: Duration) {
+    if on_postgres() {
+        let url = db_url(dir);
+        let t0 = Instant::now();
+        while t0.elapsed() < hold {
+            psql(
+                &url,
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                  WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        return;
+    }
+    use sqlx::Connection;
+    let mut c = sqlx::SqliteConnection::connect(&db_url(dir)).await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE postbox_counters SET n = n WHERE name = 'depth'")
+        .execute(&mut c)
+        .await
+        .unwrap();
+    tokio::time::sleep(hold).await;
+    sqlx::query("COMMIT").execute(&mut c).await.unwrap();
+    c.close().await.unwrap();
+}
