@@ -328,6 +328,12 @@ impl Postbox {
         self.inner.store.ping().await
     }
 
+    /// Checks that the database takes writes (a full disk, a stuck lock or an unreachable
+    /// server fail it).
+    pub async fn write_probe(&self) -> Result<(), StoreError> {
+        self.inner.store.write_probe().await
+    }
+
     /// True while [`Postbox::run_workers`] runs in this process.
     pub fn workers_running(&self) -> bool {
         self.inner.workers_running.load(Ordering::Relaxed) > 0
@@ -369,7 +375,7 @@ impl Postbox {
 
     /// One janitor pass now (it also runs periodically inside [`Postbox::run_workers`]).
     pub async fn janitor(&self) -> Result<JanitorReport, StoreError> {
-        queue::janitor_pass(&self.inner.settings, &self.inner.store).await
+        queue::janitor_pass(&self.inner.settings, &self.inner.store, &self.inner.node).await
     }
 
     /// Delivers queued mail in this process until `shutdown` completes; then stops fetching,

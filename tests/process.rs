@@ -522,3 +522,94 @@ fn send_batch_reports_accepted_and_rejected_lines_and_stats_shows_the_queue() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--batch /nonexistent.jsonl"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_a_retryable_503_and_postbox_recovers_by_itself_losing_and_doubling_nothing()
+{
+    use common::http::{Api, TOKEN};
+    use serde_json::json;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = common::TmpFs::mount(&dir.path().join("disk"), 64);
+    // Room to free later.
+    let filler = disk.path.join("filler");
+    std::fs::write(&filler, vec![0u8; 40 * 1024 * 1024]).unwrap();
+    let smtp = SmtpServer::start().await;
+    let mut s = settings(dir.path(), smtp.port());
+    s.database.url = format!("sqlite://{}", disk.path.join("postbox.db").display());
+    s.api.token = Some(TOKEN.to_string().into());
+    let api = Api::start(s, true).await.with_token(TOKEN);
+
+    // Batches of 4 KB emails until the disk is full: a 503 naming it, never a 500.
+    let body = "x".repeat(4000);
+    let mut accepted: Vec<String> = Vec::new();
+    let mut refusal = None;
+    for round in 0..200 {
+        let emails: Vec<_> = (0..200)
+            .map(|i| json!({"to": [format!("u{round}-{i}@example.com")], "subject": "s", "text": body}))
+            .collect();
+        let r = api
+            .post("/v1/emails/batch", &json!({ "emails": emails }))
+            .await;
+        if r.status == 202 {
+            accepted.extend(
+                r.json["emails"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["id"].as_str().unwrap().to_string()),
+            );
+            continue;
+        }
+        refusal = Some(r);
+        break;
+    }
+    let r = refusal.expect("the disk filled up");
+    assert_eq!(r.status, 503, "{}", r.text);
+    assert_eq!(r.error().0, "storage_full", "{}", r.text);
+    assert!(r.header("retry-after").is_some());
+    assert!(!accepted.is_empty());
+    // Readiness says so (writes fail even though reads work).
+    let ready = api.get("/readyz").await;
+    assert_eq!(ready.status, 503, "{}", ready.text);
+    assert!(
+        ready.json["database"].as_str().unwrap().contains("full"),
+        "{}",
+        ready.text
+    );
+
+    // Space comes back: postbox recovers without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let t0 = std::time::Instant::now();
+    while api.get("/readyz").await.status != 200 {
+        assert!(t0.elapsed() < LIMIT, "not ready after space came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = api
+        .post(
+            "/v1/emails",
+            &json!({"to": ["after@example.com"], "subject": "s", "text": "t"}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    accepted.push(r.json["id"].as_str().unwrap().to_string());
+    let t0 = std::time::Instant::now();
+    while api.app.count(EmailStatus::Sent).await < accepted.len() as u64 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "not everything accepted was sent: {:?}",
+            api.app.postbox.counts().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Every 202 delivered, once.
+    let received = smtp.received();
+    let distinct: HashSet<String> = received.iter().map(|r| r.message_id()).collect();
+    assert_eq!(
+        distinct.len(),
+        accepted.len(),
+        "every accepted email arrived"
+    );
+    assert_eq!(received.len(), accepted.len(), "and none twice");
+    api.stop().await;
+    drop(disk);
+}

@@ -177,12 +177,7 @@ pub struct Readiness {
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
 pub async fn readyz(State(st): State<ApiState>, headers: axum::http::HeaderMap) -> Response {
-    let db = tokio::time::timeout(std::time::Duration::from_secs(2), st.postbox.ping()).await;
-    let database = match db {
-        Ok(Ok(())) => "ok".to_string(),
-        Ok(Err(e)) => format!("error: {e}"),
-        Err(_) => "error: no answer within 2 s".to_string(),
-    };
+    let database = st.writes.check(&st.postbox).await;
     let workers = match (st.expect_workers, st.postbox.workers_running()) {
         (false, _) => "not run here",
         (true, true) => "running",
@@ -231,6 +226,36 @@ pub async fn mailboxes(State(st): State<ApiState>) -> Result<Json<MailboxesRespo
     Ok(Json(MailboxesResponse {
         mailboxes: st.postbox.mailboxes().await?,
     }))
+}
+
+/// The last write probe of `/readyz` (at most one per [`WRITES_EVERY`]): a database that
+/// answers reads but refuses writes (a full disk) is not ready.
+#[derive(Default)]
+pub struct Writes {
+    last: tokio::sync::Mutex<Option<(std::time::Instant, String)>>,
+}
+
+/// How often `/readyz` probes the database with a write.
+const WRITES_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Writes {
+    /// `ok`, or what failed.
+    async fn check(&self, pb: &crate::Postbox) -> String {
+        let mut last = self.last.lock().await;
+        if let Some((at, verdict)) = &*last
+            && at.elapsed() < WRITES_EVERY
+        {
+            return verdict.clone();
+        }
+        let probe = tokio::time::timeout(std::time::Duration::from_secs(2), pb.write_probe()).await;
+        let verdict = match probe {
+            Ok(Ok(())) => "ok".to_string(),
+            Ok(Err(e)) => format!("error: {e}"),
+            Err(_) => "error: no answer within 2 s".to_string(),
+        };
+        *last = Some((std::time::Instant::now(), verdict.clone()));
+        verdict
+    }
 }
 
 /// The queue gauges of `/metrics`, read from the database at most once per [`GAUGES_EVERY`] and

@@ -55,6 +55,7 @@ pub struct ApiState {
     sessions: Arc<ui::Sessions>,
     logins: Arc<auth::FailedLogins>,
     gauges: Arc<meta::Gauges>,
+    writes: Arc<meta::Writes>,
 }
 
 #[derive(OpenApi)]
@@ -112,6 +113,7 @@ fn build(
             std::time::Duration::from_secs(settings.failed_login_window_secs),
         )),
         gauges: Arc::new(meta::Gauges::default()),
+        writes: Arc::new(meta::Writes::default()),
     };
     let v1 = OpenApiRouter::new()
         .routes(routes!(emails::submit_email, emails::list_emails))

@@ -367,9 +367,10 @@ pub async fn run(
     let janitor = tokio::spawn(janitor_loop(
         settings.clone(),
         store.clone(),
+        deliverer.node.clone(),
         shutdown.clone(),
     ));
-    if let Db::Pg(pool) = store.db() {
+    if let Db::Pg(pool, _) = store.db() {
         tokio::spawn(listen_for_jobs(
             pool.clone(),
             wake.clone(),
@@ -412,7 +413,7 @@ pub async fn run(
                     .await
                     .map_err(|e| e.to_string())
             }
-            Db::Pg(pool) => {
+            Db::Pg(pool, _) => {
                 let config = apalis_postgres::Config::default()
                     .queue(&q.name)
                     .batch_size(q.batch_size)
@@ -478,11 +479,16 @@ async fn listen_for_jobs(pool: sqlx::PgPool, wake: Arc<Wake>, shutdown: Shutdown
 }
 
 /// One janitor pass with the thresholds the settings give.
-pub async fn janitor_pass(settings: &Settings, store: &Store) -> Result<JanitorReport, StoreError> {
+pub async fn janitor_pass(
+    settings: &Settings,
+    store: &Store,
+    me: &str,
+) -> Result<JanitorReport, StoreError> {
     let q = &settings.queue;
     let r = &settings.retention;
     store
         .janitor(
+            me,
             Duration::from_secs(q.heartbeat_secs * 2),
             Duration::from_secs(q.stuck_after_secs),
             Duration::from_secs(r.finished_jobs_hours * 3600),
@@ -492,11 +498,11 @@ pub async fn janitor_pass(settings: &Settings, store: &Store) -> Result<JanitorR
         .await
 }
 
-async fn janitor_loop(settings: Settings, store: Store, shutdown: Shutdown) {
+async fn janitor_loop(settings: Settings, store: Store, me: String, shutdown: Shutdown) {
     let pause = Duration::from_secs(settings.queue.janitor_interval_secs);
     let mut failures = 0u32;
     loop {
-        match janitor_pass(&settings, &store).await {
+        match janitor_pass(&settings, &store, &me).await {
             Ok(r) => {
                 failures = 0;
                 if r != Default::default() {

@@ -6,6 +6,9 @@
 //! takes any type both drivers decode.
 
 use std::borrow::Cow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
@@ -18,18 +21,92 @@ pub enum Kind {
     Postgres,
 }
 
-/// The pool of either database.
+/// The pool of either database. PostgreSQL's comes with a [`Breaker`].
 #[derive(Debug, Clone)]
 pub enum Db {
     Sqlite(SqlitePool),
-    Pg(PgPool),
+    Pg(PgPool, Arc<Breaker>),
+}
+
+/// While PostgreSQL is known to be unreachable, statements fail at once instead of each
+/// waiting out the pool's acquire timeout (with the server down, every request would take
+/// that long to learn it). After [`Breaker::WINDOW`] one caller tries again; success closes
+/// the breaker for everyone.
+#[derive(Debug, Default)]
+pub struct Breaker {
+    /// Unix ms until which callers fail fast; 0 when the database answers.
+    down_until: AtomicI64,
+}
+
+impl Breaker {
+    const WINDOW: Duration = Duration::from_secs(2);
+
+    fn now_ms() -> i64 {
+        (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+    }
+
+    /// May a statement go to the database now?
+    fn admit(&self) -> Result<(), sqlx::Error> {
+        let until = self.down_until.load(Ordering::Acquire);
+        if until == 0 {
+            return Ok(());
+        }
+        let now = Self::now_ms();
+        let retry = now + Self::WINDOW.as_millis() as i64;
+        // The window is over: one caller (the one that moves it) tries.
+        if now >= until
+            && self
+                .down_until
+                .compare_exchange(until, retry, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            return Ok(());
+        }
+        Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::NotConnected,
+            "the database could not be reached moments ago; not tried again yet",
+        )))
+    }
+
+    /// Notes how a statement went.
+    fn observe<T>(&self, r: &Result<T, sqlx::Error>) {
+        match r {
+            Ok(_) => {
+                if self.down_until.load(Ordering::Relaxed) != 0 {
+                    self.down_until.store(0, Ordering::Release);
+                    tracing::info!("the database answers again");
+                }
+            }
+            Err(e) if unreachable(e) => {
+                let until = Self::now_ms() + Self::WINDOW.as_millis() as i64;
+                if self.down_until.swap(until, Ordering::AcqRel) == 0 {
+                    tracing::warn!(error = %e, "the database cannot be reached; failing fast for now");
+                }
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Does `e` say the PostgreSQL server cannot be reached (not that a statement was wrong)?
+fn unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(d) => d
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
+    }
 }
 
 impl Db {
     pub fn kind(&self) -> Kind {
         match self {
             Db::Sqlite(_) => Kind::Sqlite,
-            Db::Pg(_) => Kind::Postgres,
+            Db::Pg(..) => Kind::Postgres,
         }
     }
 
@@ -37,7 +114,12 @@ impl Db {
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
         Ok(match self {
             Db::Sqlite(p) => Tx::Sqlite(p.begin().await?),
-            Db::Pg(p) => Tx::Pg(p.begin().await?),
+            Db::Pg(p, b) => {
+                b.admit()?;
+                let r = p.begin().await;
+                b.observe(&r);
+                Tx::Pg(r?)
+            }
         })
     }
 
@@ -46,14 +128,14 @@ impl Db {
     pub async fn begin_write(&self) -> Result<Tx, sqlx::Error> {
         Ok(match self {
             Db::Sqlite(p) => Tx::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),
-            Db::Pg(p) => Tx::Pg(p.begin().await?),
+            Db::Pg(..) => self.begin().await?,
         })
     }
 
     pub async fn close(&self) {
         match self {
             Db::Sqlite(p) => p.close().await,
-            Db::Pg(p) => p.close().await,
+            Db::Pg(p, _) => p.close().await,
         }
     }
 }
@@ -120,7 +202,7 @@ impl Tx {
 /// Where a statement runs: a pool or an open transaction.
 pub enum On<'a> {
     SqlitePool(&'a SqlitePool),
-    PgPool(&'a PgPool),
+    PgPool(&'a PgPool, &'a Breaker),
     SqliteConn(&'a mut SqliteConnection),
     PgConn(&'a mut PgConnection),
 }
@@ -129,7 +211,7 @@ impl<'a> From<&'a Db> for On<'a> {
     fn from(db: &'a Db) -> Self {
         match db {
             Db::Sqlite(p) => On::SqlitePool(p),
-            Db::Pg(p) => On::PgPool(p),
+            Db::Pg(p, b) => On::PgPool(p, b),
         }
     }
 }
@@ -213,9 +295,12 @@ macro_rules! on_each {
                 let $q = $sql.sqlite();
                 $body.map(|x| x.into_iter().map(DbRow::Sqlite).collect::<Vec<_>>())
             }
-            On::PgPool($e) => {
+            On::PgPool($e, b) => {
+                b.admit()?;
                 let $q = $sql.pg();
-                $body.map(|x| x.into_iter().map(DbRow::Pg).collect::<Vec<_>>())
+                let r = $body.map(|x| x.into_iter().map(DbRow::Pg).collect::<Vec<_>>());
+                b.observe(&r);
+                r
             }
             On::SqliteConn($e) => {
                 let $q = $sql.sqlite();
@@ -287,7 +372,12 @@ impl Sql {
     pub async fn execute<'a>(&self, on: impl Into<On<'a>>) -> Result<u64, sqlx::Error> {
         Ok(match on.into() {
             On::SqlitePool(p) => self.sqlite().execute(p).await?.rows_affected(),
-            On::PgPool(p) => self.pg().execute(p).await?.rows_affected(),
+            On::PgPool(p, b) => {
+                b.admit()?;
+                let r = self.pg().execute(p).await;
+                b.observe(&r);
+                r?.rows_affected()
+            }
             On::SqliteConn(c) => self.sqlite().execute(c).await?.rows_affected(),
             On::PgConn(c) => self.pg().execute(c).await?.rows_affected(),
         })
@@ -297,13 +387,16 @@ impl Sql {
         on_each!(self, on.into(), |q, e| q.fetch_all(e).await)
     }
 
+    /// The first row, if any. The statement always runs to its end: sqlx's own
+    /// `fetch_optional` stops SQLite after the first row and drops whatever the statement's
+    /// completion returns, so the failed commit of an autocommit `UPDATE ... RETURNING` (a full
+    /// disk) went unseen, and postbox acted on a claim that never happened. Every caller
+    /// expects one row at most.
     pub async fn fetch_optional<'a>(
         &self,
         on: impl Into<On<'a>>,
     ) -> Result<Option<DbRow>, sqlx::Error> {
-        Ok(on_each!(self, on.into(), |q, e| q.fetch_optional(e).await)?
-            .into_iter()
-            .next())
+        Ok(self.fetch_all(on).await?.into_iter().next())
     }
 
     /// The first column of the first row, if there is a row.

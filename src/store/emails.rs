@@ -11,6 +11,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use time::OffsetDateTime;
 
+use super::Fault;
 use super::db::{Db, DbRow, Kind, Lock, On, Sql, Tx, lock_hash, sql, values};
 use super::*;
 use crate::config::Settings;
@@ -24,12 +25,83 @@ const JOB_MAX_ATTEMPTS: usize = 10;
 pub struct Store {
     pub(super) db: Db,
     queue: String,
+    /// The last write refused because the disk is full, until a write succeeds again.
+    full: std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, String)>>>,
 }
+
+/// How long a refused write keeps `/readyz` not ready (unless a write succeeds sooner).
+const FULL_REMEMBERED: Duration = Duration::from_secs(10);
 /// How often WAL frames are copied back into the database, off the commit path.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 pub(super) fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
+}
+
+/// WAL frames past which the WAL is truncated (16 MiB of 4 KiB pages).
+const WAL_TRUNCATE_FRAMES: i64 = 4_096;
+
+/// Copies WAL frames back into the database every [`CHECKPOINT_EVERY`], off the commit path.
+///
+/// A passive checkpoint never waits, but it never restarts the WAL either: SQLite reuses the
+/// WAL from its start only when every frame was copied back and no reader still holds it, and
+/// under sustained deliveries some reader always does. The WAL then grows with every commit
+/// (deliveries rewrite rows: measured, a backlog grew it by ~30 MB in under a second), which a
+/// large disk hides and a nearly full one does not: on a 32 MiB disk, space freed after it
+/// filled up was eaten again within a second. So when the WAL passes [`WAL_TRUNCATE_FRAMES`],
+/// or a checkpoint fails (the disk is full), a TRUNCATE checkpoint follows (repeated until it
+/// succeeds): it waits for readers (briefly holding writers), copies back only the net new
+/// pages, and gives the WAL's space back.
+async fn checkpoints(pool: sqlx::SqlitePool) {
+    let mut truncate = false;
+    loop {
+        tokio::time::sleep(CHECKPOINT_EVERY).await;
+        if pool.is_closed() {
+            return;
+        }
+        let mode = if truncate { "TRUNCATE" } else { "PASSIVE" };
+        let res = sqlx::query_as::<_, (i64, i64, i64)>(sqlx::AssertSqlSafe(format!(
+            "PRAGMA wal_checkpoint({mode})"
+        )))
+        .fetch_one(&pool)
+        .await;
+        match res {
+            Ok((busy, log, _)) => {
+                // A TRUNCATE that found readers it could not wait out reports busy: try again.
+                truncate = if truncate {
+                    busy != 0
+                } else {
+                    log > WAL_TRUNCATE_FRAMES
+                };
+            }
+            Err(e) => {
+                if pool.is_closed() {
+                    return;
+                }
+                if !truncate {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; truncating the WAL until it succeeds");
+                }
+                truncate = true;
+            }
+        }
+    }
+}
+
+/// Whether a connection given back to the pool may be used again. A transaction whose COMMIT
+/// or ROLLBACK failed (SQLite on a full disk rolls a transaction back by itself, so the
+/// driver's ROLLBACK then fails too) leaves the driver believing it is still inside one: the
+/// next `BEGIN IMMEDIATE` on it fails ("non-zero transaction depth") and other writers wait on
+/// it. Such a connection is closed instead of reused, whoever used it (apalis included). A
+/// rollback the driver has merely queued is let through first (the ping runs after it).
+async fn still_clean<C: sqlx::Connection>(conn: &mut C) -> Result<bool, sqlx::Error> {
+    if conn.is_in_transaction() {
+        conn.ping().await?;
+    }
+    let clean = !conn.is_in_transaction();
+    if !clean {
+        tracing::warn!("closing a database connection left inside a failed transaction");
+    }
+    Ok(clean)
 }
 
 /// Is this database URL a PostgreSQL one?
@@ -49,6 +121,7 @@ impl Store {
         Ok(Store {
             db,
             queue: settings.queue.name.clone(),
+            full: Default::default(),
         })
     }
 
@@ -60,6 +133,7 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(settings.database.max_connections)
             .min_connections(1)
+            .after_release(|conn, _| Box::pin(still_clean(conn)))
             .acquire_timeout(Duration::from_millis(
                 settings.database.busy_timeout_ms.max(1000),
             ))
@@ -71,7 +145,7 @@ impl Store {
         let mut migrator = sqlx::migrate!("./migrations/postgres");
         migrator.dangerous_set_table_name("postbox_migrations");
         migrator.run(&pool).await?;
-        Ok(Db::Pg(pool))
+        Ok(Db::Pg(pool, Default::default()))
     }
 
     async fn open_sqlite(settings: &Settings) -> Result<Db, StoreError> {
@@ -108,26 +182,10 @@ impl Store {
         let pool = SqlitePoolOptions::new()
             .max_connections(settings.database.max_connections)
             .min_connections(1)
+            .after_release(|conn, _| Box::pin(still_clean(conn)))
             .connect_with(opts)
             .await?;
-        let checkpointer = pool.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(CHECKPOINT_EVERY).await;
-                if checkpointer.is_closed() {
-                    return;
-                }
-                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                    .execute(&checkpointer)
-                    .await
-                {
-                    if checkpointer.is_closed() {
-                        return;
-                    }
-                    tracing::debug!(error = %e, "WAL checkpoint failed; will try again");
-                }
-            }
-        });
+        tokio::spawn(checkpoints(pool.clone()));
         Ok(Db::Sqlite(pool))
     }
 
@@ -741,6 +799,46 @@ impl Store {
         Ok(())
     }
 
+    /// Notes how a submission's write went: a refusal for a full disk is remembered (readiness
+    /// says so, so that a load balancer sends submissions elsewhere) until a submission commits
+    /// or [`FULL_REMEMBERED`] passes.
+    pub fn note_write<T>(&self, r: &Result<T, StoreError>) {
+        let mut full = self.full.lock().unwrap_or_else(|p| p.into_inner());
+        match r {
+            Ok(_) => *full = None,
+            Err(e) if e.fault() == Fault::Full => {
+                *full = Some((std::time::Instant::now(), e.to_string()))
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// A recent write refused for a full disk, not followed by a successful one.
+    pub fn storage_full(&self) -> Option<String> {
+        let full = self.full.lock().unwrap_or_else(|p| p.into_inner());
+        full.as_ref()
+            .filter(|(at, _)| at.elapsed() < FULL_REMEMBERED)
+            .map(|(_, e)| format!("writes were refused: {e}"))
+    }
+
+    /// Does the database take a write now? One row rewritten in a transaction of its own: it
+    /// fails on a full disk, on a lock held past the busy timeout, on an unreachable server.
+    pub async fn write_probe(&self) -> Result<(), StoreError> {
+        if let Some(full) = self.storage_full() {
+            return Err(StoreError::Queue(full));
+        }
+        let mut tx = self.db.begin_write().await?;
+        let probe = match self.db.kind() {
+            Kind::Sqlite => "UPDATE postbox_counters SET n = n WHERE name = 'depth'",
+            Kind::Postgres => {
+                "UPDATE postbox_counters SET n = n WHERE name = 'depth' AND shard = 0"
+            }
+        };
+        sql(probe).execute(&mut tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// A page of emails, newest first (by id, which is time-ordered and unique: a stable order).
     pub async fn list(&self, f: &ListFilter) -> Result<EmailPage, StoreError> {
         let contains = match self.db.kind() {
@@ -922,8 +1020,12 @@ impl Store {
     }
 
     /// One janitor pass: repairs what apalis 1.0 can leave stuck, expires mail, applies retention.
+    ///
+    /// `me` is the process running it: its own claims are never taken for a dead process's
+    /// (its liveness lease may have lapsed while the database refused writes).
     pub async fn janitor(
         &self,
+        me: &str,
         dead_after: Duration,
         stuck_after: Duration,
         finished_jobs: Duration,
@@ -964,7 +1066,8 @@ impl Store {
             "SELECT e.id, e.job_seq, e.priority, e.next_attempt_at, e.send_at FROM postbox_emails e
               WHERE e.status IN ('queued', 'retrying', 'sending')
                 AND (e.updated_at < $2
-                     OR (e.status = 'sending' AND NOT EXISTS (SELECT 1 FROM postbox_leases l
+                     OR (e.status = 'sending' AND COALESCE(e.claimed_by, '') <> $4
+                         AND NOT EXISTS (SELECT 1 FROM postbox_leases l
                           WHERE l.name = 'node:' || e.claimed_by AND l.expires_at >= $3)))
                 AND NOT EXISTS (SELECT 1 FROM {jobs} j
                      WHERE j.job_type = $1 AND j.idempotency_key = e.id || ':' || e.job_seq
@@ -975,6 +1078,7 @@ impl Store {
         .bind(&self.queue)
         .bind(ms(now) - stuck_after.as_millis() as i64)
         .bind(ms(now))
+        .bind(me)
         .fetch_all(&self.db)
         .await?;
         for o in orphans {

@@ -77,6 +77,7 @@ async fn writer(store: Store, settings: GroupSettings, mut rx: mpsc::Receiver<Jo
         let result = store
             .insert_group(&reqs, settings.max_depth, settings.idempotency_ttl)
             .await;
+        store.note_write(&result);
         let took = started.elapsed();
         if took > std::time::Duration::from_secs(1) {
             tracing::warn!(
@@ -114,6 +115,7 @@ async fn writer(store: Store, settings: GroupSettings, mut rx: mpsc::Receiver<Jo
                         )
                         .await
                         .map(|mut v| v.pop().expect("one request, one outcome"));
+                    store.note_write(&res);
                     let _ = reply.send(res);
                 }
             }

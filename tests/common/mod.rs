@@ -426,3 +426,56 @@ pub async fn db_outage(dir: &Path, hold: Duration) {
     sqlx::query("COMMIT").execute(&mut c).await.unwrap();
     c.close().await.unwrap();
 }
+
+/// A small tmpfs mounted for one test (a disk that can really fill up), unmounted on drop.
+/// Mounting needs root (or passwordless sudo); CI runs the suite as root.
+pub struct TmpFs {
+    pub path: PathBuf,
+}
+
+fn as_root(args: &[&str]) -> std::process::Output {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let mut cmd = if root {
+        std::process::Command::new(args[0])
+    } else {
+        let mut c = std::process::Command::new("sudo");
+        c.arg("-n").arg(args[0]);
+        c
+    };
+    cmd.args(&args[1..]).output().expect("run mount/umount")
+}
+
+impl TmpFs {
+    pub fn mount(path: &Path, mib: u64) -> TmpFs {
+        std::fs::create_dir_all(path).unwrap();
+        let out = as_root(&[
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={mib}m"),
+            "tmpfs",
+            path.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "the disk-full test mounts a {mib} MiB tmpfs at {}; that needs root or passwordless \
+             sudo: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TmpFs {
+            path: path.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for TmpFs {
+    fn drop(&mut self) {
+        let _ = as_root(&["umount", "-l", self.path.to_str().unwrap()]);
+    }
+}
