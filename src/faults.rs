@@ -51,3 +51,5 @@ pub fn left(point: &'static str, key: &str) -> usize {
 pub const WATCHER_PANIC: &str = "watcher.scan.panic";
 /// A delivery panics after its claim (key: the email's first recipient).
 pub const DELIVERY_PANIC: &str = "delivery.panic";
+/// A group commit holding this submission fails (key: the submission's request id).
+pub const GROUP_COMMIT_FAIL: &str = "store.group_commit.fail";

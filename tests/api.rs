@@ -1150,3 +1150,120 @@ async fn hostile_bodies_cost_a_bounded_error_and_store_nothing() {
     );
     api.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_group_commit_is_retried_one_submission_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = Api::start(settings(dir.path(), 9), false).await;
+    let post = |rid: String| {
+        let client = api.client.clone();
+        let url = format!("{}/v1/emails", api.base);
+        async move {
+            client
+                .post(url)
+                .header("x-request-id", rid)
+                .json(&email("a@example.com"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    // The writer is held up by another connection while 20 submissions queue behind it: they
+    // are committed as one group, and one of them makes that group's transaction fail.
+    let hold = tokio::spawn({
+        let dir = dir.path().to_path_buf();
+        async move { common::hold_writes(&dir, Duration::from_millis(1500)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = tokio::spawn(post("first".into()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    postbox::faults::arm(postbox::faults::GROUP_COMMIT_FAIL, "poisoned-group-7", 1);
+    let queued: Vec<_> = (0..20)
+        .map(|i| {
+            let rid = if i == 7 {
+                "poisoned-group-7".to_string()
+            } else {
+                format!("group-{i}")
+            };
+            tokio::spawn(post(rid))
+        })
+        .collect();
+    hold.await.unwrap();
+    assert_eq!(first.await.unwrap(), StatusCode::ACCEPTED);
+    for q in queued {
+        assert_eq!(
+            q.await.unwrap(),
+            StatusCode::ACCEPTED,
+            "every submission of the group"
+        );
+    }
+    assert_eq!(
+        postbox::faults::left(postbox::faults::GROUP_COMMIT_FAIL, "poisoned-group-7"),
+        0,
+        "the group commit failed"
+    );
+    assert_eq!(api.app.count(EmailStatus::Queued).await, 21);
+    assert_eq!(half_written(dir.path()).await, (0, 0));
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_refuses_writes_is_a_503_naming_it_and_nothing_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 9);
+    s.database.busy_timeout_ms = 100;
+    let api = Api::start(s, false).await;
+    assert_eq!(
+        api.post("/v1/emails", &email("a@example.com")).await.status,
+        202
+    );
+    let outage = tokio::spawn({
+        let dir = dir.path().to_path_buf();
+        async move { common::db_outage(&dir, Duration::from_millis(1500)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SQLite: the lock is held past the busy timeout (every write is refused); PostgreSQL: the
+    // connections are terminated again and again (a write may slip through between).
+    let want = if common::on_postgres() {
+        "database_unavailable"
+    } else {
+        "database_busy"
+    };
+    let (mut accepted, mut refused) = (0, 0);
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_millis(800) {
+        let r = api.post("/v1/emails", &email("b@example.com")).await;
+        if r.status == StatusCode::ACCEPTED {
+            accepted += 1;
+            continue;
+        }
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
+        assert_eq!(r.error().0, want, "{}", r.text);
+        assert!(r.header("retry-after").is_some());
+        refused += 1;
+    }
+    if !common::on_postgres() {
+        assert!(
+            refused > 0 && accepted == 0,
+            "{refused} refused, {accepted} accepted"
+        );
+    }
+    outage.await.unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let r = api.post("/v1/emails", &email("c@example.com")).await;
+        if r.status == 202 {
+            break;
+        }
+        assert!(t0.elapsed() < LIMIT, "writes never came back: {}", r.text);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        api.app.count(EmailStatus::Queued).await,
+        2 + accepted,
+        "the refused ones were not stored"
+    );
+    assert_eq!(half_written(dir.path()).await, (0, 0));
+    api.stop().await;
+}

@@ -291,3 +291,212 @@ async fn two_serve_processes_share_one_mailbox_through_a_lease_and_hand_over_on_
     b.child.start_kill().unwrap();
     let _ = b.child.wait().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_stopped_and_restarted_under_running_workers_loses_and_doubles_nothing() {
+    use common::http::{Api, TOKEN};
+    use postbox::{EmailStatus, NewEmail};
+    let pg = common::PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = SmtpServer::start().await;
+    let mut s = common::settings(dir.path(), smtp.port());
+    s.database.url = pg.url.clone();
+    s.database.busy_timeout_ms = 2000;
+    // Idle workers wake only on NOTIFY from other processes: a restarted LISTEN is observable.
+    s.queue.poll_interval_ms = 60_000;
+    s.api.token = Some(TOKEN.to_string().into());
+    let api = Api::start(s.clone(), true).await.with_token(TOKEN);
+    // Another process (its own pool) submits: only LISTEN/NOTIFY tells the workers.
+    let submitter = common::App::open(s).await;
+    let submit = |n: usize| {
+        let pb = submitter.postbox.clone();
+        async move {
+            let t0 = Instant::now();
+            loop {
+                let to = format!("u{n}@example.com");
+                match pb.submit(NewEmail::text(&to, "s", "x")).await {
+                    Ok(s) => return s.id,
+                    Err(e) => {
+                        assert!(t0.elapsed() < Duration::from_secs(30), "submit {n}: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }
+    };
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(submit(n).await);
+    }
+    for id in &ids {
+        api.app
+            .wait_status(id, EmailStatus::Sent, Duration::from_secs(20))
+            .await;
+    }
+
+    // Sends in flight when the server goes down: the relay answers during the outage.
+    smtp.set_delay(Duration::from_millis(1500));
+    for n in 3..6 {
+        ids.push(submit(n).await);
+    }
+    for id in &ids[3..] {
+        api.app
+            .wait_status(id, EmailStatus::Sending, Duration::from_secs(20))
+            .await;
+    }
+    pg.down();
+    // Requests fail with a 503 that says what it is, and fast once the outage is known.
+    let t0 = Instant::now();
+    for _ in 0..5 {
+        let r = api
+            .post(
+                "/v1/emails",
+                &json!({"to": ["x@example.com"], "subject": "s", "text": "t"}),
+            )
+            .await;
+        assert_eq!(r.status, 503, "{}", r.text);
+        assert_eq!(r.error().0, "database_unavailable", "{}", r.text);
+        assert!(r.header("retry-after").is_some());
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "5 refusals took {:?}: each waited out the pool instead of failing fast",
+        t0.elapsed()
+    );
+    assert_eq!(api.get("/readyz").await.status, 503);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.up();
+    smtp.set_delay(Duration::ZERO);
+    let t0 = Instant::now();
+    while api.get("/readyz").await.status != 200 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "not ready after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The workers and their LISTEN came back: new mail from another process is picked up.
+    for n in 6..9 {
+        ids.push(submit(n).await);
+    }
+    for id in &ids {
+        api.app
+            .wait_status(id, EmailStatus::Sent, Duration::from_secs(30))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let received = smtp.received();
+    let distinct: HashSet<String> = received.iter().map(|r| r.message_id()).collect();
+    assert_eq!((distinct.len(), received.len()), (9, 9), "every email once");
+    submitter.postbox.close().await;
+    api.stop().await;
+}
+
+fn signal(child: &tokio::process::Child, sig: &str) {
+    let pid = child.id().expect("running").to_string();
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_holder_writes_nothing_after_a_takeover_and_a_clean_stop_hands_over_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let dv = Dovecot::start(&dir.path().join("dovecot"));
+    let smtp = SmtpServer::start().await;
+    let url = fresh_pg_database();
+    let config = dir.path().join("postbox.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\nlease_secs = 3\n\n[[mailboxes]]\n{}",
+            dv.mailbox_toml("mon", "none", RULE)
+        ),
+    )
+    .unwrap();
+    let env = [
+        ("POSTBOX_DATABASE__URL", url.as_str()),
+        ("POSTBOX_CONFIG", config.to_str().unwrap()),
+        ("POSTBOX_API__ENABLED", "false"),
+    ];
+    let mut a = spawn_postbox("serve", dir.path(), smtp.port(), &env);
+    let pid_a = a.child.id().unwrap();
+    wait_for("the schema", Duration::from_secs(20), || {
+        psql(
+            &url,
+            "SELECT to_regclass('public.postbox_leases') IS NOT NULL",
+        ) == "t"
+    })
+    .await;
+    wait_for("A to hold the lease", Duration::from_secs(20), || {
+        holder(&url).contains(&format!("-{pid_a}-"))
+    })
+    .await;
+    let mut b = spawn_postbox("serve", dir.path(), smtp.port(), &env);
+    let pid_b = b.child.id().unwrap();
+    wait_for("A's watcher to connect", Duration::from_secs(20), || {
+        psql(
+            &url,
+            "SELECT state FROM postbox_mailboxes WHERE name = 'mon'",
+        ) == "connected"
+    })
+    .await;
+
+    // A freezes (a stop-the-world pause, a suspended VM) past its lease: B takes over and
+    // alerts on new mail. When A wakes, it finds the news in its IDLE session, but every scan
+    // commits only while its lease is held: it writes nothing.
+    signal(&a.child, "-STOP");
+    wait_for("B to take the lease", Duration::from_secs(10), || {
+        holder(&url).contains(&format!("-{pid_b}-"))
+    })
+    .await;
+    let mut c = dv.client().await;
+    c.append(
+        "INBOX",
+        &dovecot::message("a@example.com", "INCIDENT 1", "x"),
+    )
+    .await;
+    wait_for("B's alert", Duration::from_secs(20), || smtp.count() >= 1).await;
+    signal(&a.child, "-CONT");
+    wait_for(
+        "A to notice it lost the lease",
+        Duration::from_secs(10),
+        || a.logs.lock().unwrap().contains("lease lost"),
+    )
+    .await;
+    c.append(
+        "INBOX",
+        &dovecot::message("a@example.com", "INCIDENT 2", "x"),
+    )
+    .await;
+    wait_for("the second alert", Duration::from_secs(20), || {
+        smtp.count() >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(incidents(&smtp.received()), vec![1, 2], "none doubled");
+    assert!(
+        holder(&url).contains(&format!("-{pid_b}-")),
+        "B still holds it"
+    );
+
+    // A clean stop gives the lease up: right after B exits, B no longer holds it (it would for
+    // up to 3 s more otherwise), and A takes over.
+    signal(&b.child, "-TERM");
+    let status = b.child.wait().await.unwrap();
+    assert!(status.success(), "B stops cleanly: {status}");
+    let now = holder(&url);
+    assert!(
+        !now.contains(&format!("-{pid_b}-")),
+        "B released its lease: {now}"
+    );
+    wait_for("A to take the lease", Duration::from_secs(10), || {
+        holder(&url).contains(&format!("-{pid_a}-"))
+    })
+    .await;
+    a.child.start_kill().unwrap();
+    let _ = a.child.wait().await;
+}

@@ -32,14 +32,36 @@ pub enum Db {
 /// waiting out the pool's acquire timeout (with the server down, every request would take
 /// that long to learn it). After [`Breaker::WINDOW`] one caller tries again; success closes
 /// the breaker for everyone.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Breaker {
     /// Unix ms until which callers fail fast; 0 when the database answers.
     down_until: AtomicI64,
+    /// How to reach the server directly, to tell "unreachable" from "every connection busy".
+    opts: sqlx::postgres::PgConnectOptions,
 }
 
 impl Breaker {
     const WINDOW: Duration = Duration::from_secs(2);
+
+    pub fn new(opts: sqlx::postgres::PgConnectOptions) -> Breaker {
+        Breaker {
+            down_until: AtomicI64::new(0),
+            opts,
+        }
+    }
+
+    /// Does the server accept a connection within a second?
+    async fn server_answers(&self) -> bool {
+        use sqlx::Connection;
+        let connect = sqlx::postgres::PgConnection::connect_with(&self.opts);
+        match tokio::time::timeout(Duration::from_secs(1), connect).await {
+            Ok(Ok(c)) => {
+                let _ = c.close().await;
+                true
+            }
+            _ => false,
+        }
+    }
 
     fn now_ms() -> i64 {
         (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
@@ -68,8 +90,24 @@ impl Breaker {
         )))
     }
 
-    /// Notes how a statement went.
-    fn observe<T>(&self, r: &Result<T, sqlx::Error>) {
+    /// Notes how a statement went, and names the trouble right: a pool that timed out either
+    /// had every connection busy, or could not open one because the server is unreachable
+    /// (the pool cannot tell; a direct connection attempt can).
+    async fn observe<T>(&self, r: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        let r = match r {
+            Err(sqlx::Error::PoolTimedOut) if !self.server_answers().await => {
+                Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    "cannot connect to the database server",
+                )))
+            }
+            r => r,
+        };
+        self.note(&r);
+        r
+    }
+
+    fn note<T>(&self, r: &Result<T, sqlx::Error>) {
         match r {
             Ok(_) => {
                 if self.down_until.load(Ordering::Relaxed) != 0 {
@@ -91,10 +129,7 @@ impl Breaker {
 /// Does `e` say the PostgreSQL server cannot be reached (not that a statement was wrong)?
 fn unreachable(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(d) => d
             .code()
             .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
@@ -116,9 +151,7 @@ impl Db {
             Db::Sqlite(p) => Tx::Sqlite(p.begin().await?),
             Db::Pg(p, b) => {
                 b.admit()?;
-                let r = p.begin().await;
-                b.observe(&r);
-                Tx::Pg(r?)
+                Tx::Pg(b.observe(p.begin().await).await?)
             }
         })
     }
@@ -298,9 +331,8 @@ macro_rules! on_each {
             On::PgPool($e, b) => {
                 b.admit()?;
                 let $q = $sql.pg();
-                let r = $body.map(|x| x.into_iter().map(DbRow::Pg).collect::<Vec<_>>());
-                b.observe(&r);
-                r
+                b.observe($body.map(|x| x.into_iter().map(DbRow::Pg).collect::<Vec<_>>()))
+                    .await
             }
             On::SqliteConn($e) => {
                 let $q = $sql.sqlite();
@@ -374,9 +406,7 @@ impl Sql {
             On::SqlitePool(p) => self.sqlite().execute(p).await?.rows_affected(),
             On::PgPool(p, b) => {
                 b.admit()?;
-                let r = self.pg().execute(p).await;
-                b.observe(&r);
-                r?.rows_affected()
+                b.observe(self.pg().execute(p).await).await?.rows_affected()
             }
             On::SqliteConn(c) => self.sqlite().execute(c).await?.rows_affected(),
             On::PgConn(c) => self.pg().execute(c).await?.rows_affected(),

@@ -130,6 +130,7 @@ impl Store {
     /// hold sqlx's advisory lock, so many processes can start at once.
     async fn open_postgres(settings: &Settings) -> Result<Db, StoreError> {
         let opts = PgConnectOptions::from_str(&settings.database.url)?;
+        let breaker = std::sync::Arc::new(super::db::Breaker::new(opts.clone()));
         let pool = PgPoolOptions::new()
             .max_connections(settings.database.max_connections)
             .min_connections(1)
@@ -145,7 +146,7 @@ impl Store {
         let mut migrator = sqlx::migrate!("./migrations/postgres");
         migrator.dangerous_set_table_name("postbox_migrations");
         migrator.run(&pool).await?;
-        Ok(Db::Pg(pool, Default::default()))
+        Ok(Db::Pg(pool, breaker))
     }
 
     async fn open_sqlite(settings: &Settings) -> Result<Db, StoreError> {
@@ -230,6 +231,14 @@ impl Store {
         let now = now();
         let now_ms = ms(now);
         let cutoff = now_ms - idempotency_ttl.as_millis() as i64;
+        if reqs.iter().any(|r| {
+            let key = r.request_id.as_deref().unwrap_or("");
+            crate::faults::hit(crate::faults::GROUP_COMMIT_FAIL, key)
+        }) {
+            return Err(StoreError::Queue(
+                "injected fault: this group commit fails".into(),
+            ));
+        }
         let mut tx = self.db.begin_write().await?;
         if tx.kind() == Kind::Postgres {
             // Other nodes commit groups concurrently: hold every idempotency key of this group

@@ -412,6 +412,28 @@ pub async fn db_outage(dir: &Path, hold: Duration) {
         }
         return;
     }
+    hold_writes(dir, hold).await;
+}
+
+/// Blocks every write to the test's database for `hold` (another connection holds SQLite's
+/// write lock; on PostgreSQL an exclusive lock on the emails table): writers wait, or fail once
+/// their busy timeout runs out.
+pub async fn hold_writes(dir: &Path, hold: Duration) {
+    if on_postgres() {
+        let url = db_url(dir);
+        let secs = hold.as_secs_f64();
+        tokio::task::spawn_blocking(move || {
+            psql(
+                &url,
+                &format!(
+                    "BEGIN; LOCK TABLE postbox_emails IN EXCLUSIVE MODE; SELECT pg_sleep({secs}); COMMIT;"
+                ),
+            )
+        })
+        .await
+        .unwrap();
+        return;
+    }
     use sqlx::Connection;
     let mut c = sqlx::SqliteConnection::connect(&db_url(dir)).await.unwrap();
     sqlx::query("BEGIN EXCLUSIVE")
@@ -477,5 +499,59 @@ impl TmpFs {
 impl Drop for TmpFs {
     fn drop(&mut self) {
         let _ = as_root(&["umount", "-l", self.path.to_str().unwrap()]);
+    }
+}
+
+/// A PostgreSQL of one test's own (scripts/pg-throwaway.sh: initdb + pg_ctl in a temp dir on a
+/// random loopback port), which the test may take down and bring back; removed on drop.
+pub struct PgServer {
+    pub url: String,
+    dir: String,
+}
+
+fn pg_script(args: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pg-throwaway.sh");
+    let out = std::process::Command::new(script)
+        .args(args)
+        .env("PG_THROWAWAY_OPTS", "-c fsync=off")
+        .output()
+        .expect("run scripts/pg-throwaway.sh");
+    assert!(
+        out.status.success(),
+        "pg-throwaway.sh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl PgServer {
+    pub fn start() -> PgServer {
+        let out = pg_script(&[]);
+        let value = |key: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap_or_else(|| panic!("pg-throwaway.sh printed no {key}: {out}"))
+                .to_string()
+        };
+        PgServer {
+            url: value("TEST_PG_URL="),
+            dir: value("PG_THROWAWAY_DIR="),
+        }
+    }
+
+    /// Stops the server (fast shutdown: every connection is closed).
+    pub fn down(&self) {
+        pg_script(&["down", &self.dir]);
+    }
+
+    /// Starts it again on the same port with the same data.
+    pub fn up(&self) {
+        pg_script(&["up", &self.dir]);
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        pg_script(&["stop", &self.dir]);
     }
 }
