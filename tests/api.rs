@@ -1001,24 +1001,12 @@ async fn slow_idle_and_surplus_connections_are_bounded_and_labels_stay_fixed() {
     api.stop().await;
 }
 
-/// This process's peak resident memory (the API runs in it), in MiB.
-fn peak_rss_mib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb / 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_bodies_cost_a_bounded_error_and_store_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let api = Api::start(settings(dir.path(), 9), false).await;
     let json = ("content-type", "application/json");
-    let before = peak_rss_mib();
+    let before = common::peak_rss_mib(None);
 
     // 16 MiB of `{}`: millions of values, refused before anything is built.
     let mut huge = String::from("{\"emails\": [");
@@ -1086,7 +1074,7 @@ async fn hostile_bodies_cost_a_bounded_error_and_store_nothing() {
             .contains("more problems")
     );
     assert!(r.text.len() < 64 * 1024, "{} bytes", r.text.len());
-    let grew = peak_rss_mib().saturating_sub(before);
+    let grew = common::peak_rss_mib(None).saturating_sub(before);
     assert!(grew < 300, "hostile bodies grew the peak RSS by {grew} MiB");
 
     // Control characters where they make no sense (NUL breaks PostgreSQL's json, ESC a

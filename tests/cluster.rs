@@ -190,13 +190,16 @@ fn holder(url: &str) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_serve_processes_share_one_mailbox_through_a_lease_and_hand_over_on_kill_9() {
-    let dir = tempfile::tempdir().unwrap();
-    let dv = Dovecot::start(&dir.path().join("dovecot"));
-    let smtp = SmtpServer::start().await;
+/// Two `serve` processes watching one mailbox (`mon` on `dv`, lease of 3 s) on a fresh
+/// PostgreSQL database: A started first and holding the lease, then B, and A's watcher
+/// connected. Returns (A, B, the database URL).
+async fn two_watchers(
+    dir: &std::path::Path,
+    dv: &Dovecot,
+    smtp: &SmtpServer,
+) -> (Serve, Serve, String) {
     let url = fresh_pg_database();
-    let config = dir.path().join("postbox.toml");
+    let config = dir.join("postbox.toml");
     std::fs::write(
         &config,
         format!(
@@ -210,7 +213,7 @@ async fn two_serve_processes_share_one_mailbox_through_a_lease_and_hand_over_on_
         ("POSTBOX_CONFIG", config.to_str().unwrap()),
         ("POSTBOX_API__ENABLED", "false"),
     ];
-    let mut a = spawn_postbox("serve", dir.path(), smtp.port(), &env);
+    let a = spawn_postbox("serve", dir, smtp.port(), &env);
     wait_for("the schema", Duration::from_secs(20), || {
         psql(
             &url,
@@ -218,23 +221,31 @@ async fn two_serve_processes_share_one_mailbox_through_a_lease_and_hand_over_on_
         ) == "t"
     })
     .await;
+    let pid_a = a.child.id().unwrap();
     wait_for(
         "process A to hold the lease",
         Duration::from_secs(20),
-        || !holder(&url).is_empty(),
+        || holder(&url).contains(&format!("-{pid_a}-")),
     )
     .await;
-    let mut b = spawn_postbox("serve", dir.path(), smtp.port(), &env);
-    let first = holder(&url);
-    let pid_a = a.child.id().unwrap();
-    assert!(first.contains(&format!("-{pid_a}-")), "A holds it: {first}");
-    wait_for("the watcher to connect", Duration::from_secs(20), || {
+    let b = spawn_postbox("serve", dir, smtp.port(), &env);
+    wait_for("A's watcher to connect", Duration::from_secs(20), || {
         psql(
             &url,
             "SELECT state FROM postbox_mailboxes WHERE name = 'mon'",
         ) == "connected"
     })
     .await;
+    (a, b, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_serve_processes_share_one_mailbox_through_a_lease_and_hand_over_on_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let dv = Dovecot::start(&dir.path().join("dovecot"));
+    let smtp = SmtpServer::start().await;
+    let (mut a, mut b, url) = two_watchers(dir.path(), &dv, &smtp).await;
+    let first = holder(&url);
 
     let mut c = dv.client().await;
     for i in 1..=3 {
@@ -407,43 +418,8 @@ async fn a_paused_holder_writes_nothing_after_a_takeover_and_a_clean_stop_hands_
     let dir = tempfile::tempdir().unwrap();
     let dv = Dovecot::start(&dir.path().join("dovecot"));
     let smtp = SmtpServer::start().await;
-    let url = fresh_pg_database();
-    let config = dir.path().join("postbox.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[cluster]\nlease_secs = 3\n\n[[mailboxes]]\n{}",
-            dv.mailbox_toml("mon", "none", RULE)
-        ),
-    )
-    .unwrap();
-    let env = [
-        ("POSTBOX_DATABASE__URL", url.as_str()),
-        ("POSTBOX_CONFIG", config.to_str().unwrap()),
-        ("POSTBOX_API__ENABLED", "false"),
-    ];
-    let mut a = spawn_postbox("serve", dir.path(), smtp.port(), &env);
-    let pid_a = a.child.id().unwrap();
-    wait_for("the schema", Duration::from_secs(20), || {
-        psql(
-            &url,
-            "SELECT to_regclass('public.postbox_leases') IS NOT NULL",
-        ) == "t"
-    })
-    .await;
-    wait_for("A to hold the lease", Duration::from_secs(20), || {
-        holder(&url).contains(&format!("-{pid_a}-"))
-    })
-    .await;
-    let mut b = spawn_postbox("serve", dir.path(), smtp.port(), &env);
-    let pid_b = b.child.id().unwrap();
-    wait_for("A's watcher to connect", Duration::from_secs(20), || {
-        psql(
-            &url,
-            "SELECT state FROM postbox_mailboxes WHERE name = 'mon'",
-        ) == "connected"
-    })
-    .await;
+    let (mut a, mut b, url) = two_watchers(dir.path(), &dv, &smtp).await;
+    let (pid_a, pid_b) = (a.child.id().unwrap(), b.child.id().unwrap());
 
     // A freezes (a stop-the-world pause, a suspended VM) past its lease: B takes over and
     // alerts on new mail. When A wakes, it finds the news in its IDLE session, but every scan

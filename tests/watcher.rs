@@ -743,18 +743,6 @@ group_wait_secs = 2
     b_watchers.stop().await;
 }
 
-/// Peak resident memory of process `pid`, in MiB.
-fn peak_rss_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb / 1024
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scan_holds_one_message_at_a_time_not_a_whole_batch() {
     let dir = tempfile::tempdir().unwrap();
@@ -808,7 +796,7 @@ async fn a_scan_holds_one_message_at_a_time_not_a_whole_batch() {
     }
     let got = smtp.received();
     assert_eq!(incident_numbers(&got), (0..30).collect::<Vec<_>>());
-    let peak = peak_rss_mib(serve.child.id().unwrap());
+    let peak = common::peak_rss_mib(serve.child.id());
     let _ = serve.child.kill().await;
     // Measured (debug build): 81 MiB streamed, the same as with fetch_batch = 1 (one 3 MiB
     // message parsed at a time); 161 MiB when the batch was collected before matching.

@@ -555,3 +555,19 @@ impl Drop for PgServer {
         pg_script(&["stop", &self.dir]);
     }
 }
+
+/// Peak resident memory of process `pid` (this process when None), in MiB.
+pub fn peak_rss_mib(pid: Option<u32>) -> u64 {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/status"),
+        None => "/proc/self/status".to_string(),
+    };
+    let status = std::fs::read_to_string(path).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024
+}
