@@ -38,52 +38,57 @@ pub(super) fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()
 }
 
-/// WAL frames past which the WAL is truncated (16 MiB of 4 KiB pages).
-const WAL_TRUNCATE_FRAMES: i64 = 4_096;
+/// WAL frames past which the WAL is truncated while the disk has been in trouble (16 MiB of
+/// 4 KiB pages).
+const WAL_TIGHT_FRAMES: i64 = 4_096;
+/// How long after a failed checkpoint the WAL is kept tight.
+const TROUBLE_REMEMBERED: Duration = Duration::from_secs(600);
 
 /// Copies WAL frames back into the database every [`CHECKPOINT_EVERY`], off the commit path.
 ///
-/// A passive checkpoint never waits, but it never restarts the WAL either: SQLite reuses the
-/// WAL from its start only when every frame was copied back and no reader still holds it, and
-/// under sustained deliveries some reader always does. The WAL then grows with every commit
-/// (deliveries rewrite rows: measured, a backlog grew it by ~30 MB in under a second), which a
-/// large disk hides and a nearly full one does not: on a 32 MiB disk, space freed after it
-/// filled up was eaten again within a second. So when the WAL passes [`WAL_TRUNCATE_FRAMES`],
-/// or a checkpoint fails (the disk is full), a TRUNCATE checkpoint follows (repeated until it
-/// succeeds): it waits for readers (briefly holding writers), copies back only the net new
-/// pages, and gives the WAL's space back.
+/// In normal operation only passive checkpoints run: they never wait. But they never restart
+/// the WAL either (SQLite reuses it from its start only when every frame was copied back and no
+/// reader still holds it, and under sustained load some reader always does), so the WAL grows:
+/// measured, `scripts/bench-http.sh 10` left a 206 MB WAL, and a delivery backlog adds ~80 KB
+/// per email. Forcing restarts holds writers while readers finish, and that cost tail latency
+/// (bench-http single POSTs, p99 12 ms -> 61-72 ms with a restart past 64 MiB; a TRUNCATE past
+/// 16 MiB cost 18% of a drain's rate), so they are left out of normal operation.
+///
+/// A full disk is where an unbounded WAL hurts: on a 32 MiB disk, space freed after it filled
+/// up was eaten again within a second by the backlog. So after a failed checkpoint, TRUNCATE
+/// checkpoints run until one succeeds (giving the WAL's space back to the disk), and for
+/// [`TROUBLE_REMEMBERED`] afterwards the WAL is truncated whenever it passes
+/// [`WAL_TIGHT_FRAMES`].
 async fn checkpoints(pool: sqlx::SqlitePool) {
-    let mut truncate = false;
+    let mut mode = "PASSIVE";
+    let mut trouble_until: Option<std::time::Instant> = None;
     loop {
         tokio::time::sleep(CHECKPOINT_EVERY).await;
         if pool.is_closed() {
             return;
         }
-        let mode = if truncate { "TRUNCATE" } else { "PASSIVE" };
         let res = sqlx::query_as::<_, (i64, i64, i64)>(sqlx::AssertSqlSafe(format!(
             "PRAGMA wal_checkpoint({mode})"
         )))
         .fetch_one(&pool)
         .await;
-        match res {
-            Ok((busy, log, _)) => {
-                // A TRUNCATE that found readers it could not wait out reports busy: try again.
-                truncate = if truncate {
-                    busy != 0
-                } else {
-                    log > WAL_TRUNCATE_FRAMES
-                };
-            }
+        let tight = trouble_until.is_some_and(|t| std::time::Instant::now() < t);
+        mode = match res {
+            // Readers could not be waited out: try again.
+            Ok((busy, _, _)) if mode == "TRUNCATE" && busy != 0 => "TRUNCATE",
+            Ok((_, log, _)) if tight && log > WAL_TIGHT_FRAMES => "TRUNCATE",
+            Ok(_) => "PASSIVE",
             Err(e) => {
                 if pool.is_closed() {
                     return;
                 }
-                if !truncate {
+                if mode != "TRUNCATE" {
                     tracing::warn!(error = %e, "WAL checkpoint failed; truncating the WAL until it succeeds");
                 }
-                truncate = true;
+                trouble_until = Some(std::time::Instant::now() + TROUBLE_REMEMBERED);
+                "TRUNCATE"
             }
-        }
+        };
     }
 }
 
