@@ -95,10 +95,15 @@ pub struct Deliverer {
     tasks: tokio_util::task::TaskTracker,
     /// Fires when the process is stopping: recording retries give up after [`RECORD_GRACE`].
     shutdown: Shutdown,
+    /// Set once the process is stopping: jobs handed over from then on are deferred, not run.
+    stopping: AtomicBool,
 }
 
 /// How long a known outcome is retried into the database once the process is stopping.
 const RECORD_GRACE: Duration = Duration::from_secs(10);
+/// When a job handed over while the process stops is due again (not at once, or the stopping
+/// worker would fetch it again and again).
+const DEFER_ON_STOP: Duration = Duration::from_secs(2);
 
 /// Removes an email from the in-flight set when its delivery ends, however it ends.
 struct InFlight<'a> {
@@ -131,11 +136,17 @@ impl Deliverer {
             in_flight: Default::default(),
             tasks: tokio_util::task::TaskTracker::new(),
             shutdown,
+            stopping: AtomicBool::new(false),
         }
     }
 
-    /// Runs [`Deliverer::deliver`] as a task of its own and waits for it.
+    /// Runs [`Deliverer::deliver`] as a task of its own and waits for it. Once the process is
+    /// stopping, the job is deferred instead (its email gets a new job for the next process).
     pub async fn spawn(self: &Arc<Self>, job: SendJob) -> Result<(), StoreError> {
+        if self.stopping.load(Ordering::Acquire) {
+            let later = OffsetDateTime::now_utc() + DEFER_ON_STOP;
+            return self.store.defer(&job.email_id, job.seq, later).await;
+        }
         let me = self.clone();
         match self.tasks.spawn(async move { me.deliver(job).await }).await {
             Ok(r) => r,
@@ -145,8 +156,9 @@ impl Deliverer {
         }
     }
 
-    /// Waits until every delivery task has ended (after the workers stopped taking jobs).
+    /// Stops starting deliveries and waits until every delivery task has ended.
     pub async fn drain(&self) {
+        self.stopping.store(true, Ordering::Release);
         self.tasks.close();
         self.tasks.wait().await;
     }
@@ -166,7 +178,13 @@ impl Deliverer {
             set: &self.in_flight,
             id: job.email_id.clone(),
         };
-        let claim = match self.store.claim(&job.email_id, job.seq, &self.node).await? {
+        // After a full disk, SQLite's WAL must be given back before deliveries write again.
+        self.store.wal_reclaimed(self.shutdown.clone()).await;
+        let claimed = self.store.claim(&job.email_id, job.seq, &self.node).await;
+        if let Err(e) = &claimed {
+            self.store.saw(e);
+        }
+        let claim = match claimed? {
             ClaimResult::Claimed(c) => c,
             ClaimResult::Skip(why) => {
                 debug!(email_id = %job.email_id, seq = job.seq, why, "job has nothing to do");
@@ -293,6 +311,7 @@ impl Deliverer {
             match self.store.finish(claim, rec, finish).await {
                 Ok(recorded) => return Ok(recorded),
                 Err(e) => {
+                    self.store.saw(&e);
                     if stopping_since.is_none() && self.shutdown.clone().now_or_never().is_some() {
                         stopping_since = Some(Instant::now());
                     }
@@ -396,10 +415,20 @@ pub async fn run(
                     .build(handle)
             };
         }
-        let sd = shutdown.clone();
-        let stop = async move {
-            sd.await;
-            Ok::<(), std::io::Error>(())
+        // apalis is stopped only after our deliveries in flight have finished and recorded
+        // (`drain`), not when the process is told to stop. apalis 1.0 stops polling its own
+        // futures at once, and one of them can be inside a short write transaction (a
+        // heartbeat, a fetch, an ack): SQLite's write lock then stays taken until `run_until`
+        // returns, which waits for the in-flight handlers, whose outcomes need that lock.
+        // Seen as every outcome of a clean stop failing with "database is locked" (1 stop in
+        // ~10 under load) and those emails sent again after the restart.
+        let stop = {
+            let (sd, d) = (shutdown.clone(), deliverer.clone());
+            async move {
+                sd.await;
+                d.drain().await;
+                Ok::<(), std::io::Error>(())
+            }
         };
         info!(worker = %name, concurrency = q.concurrency, "delivery worker started");
         let res = match store.db() {
