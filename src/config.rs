@@ -1,34 +1,25 @@
 //! Settings: built-in defaults, then a TOML file (`--config` / `POSTBOX_CONFIG`), then
 //! `POSTBOX_<SECTION>__<KEY>` environment variables (e.g. `POSTBOX_SMTP__PASSWORD`).
 //!
-//! Every error names the key (`smtp.port`) and, for an environment override, the variable.
-//! Secrets are held in [`SecretString`] and printed only as `********`.
+//! This module only loads and merges them and names bad keys: each section's type and its
+//! checks live with its layer (`store::DatabaseSettings`, `delivery::SmtpSettings`, ...), and
+//! secrets named by the file (`password_env`, `token_env`), API tokens and mailbox rules are
+//! resolved once, by [`crate::Runtime::build`]. Every error names the key (`smtp.port`) and, for
+//! an environment override, the variable. Secrets are held in `SecretString` and printed only
+//! as `********`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use secrecy::SecretString;
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
-use crate::delivery::RetryPolicy;
-use crate::domain::{EmailAddress, Limits, Senders};
-
-/// A configuration problem, naming the key it is about.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("config key `{key}`: {message}")]
-pub struct ConfigError {
-    pub key: String,
-    pub message: String,
-}
-
-impl ConfigError {
-    /// A problem with `key`.
-    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            message: message.into(),
-        }
-    }
-}
+pub use crate::api::{ApiSettings, ApiToken, ResolvedToken};
+pub use crate::delivery::{DeliverySettings, RetryPolicy, SmtpSettings, TlsMode, Transport};
+use crate::domain::Limits;
+pub use crate::inbound::{ClusterSettings, MailboxSettings};
+pub use crate::queue::QueueSettings;
+pub use crate::settings::ConfigError;
+pub use crate::store::{DatabaseSettings, RetentionSettings, redact_url};
+pub use crate::telemetry::{LogFormat, LogSettings};
 
 /// All of postbox's settings. `Settings::default()` is the no-config-file setup: SQLite at
 /// `./postbox.db`, delivery to `./outbox/*.eml`.
@@ -47,80 +38,10 @@ pub struct Settings {
     pub cluster: ClusterSettings,
     /// IMAP mailboxes the watcher reads (`[[mailboxes]]`); none by default.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub mailboxes: Vec<crate::inbound::MailboxSettings>,
+    pub mailboxes: Vec<MailboxSettings>,
 }
 
-/// Several processes on one database (`[cluster]`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ClusterSettings {
-    /// How long a mailbox watcher's lease lasts without renewal (renewed every third of it).
-    /// A standby takes a dead holder's mailbox over within this time.
-    pub lease_secs: u64,
-}
-
-impl Default for ClusterSettings {
-    fn default() -> Self {
-        Self { lease_secs: 15 }
-    }
-}
-
-#[derive(Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DatabaseSettings {
-    /// `sqlite://path/to/file.db` (created if missing), `sqlite::memory:`, or
-    /// `postgres://user:password@host:port/db` (many processes on many hosts). Its password is
-    /// a secret: printed only through [`redact_url`].
-    #[serde(serialize_with = "redacted_url")]
-    pub url: String,
-    pub max_connections: u32,
-    /// How long a connection waits for SQLite's write lock before giving up.
-    pub busy_timeout_ms: u64,
-}
-
-impl std::fmt::Debug for DatabaseSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DatabaseSettings")
-            .field("url", &redact_url(&self.url))
-            .field("max_connections", &self.max_connections)
-            .field("busy_timeout_ms", &self.busy_timeout_ms)
-            .finish()
-    }
-}
-
-/// A database URL fit to print: the password (`user:PASSWORD@`, or a `password=` query
-/// parameter) replaced by `********`. Every place that shows a URL goes through this.
-pub fn redact_url(url: &str) -> String {
-    let mut out = url.to_string();
-    // userinfo: between "://" and the last '@' before the path.
-    if let Some(scheme_end) = out.find("://") {
-        let auth_start = scheme_end + 3;
-        let rest = &out[auth_start..];
-        let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        if let Some(at) = rest[..auth_end].rfind('@')
-            && let Some(colon) = rest[..at].find(':')
-        {
-            out.replace_range(auth_start + colon + 1..auth_start + at, "********");
-        }
-    }
-    // query parameters named password (libpq style `?password=...`).
-    if let Some(q) = out.find('?') {
-        let (head, query) = out.split_at(q + 1);
-        let query: Vec<String> = query
-            .split('&')
-            .map(|kv| match kv.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=********"),
-                _ => kv.to_string(),
-            })
-            .collect();
-        out = format!("{head}{}", query.join("&"));
-    }
-    out
-}
-
-fn redacted_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&redact_url(url))
-}
+const ENV_PREFIX: &str = "POSTBOX_";
 
 /// Keys whose values are secrets: errors about them never echo the value.
 fn is_secret_key(key: &str) -> bool {
@@ -128,413 +49,6 @@ fn is_secret_key(key: &str) -> bool {
     let last = last.split('[').next().unwrap_or(last);
     matches!(last, "password" | "token" | "secret" | "url")
 }
-
-impl Default for DatabaseSettings {
-    fn default() -> Self {
-        Self {
-            url: "sqlite://postbox.db".into(),
-            max_connections: 8,
-            busy_timeout_ms: 5_000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct QueueSettings {
-    /// The apalis queue name. Renaming it orphans jobs already queued: don't, without a migration.
-    pub name: String,
-    /// Emails delivered at once by one process.
-    pub concurrency: usize,
-    /// Jobs fetched per database round trip. Priority decides which jobs a fetch takes; a fetched
-    /// batch starts in submission order, so keep this at or below `concurrency`.
-    pub batch_size: usize,
-    /// How often an idle worker looks for due jobs (in-process submits wake it at once).
-    pub poll_interval_ms: u64,
-    /// Worker heartbeat; a worker silent for two of these is dead and its jobs are re-queued.
-    pub heartbeat_secs: u64,
-    /// How often the janitor repairs stuck rows, expires mail and applies retention.
-    pub janitor_interval_secs: u64,
-    /// A job running longer than this is considered stuck and handed back to the queue.
-    pub stuck_after_secs: u64,
-    /// Pause before restarting a worker that died on a database error.
-    pub restart_delay_ms: u64,
-    /// Backpressure: at most this many emails waiting (queued, retrying or sending). A submit
-    /// past it is refused whole (HTTP 503 with Retry-After); 0 means no cap.
-    pub max_depth: u64,
-    /// Submits that arrive together share one transaction (group commit), up to this many emails.
-    pub group_commit_max: usize,
-}
-
-impl Default for QueueSettings {
-    fn default() -> Self {
-        Self {
-            name: "postbox::send".into(),
-            concurrency: 32,
-            batch_size: 32,
-            poll_interval_ms: 100,
-            heartbeat_secs: 10,
-            janitor_interval_secs: 15,
-            stuck_after_secs: 600,
-            restart_delay_ms: 1_000,
-            max_depth: 1_000_000,
-            group_commit_max: 2_000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetentionSettings {
-    /// Finished apalis jobs are deleted after this many hours.
-    pub finished_jobs_hours: u64,
-    /// Emails in a final state (sent, failed, cancelled, expired) and their timelines are deleted
-    /// after this many days. 0 keeps them forever.
-    pub emails_days: u64,
-}
-
-impl Default for RetentionSettings {
-    fn default() -> Self {
-        Self {
-            finished_jobs_hours: 24,
-            emails_days: 30,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    /// Write one `.eml` file per email into `delivery.outbox_dir` (development).
-    File,
-    /// Deliver to the relay in `[smtp]`.
-    Smtp,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DeliverySettings {
-    pub transport: Transport,
-    pub outbox_dir: PathBuf,
-    /// Used when an email gives no `from`.
-    pub default_from: String,
-    /// When not empty, the only senders accepted: domains (`example.com`) or addresses
-    /// (`ops@example.com`). A submit from anyone else is refused, naming `from`.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub allowed_from: Vec<String>,
-}
-
-impl Default for DeliverySettings {
-    fn default() -> Self {
-        Self {
-            transport: Transport::File,
-            outbox_dir: PathBuf::from("outbox"),
-            default_from: "postbox@localhost".into(),
-            allowed_from: Vec::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TlsMode {
-    /// Implicit TLS from the first byte (usually port 465).
-    Tls,
-    /// STARTTLS, required: refuses to send if the server does not offer it (usually 587).
-    Starttls,
-    /// DANGEROUS: plaintext, credentials and mail readable on the wire. Refused for a host that
-    /// is not loopback unless `allow_plaintext = true`.
-    None,
-}
-
-/// Is `host` this machine (`localhost`, 127.0.0.0/8, ::1)? Plaintext is allowed only there.
-pub fn is_loopback_host(host: &str) -> bool {
-    let h = host.trim().trim_start_matches('[').trim_end_matches(']');
-    h.eq_ignore_ascii_case("localhost")
-        || h.parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SmtpSettings {
-    pub host: String,
-    pub port: u16,
-    pub tls: TlsMode,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub username: Option<String>,
-    /// Secret: prefer `POSTBOX_SMTP__PASSWORD` over the file.
-    #[serde(
-        serialize_with = "masked",
-        skip_serializing_if = "Option::is_none",
-        default
-    )]
-    pub password: Option<SecretString>,
-    /// Name sent in EHLO; defaults to this host's name.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hello_name: Option<String>,
-    /// Extra trust anchors (PEM) for a relay whose certificate a public CA did not sign.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ca_file: Option<PathBuf>,
-    /// Allow `tls = "none"` to a host that is not loopback (mail and the password cross the
-    /// network readable). Off: such a config is refused.
-    pub allow_plaintext: bool,
-    pub connect_timeout_secs: u64,
-    /// Timeout of each SMTP command (and of the whole DATA transfer).
-    pub command_timeout_secs: u64,
-    /// Connections kept open to the relay.
-    pub pool_max: u32,
-    pub pool_idle_secs: u64,
-}
-
-impl Default for SmtpSettings {
-    fn default() -> Self {
-        Self {
-            host: "localhost".into(),
-            port: 587,
-            tls: TlsMode::Starttls,
-            username: None,
-            password: None,
-            hello_name: None,
-            ca_file: None,
-            allow_plaintext: false,
-            connect_timeout_secs: 10,
-            command_timeout_secs: 30,
-            pool_max: 10,
-            pool_idle_secs: 60,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Human,
-    Json,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogSettings {
-    pub format: LogFormat,
-    /// A `RUST_LOG`-style filter; `RUST_LOG` itself wins when set.
-    pub level: String,
-}
-
-impl Default for LogSettings {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::Human,
-            level: "info".into(),
-        }
-    }
-}
-
-/// The HTTP API (`postbox serve`, `postbox api`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ApiSettings {
-    /// Serve the HTTP API in `postbox serve`.
-    pub enabled: bool,
-    /// Address to listen on. Anything but loopback requires at least one token.
-    pub listen: String,
-    /// One bearer token named "default" (secret: prefer `POSTBOX_API__TOKEN`).
-    #[serde(
-        serialize_with = "masked",
-        skip_serializing_if = "Option::is_none",
-        default
-    )]
-    pub token: Option<SecretString>,
-    /// Named tokens, each with its own rate limit.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub tokens: Vec<ApiToken>,
-    /// Default per-token rate limit in requests per second (token bucket); 0 = no limit.
-    pub rate_per_sec: f64,
-    /// Bucket size: requests a token may make at once after being idle.
-    pub burst: u32,
-    /// Largest request body accepted (HTTP 413 past it).
-    pub max_body_bytes: usize,
-    /// Most emails in one `POST /v1/emails/batch`.
-    pub max_batch: usize,
-    /// Most JSON values (elements and keys) in one request body: a body describing more is
-    /// refused (413) before it is parsed.
-    pub max_json_values: usize,
-    /// How long an `Idempotency-Key` is remembered.
-    pub idempotency_ttl_hours: u64,
-    /// Leave `/healthz`, `/readyz` and `/openapi.json` open (no token).
-    pub open_health: bool,
-    /// Open HTTP connections at most; more wait to be accepted.
-    pub max_connections: usize,
-    /// Seconds to read a request's headers; a keep-alive connection idle this long is closed.
-    pub header_timeout_secs: u64,
-    /// Seconds to read a request's body (408 past it).
-    pub body_timeout_secs: u64,
-    /// Requests with a wrong token (bearer or dashboard login) one client address may make in
-    /// `failed_login_window_secs`; past it every login from that address is refused (429)
-    /// until the window ends.
-    pub max_failed_logins: u32,
-    pub failed_login_window_secs: u64,
-}
-
-impl Default for ApiSettings {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            listen: "127.0.0.1:8080".into(),
-            token: None,
-            tokens: Vec::new(),
-            rate_per_sec: 0.0,
-            burst: 100,
-            max_body_bytes: 16 * 1024 * 1024,
-            max_batch: 1_000,
-            max_json_values: 200_000,
-            idempotency_ttl_hours: 24,
-            open_health: true,
-            max_connections: 1024,
-            header_timeout_secs: 30,
-            body_timeout_secs: 30,
-            max_failed_logins: 10,
-            failed_login_window_secs: 600,
-        }
-    }
-}
-
-/// A named API token.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApiToken {
-    /// Shown in logs and timelines (never the secret).
-    pub name: String,
-    /// The secret itself, or...
-    #[serde(
-        serialize_with = "masked",
-        skip_serializing_if = "Option::is_none",
-        default
-    )]
-    pub token: Option<SecretString>,
-    /// ...the environment variable that holds it.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub token_env: Option<String>,
-    /// Overrides `api.rate_per_sec` for this token.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub rate_per_sec: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub burst: Option<u32>,
-}
-
-/// A token ready for use: name, secret, limits.
-#[derive(Debug, Clone)]
-pub struct ResolvedToken {
-    pub name: String,
-    pub secret: SecretString,
-    pub rate_per_sec: f64,
-    pub burst: u32,
-}
-
-impl ApiSettings {
-    /// Every configured token with its secret (read from the environment for `token_env`).
-    pub fn resolved_tokens(&self) -> Result<Vec<ResolvedToken>, ConfigError> {
-        self.resolve_tokens(|k| std::env::var(k).ok())
-    }
-
-    fn resolve_tokens(
-        &self,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Vec<ResolvedToken>, ConfigError> {
-        let mut out = Vec::new();
-        if let Some(t) = &self.token {
-            out.push(ResolvedToken {
-                name: "default".into(),
-                secret: t.clone(),
-                rate_per_sec: self.rate_per_sec,
-                burst: self.burst,
-            });
-        }
-        for (i, t) in self.tokens.iter().enumerate() {
-            let key = format!("api.tokens[{i}]");
-            if t.name.trim().is_empty() {
-                return Err(ConfigError::new(format!("{key}.name"), "must not be empty"));
-            }
-            if out.iter().any(|o| o.name == t.name) {
-                return Err(ConfigError::new(
-                    format!("{key}.name"),
-                    format!("`{}` is used by two tokens", t.name),
-                ));
-            }
-            let secret = match (&t.token, &t.token_env) {
-                (Some(s), None) => s.clone(),
-                (None, Some(var)) => SecretString::from(env(var).ok_or_else(|| {
-                    ConfigError::new(
-                        format!("{key}.token_env"),
-                        format!("environment variable {var} is not set"),
-                    )
-                })?),
-                _ => {
-                    return Err(ConfigError::new(
-                        format!("{key}.token"),
-                        "give exactly one of token or token_env",
-                    ));
-                }
-            };
-            out.push(ResolvedToken {
-                name: t.name.clone(),
-                secret,
-                rate_per_sec: t.rate_per_sec.unwrap_or(self.rate_per_sec),
-                burst: t.burst.unwrap_or(self.burst),
-            });
-        }
-        for (i, t) in out.iter().enumerate() {
-            use secrecy::ExposeSecret;
-            let key = if i == 0 && self.token.is_some() {
-                "api.token".to_string()
-            } else {
-                format!(
-                    "api.tokens[{}].token",
-                    i - usize::from(self.token.is_some())
-                )
-            };
-            if t.secret.expose_secret().len() < 16 {
-                return Err(ConfigError::new(key, "must be at least 16 characters"));
-            }
-            if t.secret.expose_secret() == README_EXAMPLE_TOKEN {
-                return Err(ConfigError::new(
-                    key,
-                    "is the README's example value, known to everyone; generate a token \
-                     (e.g. `openssl rand -hex 32`)",
-                ));
-            }
-            if !(t.rate_per_sec >= 0.0 && t.rate_per_sec.is_finite()) {
-                return Err(ConfigError::new(
-                    "api.rate_per_sec",
-                    "must be a number >= 0",
-                ));
-            }
-        }
-        Ok(out)
-    }
-
-    /// The listen address, parsed.
-    pub fn listen_addr(&self) -> Result<std::net::SocketAddr, ConfigError> {
-        self.listen.parse().map_err(|_| {
-            ConfigError::new(
-                "api.listen",
-                format!("`{}` is not an IP:port address", self.listen),
-            )
-        })
-    }
-}
-
-/// The token the README's examples show: refused as a real token.
-const README_EXAMPLE_TOKEN: &str = "change-me-to-a-long-random-string";
-
-pub(crate) fn masked<S: Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
-    match v {
-        Some(_) => s.serialize_str("********"),
-        None => s.serialize_none(),
-    }
-}
-
-const ENV_PREFIX: &str = "POSTBOX_";
 
 /// The name of every mailbox in the file, with the names of its rules.
 fn mailbox_names(table: &toml::Table) -> Vec<(String, Vec<String>)> {
@@ -664,197 +178,33 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Checks relations between keys that types alone cannot express.
+    /// Checks every section (each by its own rules), then what relates two of them. Reads
+    /// no environment and compiles nothing: secrets, tokens and mailbox rules are resolved by
+    /// [`crate::Runtime::build`].
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let url = &self.database.url;
-        // The URL is never echoed: a postgres:// URL may carry a password.
-        if crate::store::is_postgres_url(url) {
-            if <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(url).is_err() {
-                return Err(ConfigError::new(
-                    "database.url",
-                    "not a valid postgres:// URL",
-                ));
-            }
-        } else if !url.starts_with("sqlite:") {
-            return Err(ConfigError::new(
-                "database.url",
-                "must be a sqlite:// or postgres:// URL",
-            ));
-        }
-        if self.cluster.lease_secs < 3 {
-            return Err(ConfigError::new("cluster.lease_secs", "must be at least 3"));
-        }
-        if self.database.max_connections < 2 {
-            return Err(ConfigError::new(
-                "database.max_connections",
-                "must be at least 2",
-            ));
-        }
-        let q = &self.queue;
-        for (key, v) in [
-            ("queue.concurrency", q.concurrency as u64),
-            ("queue.batch_size", q.batch_size as u64),
-            ("queue.poll_interval_ms", q.poll_interval_ms),
-            ("queue.heartbeat_secs", q.heartbeat_secs),
-            ("queue.janitor_interval_secs", q.janitor_interval_secs),
-            ("queue.stuck_after_secs", q.stuck_after_secs),
-            ("smtp.connect_timeout_secs", self.smtp.connect_timeout_secs),
-            ("smtp.command_timeout_secs", self.smtp.command_timeout_secs),
-            ("smtp.pool_max", self.smtp.pool_max as u64),
-            ("retry.max_attempts", self.retry.max_attempts as u64),
-            ("limits.max_recipients", self.limits.max_recipients as u64),
-        ] {
-            if v == 0 {
-                return Err(ConfigError::new(key, "must be greater than 0"));
-            }
-        }
-        use crate::domain::{MAX_LIST, MAX_SMALL};
-        for (key, v, max) in [
-            (
-                "limits.max_recipients",
-                self.limits.max_recipients,
-                MAX_LIST,
-            ),
-            ("limits.max_tags", self.limits.max_tags, MAX_SMALL),
-            (
-                "limits.max_metadata_entries",
-                self.limits.max_metadata_entries,
-                MAX_SMALL,
-            ),
-        ] {
-            if v > max {
-                return Err(ConfigError::new(key, format!("must be at most {max}")));
-            }
-        }
-        if q.name.trim().is_empty() {
-            return Err(ConfigError::new("queue.name", "must not be empty"));
-        }
-        if q.stuck_after_secs <= self.smtp.command_timeout_secs * 4 {
+        self.database.validate()?;
+        self.retention.validate()?;
+        self.queue.validate()?;
+        self.retry.validate()?;
+        self.delivery.senders()?;
+        self.smtp
+            .validate(self.delivery.transport == Transport::Smtp)?;
+        self.limits.validate()?;
+        self.log.validate()?;
+        self.api.validate()?;
+        self.cluster.validate()?;
+        if self.queue.stuck_after_secs <= self.smtp.command_timeout_secs * 4 {
             return Err(ConfigError::new(
                 "queue.stuck_after_secs",
                 "must be longer than 4 x smtp.command_timeout_secs, or live sends look stuck",
             ));
         }
-        self.retry.validate()?;
-        let mailboxes = crate::inbound::compile(&self.mailboxes, &|k| std::env::var(k).ok())?;
-        // An alert is an ordinary email: recipients past the limit would fail it at send time.
-        let max = self.limits.max_recipients;
-        for (i, mb) in mailboxes.iter().enumerate() {
-            if mb.alert_to.len() > max {
-                return Err(ConfigError::new(
-                    format!("mailboxes[{i}].alert_to"),
-                    format!(
-                        "(mailbox \"{}\") {} recipients; an email may have at most {max} \
-                         (limits.max_recipients)",
-                        mb.name,
-                        mb.alert_to.len()
-                    ),
-                ));
-            }
-            for (j, r) in mb.rules.iter().enumerate() {
-                if r.recipients.len() > max {
-                    return Err(ConfigError::new(
-                        format!("mailboxes[{i}].rules[{j}].alert_to"),
-                        format!(
-                            "(mailbox \"{}\", rule \"{}\") {} recipients; an email may have at \
-                             most {max} (limits.max_recipients)",
-                            mb.name,
-                            r.name,
-                            r.recipients.len()
-                        ),
-                    ));
-                }
-            }
-        }
-        self.senders()?;
-        if self.delivery.transport == Transport::Smtp && self.smtp.host.trim().is_empty() {
-            return Err(ConfigError::new(
-                "smtp.host",
-                "is required when delivery.transport = \"smtp\"",
-            ));
-        }
-        if self.smtp.tls == TlsMode::None
-            && !self.smtp.allow_plaintext
-            && !is_loopback_host(&self.smtp.host)
-        {
-            return Err(ConfigError::new(
-                "smtp.tls",
-                format!(
-                    "\"none\" sends mail and the password readable over the network to {}; use \
-                     \"starttls\" or \"tls\", or set smtp.allow_plaintext = true to accept that",
-                    self.smtp.host
-                ),
-            ));
-        }
-        if let Some(ca) = &self.smtp.ca_file
-            && !ca.is_file()
-        {
-            return Err(ConfigError::new(
-                "smtp.ca_file",
-                format!("{} is not a file", ca.display()),
-            ));
-        }
-        if self.smtp.password.is_some() && self.smtp.username.is_none() {
-            return Err(ConfigError::new(
-                "smtp.username",
-                "is required when smtp.password is set",
-            ));
-        }
-        let addr = self.api.listen_addr()?;
-        let tokens = self.api.resolved_tokens()?;
-        if self.api.enabled && tokens.is_empty() && !addr.ip().is_loopback() {
-            return Err(ConfigError::new(
-                "api.token",
-                format!(
-                    "api.listen = {addr} is not a loopback address; configure api.token \
-                     (POSTBOX_API__TOKEN) or [[api.tokens]] before serving beyond this host"
-                ),
-            ));
-        }
-        for (key, v) in [
-            ("api.max_body_bytes", self.api.max_body_bytes as u64),
-            ("api.max_batch", self.api.max_batch as u64),
-            ("api.max_json_values", self.api.max_json_values as u64),
-            ("api.burst", self.api.burst as u64),
-            ("api.max_connections", self.api.max_connections as u64),
-            ("api.header_timeout_secs", self.api.header_timeout_secs),
-            ("api.body_timeout_secs", self.api.body_timeout_secs),
-            (
-                "api.max_failed_logins",
-                u64::from(self.api.max_failed_logins),
-            ),
-            (
-                "api.failed_login_window_secs",
-                self.api.failed_login_window_secs,
-            ),
-            ("queue.group_commit_max", self.queue.group_commit_max as u64),
-        ] {
-            if v == 0 {
-                return Err(ConfigError::new(key, "must be greater than 0"));
-            }
-        }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
-            .map_err(|e| ConfigError::new("log.level", e.to_string()))?;
         Ok(())
     }
 
     /// The effective settings as TOML, secrets masked (for `postbox config check`).
     pub fn to_masked_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}"))
-    }
-
-    /// `delivery.default_from` and `delivery.allowed_from`, checked.
-    pub fn senders(&self) -> Result<Senders, ConfigError> {
-        let from = EmailAddress::parse(&self.delivery.default_from)
-            .map_err(|m| ConfigError::new("delivery.default_from", m))?;
-        Senders::new(from, &self.delivery.allowed_from).map_err(|(i, m)| {
-            let key = if i == usize::MAX {
-                "delivery.allowed_from".to_string()
-            } else {
-                format!("delivery.allowed_from[{i}]")
-            };
-            ConfigError::new(key, m)
-        })
     }
 }
 
@@ -935,12 +285,24 @@ fn apply_env(
 mod tests {
     use super::*;
     use secrecy::ExposeSecret;
+    use std::path::PathBuf;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    /// Loads and resolves, as `postbox config check` does (secrets from `pairs` only).
+    fn check(text: &str, pairs: &[(&str, &str)]) -> Result<crate::Runtime, ConfigError> {
+        let vars = env(pairs);
+        let s = Settings::from_toml_and_env(text, vars.clone())?;
+        let rt = crate::Runtime::build_with(s, &|k| {
+            vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })?;
+        rt.api_addr()?;
+        Ok(rt)
     }
 
     #[test]
@@ -970,24 +332,8 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         assert!(block.contains("[[mailboxes.rules]]"));
-        let s = Settings::from_toml_and_env(
-            &block,
-            env(&[("POSTBOX_IMAP_MONITORING_PASSWORD", "secret")]),
-        );
-        // The password comes from the process environment at validation; compile with ours.
-        let s = match s {
-            Ok(s) => s,
-            Err(e) => {
-                assert_eq!(e.key, "mailboxes[0].password_env", "{e}");
-                let mut t: toml::Table = block.parse().unwrap();
-                let m = t["mailboxes"].as_array_mut().unwrap()[0]
-                    .as_table_mut()
-                    .unwrap();
-                m.remove("password_env");
-                m.insert("password".into(), "secret".into());
-                Settings::from_toml_and_env(&t.to_string(), env(&[])).unwrap()
-            }
-        };
+        // Loading reads no environment; resolving reads password_env from it.
+        let s = Settings::from_toml_and_env(&block, env(&[])).unwrap();
         let mb = crate::inbound::compile(&s.mailboxes, &|_| Some("x".into())).unwrap();
         assert_eq!(mb[0].rules[0].name, "disk full");
         assert_eq!(mb[0].rules[0].priority, crate::Priority::High);
@@ -1092,7 +438,7 @@ mod tests {
             ),
         ];
         for (text, e, key) in cases {
-            let err = Settings::from_toml_and_env(text, env(&e)).unwrap_err();
+            let err = check(text, &e).unwrap_err();
             assert!(
                 err.key.starts_with(key),
                 "{text:?}: expected key {key}, got {err}"
@@ -1156,7 +502,7 @@ mod tests {
             ),
         ];
         for (text, e) in cases {
-            let err = Settings::from_toml_and_env(text, env(&e)).unwrap_err();
+            let err = check(text, &e).unwrap_err();
             assert!(!err.to_string().contains("hunter2"), "{text:?}: {err}");
         }
     }

@@ -40,6 +40,7 @@
 //! - `domain`, `render` and `delivery::policy` do no IO.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod domain;
@@ -51,9 +52,15 @@ mod net;
 mod postbox;
 pub mod queue;
 pub mod render;
+mod runtime;
+pub mod settings;
 pub mod store;
+pub mod telemetry;
 
 pub use config::Settings;
 pub use domain::{EmailId, EmailStatus, NewAttachment, NewEmail, Priority};
-pub use postbox::{OpenError, Postbox, SubmitError, SubmitOptions, SubmitOutcome, Submitted};
+pub use postbox::{
+    OpenError, Postbox, RunError, SubmitError, SubmitOptions, SubmitOutcome, Submitted,
+};
+pub use runtime::{Role, Runtime};
 pub use store::{EmailReport, TimelineEntry};

@@ -18,6 +18,14 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 
+/// Is `host` this machine (`localhost`, 127.0.0.0/8, ::1)? Plaintext is allowed only there.
+pub fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim().trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// A byte stream to a server: plain TCP or TLS over it.
 #[derive(Debug)]
 pub enum Stream {

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use crate::config::Settings;
 use crate::delivery::{Mailer, MailerError, message_id_for};
-use crate::domain::{Email, EmailId, FieldError, NewEmail, Senders, ValidationErrors};
+use crate::domain::{Email, EmailId, FieldError, NewEmail, ValidationErrors};
 use crate::queue::{self, Deliverer, Shutdown, Wake};
 use crate::render::Templates;
+use crate::runtime::Runtime;
 use crate::store::{
     Counts, EmailPage, EmailReport, GroupCommitter, GroupSettings, IdempotencyClaim, InsertOutcome,
     InsertRequest, JanitorReport, ListFilter, NewRow, Stats, Store, StoreError, TransitionError,
@@ -23,6 +24,16 @@ pub enum OpenError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Mailer(#[from] MailerError),
+}
+
+/// Errors of [`Postbox::run`].
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The API could not listen (address taken, or not loopback without a token).
+    #[error("{0:#}")]
+    Bind(anyhow::Error),
+    #[error(transparent)]
+    Api(anyhow::Error),
 }
 
 /// Errors of [`Postbox::submit`] and [`Postbox::submit_many`].
@@ -71,9 +82,8 @@ pub struct Submitted {
 }
 
 struct Inner {
-    settings: Settings,
+    rt: Runtime,
     store: Store,
-    senders: Senders,
     wake: Arc<Wake>,
     mailer: Mailer,
     writer: GroupCommitter,
@@ -108,10 +118,19 @@ impl std::fmt::Debug for Postbox {
 
 impl Postbox {
     /// Opens the database (creating and migrating it) and prepares the mailer.
+    ///
+    /// Secrets named by the settings are read from the environment now ([`Runtime::build`]); an
+    /// embedder that resolves them itself calls [`Postbox::start`].
     pub async fn open(settings: Settings) -> Result<Postbox, OpenError> {
+        Self::start(Runtime::build(settings)?).await
+    }
+
+    /// [`Postbox::open`] with settings already resolved.
+    pub async fn start(rt: Runtime) -> Result<Postbox, OpenError> {
         crate::metrics::init();
-        let store = Store::open(&settings).await?;
-        let mailer = Mailer::from_settings(&settings)?;
+        let settings = &rt.settings;
+        let store = Store::open(&settings.database, &settings.queue.name).await?;
+        let mailer = Mailer::from_settings(&settings.delivery, &settings.smtp)?;
         let writer = GroupCommitter::start(
             store.clone(),
             GroupSettings {
@@ -122,8 +141,7 @@ impl Postbox {
         );
         Ok(Postbox {
             inner: Arc::new(Inner {
-                senders: settings.senders()?,
-                settings,
+                rt,
                 store,
                 wake: Arc::new(Wake::default()),
                 mailer,
@@ -135,14 +153,19 @@ impl Postbox {
     }
 
     pub fn settings(&self) -> &Settings {
-        &self.inner.settings
+        &self.inner.rt.settings
+    }
+
+    /// The settings with everything they name resolved (tokens, mailboxes, senders).
+    pub fn runtime(&self) -> &Runtime {
+        &self.inner.rt
     }
 
     fn validate(&self, new: NewEmail) -> Result<(EmailId, Email, String), ValidationErrors> {
         let email = Email::parse(
             new,
-            &self.inner.settings.limits,
-            &self.inner.senders,
+            &self.inner.rt.settings.limits,
+            &self.inner.rt.senders,
             &Templates,
         )?;
         let id = EmailId::generate();
@@ -171,12 +194,50 @@ impl Postbox {
 
     /// Runs a watcher for every `[[mailboxes]]` entry until `shutdown` (returns at once when
     /// none is configured). Alerts they raise are delivered by the workers.
-    pub async fn run_watchers(&self, shutdown: Shutdown) -> Result<(), crate::config::ConfigError> {
-        let mailboxes =
-            crate::inbound::compile(&self.inner.settings.mailboxes, &|k| std::env::var(k).ok())?;
-        let lease = std::time::Duration::from_secs(self.inner.settings.cluster.lease_secs);
+    pub async fn run_watchers(&self, shutdown: Shutdown) {
+        let mailboxes = self.inner.rt.mailboxes.clone();
+        let lease = std::time::Duration::from_secs(self.inner.rt.settings.cluster.lease_secs);
         crate::inbound::run(self.clone(), mailboxes, lease, shutdown).await;
-        Ok(())
+    }
+
+    /// Runs what `role` says (the API, the workers, the watchers) until `shutdown`; then lets
+    /// requests and sends in flight finish and returns.
+    pub async fn run(&self, role: crate::Role, shutdown: Shutdown) -> Result<(), RunError> {
+        let settings = self.settings();
+        let (api, workers, watchers) = (
+            role.runs_api(settings),
+            role.runs_workers(),
+            role.runs_watchers(),
+        );
+        let listener = if api {
+            Some(crate::api::bind(self).await.map_err(RunError::Bind)?)
+        } else {
+            None
+        };
+        tracing::info!(
+            api,
+            workers,
+            watchers,
+            "postbox serving; SIGINT or SIGTERM stops it gracefully"
+        );
+        let http = async {
+            match listener {
+                Some(l) => crate::api::serve(self.clone(), l, workers, shutdown.clone()).await,
+                None => Ok(()),
+            }
+        };
+        let work = async {
+            if workers {
+                self.run_workers_with(shutdown.clone()).await;
+            }
+        };
+        let watch = async {
+            if watchers {
+                self.run_watchers(shutdown.clone()).await;
+            }
+        };
+        let (http, (), ()) = tokio::join!(http, work, watch);
+        http.map_err(RunError::Api)
     }
 
     /// An email rendered as it would be sent now (subject, text, HTML), for previews.
@@ -375,7 +436,7 @@ impl Postbox {
 
     /// One janitor pass now (it also runs periodically inside [`Postbox::run_workers`]).
     pub async fn janitor(&self) -> Result<JanitorReport, StoreError> {
-        queue::janitor_pass(&self.inner.settings, &self.inner.store, &self.inner.node).await
+        queue::janitor_pass(&self.inner.rt.settings, &self.inner.store, &self.inner.node).await
     }
 
     /// Delivers queued mail in this process until `shutdown` completes; then stops fetching,
@@ -399,12 +460,12 @@ impl Postbox {
         let deliverer = Arc::new(Deliverer::new(
             i.store.clone(),
             i.mailer.clone(),
-            i.settings.retry.clone(),
+            i.rt.settings.retry.clone(),
             i.node.clone(),
             shutdown.clone(),
         ));
         queue::run(
-            &i.settings,
+            &i.rt.settings,
             i.store.clone(),
             deliverer,
             i.wake.clone(),

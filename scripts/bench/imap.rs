@@ -61,7 +61,7 @@ async fn start(s: Settings) -> Running {
     let s1 = shutdown.clone();
     let tasks = vec![
         tokio::spawn(async move { a.run_workers_with(s1).await }),
-        tokio::spawn(async move { b.run_watchers(shutdown).await.expect("watchers") }),
+        tokio::spawn(async move { b.run_watchers(shutdown).await }),
     ];
     Running {
         pb,

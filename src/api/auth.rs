@@ -19,7 +19,7 @@ use subtle::ConstantTimeEq;
 
 use super::ApiState;
 use super::error::ApiError;
-use crate::config::ResolvedToken;
+use super::settings::ResolvedToken;
 
 /// Who is calling: the token's name (`anonymous` when no token is configured). Scopes
 /// idempotency keys and appears in logs; never the secret.

@@ -12,6 +12,7 @@ mod emails;
 mod error;
 mod meta;
 mod server;
+mod settings;
 mod ui;
 
 use std::net::SocketAddr;
@@ -35,10 +36,11 @@ pub use auth::{Bucket, Principal, Tokens};
 pub use emails::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 pub use error::{ApiError, ErrorBody, ErrorResponse};
 pub use meta::GAUGES_EVERY;
+pub use settings::{ApiSettings, ApiToken, ResolvedToken};
 
-use crate::config::ConfigError;
 use crate::postbox::Postbox;
 use crate::queue::Shutdown;
+use crate::settings::ConfigError;
 use error::REQUEST_ID;
 
 /// The response header carrying the request id (also accepted from the client).
@@ -101,7 +103,7 @@ fn build(
     expect_workers: bool,
 ) -> Result<(Router, utoipa::openapi::OpenApi, ApiState), ConfigError> {
     let settings = postbox.settings().api.clone();
-    let tokens = Arc::new(Tokens::new(&settings.resolved_tokens()?));
+    let tokens = Arc::new(Tokens::new(&postbox.runtime().tokens));
     let state = ApiState {
         postbox,
         tokens,
@@ -188,7 +190,7 @@ fn loopback_authority(authority: &str) -> bool {
         Some(v6) => v6.split(']').next().unwrap_or(""),
         None => authority.split(':').next().unwrap_or(""),
     };
-    crate::config::is_loopback_host(host)
+    crate::net::is_loopback_host(host)
 }
 
 /// The API without a token (loopback only) trusts every local process, so it must not serve a
@@ -315,14 +317,7 @@ pub async fn serve(
 
 /// Binds `api.listen`, refusing a non-loopback address when no token is configured.
 pub async fn bind(postbox: &Postbox) -> anyhow::Result<tokio::net::TcpListener> {
-    let api = &postbox.settings().api;
-    let addr: SocketAddr = api.listen_addr()?;
-    if api.resolved_tokens()?.is_empty() && !addr.ip().is_loopback() {
-        anyhow::bail!(
-            "refusing to serve the API on {addr} without a token: configure api.token \
-             (POSTBOX_API__TOKEN) or [[api.tokens]], or listen on 127.0.0.1"
-        );
-    }
+    let addr: SocketAddr = postbox.runtime().api_addr()?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (api.listen): {e}"))?;

@@ -3,6 +3,7 @@
 
 mod policy;
 mod pool;
+mod settings;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,8 +14,8 @@ use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Attachment as MimeAttachment, MultiPart, SinglePart};
 
 pub use policy::{Decision, RetryPolicy};
+pub use settings::{DeliverySettings, SmtpSettings, TlsMode, Transport};
 
-use crate::config::{Settings, Transport};
 use crate::domain::Email;
 use crate::render::Rendered;
 
@@ -170,11 +171,14 @@ impl std::fmt::Debug for Mailer {
 }
 
 impl Mailer {
-    pub fn from_settings(settings: &Settings) -> Result<Mailer, MailerError> {
-        match settings.delivery.transport {
-            Transport::File => Ok(Mailer::File(settings.delivery.outbox_dir.clone())),
+    pub fn from_settings(
+        delivery: &DeliverySettings,
+        smtp: &SmtpSettings,
+    ) -> Result<Mailer, MailerError> {
+        match delivery.transport {
+            Transport::File => Ok(Mailer::File(delivery.outbox_dir.clone())),
             Transport::Smtp => {
-                let s = &settings.smtp;
+                let s = smtp;
                 Ok(Mailer::Smtp {
                     pool: Arc::new(pool::SmtpPool::new(s)?),
                     deadline: Duration::from_secs(

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::settings::ConfigError;
 
 /// Retry knobs, named as task-queue users know them (Cloud Tasks, Sidekiq, Oban).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -22,8 +22,8 @@ use secrecy::ExposeSecret;
 use tokio::sync::Semaphore;
 use tokio_rustls::rustls::ClientConfig;
 
+use super::settings::{SmtpSettings, TlsMode};
 use super::{MailerError, Outcome, classify};
-use crate::config::{SmtpSettings, TlsMode};
 use crate::net::{self, Stream};
 
 pub struct SmtpPool {

@@ -210,6 +210,27 @@ pub struct Limits {
     pub max_variables_bytes: usize,
 }
 
+impl Limits {
+    pub fn validate(&self) -> Result<(), crate::settings::ConfigError> {
+        use crate::settings::{ConfigError, nonzero};
+        nonzero(&[("limits.max_recipients", self.max_recipients as u64)])?;
+        for (key, v, max) in [
+            ("limits.max_recipients", self.max_recipients, MAX_LIST),
+            ("limits.max_tags", self.max_tags, MAX_SMALL),
+            (
+                "limits.max_metadata_entries",
+                self.max_metadata_entries,
+                MAX_SMALL,
+            ),
+        ] {
+            if v > max {
+                return Err(ConfigError::new(key, format!("must be at most {max}")));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {

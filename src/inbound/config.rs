@@ -11,8 +11,8 @@ use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
 use super::rules::{Cond, Field, GroupBy, Rule};
-use crate::config::ConfigError;
 use crate::domain::{EmailAddress, Priority};
+use crate::settings::ConfigError;
 
 /// How the connection to the IMAP server is protected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,7 +52,7 @@ pub struct MailboxSettings {
     /// ... or the password itself, in this file.
     #[serde(
         default,
-        serialize_with = "crate::config::masked",
+        serialize_with = "crate::settings::masked",
         skip_serializing_if = "Option::is_none"
     )]
     pub password: Option<SecretString>,
@@ -277,6 +277,30 @@ fn default_group_by() -> Vec<String> {
     vec!["rule".into()]
 }
 
+/// Several processes on one database (`[cluster]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    /// How long a mailbox watcher's lease lasts without renewal (renewed every third of it).
+    /// A standby takes a dead holder's mailbox over within this time.
+    pub lease_secs: u64,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self { lease_secs: 15 }
+    }
+}
+
+impl ClusterSettings {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.lease_secs < 3 {
+            return Err(ConfigError::new("cluster.lease_secs", "must be at least 3"));
+        }
+        Ok(())
+    }
+}
+
 /// The rule name of a watcher's alert about itself; user rules may not take it.
 pub const DOWN_RULE: &str = "mailbox-down";
 
@@ -339,8 +363,7 @@ pub fn compile(
         if m.port == 0 {
             return Err(err("port", "must be greater than 0".into()));
         }
-        if m.tls == ImapTls::None && !m.allow_plaintext && !crate::config::is_loopback_host(&m.host)
-        {
+        if m.tls == ImapTls::None && !m.allow_plaintext && !crate::net::is_loopback_host(&m.host) {
             return Err(err(
                 "tls",
                 format!(

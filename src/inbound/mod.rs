@@ -34,7 +34,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
-pub use config::{ImapTls, Mailbox, MailboxSettings, compile};
+pub use config::{ClusterSettings, ImapTls, Mailbox, MailboxSettings, compile};
 
 use crate::Postbox;
 use crate::domain::{EmailId, NewEmail};

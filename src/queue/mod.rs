@@ -29,12 +29,15 @@ use time::OffsetDateTime;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::Settings;
+
+mod settings;
 use crate::delivery::{Decision, Mailer, Outcome, RetryPolicy, build_message};
 use crate::domain::address::mask;
 use crate::render::render;
 use crate::store::{
     AttemptRecord, Claim, ClaimResult, Db, Finish, JanitorReport, SendJob, Store, StoreError,
 };
+pub use settings::QueueSettings;
 
 /// A shutdown signal every loop can await (cloneable).
 pub type Shutdown = Shared<BoxFuture<'static, ()>>;

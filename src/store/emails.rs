@@ -13,8 +13,8 @@ use time::OffsetDateTime;
 
 use super::Fault;
 use super::db::{Db, DbRow, Kind, Lock, On, Sql, Tx, lock_hash, sql, values};
+use super::settings::{DatabaseSettings, is_postgres_url};
 use super::*;
-use crate::config::Settings;
 use std::sync::atomic::Ordering;
 
 /// apalis-level attempts, only for infrastructure errors (a DB error inside the handler); SMTP
@@ -134,24 +134,19 @@ async fn still_clean<C: sqlx::Connection>(conn: &mut C) -> Result<bool, sqlx::Er
     Ok(clean)
 }
 
-/// Is this database URL a PostgreSQL one?
-pub fn is_postgres_url(url: &str) -> bool {
-    url.starts_with("postgres://") || url.starts_with("postgresql://")
-}
-
 impl Store {
     /// Opens the database named by `database.url` (SQLite, or PostgreSQL for `postgres://`)
     /// and applies every migration: apalis's, then ours (bookkept in `postbox_migrations`).
-    pub async fn open(settings: &Settings) -> Result<Store, StoreError> {
+    pub async fn open(settings: &DatabaseSettings, queue: &str) -> Result<Store, StoreError> {
         let wal_trouble = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let db = if is_postgres_url(&settings.database.url) {
+        let db = if is_postgres_url(&settings.url) {
             Self::open_postgres(settings).await?
         } else {
             Self::open_sqlite(settings, wal_trouble.clone()).await?
         };
         Ok(Store {
             db,
-            queue: settings.queue.name.clone(),
+            queue: queue.to_string(),
             full: Default::default(),
             wal_trouble,
         })
@@ -160,16 +155,14 @@ impl Store {
     /// PostgreSQL: apalis-postgres's schema `apalis` (it needs the hstore extension: the first
     /// start must be allowed to `CREATE EXTENSION`), then `migrations/postgres`. Both migrators
     /// hold sqlx's advisory lock, so many processes can start at once.
-    async fn open_postgres(settings: &Settings) -> Result<Db, StoreError> {
-        let opts = PgConnectOptions::from_str(&settings.database.url)?;
+    async fn open_postgres(settings: &DatabaseSettings) -> Result<Db, StoreError> {
+        let opts = PgConnectOptions::from_str(&settings.url)?;
         let breaker = std::sync::Arc::new(super::db::Breaker::new(opts.clone()));
         let pool = PgPoolOptions::new()
-            .max_connections(settings.database.max_connections)
+            .max_connections(settings.max_connections)
             .min_connections(1)
             .after_release(|conn, _| Box::pin(still_clean(conn)))
-            .acquire_timeout(Duration::from_millis(
-                settings.database.busy_timeout_ms.max(1000),
-            ))
+            .acquire_timeout(Duration::from_millis(settings.busy_timeout_ms.max(1000)))
             .connect_with(opts)
             .await?;
         PostgresStorage::setup(&pool)
@@ -182,14 +175,14 @@ impl Store {
     }
 
     async fn open_sqlite(
-        settings: &Settings,
+        settings: &DatabaseSettings,
         wal_trouble: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<Db, StoreError> {
-        let opts = SqliteConnectOptions::from_str(&settings.database.url)?
+        let opts = SqliteConnectOptions::from_str(&settings.url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_millis(settings.database.busy_timeout_ms))
+            .busy_timeout(Duration::from_millis(settings.busy_timeout_ms))
             .pragma("temp_store", "MEMORY")
             .pragma("cache_size", "-16000")
             // Checkpoints run in a background task (see below), not inside whichever commit
@@ -216,7 +209,7 @@ impl Store {
         setup.close().await;
 
         let pool = SqlitePoolOptions::new()
-            .max_connections(settings.database.max_connections)
+            .max_connections(settings.max_connections)
             .min_connections(1)
             .after_release(|conn, _| Box::pin(still_clean(conn)))
             .connect_with(opts)

@@ -12,18 +12,20 @@ mod db;
 mod emails;
 mod group;
 mod inbound;
+mod settings;
 
 use serde::Serialize;
 use time::OffsetDateTime;
 
 pub use db::{Db, Kind};
-pub use emails::{Store, is_postgres_url};
+pub use emails::Store;
 pub use group::{GroupCommitter, GroupSettings};
 pub use inbound::{
     AlertBuilder, DueGroup, Health, MailboxPosition, MailboxStatus, NewHit, PendingHit, RuleStatus,
     ScanOutcome, lease_name, node_lease,
 };
 pub use inbound::{MAX_LISTED, MAX_SENDERS};
+pub use settings::{DatabaseSettings, RetentionSettings, is_postgres_url, redact_url};
 
 use crate::domain::{Email, EmailId, EmailStatus, Priority};
 

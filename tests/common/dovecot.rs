@@ -22,6 +22,8 @@ pub struct Dovecot {
     /// The CA that signed the server certificate (for `ca_file`).
     pub ca_file: PathBuf,
     child: Option<Child>,
+    /// Dovecot's config for `(port, tls_port)`.
+    conf_for: Box<dyn Fn(u16, u16) -> String + Send + Sync>,
 }
 
 fn free_port() -> u16 {
@@ -70,7 +72,6 @@ impl Dovecot {
         std::fs::create_dir_all(dir.join("mail")).unwrap();
         std::fs::create_dir_all(dir.join("run")).unwrap();
         std::fs::create_dir_all(dir.join("state")).unwrap();
-        let (port, tls_port) = (free_port(), free_port());
         // Certificates: a CA, and a server certificate it signs for 127.0.0.1 / localhost.
         super::tls::TestCa::create(dir);
         std::fs::write(dir.join("users"), format!("{USER}:{{PLAIN}}{PASSWORD}\n")).unwrap();
@@ -92,9 +93,10 @@ impl Dovecot {
                 .to_string();
             (me.clone(), me.clone(), me)
         };
-        let d = dir.display();
-        let conf = format!(
-            r#"base_dir = {d}/run
+        let d = dir.display().to_string();
+        let conf_for = move |port: u16, tls_port: u16| {
+            format!(
+                r#"base_dir = {d}/run
 state_dir = {d}/state
 log_path = {d}/dovecot.log
 protocols = imap
@@ -141,17 +143,36 @@ service auth {{
   }}
 }}
 "#
-        );
-        std::fs::write(dir.join("dovecot.conf"), conf).unwrap();
+            )
+        };
         let _ = bin;
         let mut d = Dovecot {
             dir: dir.to_path_buf(),
-            port,
-            tls_port,
+            port: 0,
+            tls_port: 0,
             ca_file: dir.join("ca.pem"),
             child: None,
+            conf_for: Box::new(conf_for),
         };
-        d.restart();
+        // The ports are picked free, but another process (a parallel test's server) may bind
+        // one before Dovecot does: Dovecot then exits at once ("Address already in use"), and
+        // it is started again on other ports.
+        for attempt in 1.. {
+            let port = free_port();
+            let tls_port = loop {
+                let p = free_port();
+                if p != port {
+                    break p;
+                }
+            };
+            (d.port, d.tls_port) = (port, tls_port);
+            std::fs::write(d.conf(), (d.conf_for)(port, tls_port)).unwrap();
+            match d.try_start() {
+                Ok(()) => break,
+                Err(why) if why.contains("in use") && attempt < 5 => continue,
+                Err(why) => panic!("{why}"),
+            }
+        }
         d
     }
 
@@ -162,8 +183,17 @@ service auth {{
     /// Starts Dovecot (again) on the same ports and mail, in a process group of its own so
     /// that [`Dovecot::stop`] can stop every process it forks.
     pub fn restart(&mut self) {
+        if let Err(why) = self.try_start() {
+            panic!("{why}");
+        }
+    }
+
+    /// Starts Dovecot and waits until it listens on both ports; if it exits first, says why
+    /// (its errors before the log file is open, a failed bind among them, go to stderr).
+    fn try_start(&mut self) -> Result<(), String> {
         use std::os::unix::process::CommandExt;
         assert!(self.child.is_none(), "Dovecot is running");
+        let stderr_path = self.dir.join("dovecot.stderr");
         let child = Command::new(dovecot_binary())
             .arg("-c")
             .arg(self.conf())
@@ -171,7 +201,7 @@ service auth {{
             .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
             .spawn()
             .expect("start dovecot");
         self.child = Some(child);
@@ -179,13 +209,27 @@ service auth {{
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
             || std::net::TcpStream::connect(("127.0.0.1", self.tls_port)).is_err()
         {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "Dovecot did not listen within 10 s; its log:\n{}",
-                self.log()
-            );
+            let stderr = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
+            if let Ok(Some(status)) = self.child.as_mut().unwrap().try_wait() {
+                self.child = None;
+                return Err(format!(
+                    "Dovecot exited ({status}) before it listened on {} and {}: {}{}",
+                    self.port,
+                    self.tls_port,
+                    stderr(),
+                    self.log()
+                ));
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                return Err(format!(
+                    "Dovecot did not listen within 10 s; its stderr:\n{}\nits log:\n{}",
+                    stderr(),
+                    self.log()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 
     /// Stops Dovecot: SIGTERM to its whole process group, then waits until no process of the
