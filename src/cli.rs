@@ -94,7 +94,7 @@ pub async fn migrate(settings: Settings) -> anyhow::Result<ExitCode> {
 /// `postbox serve | api | worker`: runs `role` until SIGINT or SIGTERM.
 pub async fn serve(settings: Settings, role: Role) -> anyhow::Result<ExitCode> {
     let pb = open(settings).await?;
-    let shutdown = crate::queue::shutdown_signal(os_signal());
+    let shutdown = crate::shutdown_signal(os_signal());
     let res = pb.run(role, shutdown).await;
     pb.close().await;
     match res {

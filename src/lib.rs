@@ -42,6 +42,7 @@
 pub mod api;
 pub mod cli;
 pub mod config;
+mod db;
 pub mod delivery;
 pub mod domain;
 #[doc(hidden)]
@@ -54,8 +55,10 @@ pub mod queue;
 pub mod render;
 mod runtime;
 pub mod settings;
+mod shutdown;
 pub mod store;
 pub mod telemetry;
+mod worker;
 
 pub use config::Settings;
 pub use domain::{EmailId, EmailStatus, NewAttachment, NewEmail, Priority};
@@ -63,4 +66,5 @@ pub use postbox::{
     OpenError, Postbox, RunError, SubmitError, SubmitOptions, SubmitOutcome, Submitted,
 };
 pub use runtime::{Role, Runtime};
+pub use shutdown::{Shutdown, shutdown_signal};
 pub use store::{EmailReport, TimelineEntry};

@@ -4,16 +4,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::Shutdown;
 use crate::config::Settings;
 use crate::delivery::{Mailer, MailerError, message_id_for};
 use crate::domain::{Email, EmailId, FieldError, NewEmail, ValidationErrors};
-use crate::queue::{self, Deliverer, Shutdown, Wake};
 use crate::render::Templates;
 use crate::runtime::Runtime;
 use crate::store::{
     Counts, EmailPage, EmailReport, GroupCommitter, GroupSettings, IdempotencyClaim, InsertOutcome,
     InsertRequest, JanitorReport, ListFilter, NewRow, Stats, Store, StoreError, TransitionError,
 };
+use crate::worker::{self, Deliverer, Wake};
 
 /// Errors of [`Postbox::open`].
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +148,7 @@ impl Postbox {
                 mailer,
                 writer,
                 workers_running: AtomicUsize::new(0),
-                node: queue::node_name(),
+                node: worker::node_name(),
             }),
         })
     }
@@ -436,13 +437,13 @@ impl Postbox {
 
     /// One janitor pass now (it also runs periodically inside [`Postbox::run_workers`]).
     pub async fn janitor(&self) -> Result<JanitorReport, StoreError> {
-        queue::janitor_pass(&self.inner.rt.settings, &self.inner.store, &self.inner.node).await
+        worker::janitor_pass(&self.inner.rt.settings, &self.inner.store, &self.inner.node).await
     }
 
     /// Delivers queued mail in this process until `shutdown` completes; then stops fetching,
     /// lets in-flight sends finish and returns.
     pub async fn run_workers(&self, shutdown: impl Future<Output = ()> + Send + 'static) {
-        self.run_workers_with(queue::shutdown_signal(shutdown))
+        self.run_workers_with(crate::shutdown_signal(shutdown))
             .await
     }
 
@@ -464,7 +465,7 @@ impl Postbox {
             i.node.clone(),
             shutdown.clone(),
         ));
-        queue::run(
+        worker::run(
             &i.rt.settings,
             i.store.clone(),
             deliverer,

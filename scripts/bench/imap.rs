@@ -54,7 +54,7 @@ struct Running {
 async fn start(s: Settings) -> Running {
     let pb = Postbox::open(s).await.expect("open postbox");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let shutdown = postbox::queue::shutdown_signal(async move {
+    let shutdown = postbox::shutdown_signal(async move {
         let _ = rx.await;
     });
     let (a, b) = (pb.clone(), pb.clone());

@@ -38,8 +38,8 @@ pub use error::{ApiError, ErrorBody, ErrorResponse};
 pub use meta::GAUGES_EVERY;
 pub use settings::{ApiSettings, ApiToken, ResolvedToken};
 
+use crate::Shutdown;
 use crate::postbox::Postbox;
-use crate::queue::Shutdown;
 use crate::settings::ConfigError;
 use error::REQUEST_ID;
 

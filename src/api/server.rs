@@ -24,7 +24,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
-use crate::queue::Shutdown;
+use crate::Shutdown;
 
 /// What one listener allows.
 #[derive(Debug, Clone, Copy)]

@@ -37,8 +37,8 @@ use tracing::{info, warn};
 pub use config::{ClusterSettings, ImapTls, Mailbox, MailboxSettings, compile};
 
 use crate::Postbox;
+use crate::Shutdown;
 use crate::domain::{EmailId, NewEmail};
-use crate::queue::Shutdown;
 use crate::render::{AlertMessage, AlertVars};
 use crate::store::{DueGroup, NewRow};
 

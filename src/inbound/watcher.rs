@@ -18,7 +18,7 @@ use super::imap::{self, Caps, Session};
 use super::message::{self, clip};
 use super::rules::{self, Disposition};
 use super::{Inbound, rfc3339};
-use crate::queue::Shutdown;
+use crate::Shutdown;
 use crate::store::{Health, MailboxPosition, NewHit, StoreError, lease_name};
 
 /// A session shorter than this does not end an outage (a server that accepts the login and

@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use super::db::{Lock, Tx, sql};
+use crate::db::{Lock, Tx, sql};
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use super::emails::now;
+use super::open::now;
 use super::{NewRow, Store, StoreError, from_ms, ms};
 use crate::domain::EmailId;
 
@@ -454,7 +454,7 @@ impl Store {
                 .bind(&rule)
                 .bind(&group_key)
             };
-            let hit = |r: &super::db::DbRow| -> Result<PendingHit, StoreError> {
+            let hit = |r: &crate::db::DbRow| -> Result<PendingHit, StoreError> {
                 Ok(PendingHit {
                     seen_at: from_ms(r.get("seen_at")?),
                     detail: serde_json::from_str(&r.get::<String>("detail")?).unwrap_or_default(),

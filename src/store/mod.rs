@@ -8,23 +8,26 @@
 //!   seq is not the email's current one is stale and does nothing;
 //! - every status change writes its timeline entry in the same transaction.
 
-mod db;
-mod emails;
 mod group;
 mod inbound;
+mod janitor;
+mod lifecycle;
+mod open;
+mod reads;
 mod settings;
+mod submit;
 
 use serde::Serialize;
 use time::OffsetDateTime;
 
-pub use db::{Db, Kind};
-pub use emails::Store;
+pub use crate::db::{Db, Kind};
 pub use group::{GroupCommitter, GroupSettings};
 pub use inbound::{
     AlertBuilder, DueGroup, Health, MailboxPosition, MailboxStatus, NewHit, PendingHit, RuleStatus,
     ScanOutcome, lease_name, node_lease,
 };
 pub use inbound::{MAX_LISTED, MAX_SENDERS};
+pub use open::Store;
 pub use settings::{DatabaseSettings, RetentionSettings, is_postgres_url, redact_url};
 
 use crate::domain::{Email, EmailId, EmailStatus, Priority};
@@ -99,19 +102,6 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         self.fault() != Fault::Other
     }
-}
-
-/// The job payload: small, versioned, ids only. Unknown versions are dropped with a warning, so
-/// a payload written by a newer postbox never stops an older worker.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SendJob {
-    pub v: u32,
-    pub email_id: String,
-    pub seq: i64,
-}
-
-impl SendJob {
-    pub const VERSION: u32 = 1;
 }
 
 /// An email a worker has claimed for one attempt.

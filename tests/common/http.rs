@@ -65,7 +65,7 @@ impl Api {
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
         let pb: Postbox = app.postbox.clone();
-        let shutdown = postbox::queue::shutdown_signal(async move {
+        let shutdown = postbox::shutdown_signal(async move {
             let _ = rx.await;
         });
         let h = tokio::spawn(async move {

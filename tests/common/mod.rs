@@ -226,7 +226,7 @@ impl Watchers {
         let (tx, rx) = oneshot::channel::<()>();
         let pb = pb.clone();
         let h = tokio::spawn(async move {
-            pb.run_watchers(postbox::queue::shutdown_signal(async move {
+            pb.run_watchers(postbox::shutdown_signal(async move {
                 let _ = rx.await;
             }))
             .await;

@@ -28,7 +28,7 @@ use subtle::ConstantTimeEq;
 use super::super::ApiState;
 use super::super::auth::client_ip;
 use super::page;
-use crate::queue::Shutdown;
+use crate::Shutdown;
 
 const COOKIE: &str = "postbox_session";
 /// The login form's double-submit cookie.

@@ -1,0 +1,202 @@
+//! Every statement postbox runs on apalis's tables (`Jobs`/`Workers` on SQLite,
+//! `apalis.jobs`/`apalis.workers` on PostgreSQL): setup, pushes, and the janitor's repairs.
+//! apalis's own fetch/ack/heartbeat statements run inside its storage backends (`worker`).
+
+use time::OffsetDateTime;
+
+use super::JobKind;
+use crate::db::{Db, Kind, Sql, Tx, sql, values};
+
+/// apalis-level attempts, only for infrastructure errors (a database error inside a handler).
+/// A handler's own retries (an SMTP 4xx) are new jobs with their own run time, never apalis
+/// retries.
+const JOB_MAX_ATTEMPTS: usize = 10;
+
+/// A job to push: its payload, apalis priority (higher runs first) and when it is due (`None`:
+/// now).
+pub(crate) struct Push<K> {
+    pub job: K,
+    pub priority: usize,
+    pub run_at: Option<OffsetDateTime>,
+}
+
+/// Creates or upgrades apalis's tables on `pool`'s database.
+///
+/// SQLite: apalis's setup switches its connection to `synchronous=OFF`, so give it a throwaway
+/// pool that no delivery ever uses.
+pub(crate) async fn setup(db: &Db) -> Result<(), String> {
+    match db {
+        Db::Sqlite(pool) => {
+            apalis_sqlite::SqliteStorage::setup(pool)
+                .await
+                .map_err(|e| format!("apalis setup: {e}"))?;
+            // Finished rows keep lock_by, and the ack statement is planned through this index:
+            // every ack would scan all rows a worker ever processed (STACK-NOTES). The unique id
+            // index is the right plan.
+            sqlx::query("DROP INDEX IF EXISTS LIdx")
+                .execute(pool)
+                .await
+                .map_err(|e| format!("apalis setup: {e}"))?;
+        }
+        Db::Pg(pool, _) => {
+            apalis_postgres::PostgresStorage::setup(pool)
+                .await
+                .map_err(|e| format!("apalis setup: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Pushes `jobs` of kind `K` inside the caller's transaction, many per statement.
+///
+/// The row is exactly what apalis's own `push_tasks` writes (status Pending, 0 attempts, a ULID
+/// id, `ON CONFLICT(job_type, idempotency_key) DO NOTHING`), but push_tasks runs one statement
+/// per job, and each statement is a round trip: at a thousand jobs a batch that was most of the
+/// submit cost. `run_at` is rounded up to apalis's whole seconds, so nothing runs before its
+/// time. On PostgreSQL apalis's insert trigger notifies listening workers (LISTEN/NOTIFY).
+pub(crate) async fn push<K: JobKind>(
+    tx: &mut Tx,
+    queue: &str,
+    jobs: &[Push<K>],
+) -> Result<(), sqlx::Error> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let now_s = OffsetDateTime::now_utc().unix_timestamp();
+    let mut q = match tx.kind() {
+        Kind::Sqlite => sql(format!(
+            "INSERT INTO Jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority,
+                 metadata, idempotency_key) VALUES {}
+             ON CONFLICT(job_type, idempotency_key) DO NOTHING",
+            values(jobs.len(), 10, 1)
+        )),
+        Kind::Postgres => {
+            let rows: Vec<String> = (0..jobs.len())
+                .map(|i| {
+                    let b = i * 6;
+                    format!(
+                        "(${}, ${}, ${}, 'Pending', 0, {JOB_MAX_ATTEMPTS}, to_timestamp(${}), ${}, NULL, ${})",
+                        b + 1, b + 2, b + 3, b + 4, b + 5, b + 6
+                    )
+                })
+                .collect();
+            sql(format!(
+                "INSERT INTO apalis.jobs (job, id, job_type, status, attempts, max_attempts, run_at,
+                     priority, metadata, idempotency_key) VALUES {}
+                 ON CONFLICT(job_type, idempotency_key) DO NOTHING",
+                rows.join(", ")
+            ))
+        }
+    };
+    let job_type = K::job_type(queue);
+    for p in jobs {
+        let payload = serde_json::to_vec(&p.job).expect("a job payload always serializes");
+        let run_at = p.run_at.map_or(now_s, |t| {
+            let ms = (t.unix_timestamp_nanos() / 1_000_000) as i64;
+            ((ms + 999) / 1000).max(0)
+        });
+        q.add(payload)
+            .add(ulid::Ulid::generate().to_string())
+            .add(job_type.as_str());
+        if tx.kind() == Kind::Sqlite {
+            q.add("Pending").add(0i64).add(JOB_MAX_ATTEMPTS as i64);
+        }
+        q.add(run_at).add(p.priority as i64);
+        if tx.kind() == Kind::Sqlite {
+            q.add("{}");
+        }
+        q.add(p.job.key());
+    }
+    q.execute(&mut *tx).await?;
+    Ok(())
+}
+
+/// `text` with apalis's table names and time parameters for `kind`'s dialect: `{jobs}` and
+/// `{workers}` are the tables; `{t2}` and `{t3}` are parameters $2 and $3 given as unix
+/// seconds, compared with apalis's time columns (integers on SQLite, timestamptz on
+/// PostgreSQL).
+fn jobs_sql(kind: Kind, text: &str) -> Sql {
+    let (jobs, workers, t2, t3) = match kind {
+        Kind::Sqlite => ("Jobs", "Workers", "$2", "$3"),
+        Kind::Postgres => (
+            "apalis.jobs",
+            "apalis.workers",
+            "to_timestamp($2)",
+            "to_timestamp($3)",
+        ),
+    };
+    sql(text
+        .replace("{jobs}", jobs)
+        .replace("{workers}", workers)
+        .replace("{t2}", t2)
+        .replace("{t3}", t3))
+}
+
+/// A condition, for a query on another table, that a job of kind `K` keyed by the SQL
+/// expression `key` is live (pending, running, or failed with apalis attempts left). `$1` must
+/// be bound to `K::job_type(queue)`.
+pub(crate) fn live_job_exists(kind: Kind, key: &str) -> String {
+    let jobs = match kind {
+        Kind::Sqlite => "Jobs",
+        Kind::Postgres => "apalis.jobs",
+    };
+    format!(
+        "EXISTS (SELECT 1 FROM {jobs} j
+                  WHERE j.job_type = $1 AND j.idempotency_key = {key}
+                    AND (j.status IN ('Pending', 'Queued', 'Running')
+                         OR (j.status = 'Failed' AND j.attempts < j.max_attempts)))"
+    )
+}
+
+/// Hands back to the queue the jobs of `job_type` held by workers not seen since `dead_before`,
+/// running since before `stuck_before` (longer than any handler can), or left Pending but
+/// locked. Returns how many.
+pub(crate) async fn requeue_abandoned(
+    db: &Db,
+    job_type: &str,
+    dead_before: i64,
+    stuck_before: i64,
+) -> Result<u64, sqlx::Error> {
+    jobs_sql(
+        db.kind(),
+        "UPDATE {jobs} SET status = 'Pending', lock_by = NULL, lock_at = NULL
+          WHERE job_type = $1 AND (
+                (status IN ('Running', 'Queued') AND lock_by IN
+                    (SELECT id FROM {workers} WHERE worker_type = $1 AND last_seen < {t2}))
+             OR (status IN ('Running', 'Queued') AND lock_at < {t3})
+             OR (status = 'Pending' AND lock_by IS NOT NULL AND lock_at < {t3}))",
+    )
+    .bind(job_type)
+    .bind(dead_before)
+    .bind(stuck_before)
+    .execute(db)
+    .await
+}
+
+/// Deletes the finished jobs of `job_type` done before `before` (unix seconds); then the
+/// workers not seen for a day that hold no job. Returns how many jobs.
+pub(crate) async fn delete_finished(
+    db: &Db,
+    job_type: &str,
+    before: i64,
+) -> Result<u64, sqlx::Error> {
+    let deleted = jobs_sql(
+        db.kind(),
+        "DELETE FROM {jobs} WHERE job_type = $1 AND done_at IS NOT NULL AND done_at < {t2}
+            AND (status IN ('Done', 'Killed') OR (status = 'Failed' AND attempts >= max_attempts))",
+    )
+    .bind(job_type)
+    .bind(before)
+    .execute(db)
+    .await?;
+    jobs_sql(
+        db.kind(),
+        "DELETE FROM {workers} WHERE worker_type = $1 AND last_seen < {t2}
+            AND NOT EXISTS (SELECT 1 FROM {jobs} WHERE {jobs}.lock_by = {workers}.id)",
+    )
+    .bind(job_type)
+    .bind(OffsetDateTime::now_utc().unix_timestamp() - 24 * 3600)
+    .execute(db)
+    .await?;
+    Ok(deleted)
+}

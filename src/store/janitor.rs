@@ -1,0 +1,169 @@
+//! The janitor: repairs what apalis 1.0 can leave stuck, rescues emails whose job was lost,
+//! expires mail and applies retention.
+
+use std::time::Duration;
+
+use super::lifecycle::insert_event;
+use super::lifecycle::insert_expired;
+use super::open::now;
+use super::submit::push_job;
+use super::*;
+use crate::db::sql;
+use crate::queue::table;
+use crate::queue::{JobKind, SendJob};
+
+impl Store {
+    /// One janitor pass: repairs what apalis 1.0 can leave stuck, expires mail, applies retention.
+    ///
+    /// `me` is the process running it: its own claims are never taken for a dead process's
+    /// (its liveness lease may have lapsed while the database refused writes).
+    pub async fn janitor(
+        &self,
+        me: &str,
+        dead_after: Duration,
+        stuck_after: Duration,
+        finished_jobs: Duration,
+        emails_after: Option<Duration>,
+        idempotency_ttl: Duration,
+    ) -> Result<JanitorReport, StoreError> {
+        let now = now();
+        let now_s = now.unix_timestamp();
+
+        // 1. Jobs held by dead workers, jobs running far longer than any send can, and jobs left
+        //    Pending but locked: hand them back to the queue.
+        let job_type = SendJob::job_type(&self.queue);
+        let jobs_requeued = table::requeue_abandoned(
+            &self.db,
+            &job_type,
+            now_s - dead_after.as_secs() as i64,
+            now_s - stuck_after.as_secs() as i64,
+        )
+        .await?;
+        let mut r = JanitorReport {
+            jobs_requeued,
+            ..Default::default()
+        };
+
+        // 2. Emails that are not final but own no live job (a job killed or exhausted by
+        //    infrastructure errors): give them a new one. Nothing accepted is ever dropped.
+        //    Quiet for stuck_after, or at once for an email still `sending` whose claimer is
+        //    gone (its node lease ran out: a crash): its job was acked by a process that found
+        //    the claimer still alive a moment earlier.
+        let orphans = sql(format!(
+            "SELECT e.id, e.job_seq, e.priority, e.next_attempt_at, e.send_at FROM postbox_emails e
+              WHERE e.status IN ('queued', 'retrying', 'sending')
+                AND (e.updated_at < $2
+                     OR (e.status = 'sending' AND COALESCE(e.claimed_by, '') <> $4
+                         AND NOT EXISTS (SELECT 1 FROM postbox_leases l
+                          WHERE l.name = 'node:' || e.claimed_by AND l.expires_at >= $3)))
+                AND NOT {}
+              LIMIT 1000",
+            table::live_job_exists(self.db.kind(), "e.id || ':' || e.job_seq")
+        ))
+        .bind(&job_type)
+        .bind(ms(now) - stuck_after.as_millis() as i64)
+        .bind(ms(now))
+        .bind(me)
+        .fetch_all(&self.db)
+        .await?;
+        for o in orphans {
+            let id: String = o.get("id")?;
+            let seq: i64 = o.get("job_seq")?;
+            let priority: String = o.get("priority")?;
+            let at: Option<i64> = o
+                .get::<Option<i64>>("next_attempt_at")?
+                .or(o.get("send_at")?);
+            let mut tx = self.db.begin().await?;
+            let moved = sql(
+                "UPDATE postbox_emails SET job_seq = job_seq + 1, updated_at = $1
+                  WHERE id = $2 AND job_seq = $3 AND status IN ('queued', 'retrying', 'sending')",
+            )
+            .bind(ms(now))
+            .bind(&id)
+            .bind(seq)
+            .execute(&mut tx)
+            .await?;
+            if moved == 1 {
+                let status: String = sql("SELECT status FROM postbox_emails WHERE id = $1")
+                    .bind(&id)
+                    .scalar(&mut tx)
+                    .await?
+                    .ok_or(sqlx::Error::RowNotFound)?;
+                insert_event(
+                    &mut tx,
+                    &id,
+                    now,
+                    "requeued",
+                    &status,
+                    None,
+                    None,
+                    "its job was lost; re-queued by the janitor",
+                )
+                .await?;
+                push_job(
+                    &mut tx,
+                    &self.queue,
+                    &id,
+                    seq + 1,
+                    Priority::parse(&priority).unwrap_or_default(),
+                    at.map(from_ms),
+                )
+                .await?;
+                r.emails_rescued += 1;
+            }
+            tx.commit().await?;
+        }
+
+        // 3. Expiry of mail still waiting (a running send is left to finish).
+        let mut tx = self.db.begin().await?;
+        let expired = sql(
+            "UPDATE postbox_emails
+                SET status = 'expired', job_seq = job_seq + 1, updated_at = $1, next_attempt_at = NULL,
+                    last_error = 'expired before it could be delivered'
+              WHERE status IN ('queued', 'retrying') AND expires_at <= $1
+          RETURNING id",
+        )
+        .bind(ms(now))
+        .fetch_all(&mut tx)
+        .await?;
+        for row in &expired {
+            let id: String = row.get("id")?;
+            insert_expired(&mut tx, &id, now).await?;
+        }
+        tx.commit().await?;
+        r.emails_expired = expired.len() as u64;
+
+        // 4. Retention.
+        r.jobs_deleted =
+            table::delete_finished(&self.db, &job_type, now_s - finished_jobs.as_secs() as i64)
+                .await?;
+        if let Some(keep) = emails_after {
+            let cutoff = ms(now) - keep.as_millis() as i64;
+            let mut tx = self.db.begin().await?;
+            sql(
+                "DELETE FROM postbox_events WHERE email_id IN (SELECT id FROM postbox_emails
+                  WHERE status IN ('sent', 'failed', 'cancelled', 'expired') AND updated_at < $1)",
+            )
+            .bind(cutoff)
+            .execute(&mut tx)
+            .await?;
+            r.emails_deleted = sql("DELETE FROM postbox_emails
+                  WHERE status IN ('sent', 'failed', 'cancelled', 'expired') AND updated_at < $1")
+            .bind(cutoff)
+            .execute(&mut tx)
+            .await?;
+            // Alerted rule matches age out with the emails (a UIDVALIDITY resync recognises
+            // messages by these rows, so only this window is protected from re-alerting).
+            sql("DELETE FROM postbox_alert_hits WHERE alert_id IS NOT NULL AND seen_at < $1")
+                .bind(cutoff)
+                .execute(&mut tx)
+                .await?;
+            tx.commit().await?;
+        }
+        sql("DELETE FROM postbox_idempotency WHERE created_at < $1")
+            .bind(ms(now) - idempotency_ttl.as_millis() as i64)
+            .execute(&self.db)
+            .await?;
+        Ok(r)
+    }
+}

@@ -1,0 +1,297 @@
+//! Opening the store (pools, migrations, the WAL checkpointer) and its health: whether the
+//! database answers, whether the disk refused a write, whether deliveries must wait for the WAL.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use time::OffsetDateTime;
+
+use super::Fault;
+use super::settings::{DatabaseSettings, is_postgres_url};
+use super::*;
+use crate::db::{Db, Kind, sql};
+use crate::queue::table;
+use std::sync::atomic::Ordering;
+
+/// Handle to the database; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub(super) db: Db,
+    pub(super) queue: String,
+    /// The last write refused because the disk is full, until a write succeeds again.
+    pub(super) full: std::sync::Arc<std::sync::Mutex<Option<(std::time::Instant, String)>>>,
+    /// SQLite: a checkpoint failed (the disk is full) and the WAL has not been truncated
+    /// since; deliveries wait (see [`Store::wal_reclaimed`]).
+    pub(super) wal_trouble: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How long a refused write keeps `/readyz` not ready (unless a write succeeds sooner).
+const FULL_REMEMBERED: Duration = Duration::from_secs(10);
+/// How often WAL frames are copied back into the database, off the commit path.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+pub(super) fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+/// WAL frames past which the WAL is truncated while the disk has been in trouble (16 MiB of
+/// 4 KiB pages).
+const WAL_TIGHT_FRAMES: i64 = 4_096;
+/// How long after a failed checkpoint the WAL is kept tight.
+const TROUBLE_REMEMBERED: Duration = Duration::from_secs(600);
+
+/// Copies WAL frames back into the database every [`CHECKPOINT_EVERY`], off the commit path.
+///
+/// In normal operation only passive checkpoints run: they never wait. But they never restart
+/// the WAL either (SQLite reuses it from its start only when every frame was copied back and no
+/// reader still holds it, and under sustained load some reader always does), so the WAL grows:
+/// measured, `scripts/bench-http.sh 10` left a 206 MB WAL, and a delivery backlog adds ~80 KB
+/// per email. Forcing restarts holds writers while readers finish, and that cost tail latency
+/// (bench-http single POSTs, p99 12 ms -> 61-72 ms with a restart past 64 MiB; a TRUNCATE past
+/// 16 MiB cost 18% of a drain's rate), so they are left out of normal operation.
+///
+/// A full disk is where an unbounded WAL hurts: on a 32 MiB disk, space freed after it filled
+/// up was eaten again within a second by the backlog. So after a failed checkpoint, TRUNCATE
+/// checkpoints run until one succeeds (giving the WAL's space back to the disk), and for
+/// [`TROUBLE_REMEMBERED`] afterwards the WAL is truncated whenever it passes
+/// [`WAL_TIGHT_FRAMES`]. Until the first truncation succeeds, `trouble` is set: deliveries
+/// wait, so that a backlog (~80 KB of WAL per delivery) does not eat the space freed for the
+/// truncation. Measured under load before they waited: 648 truncations in a row failed on a
+/// disk 40 MB of which had just been freed.
+async fn checkpoints(
+    pool: sqlx::SqlitePool,
+    trouble: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut mode = "PASSIVE";
+    let mut trouble_until: Option<std::time::Instant> = None;
+    loop {
+        tokio::time::sleep(CHECKPOINT_EVERY).await;
+        if pool.is_closed() {
+            return;
+        }
+        let res = sqlx::query_as::<_, (i64, i64, i64)>(sqlx::AssertSqlSafe(format!(
+            "PRAGMA wal_checkpoint({mode})"
+        )))
+        .fetch_one(&pool)
+        .await;
+        if mode == "TRUNCATE"
+            && matches!(res, Ok((0, _, _)))
+            && trouble.swap(false, Ordering::AcqRel)
+        {
+            tracing::info!("the WAL was truncated; deliveries resume");
+        }
+        // A write refused for a full disk (noted by the store) counts like a failed checkpoint.
+        if mode != "TRUNCATE" && trouble.load(Ordering::Acquire) {
+            trouble_until = Some(std::time::Instant::now() + TROUBLE_REMEMBERED);
+            mode = "TRUNCATE";
+            continue;
+        }
+        let tight = trouble_until.is_some_and(|t| std::time::Instant::now() < t);
+        mode = match res {
+            // Readers could not be waited out: try again.
+            Ok((busy, _, _)) if mode == "TRUNCATE" && busy != 0 => "TRUNCATE",
+            Ok((_, log, _)) if tight && log > WAL_TIGHT_FRAMES => "TRUNCATE",
+            Ok(_) => "PASSIVE",
+            Err(e) => {
+                if pool.is_closed() {
+                    return;
+                }
+                if mode != "TRUNCATE" {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; truncating the WAL until it succeeds");
+                }
+                trouble_until = Some(std::time::Instant::now() + TROUBLE_REMEMBERED);
+                if !trouble.swap(true, Ordering::AcqRel) {
+                    tracing::warn!("deliveries wait until the WAL can be truncated");
+                }
+                "TRUNCATE"
+            }
+        };
+    }
+}
+
+/// Whether a connection given back to the pool may be used again. A transaction whose COMMIT
+/// or ROLLBACK failed (SQLite on a full disk rolls a transaction back by itself, so the
+/// driver's ROLLBACK then fails too) leaves the driver believing it is still inside one: the
+/// next `BEGIN IMMEDIATE` on it fails ("non-zero transaction depth") and other writers wait on
+/// it. Such a connection is closed instead of reused, whoever used it (apalis included). A
+/// rollback the driver has merely queued is let through first (the ping runs after it).
+async fn still_clean<C: sqlx::Connection>(conn: &mut C) -> Result<bool, sqlx::Error> {
+    if conn.is_in_transaction() {
+        conn.ping().await?;
+    }
+    let clean = !conn.is_in_transaction();
+    if !clean {
+        tracing::warn!("closing a database connection left inside a failed transaction");
+    }
+    Ok(clean)
+}
+
+impl Store {
+    /// Opens the database named by `database.url` (SQLite, or PostgreSQL for `postgres://`)
+    /// and applies every migration: apalis's, then ours (bookkept in `postbox_migrations`).
+    pub async fn open(settings: &DatabaseSettings, queue: &str) -> Result<Store, StoreError> {
+        let wal_trouble = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let db = if is_postgres_url(&settings.url) {
+            Self::open_postgres(settings).await?
+        } else {
+            Self::open_sqlite(settings, wal_trouble.clone()).await?
+        };
+        Ok(Store {
+            db,
+            queue: queue.to_string(),
+            full: Default::default(),
+            wal_trouble,
+        })
+    }
+
+    /// PostgreSQL: apalis-postgres's schema `apalis` (it needs the hstore extension: the first
+    /// start must be allowed to `CREATE EXTENSION`), then `migrations/postgres`. Both migrators
+    /// hold sqlx's advisory lock, so many processes can start at once.
+    async fn open_postgres(settings: &DatabaseSettings) -> Result<Db, StoreError> {
+        let opts = PgConnectOptions::from_str(&settings.url)?;
+        let breaker = std::sync::Arc::new(crate::db::Breaker::new(opts.clone()));
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .min_connections(1)
+            .after_release(|conn, _| Box::pin(still_clean(conn)))
+            .acquire_timeout(Duration::from_millis(settings.busy_timeout_ms.max(1000)))
+            .connect_with(opts)
+            .await?;
+        let db = Db::Pg(pool, breaker);
+        table::setup(&db).await.map_err(StoreError::Queue)?;
+        let mut migrator = sqlx::migrate!("./migrations/postgres");
+        migrator.dangerous_set_table_name("postbox_migrations");
+        if let Db::Pg(pool, _) = &db {
+            migrator.run(pool).await?;
+        }
+        Ok(db)
+    }
+
+    async fn open_sqlite(
+        settings: &DatabaseSettings,
+        wal_trouble: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<Db, StoreError> {
+        let opts = SqliteConnectOptions::from_str(&settings.url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_millis(settings.busy_timeout_ms))
+            .pragma("temp_store", "MEMORY")
+            .pragma("cache_size", "-16000")
+            // Checkpoints run in a background task (see below), not inside whichever commit
+            // crosses the threshold; this high mark is only a backstop.
+            .pragma("wal_autocheckpoint", "50000");
+        // apalis's setup() switches one connection to synchronous=OFF: run it on a throwaway pool
+        // so no connection we keep has durability turned off.
+        let setup = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts.clone())
+            .await?;
+        table::setup(&Db::Sqlite(setup.clone()))
+            .await
+            .map_err(StoreError::Queue)?;
+        let mut migrator = sqlx::migrate!("./migrations/sqlite");
+        migrator.dangerous_set_table_name("postbox_migrations");
+        migrator.run(&setup).await?;
+        setup.close().await;
+
+        let pool = SqlitePoolOptions::new()
+            .max_connections(settings.max_connections)
+            .min_connections(1)
+            .after_release(|conn, _| Box::pin(still_clean(conn)))
+            .connect_with(opts)
+            .await?;
+        tokio::spawn(checkpoints(pool.clone(), wal_trouble));
+        Ok(Db::Sqlite(pool))
+    }
+
+    /// The database pool (the queue builds its apalis backend on it).
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.db.kind()
+    }
+
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    pub async fn close(&self) {
+        self.db.close().await;
+    }
+
+    /// Is the database answering?
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sql("SELECT 1").execute(&self.db).await?;
+        Ok(())
+    }
+
+    /// Notes how a submission's write went: a refusal for a full disk is remembered (readiness
+    /// says so, so that a load balancer sends submissions elsewhere) until a submission commits
+    /// or [`FULL_REMEMBERED`] passes.
+    pub fn note_write<T>(&self, r: &Result<T, StoreError>) {
+        let mut full = self.full.lock().unwrap_or_else(|p| p.into_inner());
+        match r {
+            Ok(_) => *full = None,
+            Err(e) if e.fault() == Fault::Full => {
+                self.saw(e);
+                *full = Some((std::time::Instant::now(), e.to_string()))
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Notes an error of any write: one refused for a full disk sets SQLite's WAL trouble, so
+    /// that deliveries wait and the checkpointer truncates the WAL as soon as it can (before
+    /// the backlog eats freed space: see `checkpoints`).
+    pub fn saw(&self, e: &StoreError) {
+        if e.fault() == Fault::Full
+            && self.db.kind() == Kind::Sqlite
+            && !self.wal_trouble.swap(true, Ordering::AcqRel)
+        {
+            tracing::warn!("the disk is full: deliveries wait until the WAL can be truncated");
+        }
+    }
+
+    /// Waits while SQLite's WAL must be reclaimed after a full disk (a failed checkpoint not
+    /// yet followed by a truncation), or until `stop` fires. Returns at once otherwise.
+    pub async fn wal_reclaimed(&self, stop: impl std::future::Future<Output = ()>) {
+        let mut stop = std::pin::pin!(stop);
+        while self.wal_trouble.load(Ordering::Acquire) {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+
+    /// A recent write refused for a full disk, not followed by a successful one.
+    pub fn storage_full(&self) -> Option<String> {
+        let full = self.full.lock().unwrap_or_else(|p| p.into_inner());
+        full.as_ref()
+            .filter(|(at, _)| at.elapsed() < FULL_REMEMBERED)
+            .map(|(_, e)| format!("writes were refused: {e}"))
+    }
+
+    /// Does the database take a write now? One row rewritten in a transaction of its own: it
+    /// fails on a full disk, on a lock held past the busy timeout, on an unreachable server.
+    pub async fn write_probe(&self) -> Result<(), StoreError> {
+        if let Some(full) = self.storage_full() {
+            return Err(StoreError::Queue(full));
+        }
+        let mut tx = self.db.begin_write().await?;
+        let probe = match self.db.kind() {
+            Kind::Sqlite => "UPDATE postbox_counters SET n = n WHERE name = 'depth'",
+            Kind::Postgres => {
+                "UPDATE postbox_counters SET n = n WHERE name = 'depth' AND shard = 0"
+            }
+        };
+        sql(probe).execute(&mut tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}

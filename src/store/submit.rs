@@ -1,0 +1,291 @@
+//! Submission: a group of requests committed in one transaction (idempotency keys, the depth
+//! cap, the emails and their jobs).
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use super::open::now;
+use super::*;
+use crate::db::{Kind, Lock, Tx, lock_hash, sql, values};
+use crate::queue::SendJob;
+use crate::queue::table::{self, Push};
+
+impl Store {
+    /// Commits a group of submissions in ONE transaction (group commit): for each, in order,
+    /// its idempotency key is checked, then the depth cap; then the emails of every submission
+    /// let through are inserted together (multi-row statements) with their jobs. One outcome per
+    /// request. The transaction takes SQLite's write lock first (`BEGIN IMMEDIATE`), so checks
+    /// and inserts see every other writer's committed rows.
+    pub async fn insert_group(
+        &self,
+        reqs: &[InsertRequest],
+        max_depth: u64,
+        idempotency_ttl: Duration,
+    ) -> Result<Vec<InsertOutcome>, StoreError> {
+        enum Plan {
+            Done(InsertOutcome),
+            /// Rows `[from, from + n)` of the combined insert.
+            Insert {
+                from: usize,
+                n: usize,
+            },
+            /// Same key and payload as an earlier request of this group: its result.
+            SameAs(usize),
+        }
+        let now = now();
+        let now_ms = ms(now);
+        let cutoff = now_ms - idempotency_ttl.as_millis() as i64;
+        if reqs.iter().any(|r| {
+            let key = r.request_id.as_deref().unwrap_or("");
+            crate::faults::hit(crate::faults::GROUP_COMMIT_FAIL, key)
+        }) {
+            return Err(StoreError::Queue(
+                "injected fault: this group commit fails".into(),
+            ));
+        }
+        let mut tx = self.db.begin_write().await?;
+        if tx.kind() == Kind::Postgres {
+            // Other nodes commit groups concurrently: hold every idempotency key of this group
+            // (in one global order, so two groups never deadlock), then the depth cap.
+            let mut hashes: Vec<i32> = reqs
+                .iter()
+                .filter_map(|r| r.idempotency.as_ref())
+                .map(|c| lock_hash(&[&c.scope, &c.key]))
+                .collect();
+            hashes.sort_unstable();
+            hashes.dedup();
+            for h in hashes {
+                tx.lock(Lock::Idempotency(h)).await?;
+            }
+            if max_depth > 0 {
+                tx.lock(Lock::Depth).await?;
+            }
+        }
+        let mut depth: Option<u64> = None;
+        let mut plans = Vec::with_capacity(reqs.len());
+        let mut rows: Vec<(&NewRow, Option<&str>)> = Vec::new();
+        let mut keys: std::collections::HashMap<(&str, &str), (usize, &str)> = Default::default();
+        for (i, req) in reqs.iter().enumerate() {
+            if let Some(c) = &req.idempotency {
+                if let Some((first, fp)) = keys.get(&(c.scope.as_str(), c.key.as_str())) {
+                    plans.push(if *fp == c.fingerprint {
+                        Plan::SameAs(*first)
+                    } else {
+                        Plan::Done(InsertOutcome::KeyReused)
+                    });
+                    continue;
+                }
+                sql(
+                    "DELETE FROM postbox_idempotency WHERE scope = $1 AND key = $2 AND created_at < $3",
+                )
+                .bind(&c.scope)
+                .bind(&c.key)
+                .bind(cutoff)
+                .execute(&mut tx)
+                .await?;
+                let seen = sql(
+                    "SELECT fingerprint, response FROM postbox_idempotency WHERE scope = $1 AND key = $2",
+                )
+                .bind(&c.scope)
+                .bind(&c.key)
+                .fetch_optional(&mut tx)
+                .await?;
+                if let Some(seen) = seen {
+                    let fingerprint: String = seen.get("fingerprint")?;
+                    plans.push(Plan::Done(if fingerprint != c.fingerprint {
+                        InsertOutcome::KeyReused
+                    } else {
+                        InsertOutcome::Replayed(decode_ids(&seen.get::<String>("response")?)?)
+                    }));
+                    continue;
+                }
+            }
+            if max_depth > 0 {
+                let d = match depth {
+                    Some(d) => d,
+                    None => self.depth(&mut tx).await?,
+                };
+                if d + req.rows.len() as u64 > max_depth {
+                    depth = Some(d);
+                    plans.push(Plan::Done(InsertOutcome::QueueFull {
+                        depth: d,
+                        max_depth,
+                    }));
+                    continue;
+                }
+                // Counted as new even if an email's own key turns out to exist: conservative.
+                depth = Some(d + req.rows.len() as u64);
+            }
+            if let Some(c) = &req.idempotency {
+                keys.insert((&c.scope, &c.key), (i, &c.fingerprint));
+            }
+            plans.push(Plan::Insert {
+                from: rows.len(),
+                n: req.rows.len(),
+            });
+            rows.extend(req.rows.iter().map(|r| (r, req.request_id.as_deref())));
+        }
+        let ids = self.insert_rows(&mut tx, &rows, now_ms).await?;
+        let mut out: Vec<InsertOutcome> = Vec::with_capacity(reqs.len());
+        for (req, plan) in reqs.iter().zip(plans) {
+            let outcome = match plan {
+                Plan::Done(o) => o,
+                Plan::SameAs(first) => match &out[first] {
+                    InsertOutcome::Inserted(ids) => InsertOutcome::Replayed(ids.clone()),
+                    other => other.clone(),
+                },
+                Plan::Insert { from, n } => {
+                    let mine = ids[from..from + n].to_vec();
+                    if let Some(c) = &req.idempotency {
+                        sql(
+                            "INSERT INTO postbox_idempotency (scope, key, fingerprint, response, created_at)
+                             VALUES ($1, $2, $3, $4, $5)",
+                        )
+                        .bind(&c.scope)
+                        .bind(&c.key)
+                        .bind(&c.fingerprint)
+                        .bind(encode_ids(&mine))
+                        .bind(now_ms)
+                        .execute(&mut tx)
+                        .await?;
+                    }
+                    InsertOutcome::Inserted(mine)
+                }
+            };
+            out.push(outcome);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Emails waiting or in flight: kept exact by triggers (migration `..._depth_counter.sql`),
+    /// so checking the cap costs the same at any depth. PostgreSQL spreads the counter over
+    /// shards (one per connection slot) so concurrent writers do not queue on one row.
+    pub(super) async fn depth(&self, tx: &mut Tx) -> Result<u64, StoreError> {
+        let n: Option<i64> = sql(
+            "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM postbox_counters WHERE name = 'depth'",
+        )
+        .scalar(&mut *tx)
+        .await?;
+        Ok(n.unwrap_or(0).max(0) as u64)
+    }
+
+    /// Inserts emails (with the request that submitted each) and their jobs on `tx`, many rows
+    /// per statement. An email whose own idempotency key is already present gets the existing
+    /// email's id with `false`, and nothing is created for it.
+    pub(super) async fn insert_rows(
+        &self,
+        tx: &mut Tx,
+        rows: &[(&NewRow, Option<&str>)],
+        now_ms: i64,
+    ) -> Result<Vec<(EmailId, bool)>, StoreError> {
+        /// 16 parameters a row: 140 rows stay far below SQLite's 32,766 parameters.
+        const CHUNK: usize = 140;
+        const COLS: usize = 16;
+        let mut out = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(CHUNK) {
+            let mut q = sql(format!(
+                "INSERT INTO postbox_emails (id, status, priority, spec, message_id, idempotency_key,
+                     template, recipients, tags, send_at, expires_at, age_from, created_at,
+                     updated_at, request_id, subject) VALUES {}
+                 ON CONFLICT(idempotency_key) DO NOTHING RETURNING id",
+                values(chunk.len(), COLS, 1)
+            ));
+            for ((id, email, message_id), request_id) in chunk {
+                let spec = serde_json::to_string(email).map_err(|e| StoreError::Corrupt {
+                    id: id.to_string(),
+                    message: e.to_string(),
+                })?;
+                let recipients = email
+                    .recipients()
+                    .map(|a| a.address())
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let send_at = email.send_at.map(ms);
+                q.add(id.as_str())
+                    .add("queued")
+                    .add(email.priority.as_str())
+                    .add(spec)
+                    .add(message_id.as_str())
+                    .add(email.idempotency_key.as_deref())
+                    .add(email.content.template_name())
+                    .add(recipients)
+                    .add(email.tags.join(" "))
+                    .add(send_at)
+                    .add(email.expires_at.map(ms))
+                    .add(send_at.unwrap_or(now_ms).max(now_ms))
+                    .add(now_ms)
+                    .add(now_ms)
+                    .add(*request_id)
+                    .add(email.subject.as_deref());
+            }
+            let inserted: std::collections::HashSet<String> = q
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| r.get_at::<String>(0))
+                .collect::<Result<_, _>>()?;
+            let mut jobs = Vec::with_capacity(inserted.len());
+            for ((id, email, _), _) in chunk {
+                if inserted.contains(id.as_str()) {
+                    jobs.push((id.as_str(), 0, email.priority, email.send_at));
+                    out.push((id.clone(), true));
+                } else {
+                    let existing: Option<String> =
+                        sql("SELECT id FROM postbox_emails WHERE idempotency_key = $1")
+                            .bind(email.idempotency_key.as_deref())
+                            .scalar(&mut *tx)
+                            .await?;
+                    let existing = existing.ok_or(sqlx::Error::RowNotFound)?;
+                    out.push((EmailId::from_db(existing), false));
+                }
+            }
+            push_jobs(tx, &self.queue, &jobs).await?;
+        }
+        Ok(out)
+    }
+}
+
+/// The remembered result of an idempotent request: `[[id, created], ...]`.
+fn encode_ids(ids: &[(EmailId, bool)]) -> String {
+    serde_json::to_string(ids).expect("ids always serialize")
+}
+
+fn decode_ids(s: &str) -> Result<Vec<(EmailId, bool)>, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt {
+        id: "(idempotency record)".into(),
+        message: e.to_string(),
+    })
+}
+
+/// Pushes the job that owns `<id>:<seq>`.
+pub(super) async fn push_job(
+    tx: &mut Tx,
+    queue: &str,
+    id: &str,
+    seq: i64,
+    priority: Priority,
+    run_at: Option<OffsetDateTime>,
+) -> Result<(), StoreError> {
+    push_jobs(tx, queue, &[(id, seq, priority, run_at)]).await
+}
+
+/// Pushes the delivery jobs `(email id, seq, priority, run_at)` inside `tx` (the queue writes
+/// the rows).
+async fn push_jobs(
+    tx: &mut Tx,
+    queue: &str,
+    jobs: &[(&str, i64, Priority, Option<OffsetDateTime>)],
+) -> Result<(), StoreError> {
+    let jobs: Vec<Push<SendJob>> = jobs
+        .iter()
+        .map(|(id, seq, priority, run_at)| Push {
+            job: SendJob::new(id, *seq),
+            priority: priority.job_priority(),
+            run_at: *run_at,
+        })
+        .collect();
+    table::push(tx, queue, &jobs).await?;
+    Ok(())
+}

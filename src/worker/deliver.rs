@@ -1,0 +1,281 @@
+//! The delivery of one email: the [`Handler`] of [`SendJob`]s.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use time::OffsetDateTime;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use super::Handler;
+use crate::Shutdown;
+use crate::delivery::{Decision, Mailer, Outcome, RetryPolicy, build_message};
+use crate::domain::address::mask;
+use crate::queue::SendJob;
+use crate::render::render;
+use crate::store::{AttemptRecord, Claim, ClaimResult, Finish, Store, StoreError};
+
+/// Everything a delivery needs; shared by all concurrent handler calls.
+///
+/// Each delivery runs as a task of its own ([`Deliverer::spawn`]), not inside the apalis
+/// worker's future: when a worker dies (one failed heartbeat ends it), its sends in flight still
+/// finish and are recorded. [`Deliverer::drain`] waits for them at shutdown.
+#[derive(Debug)]
+pub struct Deliverer {
+    store: Store,
+    mailer: Mailer,
+    policy: RetryPolicy,
+    /// This process, as recorded in its claims.
+    pub(super) node: String,
+    /// Emails being delivered by this process now: a second job for one of them (a repeated or
+    /// recovered job) does nothing.
+    in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
+    tasks: tokio_util::task::TaskTracker,
+    /// Fires when the process is stopping: recording retries give up after [`RECORD_GRACE`].
+    shutdown: Shutdown,
+    /// Set once the process is stopping: jobs handed over from then on are deferred, not run.
+    stopping: AtomicBool,
+}
+
+/// How long a known outcome is retried into the database once the process is stopping.
+const RECORD_GRACE: Duration = Duration::from_secs(10);
+/// When a job handed over while the process stops is due again (not at once, or the stopping
+/// worker would fetch it again and again).
+const DEFER_ON_STOP: Duration = Duration::from_secs(2);
+
+/// Removes an email from the in-flight set when its delivery ends, however it ends.
+struct InFlight<'a> {
+    set: &'a std::sync::Mutex<std::collections::HashSet<String>>,
+    id: String,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl Deliverer {
+    pub fn new(
+        store: Store,
+        mailer: Mailer,
+        policy: RetryPolicy,
+        node: String,
+        shutdown: Shutdown,
+    ) -> Self {
+        Self {
+            store,
+            mailer,
+            policy,
+            node,
+            in_flight: Default::default(),
+            tasks: tokio_util::task::TaskTracker::new(),
+            shutdown,
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// Runs [`Deliverer::deliver`] as a task of its own and waits for it. Once the process is
+    /// stopping, the job is deferred instead (its email gets a new job for the next process).
+    pub async fn spawn(self: &Arc<Self>, job: SendJob) -> Result<(), StoreError> {
+        if self.stopping.load(Ordering::Acquire) {
+            let later = OffsetDateTime::now_utc() + DEFER_ON_STOP;
+            return self.store.defer(&job.email_id, job.seq, later).await;
+        }
+        let me = self.clone();
+        match self.tasks.spawn(async move { me.deliver(job).await }).await {
+            Ok(r) => r,
+            // deliver() catches panics around the attempt; one elsewhere is a bug, reported
+            // as an error (the job runs again, and a claim that went through is safe).
+            Err(e) => Err(StoreError::Queue(format!("a delivery task failed: {e}"))),
+        }
+    }
+
+    /// Stops starting deliveries and waits until every delivery task has ended.
+    pub async fn drain(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Runs one job: claim, render, send, record. Idempotent: a stale or repeated job does nothing.
+    pub async fn deliver(&self, job: SendJob) -> Result<(), StoreError> {
+        if !self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(job.email_id.clone())
+        {
+            debug!(email_id = %job.email_id, seq = job.seq, "already being delivered by this process");
+            return Ok(());
+        }
+        let _in_flight = InFlight {
+            set: &self.in_flight,
+            id: job.email_id.clone(),
+        };
+        // After a full disk, SQLite's WAL must be given back before deliveries write again.
+        self.store.wal_reclaimed(self.shutdown.clone()).await;
+        let claimed = self.store.claim(&job.email_id, job.seq, &self.node).await;
+        if let Err(e) = &claimed {
+            self.store.saw(e);
+        }
+        let claim = match claimed? {
+            ClaimResult::Claimed(c) => c,
+            ClaimResult::Skip(why) => {
+                debug!(email_id = %job.email_id, seq = job.seq, why, "job has nothing to do");
+                return Ok(());
+            }
+            ClaimResult::Expired => {
+                info!(email_id = %job.email_id, "email expired before delivery");
+                return Ok(());
+            }
+            ClaimResult::Failed(reason) => {
+                warn!(email_id = %job.email_id, %reason, "failed; moved to dead letters");
+                return Ok(());
+            }
+        };
+        let span = info_span!("deliver", email_id = %claim.id, attempt = claim.attempt);
+        async {
+            if claim.interrupted {
+                warn!("previous attempt was interrupted; sending again with the same Message-ID");
+            }
+            let started_at = OffsetDateTime::now_utc();
+            let t0 = Instant::now();
+            // A panic (a bug in rendering, MIME building or a transport) fails this email with
+            // the reason; nothing else stops.
+            let outcome = match AssertUnwindSafe(self.attempt(&claim)).catch_unwind().await {
+                Ok(o) => o,
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into());
+                    error!(panic = %what, "the delivery panicked; failing this email");
+                    Outcome::Permanent {
+                        code: None,
+                        text: format!("internal error: the delivery panicked ({what})"),
+                    }
+                }
+            };
+            let rec = AttemptRecord {
+                started_at,
+                duration_ms: t0.elapsed().as_millis() as i64,
+                smtp_code: outcome.code(),
+                smtp_text: outcome.text().to_string(),
+            };
+            let finish = match &outcome {
+                Outcome::Sent { .. } => Finish::Sent,
+                Outcome::Permanent { text, .. } => Finish::Failed {
+                    reason: format!("permanent failure: {text}"),
+                },
+                Outcome::Temporary { text, .. } => {
+                    let age = (OffsetDateTime::now_utc() - claim.age_from)
+                        .try_into()
+                        .unwrap_or(Duration::ZERO);
+                    match self
+                        .policy
+                        .after_temporary_failure(claim.attempt, age, rand::random::<f64>())
+                    {
+                        Decision::RetryAfter(d) => Finish::Retry {
+                            at: OffsetDateTime::now_utc() + d,
+                        },
+                        Decision::GiveUp(why) => Finish::Failed {
+                            reason: format!("{why}; last reply: {text}"),
+                        },
+                    }
+                }
+            };
+            let recorded = self.record(&claim, &rec, &finish).await?;
+            metrics::histogram!("postbox_smtp_transaction_seconds")
+                .record(rec.duration_ms as f64 / 1e3);
+            metrics::counter!("postbox_smtp_replies_total",
+                "code" => rec.smtp_code.map_or_else(|| "none".to_string(), |c| c.to_string()))
+            .increment(1);
+            if recorded {
+                let [(_, priority), (_, template)] = crate::metrics::email_labels(&claim.email);
+                let name = match finish {
+                    Finish::Sent => "postbox_emails_sent_total",
+                    Finish::Retry { .. } => "postbox_emails_retried_total",
+                    Finish::Failed { .. } => "postbox_emails_failed_total",
+                };
+                metrics::counter!(name, "priority" => priority, "template" => template).increment(1);
+            }
+            let rcpts: Vec<String> = claim.email.recipients().map(|a| mask(a.address())).collect();
+            match (&finish, recorded) {
+                (_, false) => warn!("attempt superseded while in flight; not recorded"),
+                (Finish::Sent, _) => info!(code = ?rec.smtp_code, ms = rec.duration_ms, to = ?rcpts, "sent"),
+                (Finish::Retry { at }, _) => warn!(code = ?rec.smtp_code, reply = %rec.smtp_text, retry_at = %at, "temporary failure; will retry"),
+                (Finish::Failed { reason }, _) => warn!(code = ?rec.smtp_code, %reason, to = ?rcpts, "failed; moved to dead letters"),
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Render, build the MIME message, send.
+    async fn attempt(&self, claim: &Claim) -> Outcome {
+        let first = claim.email.to.first().map_or("", |a| a.address());
+        if crate::faults::hit(crate::faults::DELIVERY_PANIC, first) {
+            panic!("injected fault: the delivery of {} panics", claim.id);
+        }
+        match render(&claim.email)
+            .map_err(|e| e.to_string())
+            .and_then(|r| {
+                build_message(&claim.email, &r, &claim.message_id).map_err(|e| e.to_string())
+            }) {
+            Ok(msg) => self.mailer.send(&msg, claim.id.as_str()).await,
+            Err(text) => Outcome::Permanent { code: None, text },
+        }
+    }
+
+    /// Records a known outcome, retrying from memory while the database refuses (busy, full,
+    /// unreachable): the message is never sent again for a failed write. Once the process is
+    /// stopping, it tries for [`RECORD_GRACE`] more, then gives up; the email then stays
+    /// `sending` and is sent again after a restart (the one duplicate the README admits).
+    async fn record(
+        &self,
+        claim: &Claim,
+        rec: &AttemptRecord,
+        finish: &Finish,
+    ) -> Result<bool, StoreError> {
+        let mut pause = Duration::from_millis(50);
+        let mut stopping_since: Option<Instant> = None;
+        loop {
+            match self.store.finish(claim, rec, finish).await {
+                Ok(recorded) => return Ok(recorded),
+                Err(e) => {
+                    self.store.saw(&e);
+                    if stopping_since.is_none() && self.shutdown.clone().now_or_never().is_some() {
+                        stopping_since = Some(Instant::now());
+                    }
+                    if stopping_since.is_some_and(|t| t.elapsed() > RECORD_GRACE) {
+                        error!(error = %e, "the outcome could not be recorded before shutdown; \
+                            the email will be sent again after a restart");
+                        return Err(e);
+                    }
+                    warn!(error = %e, retry_in_ms = pause.as_millis() as u64,
+                        "cannot record the outcome yet; retrying (the message is not sent again)");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+impl Handler<SendJob> for Deliverer {
+    async fn handle(self: &Arc<Self>, job: SendJob) -> Result<(), StoreError> {
+        self.spawn(job).await
+    }
+
+    async fn drain(&self) {
+        Deliverer::drain(self).await
+    }
+}

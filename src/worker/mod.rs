@@ -1,0 +1,342 @@
+//! The workers: run the queue's jobs on apalis, one supervised apalis worker per job kind
+//! ([`supervise`], [`Handler`]); this process's liveness lease; the wake-up signal for
+//! in-process submits and PostgreSQL's LISTEN; the janitor loop. Delivery itself (the handler
+//! of [`SendJob`]) is in [`deliver`].
+//!
+//! Design choices forced by apalis 1.0 (see STACK-NOTES.md):
+//! - a handler returns `Ok` for every outcome of its work; a retry (an SMTP 4xx) is a NEW job
+//!   with a later `run_at`, pushed in the transaction that records the attempt (apalis has no
+//!   backoff in the database); an `Err` means the database failed, and apalis runs the job again;
+//! - the payload is read as raw JSON and parsed here, so a payload we cannot read is logged and
+//!   dropped instead of killing the worker on every fetch;
+//! - no apalis timeout, catch-panic or retry layers (they leave rows stuck); lettre's timeouts and
+//!   the mailer's deadline bound every send;
+//! - a unique worker name per start, a janitor that re-queues jobs of dead workers and repairs
+//!   stuck rows, and a supervisor that restarts a worker that died on a database error;
+//! - apalis is told to stop only after the handler has drained (see [`supervise`]).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use apalis::prelude::*;
+use apalis_postgres::PostgresStorage;
+use apalis_sqlite::SqliteStorage;
+use futures::FutureExt;
+use futures::task::AtomicWaker;
+use serde_json::Value;
+use tracing::{debug, error, info, warn};
+
+use crate::Shutdown;
+use crate::config::Settings;
+use crate::queue::{JobKind, QueueSettings, SendJob};
+use crate::store::{Db, JanitorReport, Store, StoreError};
+
+mod deliver;
+pub use deliver::Deliverer;
+
+/// What runs the jobs of one kind `K`. Every job is run once at a time per process at most
+/// `queue.concurrency` at once; a job whose handler returns an error runs again (apalis
+/// retries), so handlers are idempotent.
+pub trait Handler<K: JobKind>: Send + Sync + 'static {
+    /// Runs one job. An error is an infrastructure error (the database): the job runs again.
+    fn handle(self: &Arc<Self>, job: K) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Stops starting jobs and waits until those running have ended. Called before the apalis
+    /// worker is stopped (see [`supervise`]).
+    fn drain(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// Wakes an idle worker at once when this process submits mail, so latency is not the poll
+/// interval. Coalescing: a thousand submits make one wake-up.
+#[derive(Debug, Default)]
+pub struct Wake {
+    pending: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Wake {
+    pub fn notify(&self) {
+        self.pending.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn stream(self: &Arc<Self>) -> WakeStream {
+        WakeStream(self.clone())
+    }
+}
+
+struct WakeStream(Arc<Wake>);
+
+impl futures::Stream for WakeStream {
+    type Item = ();
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<()>> {
+        self.0.waker.register(cx.waker());
+        if self.0.pending.swap(false, Ordering::AcqRel) {
+            Poll::Ready(Some(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// The apalis handler of kind `K`. Errors returned here are infrastructure errors (the
+/// database); apalis retries those at once. A payload that cannot be read, or of another
+/// version, is logged and dropped instead of killing the worker on every fetch.
+async fn handle<K: JobKind, H: Handler<K>>(
+    job: Value,
+    handler: Data<Arc<H>>,
+) -> Result<(), BoxDynError> {
+    let job: K = match serde_json::from_value::<K>(job.clone()) {
+        Ok(j) if j.version() == K::VERSION => j,
+        Ok(j) => {
+            warn!(
+                kind = K::NAME,
+                version = j.version(),
+                "job payload version not understood; dropped"
+            );
+            return Ok(());
+        }
+        Err(e) => {
+            warn!(kind = K::NAME, error = %e, payload = %job, "unreadable job payload; dropped");
+            return Ok(());
+        }
+    };
+    handler.handle(job).await.map_err(|e| {
+        error!(kind = K::NAME, error = %e, "the job could not be recorded; it will run again");
+        Box::new(e) as BoxDynError
+    })
+}
+
+/// Runs the delivery workers and the janitor until `shutdown` fires; then stops fetching, lets
+/// in-flight sends finish and returns.
+pub async fn run(
+    settings: &Settings,
+    store: Store,
+    deliverer: Arc<Deliverer>,
+    wake: Arc<Wake>,
+    shutdown: Shutdown,
+) {
+    let q = settings.queue.clone();
+    // This process's liveness, which keeps its claims from being taken over: renewed every
+    // heartbeat, valid for three.
+    let node = deliverer.node.clone();
+    let lease = crate::store::node_lease(&node);
+    let heartbeat = Duration::from_secs(q.heartbeat_secs);
+    if let Err(e) = store.acquire_lease(&lease, &node, heartbeat * 3).await {
+        warn!(error = %e, "cannot record this process's liveness; will try again");
+    }
+    let liveness = tokio::spawn({
+        let (store, lease, node, shutdown) =
+            (store.clone(), lease.clone(), node.clone(), shutdown.clone());
+        async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.clone() => return,
+                    _ = tokio::time::sleep(heartbeat) => {}
+                }
+                if let Err(e) = store.acquire_lease(&lease, &node, heartbeat * 3).await {
+                    warn!(error = %e, "cannot renew this process's liveness; will try again");
+                }
+            }
+        }
+    });
+    let janitor = tokio::spawn(janitor_loop(
+        settings.clone(),
+        store.clone(),
+        deliverer.node.clone(),
+        shutdown.clone(),
+    ));
+    if let Db::Pg(pool, _) = store.db() {
+        tokio::spawn(listen_for_jobs(
+            pool.clone(),
+            wake.clone(),
+            shutdown.clone(),
+        ));
+    }
+    supervise::<SendJob, _>(&q, store.db(), &node, deliverer.clone(), &wake, &shutdown).await;
+    // Sends started by a worker that died are still running: let them finish and record.
+    deliverer.drain().await;
+    let _ = janitor.await;
+    let _ = liveness.await;
+    if let Err(e) = store.release_lease(&lease, &node).await {
+        warn!(error = %e, "cannot release this process's liveness lease; it runs out by itself");
+    }
+}
+
+/// Runs an apalis worker for the jobs of kind `K` until `shutdown`, restarting it (after
+/// `queue.restart_delay_ms`) when it dies: apalis 1.0 ends a worker on one failed heartbeat or
+/// fetch. The handler's jobs in flight are drained before apalis is told to stop.
+async fn supervise<K: JobKind, H: Handler<K>>(
+    q: &QueueSettings,
+    db: &Db,
+    node: &str,
+    handler: Arc<H>,
+    wake: &Arc<Wake>,
+    shutdown: &Shutdown,
+) {
+    let job_type = K::job_type(&q.name);
+    let mut restarts = 0u32;
+    loop {
+        let name = format!("postbox-{}-{node}-{restarts}", K::NAME);
+        restarts += 1;
+        let strategy = || {
+            Strategy::new()
+                .stream(wake.stream())
+                .interval(Duration::from_millis(q.poll_interval_ms))
+        };
+        let heartbeat = Duration::from_secs(q.heartbeat_secs);
+        macro_rules! worker {
+            ($backend:expr) => {
+                WorkerBuilder::new(name.as_str())
+                    .backend($backend.poll_with_strategy(strategy()))
+                    .data(handler.clone())
+                    .concurrency(q.concurrency)
+                    .build(handle::<K, H>)
+            };
+        }
+        // apalis is stopped only after our deliveries in flight have finished and recorded
+        // (`drain`), not when the process is told to stop. apalis 1.0 stops polling its own
+        // futures at once, and one of them can be inside a short write transaction (a
+        // heartbeat, a fetch, an ack): SQLite's write lock then stays taken until `run_until`
+        // returns, which waits for the in-flight handlers, whose outcomes need that lock.
+        // Seen as every outcome of a clean stop failing with "database is locked" (1 stop in
+        // ~10 under load) and those emails sent again after the restart.
+        let stop = {
+            let (sd, h) = (shutdown.clone(), handler.clone());
+            async move {
+                sd.await;
+                h.drain().await;
+                Ok::<(), std::io::Error>(())
+            }
+        };
+        info!(worker = %name, concurrency = q.concurrency, "worker started");
+        let res = match db {
+            Db::Sqlite(pool) => {
+                let config = apalis_sqlite::Config::default()
+                    .queue(&job_type)
+                    .batch_size(q.batch_size)
+                    .heartbeat_interval(heartbeat);
+                worker!(SqliteStorage::<Value>::new(pool).with_config(config))
+                    .run_until(stop)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Db::Pg(pool, _) => {
+                let config = apalis_postgres::Config::default()
+                    .queue(&job_type)
+                    .batch_size(q.batch_size)
+                    .heartbeat_interval(heartbeat);
+                worker!(PostgresStorage::<Value>::new(pool).with_config(config))
+                    .run_until(stop)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        };
+        if shutdown.clone().now_or_never().is_some() {
+            info!(worker = %name, "worker stopped");
+            break;
+        }
+        match res {
+            Ok(()) => warn!(worker = %name, "worker ended unexpectedly; restarting"),
+            Err(e) => error!(worker = %name, error = %e, "worker died; restarting"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(q.restart_delay_ms)) => {}
+            _ = shutdown.clone() => break,
+        }
+    }
+}
+
+/// PostgreSQL: wakes this process's idle workers when any process queues a job that is due
+/// now (apalis's insert trigger sends NOTIFY on `apalis::job::insert`; a burst of notifications
+/// makes one wake-up). Delayed jobs are found by the poll interval. Reconnects on error.
+async fn listen_for_jobs(pool: sqlx::PgPool, wake: Arc<Wake>, shutdown: Shutdown) {
+    use futures::StreamExt;
+    loop {
+        let listened = async {
+            let mut l = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            l.listen("apalis::job::insert").await?;
+            debug!("listening for new jobs");
+            // Jobs queued while we were not listening.
+            wake.notify();
+            let mut stream = l.into_stream();
+            while let Some(n) = stream.next().await {
+                n?;
+                wake.notify();
+            }
+            Ok::<(), sqlx::Error>(())
+        };
+        tokio::select! {
+            _ = shutdown.clone() => return,
+            r = listened => if let Err(e) = r {
+                warn!(error = %e, "LISTEN connection lost; reconnecting");
+            },
+        }
+        tokio::select! {
+            _ = shutdown.clone() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// One janitor pass with the thresholds the settings give.
+pub async fn janitor_pass(
+    settings: &Settings,
+    store: &Store,
+    me: &str,
+) -> Result<JanitorReport, StoreError> {
+    let q = &settings.queue;
+    let r = &settings.retention;
+    store
+        .janitor(
+            me,
+            Duration::from_secs(q.heartbeat_secs * 2),
+            Duration::from_secs(q.stuck_after_secs),
+            Duration::from_secs(r.finished_jobs_hours * 3600),
+            (r.emails_days > 0).then(|| Duration::from_secs(r.emails_days * 24 * 3600)),
+            Duration::from_secs(settings.api.idempotency_ttl_hours * 3600),
+        )
+        .await
+}
+
+async fn janitor_loop(settings: Settings, store: Store, me: String, shutdown: Shutdown) {
+    let pause = Duration::from_secs(settings.queue.janitor_interval_secs);
+    let mut failures = 0u32;
+    loop {
+        match janitor_pass(&settings, &store, &me).await {
+            Ok(r) => {
+                failures = 0;
+                if r != Default::default() {
+                    info!(report = ?r, "janitor pass");
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                warn!(error = %e, failures, "janitor pass failed; will try again");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.clone() => return,
+        }
+    }
+}
+
+/// A name for this process, unique across hosts and restarts: `host-pid-ulid`.
+pub(crate) fn node_name() -> String {
+    format!(
+        "{}-{}-{}",
+        hostname(),
+        std::process::id(),
+        ulid::Ulid::generate()
+    )
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "host".into())
+}
