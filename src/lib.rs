@@ -1,43 +1,91 @@
 //! # postbox: reliable email dispatch
 //!
 //! Apps hand postbox emails (this library, the HTTP API, the CLI); each becomes a durable row plus
-//! an apalis job in SQLite; workers render it with askama and deliver it over SMTP with lettre,
-//! retrying by the SMTP reply.
+//! an apalis job in SQLite (or PostgreSQL, shared by many processes); workers render it with
+//! askama and deliver it over SMTP with lettre, retrying by the SMTP reply. IMAP watchers turn
+//! matching inbound mail into grouped, throttled alert emails.
 //!
 //! ## Codemap
+//! Layers, lowest first; a module uses only modules above it in this list (checked by
+//! `scripts/module-deps.py`, which prints the graph and fails on a cycle).
 //! ```text
-//! main.rs      CLI (clap): serve | api | send | status | cancel | retry | migrate | config check
-//! api/         HTTP (axum): routes + OpenAPI from one declaration, auth, errors as JSON;
-//!              ui.rs: the /ui dashboard (askama pages, sessions, CSRF)
-//! postbox.rs   Postbox: the facade every entry point calls (submit, submit_many, status,
-//!              cancel, retry, run_workers)
-//! config.rs    Settings: defaults <- TOML file <- POSTBOX_* env; errors name the key
-//! domain/      EmailAddress, NewEmail -> Email (validated), Priority, EmailStatus, EmailId (pure)
-//! render/      askama templates (templates/emails/<kind>/) -> Rendered { subject, text, html }
-//! store/       the persistence seam: emails, timelines and their apalis jobs (SQLite);
-//!              group commit of submits (store/group.rs)
-//! delivery/    MIME building, Mailer { Smtp, File }, classify() of SMTP replies, RetryPolicy
-//! queue/       apalis worker + supervisor, wake-up on submit, janitor
-//! metrics.rs   Prometheus metrics (recorded where things happen; queue gauges at scrape)
-//! inbound/     IMAP watchers (async-imap): rules (pure), grouping/throttling, alerts
+//! settings.rs   ConfigError (names the bad key), masked(), nonzero(): shared by every section
+//! db.rs         the query layer over SQLite and PostgreSQL: Db, Tx, Sql (one statement text for
+//!               both), DbRow, Lock; the PostgreSQL circuit breaker
+//! net.rs        loopback checks, TCP keepalive      shutdown.rs  the Shutdown signal
+//! faults.rs     fault points tests arm (inert otherwise)
+//! telemetry.rs  [log] section, tracing init
+//! domain/       NewEmail -> Email::parse (validated; every error names its field), addresses,
+//!               Limits, Senders (delivery.allowed_from), bounded deserialization (bounded.rs)
+//! render/       askama templates (templates/emails/<kind>/) -> Rendered { subject, text, html }
+//! metrics.rs    Prometheus names and label sets
+//! queue/        the job queue: every statement on apalis's tables (table.rs: setup, push inside
+//!               a caller's transaction, janitor repairs); JobKind (name, versioned id-only
+//!               payload, idempotency key); SendJob; [queue] section
+//! store/        everything else postbox keeps: open.rs (pools, migrations, WAL checkpointer,
+//!               health), submit.rs (group commit), lifecycle.rs (claims, attempts, cancel,
+//!               retry), reads.rs (reports, listings, stats), janitor.rs, group.rs (the group
+//!               committer), inbound.rs (watcher positions, hits, alert groups, leases);
+//!               [database] and [retention] sections; StoreError::fault() decides Busy / Full /
+//!               Unavailable from the drivers' codes, once
+//! delivery/     MIME building, Mailer { Smtp (our pool: pool.rs), File }, classify() of SMTP
+//!               replies, RetryPolicy (policy.rs); [delivery], [smtp], [retry] sections
+//! worker/       one supervised apalis worker per job kind (Handler); this process's liveness
+//!               lease; wake-up on submit and PostgreSQL LISTEN; the janitor loop;
+//!               deliver.rs: Deliverer, the handler of SendJob
+//! postbox.rs    Postbox, the facade every entry point calls: submit, status, list, cancel,
+//!               retry, stats, run_workers; run / run_watchers / serve_api delegate to Roles
+//! api/          HTTP (axum over our hyper server.rs: timeouts, connection cap): routes and
+//!               OpenAPI from one declaration, auth.rs (tokens, rate limits, failed logins,
+//!               open-mode Host/Origin checks), body.rs (JSON bodies, bounded), errors as JSON;
+//!               ui/ the /ui dashboard (session.rs: sessions, CSRF, the Authed extractor);
+//!               [api] section
+//! inbound/      IMAP watchers (async-imap): watcher.rs (IDLE/poll, scans, the lease),
+//!               message.rs (parsing), rules.rs (pure matching), alert grouping; [[mailboxes]]
+//!               and [cluster] sections (config.rs)
+//! config.rs     Settings: defaults <- TOML file <- POSTBOX_* env, the sections above merged;
+//!               errors name the key
+//! runtime.rs    the composition root: Runtime::build resolves secrets, tokens, senders and
+//!               mailboxes once; Postbox::open/start hand each layer its own section; Runtime
+//!               runs the API and the watchers for the facade (Roles)
+//! cli.rs        every CLI command's work (serve | api | worker | send | stats | status |
+//!               cancel | retry | migrate | config check); main.rs only parses and dispatches
 //! ```
 //!
 //! ## One email's path
-//! `Postbox::submit` -> `Email::parse` (every rule, every field named) -> `Store::insert_emails`
-//! (email row + job `<id>:0` in ONE transaction) -> worker `Deliverer::deliver`: `Store::claim`
-//! (row -> `sending`, attempt n) -> `render` -> `build_message` -> `Mailer::send` -> `classify`
-//! -> `Store::finish` (attempt + new status, and for a retry the next job with its `run_at`, in ONE
-//! transaction).
+//! `Postbox::submit` -> `Email::parse` (every rule, every field named) -> `GroupCommitter` ->
+//! `Store::insert_group` (idempotency, depth cap, then email rows + `queue::table::push` of job
+//! `<id>:0`, in ONE transaction) -> worker `Deliverer::deliver`: `Store::claim` (row ->
+//! `sending`, attempt n, `claimed_by` this process) -> `render` -> `build_message` ->
+//! `Mailer::send` -> `Outcome` -> `Store::finish` (attempt + new status, and for a retry the next
+//! job with its `run_at`, in ONE transaction).
 //!
-//! ## Invariants
-//! - Nothing accepted is lost: the row and its job commit together; every non-final email owns
-//!   one live job; the janitor gives a new job to any email whose job vanished.
-//! - A job whose `seq` is not the email's current `job_seq` does nothing, so repeated, stale or
-//!   recovered jobs never send twice except for a send that was in flight at a crash
-//!   (at-least-once; the resend carries the same Message-ID).
-//! - SMTP reply classification happens only in `delivery::classify`; retry timing only in
-//!   `RetryPolicy`; backoff is the next job's `run_at`, never a sleep.
-//! - `domain`, `render` and `delivery::policy` do no IO.
+//! ## Invariants, and where each is kept
+//! - Nothing accepted is lost: an email row and its job commit in one transaction
+//!   (`store/submit.rs`, `store/lifecycle.rs`); every non-final email owns one live job, and
+//!   the janitor gives a new one to any email whose job vanished (`store/janitor.rs`, with
+//!   `queue::table::live_job_exists`).
+//! - A job whose `seq` is not the email's current `job_seq` does nothing (`Store::claim`), so
+//!   repeated, stale or recovered jobs never send twice.
+//! - A known outcome is never sent again: it is retried into the database from memory
+//!   (`worker/deliver.rs`, `record`); a `sending` email is taken over only once its claimer's
+//!   `node:<name>` lease ran out (`Store::claim`, renewed by `worker::run`). The one resend the
+//!   README admits: a send in flight at a crash (same Message-ID).
+//! - Every status change writes its timeline entry in the same transaction (`store/lifecycle.rs`).
+//! - Retry or fail: an SMTP reply is classified only by `delivery::classify`; a connection or
+//!   TLS failure before any reply is temporary (`delivery/pool.rs`); a render error or a panic
+//!   is permanent (`worker/deliver.rs`); when retries stop is `RetryPolicy`'s alone. Backoff is
+//!   the next job's `run_at`, never a sleep.
+//! - apalis is stopped only after a kind's handler drained (`worker::supervise`): apalis 1.0
+//!   stops polling its own futures at once, one of which may hold SQLite's write lock.
+//! - Only `queue/` touches apalis's tables; only `db.rs`, `queue/` and `store/` run SQL.
+//! - Outside input is bounded before it is parsed (`api/body.rs`, `domain/bounded.rs`) and
+//!   cleaned before it is stored (`inbound/message.rs`, `store/inbound.rs`).
+//! - Secrets are never printed: `settings::masked`, `store::redact_url`, and the `Debug` of
+//!   every section holding one.
+//! - Only a mailbox's lease holder scans it and flushes its alerts (`inbound/watcher.rs`,
+//!   `store/inbound.rs`).
+//! - `domain`, `render`, `delivery::policy` and `inbound::rules` do no IO.
 
 pub mod api;
 pub mod cli;
@@ -63,8 +111,8 @@ mod worker;
 pub use config::Settings;
 pub use domain::{EmailId, EmailStatus, NewAttachment, NewEmail, Priority};
 pub use postbox::{
-    OpenError, Postbox, RunError, SubmitError, SubmitOptions, SubmitOutcome, Submitted,
+    OpenError, Postbox, Role, RunError, SubmitError, SubmitOptions, SubmitOutcome, Submitted,
 };
-pub use runtime::{Role, Runtime};
+pub use runtime::Runtime;
 pub use shutdown::{Shutdown, shutdown_signal};
 pub use store::{EmailReport, TimelineEntry};

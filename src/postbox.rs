@@ -2,25 +2,23 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use crate::Shutdown;
-use crate::config::Settings;
-use crate::delivery::{Mailer, MailerError, message_id_for};
-use crate::domain::{Email, EmailId, FieldError, NewEmail, ValidationErrors};
+use crate::delivery::{Mailer, MailerError, RetryPolicy, message_id_for};
+use crate::domain::{Email, EmailId, FieldError, Limits, NewEmail, Senders, ValidationErrors};
 use crate::render::Templates;
-use crate::runtime::Runtime;
 use crate::store::{
     Counts, EmailPage, EmailReport, GroupCommitter, GroupSettings, IdempotencyClaim, InsertOutcome,
     InsertRequest, JanitorReport, ListFilter, NewRow, Stats, Store, StoreError, TransitionError,
 };
-use crate::worker::{self, Deliverer, Wake};
+use crate::worker::{self, Deliverer, Wake, WorkerSettings};
+use futures::future::BoxFuture;
 
 /// Errors of [`Postbox::open`].
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] crate::settings::ConfigError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -35,6 +33,69 @@ pub enum RunError {
     Bind(anyhow::Error),
     #[error(transparent)]
     Api(anyhow::Error),
+}
+
+/// What a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The HTTP API (unless `api.enabled = false`), the delivery workers and the watchers.
+    Serve,
+    /// The HTTP API only.
+    Api,
+    /// The delivery workers only.
+    Worker,
+}
+
+impl Role {
+    /// Whether this role serves the API, given `api.enabled`.
+    pub fn runs_api(self, api_enabled: bool) -> bool {
+        match self {
+            Role::Api => true,
+            Role::Worker => false,
+            Role::Serve => api_enabled,
+        }
+    }
+
+    pub fn runs_workers(self) -> bool {
+        !matches!(self, Role::Api)
+    }
+
+    pub fn runs_watchers(self) -> bool {
+        matches!(self, Role::Serve)
+    }
+}
+
+/// The parts of a process the facade starts but does not own: the HTTP API and the mailbox
+/// watchers sit above it (they call the facade), so the composition root (`runtime.rs`), which
+/// knows their settings, implements this.
+pub(crate) trait Roles: Send + Sync + 'static {
+    fn run<'a>(
+        self: Arc<Self>,
+        pb: &'a Postbox,
+        role: Role,
+        shutdown: Shutdown,
+    ) -> BoxFuture<'a, Result<(), RunError>>;
+
+    fn run_watchers<'a>(self: Arc<Self>, pb: &'a Postbox, shutdown: Shutdown) -> BoxFuture<'a, ()>;
+
+    fn serve_api<'a>(
+        self: Arc<Self>,
+        pb: &'a Postbox,
+        listener: tokio::net::TcpListener,
+        expect_workers: bool,
+        shutdown: Shutdown,
+    ) -> BoxFuture<'a, anyhow::Result<()>>;
+}
+
+/// What [`Postbox::assemble`] is made of: each part resolved by the composition root.
+pub(crate) struct Parts {
+    pub store: Store,
+    pub mailer: Mailer,
+    pub limits: Limits,
+    pub senders: Senders,
+    pub retry: RetryPolicy,
+    pub workers: WorkerSettings,
+    pub roles: Arc<dyn Roles>,
 }
 
 /// Errors of [`Postbox::submit`] and [`Postbox::submit_many`].
@@ -83,7 +144,12 @@ pub struct Submitted {
 }
 
 struct Inner {
-    rt: Runtime,
+    limits: Limits,
+    senders: Senders,
+    retry: RetryPolicy,
+    workers: WorkerSettings,
+    /// Runs the API and the watchers (the composition root's part).
+    roles: Arc<dyn Roles>,
     store: Store,
     wake: Arc<Wake>,
     mailer: Mailer,
@@ -118,57 +184,41 @@ impl std::fmt::Debug for Postbox {
 }
 
 impl Postbox {
-    /// Opens the database (creating and migrating it) and prepares the mailer.
-    ///
-    /// Secrets named by the settings are read from the environment now ([`Runtime::build`]); an
-    /// embedder that resolves them itself calls [`Postbox::start`].
-    pub async fn open(settings: Settings) -> Result<Postbox, OpenError> {
-        Self::start(Runtime::build(settings)?).await
-    }
-
-    /// [`Postbox::open`] with settings already resolved.
-    pub async fn start(rt: Runtime) -> Result<Postbox, OpenError> {
-        crate::metrics::init();
-        let settings = &rt.settings;
-        let store = Store::open(&settings.database, &settings.queue.name).await?;
-        let mailer = Mailer::from_settings(&settings.delivery, &settings.smtp)?;
+    /// Assembles the facade from its parts (the composition root, `runtime.rs`, calls this
+    /// from [`Postbox::open`] / [`Postbox::start`]).
+    pub(crate) fn assemble(parts: Parts) -> Postbox {
         let writer = GroupCommitter::start(
-            store.clone(),
+            parts.store.clone(),
             GroupSettings {
-                max_rows: settings.queue.group_commit_max,
-                max_depth: settings.queue.max_depth,
-                idempotency_ttl: Duration::from_secs(settings.api.idempotency_ttl_hours * 3600),
+                max_rows: parts.workers.queue.group_commit_max,
+                max_depth: parts.workers.queue.max_depth,
+                idempotency_ttl: parts.workers.idempotency_ttl,
             },
         );
-        Ok(Postbox {
+        Postbox {
             inner: Arc::new(Inner {
-                rt,
-                store,
+                store: parts.store,
                 wake: Arc::new(Wake::default()),
-                mailer,
+                mailer: parts.mailer,
                 writer,
                 workers_running: AtomicUsize::new(0),
                 node: worker::node_name(),
+                limits: parts.limits,
+                senders: parts.senders,
+                retry: parts.retry,
+                workers: parts.workers,
+                roles: parts.roles,
             }),
-        })
+        }
     }
 
-    pub fn settings(&self) -> &Settings {
-        &self.inner.rt.settings
-    }
-
-    /// The settings with everything they name resolved (tokens, mailboxes, senders).
-    pub fn runtime(&self) -> &Runtime {
-        &self.inner.rt
+    /// The limits every email is validated against.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
     }
 
     fn validate(&self, new: NewEmail) -> Result<(EmailId, Email, String), ValidationErrors> {
-        let email = Email::parse(
-            new,
-            &self.inner.rt.settings.limits,
-            &self.inner.rt.senders,
-            &Templates,
-        )?;
+        let email = Email::parse(new, &self.inner.limits, &self.inner.senders, &Templates)?;
         let id = EmailId::generate();
         let message_id = message_id_for(id.as_str(), &email);
         Ok((id, email, message_id))
@@ -196,49 +246,28 @@ impl Postbox {
     /// Runs a watcher for every `[[mailboxes]]` entry until `shutdown` (returns at once when
     /// none is configured). Alerts they raise are delivered by the workers.
     pub async fn run_watchers(&self, shutdown: Shutdown) {
-        let mailboxes = self.inner.rt.mailboxes.clone();
-        let lease = std::time::Duration::from_secs(self.inner.rt.settings.cluster.lease_secs);
-        crate::inbound::run(self.clone(), mailboxes, lease, shutdown).await;
+        self.inner.roles.clone().run_watchers(self, shutdown).await
     }
 
     /// Runs what `role` says (the API, the workers, the watchers) until `shutdown`; then lets
     /// requests and sends in flight finish and returns.
-    pub async fn run(&self, role: crate::Role, shutdown: Shutdown) -> Result<(), RunError> {
-        let settings = self.settings();
-        let (api, workers, watchers) = (
-            role.runs_api(settings),
-            role.runs_workers(),
-            role.runs_watchers(),
-        );
-        let listener = if api {
-            Some(crate::api::bind(self).await.map_err(RunError::Bind)?)
-        } else {
-            None
-        };
-        tracing::info!(
-            api,
-            workers,
-            watchers,
-            "postbox serving; SIGINT or SIGTERM stops it gracefully"
-        );
-        let http = async {
-            match listener {
-                Some(l) => crate::api::serve(self.clone(), l, workers, shutdown.clone()).await,
-                None => Ok(()),
-            }
-        };
-        let work = async {
-            if workers {
-                self.run_workers_with(shutdown.clone()).await;
-            }
-        };
-        let watch = async {
-            if watchers {
-                self.run_watchers(shutdown.clone()).await;
-            }
-        };
-        let (http, (), ()) = tokio::join!(http, work, watch);
-        http.map_err(RunError::Api)
+    pub async fn run(&self, role: Role, shutdown: Shutdown) -> Result<(), RunError> {
+        self.inner.roles.clone().run(self, role, shutdown).await
+    }
+
+    /// Serves the HTTP API on `listener` (readiness expects workers when `expect_workers`)
+    /// until `shutdown`.
+    pub async fn serve_api(
+        &self,
+        listener: tokio::net::TcpListener,
+        expect_workers: bool,
+        shutdown: Shutdown,
+    ) -> anyhow::Result<()> {
+        self.inner
+            .roles
+            .clone()
+            .serve_api(self, listener, expect_workers, shutdown)
+            .await
     }
 
     /// An email rendered as it would be sent now (subject, text, HTML), for previews.
@@ -437,7 +466,7 @@ impl Postbox {
 
     /// One janitor pass now (it also runs periodically inside [`Postbox::run_workers`]).
     pub async fn janitor(&self) -> Result<JanitorReport, StoreError> {
-        worker::janitor_pass(&self.inner.rt.settings, &self.inner.store, &self.inner.node).await
+        worker::janitor_pass(&self.inner.workers, &self.inner.store, &self.inner.node).await
     }
 
     /// Delivers queued mail in this process until `shutdown` completes; then stops fetching,
@@ -461,12 +490,12 @@ impl Postbox {
         let deliverer = Arc::new(Deliverer::new(
             i.store.clone(),
             i.mailer.clone(),
-            i.rt.settings.retry.clone(),
+            i.retry.clone(),
             i.node.clone(),
             shutdown.clone(),
         ));
         worker::run(
-            &i.rt.settings,
+            &i.workers,
             i.store.clone(),
             deliverer,
             i.wake.clone(),

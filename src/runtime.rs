@@ -1,16 +1,26 @@
 //! The composition root. [`Runtime::build`] resolves what the settings only name, once: secrets
 //! from the environment (`password_env`, `token_env`), the API's tokens, each mailbox with its
 //! compiled rules, the allowed senders. Every layer then gets its own section and these
-//! resolved parts, nothing more. [`Role`]s say which parts a process runs; [`crate::Postbox`]
-//! runs them.
+//! resolved parts, nothing more: [`Postbox::start`] assembles the facade from them, and runs
+//! the parts above the facade (the HTTP API, the mailbox watchers) for it, as its
+//! [`Role`] says.
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
 
 use crate::api::ResolvedToken;
 use crate::config::Settings;
+use crate::delivery::Mailer;
 use crate::domain::Senders;
 use crate::inbound::Mailbox;
+use crate::postbox::{OpenError, Parts, Role, Roles, RunError};
 use crate::settings::ConfigError;
+use crate::store::Store;
+use crate::worker::WorkerSettings;
+use crate::{Postbox, Shutdown};
 
 /// Settings with everything they name resolved.
 #[derive(Debug, Clone)]
@@ -20,35 +30,6 @@ pub struct Runtime {
     /// The API's bearer tokens (none: the API is open, and loopback only).
     pub tokens: Vec<ResolvedToken>,
     pub mailboxes: Vec<Arc<Mailbox>>,
-}
-
-/// What a process runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// The HTTP API (unless `api.enabled = false`), the delivery workers and the watchers.
-    Serve,
-    /// The HTTP API only.
-    Api,
-    /// The delivery workers only.
-    Worker,
-}
-
-impl Role {
-    pub fn runs_api(self, settings: &Settings) -> bool {
-        match self {
-            Role::Api => true,
-            Role::Worker => false,
-            Role::Serve => settings.api.enabled,
-        }
-    }
-
-    pub fn runs_workers(self) -> bool {
-        !matches!(self, Role::Api)
-    }
-
-    pub fn runs_watchers(self) -> bool {
-        matches!(self, Role::Serve)
-    }
 }
 
 impl Runtime {
@@ -107,5 +88,115 @@ impl Runtime {
             tokens,
             mailboxes,
         })
+    }
+}
+
+impl Postbox {
+    /// Opens the database (creating and migrating it) and prepares the mailer.
+    ///
+    /// Secrets named by the settings are read from the environment now ([`Runtime::build`]); an
+    /// embedder that resolves them itself calls [`Postbox::start`].
+    pub async fn open(settings: Settings) -> Result<Postbox, OpenError> {
+        Self::start(Runtime::build(settings)?).await
+    }
+
+    /// [`Postbox::open`] with settings already resolved.
+    pub async fn start(rt: Runtime) -> Result<Postbox, OpenError> {
+        crate::metrics::init();
+        let s = &rt.settings;
+        let store = Store::open(&s.database, &s.queue.name).await?;
+        let mailer = Mailer::from_settings(&s.delivery, &s.smtp)?;
+        Ok(Postbox::assemble(Parts {
+            store,
+            mailer,
+            limits: s.limits.clone(),
+            senders: rt.senders.clone(),
+            retry: s.retry.clone(),
+            workers: WorkerSettings {
+                queue: s.queue.clone(),
+                retention: s.retention.clone(),
+                idempotency_ttl: Duration::from_secs(s.api.idempotency_ttl_hours * 3600),
+            },
+            roles: Arc::new(rt),
+        }))
+    }
+}
+
+/// The API and the watchers, run with the settings and resolved parts they need.
+impl Roles for Runtime {
+    fn run<'a>(
+        self: Arc<Self>,
+        pb: &'a Postbox,
+        role: Role,
+        shutdown: Shutdown,
+    ) -> BoxFuture<'a, Result<(), RunError>> {
+        async move {
+            let (api, workers, watchers) = (
+                role.runs_api(self.settings.api.enabled),
+                role.runs_workers(),
+                role.runs_watchers(),
+            );
+            let listener = if api {
+                let l = crate::api::bind(&self.settings.api, &self.tokens).await;
+                Some(l.map_err(RunError::Bind)?)
+            } else {
+                None
+            };
+            tracing::info!(
+                api,
+                workers,
+                watchers,
+                "postbox serving; SIGINT or SIGTERM stops it gracefully"
+            );
+            let http = async {
+                match listener {
+                    Some(l) => {
+                        self.clone()
+                            .serve_api(pb, l, workers, shutdown.clone())
+                            .await
+                    }
+                    None => Ok(()),
+                }
+            };
+            let work = async {
+                if workers {
+                    pb.run_workers_with(shutdown.clone()).await;
+                }
+            };
+            let watch = async {
+                if watchers {
+                    self.clone().run_watchers(pb, shutdown.clone()).await;
+                }
+            };
+            let (http, (), ()) = tokio::join!(http, work, watch);
+            http.map_err(RunError::Api)
+        }
+        .boxed()
+    }
+
+    fn run_watchers<'a>(self: Arc<Self>, pb: &'a Postbox, shutdown: Shutdown) -> BoxFuture<'a, ()> {
+        let lease = Duration::from_secs(self.settings.cluster.lease_secs);
+        crate::inbound::run(pb.clone(), self.mailboxes.clone(), lease, shutdown).boxed()
+    }
+
+    fn serve_api<'a>(
+        self: Arc<Self>,
+        pb: &'a Postbox,
+        listener: tokio::net::TcpListener,
+        expect_workers: bool,
+        shutdown: Shutdown,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        async move {
+            crate::api::serve(
+                pb.clone(),
+                &self.settings.api,
+                &self.tokens,
+                listener,
+                expect_workers,
+                shutdown,
+            )
+            .await
+        }
+        .boxed()
     }
 }

@@ -39,7 +39,7 @@ impl FromRequest<ApiState> for JsonBody {
             )
             .field("Content-Type"));
         }
-        let deadline = Duration::from_secs(state.postbox.settings().api.body_timeout_secs);
+        let deadline = Duration::from_secs(state.settings.body_timeout_secs);
         let read = tokio::time::timeout(deadline, Bytes::from_request(req, state));
         let bytes = read
             .await
@@ -62,7 +62,7 @@ impl FromRequest<ApiState> for JsonBody {
         // Refuse before parsing what would build more values than the bound (a batch of a
         // million `{}` is 16 MiB of text but gigabytes of parsed structs). A body shorter than
         // the bound cannot exceed it: each counted value takes at least one byte.
-        let max = state.postbox.settings().api.max_json_values;
+        let max = state.settings.max_json_values;
         if bytes.len() > max && crate::domain::bounded::count_values(&bytes) > max {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -257,7 +257,7 @@ pub async fn submit_batch(
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let seed = || BatchSeed {
-        max: st.postbox.settings().api.max_batch,
+        max: st.settings.max_batch,
     };
     let (batch, claim) = match idempotency_key(&headers)? {
         None => (parse_seeded(&body, seed())?, None),

@@ -50,6 +50,7 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 #[derive(Clone)]
 pub struct ApiState {
     postbox: Postbox,
+    settings: Arc<ApiSettings>,
     tokens: Arc<Tokens>,
     /// Whether this process runs workers (readiness requires them then).
     expect_workers: bool,
@@ -93,19 +94,23 @@ impl utoipa::Modify for BearerAuth {
 /// Builds the app: the router and the OpenAPI document it serves.
 pub fn router(
     postbox: Postbox,
+    settings: &ApiSettings,
+    tokens: &[ResolvedToken],
     expect_workers: bool,
 ) -> Result<(Router, utoipa::openapi::OpenApi), ConfigError> {
-    build(postbox, expect_workers).map(|(r, doc, _)| (r, doc))
+    build(postbox, settings, tokens, expect_workers).map(|(r, doc, _)| (r, doc))
 }
 
 fn build(
     postbox: Postbox,
+    settings: &ApiSettings,
+    tokens: &[ResolvedToken],
     expect_workers: bool,
 ) -> Result<(Router, utoipa::openapi::OpenApi, ApiState), ConfigError> {
-    let settings = postbox.settings().api.clone();
-    let tokens = Arc::new(Tokens::new(&postbox.runtime().tokens));
+    let tokens = Arc::new(Tokens::new(tokens));
     let state = ApiState {
         postbox,
+        settings: Arc::new(settings.clone()),
         tokens,
         expect_workers,
         openapi: Arc::new(OnceLock::new()),
@@ -298,12 +303,13 @@ async fn request_context(req: Request, next: Next) -> Response {
 /// Serves the API on `listener` until `shutdown`; in-flight requests finish first.
 pub async fn serve(
     postbox: Postbox,
+    api: &ApiSettings,
+    tokens: &[ResolvedToken],
     listener: tokio::net::TcpListener,
     expect_workers: bool,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let api = postbox.settings().api.clone();
-    let (router, _, state) = build(postbox, expect_workers)?;
+    let (router, _, state) = build(postbox, api, tokens, expect_workers)?;
     tokio::spawn(state.sessions.clone().sweeper(shutdown.clone()));
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "HTTP API listening");
@@ -316,8 +322,11 @@ pub async fn serve(
 }
 
 /// Binds `api.listen`, refusing a non-loopback address when no token is configured.
-pub async fn bind(postbox: &Postbox) -> anyhow::Result<tokio::net::TcpListener> {
-    let addr: SocketAddr = postbox.runtime().api_addr()?;
+pub async fn bind(
+    api: &ApiSettings,
+    tokens: &[ResolvedToken],
+) -> anyhow::Result<tokio::net::TcpListener> {
+    let addr: SocketAddr = api.exposed_addr(tokens)?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (api.listen): {e}"))?;

@@ -137,7 +137,7 @@ impl Inbound {
             ));
         }
         let group = (!g.group_key.is_empty()).then(|| g.group_key.clone());
-        let max_bytes = self.pb.settings().limits.max_variables_bytes;
+        let max_bytes = self.pb.limits().max_variables_bytes;
         let vars = loop {
             let vars = AlertVars {
                 rule: g.rule.clone(),

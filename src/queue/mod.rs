@@ -1,5 +1,5 @@
 //! The job queue: apalis's tables, and the kinds of job postbox runs on them. This module owns
-//! every statement on those tables ([`table`]: pushes inside a caller's transaction, the
+//! every statement on those tables (`table`: pushes inside a caller's transaction, the
 //! janitor's repairs, setup); the workers that run jobs are in `worker`, the rows a job acts
 //! on in `store`.
 //!

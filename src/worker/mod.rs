@@ -30,12 +30,20 @@ use serde_json::Value;
 use tracing::{debug, error, info, warn};
 
 use crate::Shutdown;
-use crate::config::Settings;
 use crate::queue::{JobKind, QueueSettings, SendJob};
-use crate::store::{Db, JanitorReport, Store, StoreError};
+use crate::store::{Db, JanitorReport, RetentionSettings, Store, StoreError};
 
 mod deliver;
 pub use deliver::Deliverer;
+
+/// What the workers and their janitor read: the queue's section, retention, and how long
+/// idempotency records are kept.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub queue: QueueSettings,
+    pub retention: RetentionSettings,
+    pub idempotency_ttl: Duration,
+}
 
 /// What runs the jobs of one kind `K`. Every job is run once at a time per process at most
 /// `queue.concurrency` at once; a job whose handler returns an error runs again (apalis
@@ -113,7 +121,7 @@ async fn handle<K: JobKind, H: Handler<K>>(
 /// Runs the delivery workers and the janitor until `shutdown` fires; then stops fetching, lets
 /// in-flight sends finish and returns.
 pub async fn run(
-    settings: &Settings,
+    settings: &WorkerSettings,
     store: Store,
     deliverer: Arc<Deliverer>,
     wake: Arc<Wake>,
@@ -284,7 +292,7 @@ async fn listen_for_jobs(pool: sqlx::PgPool, wake: Arc<Wake>, shutdown: Shutdown
 
 /// One janitor pass with the thresholds the settings give.
 pub async fn janitor_pass(
-    settings: &Settings,
+    settings: &WorkerSettings,
     store: &Store,
     me: &str,
 ) -> Result<JanitorReport, StoreError> {
@@ -297,12 +305,12 @@ pub async fn janitor_pass(
             Duration::from_secs(q.stuck_after_secs),
             Duration::from_secs(r.finished_jobs_hours * 3600),
             (r.emails_days > 0).then(|| Duration::from_secs(r.emails_days * 24 * 3600)),
-            Duration::from_secs(settings.api.idempotency_ttl_hours * 3600),
+            settings.idempotency_ttl,
         )
         .await
 }
 
-async fn janitor_loop(settings: Settings, store: Store, me: String, shutdown: Shutdown) {
+async fn janitor_loop(settings: WorkerSettings, store: Store, me: String, shutdown: Shutdown) {
     let pause = Duration::from_secs(settings.queue.janitor_interval_secs);
     let mut failures = 0u32;
     loop {

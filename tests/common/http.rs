@@ -69,7 +69,7 @@ impl Api {
             let _ = rx.await;
         });
         let h = tokio::spawn(async move {
-            postbox::api::serve(pb, listener, workers, shutdown)
+            pb.serve_api(listener, workers, shutdown)
                 .await
                 .expect("API serves");
         });

@@ -231,7 +231,7 @@ impl<T: serde::de::DeserializeOwned> axum::extract::FromRequest<ApiState> for Ui
                 "Expected a form post.",
             ));
         }
-        let deadline = Duration::from_secs(st.postbox.settings().api.body_timeout_secs);
+        let deadline = Duration::from_secs(st.settings.body_timeout_secs);
         let body = axum::body::to_bytes(req.into_body(), FORM_MAX_BYTES);
         let bytes = match tokio::time::timeout(deadline, body).await {
             Err(_) => {
