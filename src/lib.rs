@@ -15,8 +15,9 @@
 //! net.rs        loopback checks, TCP keepalive      shutdown.rs  the Shutdown signal
 //! faults.rs     fault points tests arm (inert otherwise)
 //! telemetry.rs  [log] section, tracing init
-//! domain/       NewEmail -> Email::parse (validated; every error names its field), addresses,
-//!               Limits, Senders (delivery.allowed_from), bounded deserialization (bounded.rs)
+//! domain/       email.rs: NewEmail -> Email::parse (validated; every error names its field);
+//!               address.rs; ids.rs (EmailId, Priority, EmailStatus); limits.rs ([limits],
+//!               Senders from delivery.allowed_from); bounded.rs (bounded deserialization)
 //! render/       askama templates (templates/emails/<kind>/) -> Rendered { subject, text, html }
 //! metrics.rs    Prometheus names and label sets
 //! queue/        the job queue: every statement on apalis's tables (table.rs: setup, push inside

@@ -8,12 +8,16 @@
 pub(crate) mod address;
 pub mod bounded;
 mod email;
+mod ids;
+mod limits;
 
 pub use address::EmailAddress;
 pub use email::{
-    Attachment, Content, Email, EmailId, EmailStatus, Limits, MAX_FIELD_ERRORS, MAX_LIST,
-    MAX_REPLY_TO, MAX_SMALL, NewAttachment, NewEmail, Priority, Senders, TemplateCheck,
+    Attachment, Content, Email, MAX_FIELD_ERRORS, MAX_LIST, MAX_REPLY_TO, MAX_SMALL, NewAttachment,
+    NewEmail, TemplateCheck,
 };
+pub use ids::{EmailId, EmailStatus, Priority};
+pub use limits::{Limits, Senders};
 
 use serde::Serialize;
 

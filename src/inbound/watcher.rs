@@ -1,6 +1,10 @@
 //! One watcher per mailbox: connect, SELECT, resume from the stored (UIDVALIDITY, last UID),
 //! scan new messages in batches, wait with IDLE (or poll), reconnect with capped, jittered
 //! backoff, and alert about itself when it stays down.
+//!
+//! Longer than most files (~660 lines) on purpose: it is one state machine (connected,
+//! idling, scanning, backing off, leased or standby), and each state's code reads the same
+//! session and position; split, its transitions would be spread over files.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
