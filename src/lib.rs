@@ -38,8 +38,9 @@
 //!               retry, stats, run_workers; run / run_watchers / serve_api delegate to Roles
 //! api/          HTTP (axum over our hyper server.rs: timeouts, connection cap): routes and
 //!               OpenAPI from one declaration, auth.rs (tokens, rate limits, failed logins,
-//!               open-mode Host/Origin checks), body.rs (JSON bodies, bounded), errors as JSON;
-//!               ui/ the /ui dashboard (session.rs: sessions, CSRF, the Authed extractor);
+//!               open-mode Host/Origin checks), body.rs (JSON bodies, bounded), wire.rs (every
+//!               request and response body), error.rs (errors as JSON); ui/ the /ui dashboard:
+//!               pages in mod.rs, views.rs (templates), session.rs (sessions, CSRF, Authed);
 //!               [api] section
 //! inbound/      IMAP watchers (async-imap): watcher.rs (IDLE/poll, scans, the lease),
 //!               message.rs (parsing), rules.rs (pure matching), alert grouping; [[mailboxes]]

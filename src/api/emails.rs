@@ -1,11 +1,12 @@
 //! `/v1/emails`: submit one or a batch, look up, list, cancel, retry. Every handler calls the
 //! `Postbox` facade; none holds SQL or SMTP.
 
+use super::wire::*;
 use axum::Json;
 use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -24,46 +25,6 @@ use crate::{SubmitOptions, SubmitOutcome};
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// Set on a response that replays an earlier request's result.
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
-
-/// One accepted email.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Accepted {
-    pub id: EmailId,
-    /// False when the email's own `idempotency_key` matched an email submitted earlier (this is
-    /// that email's id; nothing new was queued).
-    pub created: bool,
-    /// Where to follow it: `GET` this for its status and timeline.
-    pub status_url: String,
-}
-
-/// An accepted batch, in the order submitted.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct BatchAccepted {
-    pub count: usize,
-    pub emails: Vec<Accepted>,
-}
-
-/// `POST /v1/emails/batch`: up to `api.max_batch` emails, validated and queued all or nothing.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct BatchRequest {
-    pub emails: Vec<NewEmail>,
-}
-
-/// The state an email moved to.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Transitioned {
-    pub id: EmailId,
-    pub status: EmailStatus,
-}
-
-fn accepted(id: EmailId, created: bool) -> Accepted {
-    Accepted {
-        status_url: format!("/v1/emails/{id}"),
-        id,
-        created,
-    }
-}
 
 /// The start of the error a batch past `api.max_batch` gets (recognised by `body::data_error`).
 pub const BATCH_CAP: &str = "a batch holds at most";
@@ -316,27 +277,6 @@ pub async fn get_email(
         Some(r) => Ok(Json(r)),
         None => Err(ApiError::not_found(format!("no email with id {id}"))),
     }
-}
-
-/// Query parameters of `GET /v1/emails`.
-#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub struct ListQuery {
-    /// queued, sending, sent, retrying, failed, cancelled or expired.
-    pub status: Option<String>,
-    /// Emails carrying this tag.
-    pub tag: Option<String>,
-    /// Emails with this envelope recipient (to, cc or bcc; case-insensitive).
-    pub recipient: Option<String>,
-    /// Created at or after this time (RFC 3339).
-    pub created_after: Option<String>,
-    /// Created before this time (RFC 3339).
-    pub created_before: Option<String>,
-    /// Page size, 1 to 500 (default 50).
-    pub limit: Option<String>,
-    /// `next_cursor` of the previous page.
-    pub cursor: Option<String>,
 }
 
 fn time_param(field: &str, v: Option<&str>) -> Result<Option<OffsetDateTime>, ApiError> {

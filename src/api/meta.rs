@@ -1,40 +1,15 @@
 //! Templates, stats, health and the OpenAPI document.
 
+use super::wire::*;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::ApiState;
 use super::body::{JsonBody, parse};
 use super::error::{ApiError, ErrorResponse};
 use crate::render::{self, KINDS, RenderError};
-use crate::store::{MailboxStatus, Stats};
-
-/// A template variable.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct TemplateVariable {
-    pub name: String,
-    /// string, integer, string[], AlertMessage[] ...
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub required: bool,
-}
-
-/// A built-in template kind.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct TemplateKind {
-    pub name: String,
-    pub description: String,
-    pub variables: Vec<TemplateVariable>,
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct TemplateList {
-    pub templates: Vec<TemplateKind>,
-}
 
 /// The template kinds and their variables.
 #[utoipa::path(get, path = "/v1/templates", tag = "templates",
@@ -59,22 +34,6 @@ pub async fn list_templates() -> Json<TemplateList> {
             })
             .collect(),
     })
-}
-
-/// What to preview.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct PreviewRequest {
-    #[schema(value_type = Object)]
-    pub variables: Value,
-}
-
-/// A rendered template.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Preview {
-    pub subject: String,
-    pub text: Option<String>,
-    pub html: Option<String>,
 }
 
 /// Render a template's subject, text and HTML without sending anything.
@@ -123,15 +82,6 @@ pub async fn preview_template(
     }
 }
 
-/// Queue statistics plus this process's worker state.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct StatsResponse {
-    #[serde(flatten)]
-    pub stats: Stats,
-    /// Workers are delivering in this process.
-    pub workers_running: bool,
-}
-
 /// Depth by state and priority, oldest queued age, recent outcomes, in flight.
 #[utoipa::path(get, path = "/v1/stats", tag = "operations",
     responses((status = 200, body = StatsResponse), (status = 401, body = ErrorResponse)),
@@ -143,11 +93,6 @@ pub async fn stats(State(st): State<ApiState>) -> Result<Json<StatsResponse>, Ap
     }))
 }
 
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Health {
-    pub status: String,
-}
-
 /// Alive: the process answers.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
     responses((status = 200, body = Health)))]
@@ -155,20 +100,6 @@ pub async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok".into(),
     })
-}
-
-/// Readiness and what it found.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Readiness {
-    /// `ready` or `not ready`.
-    pub status: String,
-    /// `ok`, or the error (only for a caller with a token).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub database: Option<String>,
-    /// `running`, `stopped`, or `not run here` (an API-only process; only for a caller with a
-    /// token).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub workers: Option<String>,
 }
 
 /// Ready: the database answers, and the workers run (when this process runs them). What was
@@ -209,12 +140,6 @@ pub async fn readyz(State(st): State<ApiState>, headers: axum::http::HeaderMap) 
 pub async fn openapi(State(st): State<ApiState>) -> Response {
     let doc = st.openapi.get().cloned().unwrap_or_default();
     ([(header::CONTENT_TYPE, "application/json")], doc).into_response()
-}
-
-/// The IMAP watchers' mailboxes.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct MailboxesResponse {
-    pub mailboxes: Vec<MailboxStatus>,
 }
 
 /// Each watched mailbox: connection state, position (UIDVALIDITY, last UID), last poll, last

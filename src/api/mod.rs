@@ -14,6 +14,7 @@ mod meta;
 mod server;
 mod settings;
 mod ui;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;

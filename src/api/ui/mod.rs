@@ -1,15 +1,16 @@
 //! The dashboard at `/ui`: server-rendered askama HTML, no scripts, no external assets.
 //!
-//! [`session`] holds login, sessions, CSRF and flash messages; every handler here takes an
+//! The pages (handlers) are here; `views.rs` holds their templates and `session.rs` login,
+//! sessions, CSRF and flash messages. Every handler here takes an
 //! [`Authed`] (no session: a redirect to the login page). When the API has no token configured
 //! (loopback only), the dashboard is open too, but forms still need the CSRF token.
 
 mod session;
+mod views;
 
-use askama::Template;
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
@@ -19,7 +20,8 @@ use session::{Authed, CsrfForm, Flash, UiForm};
 
 use super::ApiState;
 use crate::domain::{EmailId, EmailStatus};
-use crate::store::{EmailReport, EmailSummary, ListFilter, MailboxStatus, Stats};
+use crate::store::ListFilter;
+use views::*;
 
 pub fn router() -> Router<ApiState> {
     Router::new()
@@ -33,113 +35,7 @@ pub fn router() -> Router<ApiState> {
         .route("/ui/mailboxes", get(mailboxes))
 }
 
-fn page<T: Template>(t: T) -> Response {
-    match t.render() {
-        Ok(html) => (
-            [
-                (
-                    header::CONTENT_SECURITY_POLICY,
-                    "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-                ),
-                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-                (header::CACHE_CONTROL, "no-store"),
-            ],
-            Html(html),
-        )
-            .into_response(),
-        Err(e) => {
-            tracing::error!(error = %e, "dashboard template failed");
-            (StatusCode::INTERNAL_SERVER_ERROR, "template error; see the log").into_response()
-        }
-    }
-}
-
-/// What every page's layout needs.
-struct Nav {
-    active: &'static str,
-    csrf: String,
-    who: String,
-    notice: Option<String>,
-    problem: Option<String>,
-}
-
-fn nav(active: &'static str, me: &Authed) -> Nav {
-    let (notice, problem) = match &me.flash {
-        Some(Flash::Done(m)) => (Some(m.clone()), None),
-        Some(Flash::Problem(m)) => (None, Some(m.clone())),
-        None => (None, None),
-    };
-    Nav {
-        active,
-        csrf: me.session.csrf.clone(),
-        who: me.session.who.clone(),
-        notice,
-        problem,
-    }
-}
-
-fn when(t: time::OffsetDateTime) -> String {
-    crate::inbound::rfc3339(t)
-        .replace('T', " ")
-        .replace('Z', " UTC")
-}
-
-fn when_opt(t: Option<time::OffsetDateTime>) -> String {
-    t.map(when).unwrap_or_else(|| "-".into())
-}
-
 // ---- overview ----------------------------------------------------------------------------
-
-struct Bar {
-    x: u32,
-    sent_y: u32,
-    sent_h: u32,
-    failed_y: u32,
-    failed_h: u32,
-    title: String,
-}
-
-#[derive(Template)]
-#[template(path = "ui/overview.html")]
-struct OverviewPage {
-    nav: Nav,
-    stats: Stats,
-    depth_rows: Vec<(String, u64, u64, u64, u64)>,
-    bars: Vec<Bar>,
-    peak: u64,
-    recent_failures: Vec<Row>,
-}
-
-/// One email in a table.
-struct Row {
-    id: String,
-    status: String,
-    priority: String,
-    subject: String,
-    recipients: String,
-    attempts: u32,
-    updated: String,
-    last_error: String,
-}
-
-impl From<&EmailSummary> for Row {
-    fn from(e: &EmailSummary) -> Row {
-        Row {
-            id: e.id.to_string(),
-            status: e.status.as_str().to_string(),
-            priority: e.priority.as_str().to_string(),
-            subject: e
-                .subject
-                .clone()
-                .or_else(|| e.template.as_ref().map(|t| format!("({t} template)")))
-                .unwrap_or_default(),
-            recipients: e.recipients.join(", "),
-            attempts: e.attempts,
-            updated: when(e.updated_at),
-            last_error: e.last_error.clone().unwrap_or_default(),
-        }
-    }
-}
 
 const CHART_MINUTES: u32 = 30;
 const CHART_H: u32 = 120;
@@ -219,22 +115,6 @@ struct EmailQuery {
     before: String,
 }
 
-#[derive(Template)]
-#[template(path = "ui/emails.html")]
-struct EmailsPage {
-    nav: Nav,
-    title: &'static str,
-    action: &'static str,
-    status: String,
-    tag: String,
-    q: String,
-    statuses: Vec<&'static str>,
-    rows: Vec<Row>,
-    /// The next page's URL.
-    next: Option<String>,
-    dead: bool,
-}
-
 async fn emails(State(st): State<ApiState>, me: Authed, Query(q): Query<EmailQuery>) -> Response {
     list_page(st, me, q, false).await
 }
@@ -300,22 +180,6 @@ async fn list_page(st: ApiState, me: Authed, q: EmailQuery, dead: bool) -> Respo
         }),
         dead,
     })
-}
-
-#[derive(Template)]
-#[template(path = "ui/email.html")]
-struct EmailPage {
-    nav: Nav,
-    r: EmailReport,
-    created: String,
-    updated: String,
-    sent: String,
-    next_attempt: String,
-    timeline: Vec<(String, crate::store::TimelineEntry)>,
-    can_retry: bool,
-    can_cancel: bool,
-    preview: Option<crate::render::Rendered>,
-    preview_error: Option<String>,
 }
 
 async fn email(State(st): State<ApiState>, me: Authed, Path(id): Path<String>) -> Response {
@@ -410,22 +274,6 @@ async fn transition(st: ApiState, me: Authed, id: String, f: CsrfForm, cancel: b
 }
 
 // ---- mailboxes ---------------------------------------------------------------------------
-
-struct MailboxView {
-    m: MailboxStatus,
-    connected_since: String,
-    down_since: String,
-    last_poll: String,
-    rules: Vec<(crate::store::RuleStatus, String)>,
-    recent: Vec<Row>,
-}
-
-#[derive(Template)]
-#[template(path = "ui/mailboxes.html")]
-struct MailboxesPage {
-    nav: Nav,
-    mailboxes: Vec<MailboxView>,
-}
 
 async fn mailboxes(State(st): State<ApiState>, me: Authed) -> Response {
     let list = match st.postbox.mailboxes().await {
