@@ -1,4 +1,4 @@
-//! Bearer tokens (compared in constant time), a per-token rate limit (token bucket), and a
+//! Bearer tokens (compared in constant time), a per-token rate limit (governor), and a
 //! limit on failed logins per client address (bearer and dashboard alike).
 
 use std::collections::HashMap;
@@ -29,7 +29,7 @@ pub struct Principal(pub String);
 struct Entry {
     name: String,
     digest: [u8; 32],
-    bucket: Option<Mutex<Bucket>>,
+    limit: Option<RateLimit>,
 }
 
 /// The configured tokens. Empty: the API is open (only allowed on loopback; config enforces it).
@@ -60,8 +60,7 @@ impl Tokens {
                 .map(|t| Entry {
                     name: t.name.clone(),
                     digest: digest(t.secret.expose_secret().as_bytes()),
-                    bucket: (t.rate_per_sec > 0.0)
-                        .then(|| Mutex::new(Bucket::new(t.rate_per_sec, t.burst))),
+                    limit: (t.rate_per_sec > 0.0).then(|| RateLimit::new(t.rate_per_sec, t.burst)),
                 })
                 .collect(),
         }
@@ -109,56 +108,55 @@ impl Tokens {
         let entry = self
             .find(given)
             .ok_or_else(|| ApiError::unauthorized("the bearer token is not valid"))?;
-        if let Some(bucket) = &entry.bucket {
-            let wait = bucket
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take(Instant::now());
-            if let Err(secs) = wait {
-                return Err(ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    format!("rate limit of token `{}` exceeded; retry later", entry.name),
-                )
-                .retry_after(secs.ceil() as u64));
-            }
+        if let Some(limit) = &entry.limit
+            && let Err(wait) = limit.take()
+        {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("rate limit of token `{}` exceeded; retry later", entry.name),
+            )
+            .retry_after(wait.as_secs_f64().ceil() as u64));
         }
         Ok(Principal(entry.name.clone()))
     }
 }
 
-/// A token bucket: `rate` tokens per second, at most `burst` saved up.
-#[derive(Debug)]
-pub struct Bucket {
-    rate: f64,
-    burst: f64,
-    level: f64,
-    at: Option<Instant>,
+/// A token's rate limit: `rate` requests per second, at most `burst` at once after being idle
+/// (governor's GCRA: lock-free, one atomic per check).
+pub struct RateLimit<C: governor::clock::Clock = governor::clock::DefaultClock> {
+    limiter: governor::RateLimiter<
+        governor::state::NotKeyed,
+        governor::state::InMemoryState,
+        C,
+        governor::middleware::NoOpMiddleware<C::Instant>,
+    >,
+    clock: C,
 }
 
-impl Bucket {
-    pub fn new(rate: f64, burst: u32) -> Bucket {
-        Bucket {
-            rate,
-            burst: burst.max(1) as f64,
-            level: burst.max(1) as f64,
-            at: None,
+impl RateLimit {
+    pub fn new(rate: f64, burst: u32) -> RateLimit {
+        RateLimit::with_clock(rate, burst, governor::clock::DefaultClock::default())
+    }
+}
+
+impl<C: governor::clock::Clock + Clone> RateLimit<C> {
+    fn with_clock(rate: f64, burst: u32, clock: C) -> RateLimit<C> {
+        let period = std::time::Duration::from_secs_f64(1.0 / rate.max(1e-9));
+        let quota = governor::Quota::with_period(period)
+            .expect("a positive rate has a nonzero period")
+            .allow_burst(std::num::NonZeroU32::new(burst.max(1)).expect("at least 1"));
+        RateLimit {
+            limiter: governor::RateLimiter::direct_with_clock(quota, clock.clone()),
+            clock,
         }
     }
 
-    /// Takes one token, or says how many seconds until one is there.
-    pub fn take(&mut self, now: Instant) -> Result<(), f64> {
-        if let Some(at) = self.at {
-            let refill = now.saturating_duration_since(at).as_secs_f64() * self.rate;
-            self.level = (self.level + refill).min(self.burst);
-        }
-        self.at = Some(now);
-        if self.level >= 1.0 {
-            self.level -= 1.0;
-            Ok(())
-        } else {
-            Err((1.0 - self.level) / self.rate)
-        }
+    /// Takes one request's allowance, or says how long until one is there.
+    pub fn take(&self) -> Result<(), std::time::Duration> {
+        self.limiter
+            .check()
+            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
     }
 }
 
@@ -278,22 +276,23 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn bucket_allows_a_burst_then_the_rate() {
-        let t0 = Instant::now();
-        let mut b = Bucket::new(10.0, 3);
-        assert!(b.take(t0).is_ok());
-        assert!(b.take(t0).is_ok());
-        assert!(b.take(t0).is_ok());
-        let wait = b.take(t0).unwrap_err();
-        assert!((wait - 0.1).abs() < 1e-9, "{wait}");
-        assert!(b.take(t0 + Duration::from_millis(100)).is_ok());
-        assert!(b.take(t0 + Duration::from_millis(100)).is_err());
-        // A long idle period refills only up to the burst.
-        let later = t0 + Duration::from_secs(60);
+    fn a_token_gets_its_burst_then_its_rate() {
+        let clock = governor::clock::FakeRelativeClock::default();
+        let limit = RateLimit::with_clock(10.0, 3, clock.clone());
         for _ in 0..3 {
-            assert!(b.take(later).is_ok());
+            assert!(limit.take().is_ok());
         }
-        assert!(b.take(later).is_err());
+        let wait = limit.take().unwrap_err();
+        assert_eq!(wait, Duration::from_millis(100));
+        clock.advance(Duration::from_millis(100));
+        assert!(limit.take().is_ok());
+        assert!(limit.take().is_err());
+        // A long idle period refills only up to the burst.
+        clock.advance(Duration::from_secs(60));
+        for _ in 0..3 {
+            assert!(limit.take().is_ok());
+        }
+        assert!(limit.take().is_err());
     }
 
     #[test]

@@ -33,7 +33,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub use auth::{Bucket, Principal, Tokens};
+pub use auth::{Principal, RateLimit, Tokens};
 pub use emails::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 pub use error::{ApiError, ErrorBody, ErrorResponse};
 pub use meta::GAUGES_EVERY;
