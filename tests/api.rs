@@ -1255,3 +1255,41 @@ async fn a_database_that_refuses_writes_is_a_503_naming_it_and_nothing_is_stored
     assert_eq!(half_written(dir.path()).await, (0, 0));
     api.stop().await;
 }
+
+/// Dashboard sessions are rows every API process shares: capped across all of them (the
+/// sessions closest to expiry go first), a flash message taken once, expired rows swept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_sessions_are_shared_rows_capped_and_swept() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path(), 1);
+    let store = postbox::store::Store::open(&s.database, &s.queue.name)
+        .await
+        .unwrap();
+    let t0 = time::OffsetDateTime::now_utc() + Duration::from_secs(3600);
+    for i in 0..5u64 {
+        let at = t0 + Duration::from_secs(i);
+        store
+            .session_create(&format!("s{i}"), "ops", "csrf", at, 3)
+            .await
+            .unwrap();
+    }
+    for (id, live) in [("s0", false), ("s1", false), ("s2", true), ("s4", true)] {
+        let got = store.session_take(id).await.unwrap();
+        assert_eq!(got.is_some(), live, "{id}");
+    }
+    store
+        .session_flash("s4", "done", "re-queued")
+        .await
+        .unwrap();
+    let first = store.session_take("s4").await.unwrap().unwrap();
+    assert_eq!(first.flash, Some(("done".into(), "re-queued".into())));
+    assert_eq!(store.session_take("s4").await.unwrap().unwrap().flash, None);
+    let past = time::OffsetDateTime::now_utc() - Duration::from_secs(1);
+    store
+        .session_create("old", "ops", "csrf", past, 10)
+        .await
+        .unwrap();
+    assert!(store.session_take("old").await.unwrap().is_none());
+    assert_eq!(store.sessions_sweep().await.unwrap(), 1);
+    store.close().await;
+}

@@ -21,15 +21,24 @@ async fn start(dir: &std::path::Path, smtp: &SmtpServer) -> Api {
     start_with(dir, smtp, vec![]).await
 }
 
+fn dashboard_settings(
+    dir: &std::path::Path,
+    smtp: &SmtpServer,
+    mailboxes: Vec<postbox::inbound::MailboxSettings>,
+) -> postbox::Settings {
+    let mut s = common::settings(dir, smtp.port());
+    s.mailboxes = mailboxes;
+    s.api.token = Some(TOKEN.to_string().into());
+    s.retry.max_attempts = 1;
+    s
+}
+
 async fn start_with(
     dir: &std::path::Path,
     smtp: &SmtpServer,
     mailboxes: Vec<postbox::inbound::MailboxSettings>,
 ) -> Api {
-    let mut s = common::settings(dir, smtp.port());
-    s.mailboxes = mailboxes;
-    s.api.token = Some(TOKEN.to_string().into());
-    s.retry.max_attempts = 1;
+    let s = dashboard_settings(dir, smtp, mailboxes);
     Api::start(s, true).await.with_token(TOKEN)
 }
 
@@ -438,7 +447,10 @@ async fn sessions_and_csrf_guard_every_page_and_form() {
         format!("/ui/emails/{dead}"),
         "never redirects off the dashboard, and the outcome is not in the URL"
     );
-    // The outcome is shown once, on the next page of this session.
+    // The outcome is shown once, on the next page of this session: served here by a second API
+    // process on the same database (sessions live there, so no sticky sessions are needed).
+    let b = Api::start(dashboard_settings(dir.path(), &smtp, vec![]), false).await;
+    let url_b = |p: &str| format!("{}{p}", b.base);
     let show = |path: String| {
         let http = http.clone();
         let session = session.clone();
@@ -453,21 +465,21 @@ async fn sessions_and_csrf_guard_every_page_and_form() {
                 .unwrap()
         }
     };
-    let next = show(url(to)).await;
+    let next = show(url_b(to)).await;
     assert!(
         next.contains("id=\"flash\"") && next.contains("re-queued"),
         "{next}"
     );
-    let again = show(url(to)).await;
+    let again = show(url_b(to)).await;
     assert!(
         !again.contains("id=\"flash\""),
         "a flash message is shown once"
     );
     wait_status(&api, &dead, "sent").await;
 
-    // Logging out ends the session.
+    // Logging out on one process ends the session on every one.
     let r = http
-        .post(url("/ui/logout"))
+        .post(url_b("/ui/logout"))
         .header("cookie", &session)
         .form(&[("csrf", csrf)])
         .send()
@@ -481,4 +493,6 @@ async fn sessions_and_csrf_guard_every_page_and_form() {
         .await
         .unwrap();
     assert_eq!(r.headers()["location"], "/ui/login");
+    b.stop().await;
+    api.stop().await;
 }

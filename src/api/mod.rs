@@ -109,13 +109,14 @@ fn build(
     expect_workers: bool,
 ) -> Result<(Router, utoipa::openapi::OpenApi, ApiState), ConfigError> {
     let tokens = Arc::new(Tokens::new(tokens));
+    let sessions = Arc::new(ui::Sessions::new(postbox.store().clone()));
     let state = ApiState {
         postbox,
         settings: Arc::new(settings.clone()),
         tokens,
         expect_workers,
         openapi: Arc::new(OnceLock::new()),
-        sessions: Arc::new(ui::Sessions::default()),
+        sessions,
         logins: Arc::new(auth::FailedLogins::new(
             settings.max_failed_logins,
             std::time::Duration::from_secs(settings.failed_login_window_secs),

@@ -14,6 +14,7 @@ mod janitor;
 mod lifecycle;
 mod open;
 mod reads;
+mod sessions;
 mod settings;
 mod submit;
 
@@ -28,6 +29,7 @@ pub use inbound::{
 };
 pub use inbound::{MAX_LISTED, MAX_SENDERS};
 pub use open::Store;
+pub use sessions::StoredSession;
 pub use settings::{DatabaseSettings, RetentionSettings, is_postgres_url, redact_url};
 
 use crate::domain::{Email, EmailId, EmailStatus, Priority};

@@ -269,7 +269,7 @@ async fn transition(st: ApiState, me: Authed, id: String, f: CsrfForm, cancel: b
         }
         Err(e) => Flash::Problem(e.to_string()),
     };
-    st.sessions.set_flash(&me.id, flash);
+    st.sessions.set_flash(&me.id, flash).await;
     Redirect::to(&back).into_response()
 }
 

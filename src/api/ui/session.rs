@@ -1,9 +1,13 @@
 //! Dashboard sessions: login with an API token, the session cookie, CSRF tokens, flash
 //! messages, and the [`Authed`] extractor every page and form handler takes.
 //!
-//! - A session lives in this process's memory for [`SESSION_TTL`]; at most [`MAX_SESSIONS`]
-//!   exist (a login past the cap evicts the session closest to expiry), and a sweeper removes
-//!   expired ones every minute.
+//! - A session lives in the database for [`SESSION_TTL`] (`postbox_sessions`, keyed by the
+//!   SHA-256 of its id), so every API process on the database sees it: behind a load balancer
+//!   no sticky sessions are needed. A sweeper deletes expired ones every minute; at most
+//!   [`MAX_SESSIONS`] exist (a login past it deletes those closest to expiry).
+//!   tower-sessions' sqlx store was the candidate, but it is built on sqlx 0.8 and postbox on
+//!   sqlx 0.9 (apalis 1.0's): two libsqlite3-sys cannot link into one binary, and a custom
+//!   tower-sessions store would be this same table plus the crate.
 //! - The cookie is HttpOnly, SameSite=Strict, scoped to `/ui`, and Secure when the request came
 //!   through TLS (`X-Forwarded-Proto: https`).
 //! - Every form carries the session's CSRF token; the login form (no session yet) carries a
@@ -13,9 +17,7 @@
 //!   past the limit, logins from it are refused for the rest of the window.
 //! - Flash messages ("re-queued", "cannot retry: ...") live in the session, shown once.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use askama::Template;
 use axum::extract::{FromRequestParts, State};
@@ -29,12 +31,14 @@ use super::super::ApiState;
 use super::super::auth::client_ip;
 use super::page;
 use crate::Shutdown;
+use crate::store::{Store, StoreError};
 
 const COOKIE: &str = "postbox_session";
 /// The login form's double-submit cookie.
 const LOGIN_COOKIE: &str = "postbox_login";
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
-/// Sessions kept at most (a login past it evicts the session closest to expiry).
+/// Sessions kept at most, across every process (a login past it deletes the sessions closest
+/// to expiry): an open-mode API starts one per visit of the login page.
 pub const MAX_SESSIONS: usize = 10_000;
 /// How often expired sessions are removed.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -48,19 +52,32 @@ pub enum Flash {
     Problem(String),
 }
 
+impl Flash {
+    fn parts(&self) -> (&'static str, &str) {
+        match self {
+            Flash::Done(m) => ("done", m),
+            Flash::Problem(m) => ("problem", m),
+        }
+    }
+
+    fn from_parts(kind: &str, text: String) -> Flash {
+        match kind {
+            "done" => Flash::Done(text),
+            _ => Flash::Problem(text),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Session {
     /// The API token's name that logged in.
     pub who: String,
     pub csrf: String,
-    expires: Instant,
-    flash: Option<Flash>,
 }
 
-/// Dashboard sessions of this process.
-#[derive(Default)]
+/// Dashboard sessions, in the database every API process shares.
 pub struct Sessions {
-    map: Mutex<HashMap<String, Session>>,
+    store: Store,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -69,74 +86,61 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(b)
 }
 
+/// What the database keys a session by: its id's SHA-256.
+fn id_hash(id: &str) -> String {
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(id.as_bytes()))
+}
+
 impl Sessions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn new(store: Store) -> Sessions {
+        Sessions { store }
     }
 
     /// A new session for `who`; its id.
-    pub fn create(&self, who: String) -> String {
+    pub async fn create(&self, who: &str) -> Result<String, StoreError> {
         let id = random_hex(32);
-        let s = Session {
-            who,
-            csrf: random_hex(32),
-            expires: Instant::now() + SESSION_TTL,
-            flash: None,
-        };
-        let mut map = self.lock();
-        if map.len() >= MAX_SESSIONS {
-            let now = Instant::now();
-            map.retain(|_, v| v.expires > now);
-            while map.len() >= MAX_SESSIONS {
-                let oldest = map
-                    .iter()
-                    .min_by_key(|(_, v)| v.expires)
-                    .map(|(k, _)| k.clone())
-                    .expect("the map is not empty");
-                map.remove(&oldest);
-            }
-        }
-        map.insert(id.clone(), s);
-        id
+        let expires = time::OffsetDateTime::now_utc() + SESSION_TTL;
+        self.store
+            .session_create(&id_hash(&id), who, &random_hex(32), expires, MAX_SESSIONS)
+            .await?;
+        Ok(id)
     }
 
     /// The live session `id`, taking its flash message.
-    fn take(&self, id: &str) -> Option<(Session, Option<Flash>)> {
-        let mut map = self.lock();
-        let s = map.get_mut(id).filter(|s| s.expires > Instant::now())?;
-        let flash = s.flash.take();
-        Some((s.clone(), flash))
+    async fn take(&self, id: &str) -> Result<Option<(Session, Option<Flash>)>, StoreError> {
+        Ok(self.store.session_take(&id_hash(id)).await?.map(|s| {
+            let flash = s.flash.map(|(k, t)| Flash::from_parts(&k, t));
+            (
+                Session {
+                    who: s.who,
+                    csrf: s.csrf,
+                },
+                flash,
+            )
+        }))
     }
 
-    pub fn set_flash(&self, id: &str, flash: Flash) {
-        if let Some(s) = self.lock().get_mut(id) {
-            s.flash = Some(flash);
+    pub async fn set_flash(&self, id: &str, flash: Flash) {
+        let (kind, text) = flash.parts();
+        if let Err(e) = self.store.session_flash(&id_hash(id), kind, text).await {
+            tracing::warn!(error = %e, "cannot keep the dashboard's message for the next page");
         }
     }
 
-    fn remove(&self, id: &str) {
-        self.lock().remove(id);
+    async fn remove(&self, id: &str) -> Result<(), StoreError> {
+        self.store.session_delete(&id_hash(id)).await
     }
 
-    /// Removes expired sessions; how many are left.
-    pub fn sweep(&self) -> usize {
-        let now = Instant::now();
-        let mut map = self.lock();
-        map.retain(|_, v| v.expires > now);
-        map.len()
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Sweeps every [`SWEEP_EVERY`] until `shutdown`.
+    /// Deletes expired sessions every [`SWEEP_EVERY`] until `shutdown`.
     pub async fn sweeper(self: std::sync::Arc<Self>, shutdown: Shutdown) {
         loop {
             tokio::select! {
                 _ = shutdown.clone() => return,
-                _ = tokio::time::sleep(SWEEP_EVERY) => { self.sweep(); }
+                _ = tokio::time::sleep(SWEEP_EVERY) => {
+                    if let Err(e) = self.store.sessions_sweep().await {
+                        tracing::warn!(error = %e, "cannot delete expired dashboard sessions; will try again");
+                    }
+                }
             }
         }
     }
@@ -160,6 +164,8 @@ pub enum Refused {
     Login,
     /// A form without the right CSRF token.
     Csrf,
+    /// The database did not answer.
+    Unavailable,
 }
 
 impl IntoResponse for Refused {
@@ -171,8 +177,19 @@ impl IntoResponse for Refused {
                 Html("<h1>403</h1><p>This form is missing its CSRF token or it is stale. Reload the page and try again.</p>"),
             )
                 .into_response(),
+            Refused::Unavailable => unavailable(),
         }
     }
+}
+
+/// The page for a dashboard request the database could not serve.
+fn unavailable() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, "5")],
+        Html("<h1>503</h1><p>The database is not answering; try again in a moment.</p>"),
+    )
+        .into_response()
 }
 
 /// A request with a live session: what every dashboard handler takes (no session: a redirect
@@ -188,7 +205,15 @@ impl FromRequestParts<ApiState> for Authed {
 
     async fn from_request_parts(parts: &mut Parts, st: &ApiState) -> Result<Self, Refused> {
         let id = cookie(&parts.headers, COOKIE).ok_or(Refused::Login)?;
-        let (session, flash) = st.sessions.take(&id).ok_or(Refused::Login)?;
+        let (session, flash) = st
+            .sessions
+            .take(&id)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "cannot read the dashboard session");
+                Refused::Unavailable
+            })?
+            .ok_or(Refused::Login)?;
         Ok(Authed { id, session, flash })
     }
 }
@@ -305,14 +330,13 @@ fn login_page(headers: &HeaderMap, status: StatusCode, problem: Option<String>) 
 }
 
 pub async fn login_form(State(st): State<ApiState>, headers: HeaderMap) -> Response {
-    if cookie(&headers, COOKIE)
-        .and_then(|id| st.sessions.take(&id))
-        .is_some()
+    if let Some(id) = cookie(&headers, COOKIE)
+        && let Ok(Some(_)) = st.sessions.take(&id).await
     {
         return Redirect::to("/ui").into_response();
     }
     if st.tokens.is_open() {
-        return start_session(&st, &headers, "anonymous".into());
+        return start_session(&st, &headers, "anonymous").await;
     }
     login_page(&headers, StatusCode::OK, None)
 }
@@ -366,7 +390,7 @@ pub async fn login(
         Some(who) => {
             st.logins.clear(ip);
             tracing::info!(token = %who, "dashboard login");
-            start_session(&st, headers, who)
+            start_session(&st, headers, &who).await
         }
         None => {
             st.logins.fail(ip);
@@ -380,8 +404,14 @@ pub async fn login(
     }
 }
 
-fn start_session(st: &ApiState, headers: &HeaderMap, who: String) -> Response {
-    let id = st.sessions.create(who);
+async fn start_session(st: &ApiState, headers: &HeaderMap, who: &str) -> Response {
+    let id = match st.sessions.create(who).await {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot store a dashboard session");
+            return unavailable();
+        }
+    };
     let r = with_cookie(
         Redirect::to("/ui").into_response(),
         format!(
@@ -405,43 +435,12 @@ pub async fn logout(
     if let Err(r) = me.check_csrf(&f.csrf) {
         return r.into_response();
     }
-    st.sessions.remove(&me.id);
+    if let Err(e) = st.sessions.remove(&me.id).await {
+        tracing::warn!(error = %e, "cannot delete a dashboard session");
+        return unavailable();
+    }
     with_cookie(
         Redirect::to("/ui/login").into_response(),
         format!("{COOKIE}=; HttpOnly; SameSite=Strict; Path=/ui; Max-Age=0"),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sessions_are_capped_and_swept() {
-        let s = Sessions::default();
-        let first = s.create("a".into());
-        for _ in 1..MAX_SESSIONS {
-            s.create("b".into());
-        }
-        assert_eq!(s.len(), MAX_SESSIONS);
-        // One more evicts the session closest to expiry: the first.
-        let newest = s.create("c".into());
-        assert_eq!(s.len(), MAX_SESSIONS);
-        assert!(s.take(&first).is_none());
-        assert!(s.take(&newest).is_some());
-        // Expired ones go at the next sweep.
-        s.lock()
-            .values_mut()
-            .for_each(|v| v.expires = Instant::now());
-        assert_eq!(s.sweep(), 0);
-    }
-
-    #[test]
-    fn a_flash_message_is_shown_once() {
-        let s = Sessions::default();
-        let id = s.create("a".into());
-        s.set_flash(&id, Flash::Done("re-queued".into()));
-        assert!(matches!(s.take(&id), Some((_, Some(Flash::Done(m)))) if m == "re-queued"));
-        assert!(matches!(s.take(&id), Some((_, None))));
-    }
 }
