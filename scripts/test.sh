@@ -7,7 +7,8 @@
 #   - Debian's postgresql (server binaries only: a throwaway cluster is made with initdb and
 #     pg_ctl in a temp dir on a random 127.0.0.1 port, and removed at exit).
 # Two passes: every test on SQLite (the cluster tests always use PostgreSQL), then the delivery,
-# API and watcher tests again with TEST_DB_BACKEND=postgres.
+# API and watcher tests (modules of the one integration binary, tests/it/) again with
+# TEST_DB_BACKEND=postgres.
 # The delivery tests themselves run a real SMTP server inside the test harness on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,4 +40,4 @@ trap 'scripts/pg-throwaway.sh stop "$pg_dir"' EXIT
 
 cargo test --locked "$@"
 echo "== again on PostgreSQL: delivery, API and watcher tests =="
-TEST_DB_BACKEND=postgres cargo test --locked --test delivery --test api --test watcher "$@"
+TEST_DB_BACKEND=postgres cargo test --locked --test it "$@" -- delivery:: api:: watcher::

@@ -2,6 +2,8 @@
 //! counters, gauges and histograms checked to have moved as they should. Metrics are
 //! process-wide, so this file holds one test.
 
+#[allow(dead_code, unused_imports)]
+#[path = "it/common/mod.rs"]
 mod common;
 
 use std::collections::BTreeMap;

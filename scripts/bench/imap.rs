@@ -9,13 +9,13 @@
 //!
 //! Run with `scripts/bench-imap.sh [N] [M]`. Prints figures; asserts nothing.
 
-#[path = "../../tests/common/dovecot.rs"]
+#[path = "../../tests/it/common/dovecot.rs"]
 #[allow(dead_code)]
 mod dovecot;
-#[path = "../../tests/common/smtp.rs"]
+#[path = "../../tests/it/common/smtp.rs"]
 #[allow(dead_code)]
 mod smtp;
-#[path = "../../tests/common/tls.rs"]
+#[path = "../../tests/it/common/tls.rs"]
 #[allow(dead_code)]
 mod tls;
 

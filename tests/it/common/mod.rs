@@ -1,5 +1,4 @@
 //! Test harness: a real SMTP server on loopback and the real postbox (library or child process).
-#![allow(dead_code)]
 
 pub mod dovecot;
 pub mod http;
@@ -15,7 +14,6 @@ use postbox::{EmailId, EmailReport, EmailStatus, Postbox, Settings};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-#[allow(unused_imports)]
 pub use smtp::SmtpServer;
 
 /// Settings for a test: a fresh SQLite file, SMTP to the test server in plaintext on loopback,

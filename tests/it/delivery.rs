@@ -1,6 +1,6 @@
 //! Delivery over real SMTP (a protocol-speaking server on 127.0.0.1), through the library.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, SystemTime};

@@ -1,7 +1,7 @@
 //! The API's contract: the OpenAPI document validates and lists exactly what is served, and no
 //! generated or mutated body ever yields a 500 or a half-written email.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 

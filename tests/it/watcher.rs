@@ -1,7 +1,7 @@
 //! The IMAP watcher against a real Dovecot on loopback (plaintext, STARTTLS and TLS), with alert
 //! emails delivered by the real workers to a real SMTP server.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

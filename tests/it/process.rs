@@ -1,7 +1,7 @@
 //! The real `postbox` binary as a child process: crash recovery (kill -9), graceful shutdown,
 //! the embedded defaults, configuration errors and secrets.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::time::Duration;

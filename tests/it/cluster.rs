@@ -1,7 +1,7 @@
 //! Several postbox processes on one PostgreSQL (the throwaway server scripts/test.sh starts):
 //! real child processes, killed with SIGKILL.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};

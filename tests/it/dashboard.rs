@@ -2,7 +2,7 @@
 //! finds an email, reads its timeline, retries a dead letter and sees it sent; screenshots of
 //! each page go to target/ui-screenshots/. Plus the session and CSRF rules over plain HTTP.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

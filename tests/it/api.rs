@@ -1,6 +1,6 @@
 //! The HTTP API over real TCP on 127.0.0.1, against the running app (and a real SMTP server).
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::time::Duration;
