@@ -504,6 +504,12 @@ impl Postbox {
         .await
     }
 
+    /// What the memory transport (`delivery.transport = "memory"`) kept, in the order sent;
+    /// empty for the other transports.
+    pub fn sent_in_memory(&self) -> Vec<crate::delivery::SentMessage> {
+        self.inner.mailer.sent_in_memory()
+    }
+
     /// Closes the database pool.
     pub async fn close(&self) {
         self.inner.store.close().await

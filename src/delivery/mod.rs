@@ -159,6 +159,19 @@ pub enum Mailer {
     },
     /// One `<email id>.eml` per email in this folder (development default).
     File(PathBuf),
+    /// Every message kept in memory, in the order sent.
+    Memory(Arc<std::sync::Mutex<Vec<SentMessage>>>),
+}
+
+/// A message the [`Mailer::Memory`] transport kept.
+#[derive(Debug, Clone)]
+pub struct SentMessage {
+    pub email_id: String,
+    /// The envelope: sender and every recipient (to, cc and bcc).
+    pub from: String,
+    pub to: Vec<String>,
+    /// The whole MIME message, as it would go over SMTP.
+    pub message: Vec<u8>,
 }
 
 impl std::fmt::Debug for Mailer {
@@ -166,6 +179,11 @@ impl std::fmt::Debug for Mailer {
         match self {
             Mailer::Smtp { .. } => f.write_str("Mailer::Smtp"),
             Mailer::File(p) => write!(f, "Mailer::File({})", p.display()),
+            Mailer::Memory(m) => write!(
+                f,
+                "Mailer::Memory({} sent)",
+                m.lock().unwrap_or_else(|p| p.into_inner()).len()
+            ),
         }
     }
 }
@@ -177,6 +195,7 @@ impl Mailer {
     ) -> Result<Mailer, MailerError> {
         match delivery.transport {
             Transport::File => Ok(Mailer::File(delivery.outbox_dir.clone())),
+            Transport::Memory => Ok(Mailer::Memory(Default::default())),
             Transport::Smtp => {
                 let s = smtp;
                 Ok(Mailer::Smtp {
@@ -189,10 +208,33 @@ impl Mailer {
         }
     }
 
+    /// The messages the memory transport kept (none for other transports).
+    pub fn sent_in_memory(&self) -> Vec<SentMessage> {
+        match self {
+            Mailer::Memory(m) => m.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Sends one message; never panics, never hangs past the deadline.
     pub async fn send(&self, message: &Message, email_id: &str) -> Outcome {
         match self {
             Mailer::Smtp { pool, deadline } => pool.send(message, *deadline).await,
+            Mailer::Memory(sent) => {
+                let envelope = message.envelope();
+                sent.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(SentMessage {
+                        email_id: email_id.to_string(),
+                        from: envelope.from().map(|a| a.to_string()).unwrap_or_default(),
+                        to: envelope.to().iter().map(|a| a.to_string()).collect(),
+                        message: message.formatted(),
+                    });
+                Outcome::Sent {
+                    code: 250,
+                    text: "kept in memory".into(),
+                }
+            }
             Mailer::File(dir) => {
                 let path = dir.join(format!("{email_id}.eml"));
                 let tmp = dir.join(format!(".{email_id}.eml.tmp"));

@@ -17,6 +17,9 @@ pub enum Transport {
     File,
     /// Deliver to the relay in `[smtp]`.
     Smtp,
+    /// Keep every message in this process's memory ([`crate::Postbox::sent_in_memory`]): for
+    /// tests and embedders that look at what would be sent. Nothing leaves the process.
+    Memory,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -268,8 +268,7 @@ async fn login(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_logins_lock_the_client_out_for_the_window_bearer_and_dashboard_alike() {
     let dir = tempfile::tempdir().unwrap();
-    let smtp = SmtpServer::start().await;
-    let mut s = common::settings(dir.path(), smtp.port());
+    let mut s = common::memory_settings(dir.path());
     s.api.token = Some(TOKEN.to_string().into());
     s.api.max_failed_logins = 3;
     let api = Api::start(s, false).await;

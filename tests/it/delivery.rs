@@ -115,7 +115,7 @@ async fn n_emails_each_arrive_exactly_once_with_headers_parts_attachments_and_me
         assert_eq!(events(&report).len(), 1);
         assert_eq!(events(&report)[0].smtp_code, Some(250));
     }
-    common::assert_counters_match(dir.path()).await;
+    common::assert_store_consistent(dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,6 +147,7 @@ async fn a_4xx_reply_is_retried_after_the_backoff_then_sent_with_both_attempts_r
         "second attempt waited for the 1 s backoff, gap {gap}"
     );
     assert_eq!(smtp.count(), 1);
+    common::assert_store_consistent(dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,7 +190,7 @@ async fn a_5xx_reply_fails_after_one_attempt_and_a_manual_retry_sends_it() {
         app.postbox.retry(&id).await.is_err(),
         "a sent email cannot be retried"
     );
-    common::assert_counters_match(dir.path()).await;
+    common::assert_store_consistent(dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,6 +236,7 @@ async fn smtp_server_down_for_a_while_then_up_delivers_everything() {
     let got: HashSet<String> = smtp.received().iter().map(|r| r.message_id()).collect();
     assert_eq!(got.len(), 15);
     assert_eq!(smtp.count(), 15, "none lost, none doubled");
+    common::assert_store_consistent(dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,6 +276,7 @@ async fn high_priority_jumps_the_queue() {
         "{order:?}"
     );
     assert!(order[6..].iter().all(|s| s.starts_with("low")), "{order:?}");
+    common::assert_store_consistent(dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -292,13 +295,13 @@ async fn send_at_is_honoured_to_the_second() {
         at - send_at < time::Duration::seconds(3),
         "sent at {at}, long after send_at {send_at}"
     );
+    common::assert_store_consistent(dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_a_queued_email_and_is_refused_once_final() {
-    let smtp = SmtpServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(settings(dir.path(), smtp.port())).await;
+    let app = App::start(common::memory_settings(dir.path())).await;
     let mut e = NewEmail::text("a@example.com", "Later", "x");
     e.send_at = Some(OffsetDateTime::now_utc() + time::Duration::seconds(2));
     let id = app.submit(e).await;
@@ -309,7 +312,7 @@ async fn cancel_stops_a_queued_email_and_is_refused_once_final() {
     let r = app.status(&id).await;
     assert_eq!(r.status, EmailStatus::Cancelled);
     assert_eq!(events(&r).last().unwrap().kind, "cancelled");
-    assert_eq!(smtp.count(), 0, "a cancelled email is never sent");
+    assert_eq!(app.sent().len(), 0, "a cancelled email is never sent");
     let missing = postbox::EmailId::parse("01ARZ3NDEKTSV4RRFFQ69G5FAV").unwrap();
     assert!(
         app.postbox
@@ -319,14 +322,13 @@ async fn cancel_stops_a_queued_email_and_is_refused_once_final() {
             .to_string()
             .contains("no email")
     );
-    common::assert_counters_match(dir.path()).await;
+    common::assert_store_consistent(dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_email_past_expires_at_is_expired_not_sent() {
-    let smtp = SmtpServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut app = App::open(settings(dir.path(), smtp.port())).await;
+    let mut app = App::open(common::memory_settings(dir.path())).await;
     let mut e = NewEmail::text("a@example.com", "Soon stale", "x");
     e.expires_at = Some(OffsetDateTime::now_utc() + time::Duration::milliseconds(500));
     let id = app.submit(e).await;
@@ -338,14 +340,14 @@ async fn an_email_past_expires_at_is_expired_not_sent() {
     app.wait_status(&fresh, EmailStatus::Sent, LIMIT).await;
     let r = app.wait_status(&id, EmailStatus::Expired, LIMIT).await;
     assert_eq!(events(&r).last().unwrap().kind, "expired");
-    assert_eq!(smtp.count(), 1);
+    assert_eq!(app.sent().len(), 1);
+    common::assert_store_consistent(dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idempotency_key_makes_a_repeated_submit_a_no_op() {
-    let smtp = SmtpServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(settings(dir.path(), smtp.port())).await;
+    let app = App::start(common::memory_settings(dir.path())).await;
     let mut e = NewEmail::text("a@example.com", "Once", "x");
     e.idempotency_key = Some("order-42".into());
     let first = app.postbox.submit(e.clone()).await.unwrap();
@@ -354,14 +356,20 @@ async fn an_idempotency_key_makes_a_repeated_submit_a_no_op() {
     assert_eq!(first.id, second.id);
     app.wait_status(&first.id, EmailStatus::Sent, LIMIT).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(smtp.count(), 1);
+    let sent = app.sent();
+    assert_eq!(sent.len(), 1);
+    // The memory transport keeps what SMTP would have carried: envelope and message.
+    assert_eq!(sent[0].email_id, first.id.as_str());
+    assert_eq!(sent[0].to, ["a@example.com"]);
+    let message = String::from_utf8_lossy(&sent[0].message);
+    assert!(message.contains("Subject: Once"), "{message}");
+    common::assert_store_consistent(dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_emails_are_refused_and_nothing_is_enqueued() {
-    let smtp = SmtpServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(settings(dir.path(), smtp.port())).await;
+    let app = App::start(common::memory_settings(dir.path())).await;
     let bad = [
         (NewEmail::text("not-an-address", "Hi", "x"), "to[0]"),
         (
@@ -410,14 +418,13 @@ async fn invalid_emails_are_refused_and_nothing_is_enqueued() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let counts = app.postbox.counts().await.unwrap();
     assert!(counts.by_status.is_empty(), "nothing stored: {counts:?}");
-    assert_eq!(smtp.count(), 0);
+    assert_eq!(app.sent().len(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_lost_from_the_queue_is_rescued_by_the_janitor() {
-    let smtp = SmtpServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut s = settings(dir.path(), smtp.port());
+    let mut s = common::memory_settings(dir.path());
     s.queue.stuck_after_secs = 21;
     let app = App::open(s).await;
     let id = app.submit(NewEmail::text("a@example.com", "Hi", "x")).await;
@@ -436,8 +443,9 @@ async fn a_job_lost_from_the_queue_is_rescued_by_the_janitor() {
     app.start_workers();
     let r = app.wait_status(&id, EmailStatus::Sent, LIMIT).await;
     assert!(events(&r).iter().any(|e| e.kind == "requeued"));
-    assert_eq!(smtp.count(), 1);
+    assert_eq!(app.sent().len(), 1);
     let _ = SystemTime::now();
+    common::assert_store_consistent(dir.path()).await;
 }
 
 /// The timeline after its first entry, which is always the submission.
@@ -565,7 +573,7 @@ async fn a_database_outage_after_the_relay_said_250_is_recorded_without_a_second
             "{r:#?}"
         );
     }
-    common::assert_counters_match(dir.path()).await;
+    common::assert_store_consistent(dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -596,13 +604,13 @@ async fn a_worker_that_dies_on_a_failed_heartbeat_lets_its_sends_finish() {
     let later = app.submit(NewEmail::text("d@example.com", "4", "x")).await;
     smtp.set_delay(Duration::ZERO);
     app.wait_status(&later, EmailStatus::Sent, LIMIT).await;
+    common::assert_store_consistent(dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_while_delivering_fails_that_email_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
-    let smtp = SmtpServer::start().await;
-    let app = App::start(settings(dir.path(), smtp.port())).await;
+    let app = App::start(common::memory_settings(dir.path())).await;
     postbox::faults::arm(postbox::faults::DELIVERY_PANIC, "panic@example.com", 1);
     let bad = app
         .submit(NewEmail::text("panic@example.com", "boom", "x"))
@@ -621,14 +629,14 @@ async fn a_panic_while_delivering_fails_that_email_and_nothing_else() {
     // The dead letter can be re-driven once the bug is gone.
     app.postbox.retry(&bad).await.unwrap();
     app.wait_status(&bad, EmailStatus::Sent, LIMIT).await;
-    assert_eq!(smtp.count(), 2);
+    assert_eq!(app.sent().len(), 2);
+    common::assert_store_consistent(dir.path()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_email_that_cannot_be_read_fails_with_the_reason_instead_of_looping() {
     let dir = tempfile::tempdir().unwrap();
-    let smtp = SmtpServer::start().await;
-    let mut app = App::open(settings(dir.path(), smtp.port())).await;
+    let mut app = App::open(common::memory_settings(dir.path())).await;
     let id = app.submit(NewEmail::text("a@example.com", "s", "x")).await;
     let ok = app.submit(NewEmail::text("b@example.com", "s", "x")).await;
     let sql =
@@ -648,5 +656,6 @@ async fn a_stored_email_that_cannot_be_read_fails_with_the_reason_instead_of_loo
     tokio::time::sleep(Duration::from_secs(1)).await;
     let r = app.status(&id).await;
     assert_eq!((r.status, r.attempts), (EmailStatus::Failed, 1), "no loop");
-    assert_eq!(smtp.count(), 1);
+    assert_eq!(app.sent().len(), 1);
+    common::assert_store_consistent(dir.path()).await;
 }

@@ -132,6 +132,14 @@ pub fn settings(dir: &Path, smtp_port: u16) -> Settings {
     s
 }
 
+/// [`settings`] with the memory transport: for tests about the queue, not about SMTP (every
+/// delivery path keeps a test against the real SMTP server).
+pub fn memory_settings(dir: &Path) -> Settings {
+    let mut s = settings(dir, 1);
+    s.delivery.transport = Transport::Memory;
+    s
+}
+
 /// postbox running in this process: the facade plus its workers.
 pub struct App {
     pub postbox: Postbox,
@@ -172,6 +180,11 @@ impl App {
             let _ = tx.send(());
             h.await.expect("workers exit cleanly");
         }
+    }
+
+    /// What the memory transport delivered, in order.
+    pub fn sent(&self) -> Vec<postbox::delivery::SentMessage> {
+        self.postbox.sent_in_memory()
     }
 
     /// Submits one email that must be accepted; returns its id.
@@ -373,9 +386,10 @@ pub async fn half_written(dir: &Path) -> (i64, i64) {
     (emails, orphan_jobs)
 }
 
-/// Asserts the trigger-kept counters (by status and priority, and the depth) equal a real
-/// count of the emails table.
-pub async fn assert_counters_match(dir: &Path) {
+/// The store's invariants, checked at a test's end: the trigger-kept counters (by status and
+/// priority, and the depth) equal a real count of the emails table, and every email waiting
+/// to be sent owns a live job.
+pub async fn assert_store_consistent(dir: &Path) {
     let off = db_scalar(
         dir,
         "SELECT COUNT(*) FROM (SELECT name, SUM(n) AS n FROM postbox_counters
@@ -393,6 +407,21 @@ pub async fn assert_counters_match(dir: &Path) {
     )
     .await;
     assert_eq!(depth, 0, "the depth counter differs from the emails table");
+    // Nothing accepted is lost: every email waiting to be sent owns a live job for its current
+    // seq (the janitor would rescue one that does not, but none should need it).
+    let jobs = if on_postgres() { "apalis.jobs" } else { "Jobs" };
+    let orphans = db_scalar(
+        dir,
+        &format!(
+            "SELECT COUNT(*) FROM postbox_emails e
+              WHERE e.status IN ('queued', 'retrying')
+                AND NOT EXISTS (SELECT 1 FROM {jobs} j
+                     WHERE j.idempotency_key = e.id || ':' || e.job_seq
+                       AND j.status IN ('Pending', 'Queued', 'Running'))"
+        ),
+    )
+    .await;
+    assert_eq!(orphans, 0, "emails waiting to be sent without a live job");
 }
 
 /// A real database outage for `hold`, while postbox runs: on SQLite another connection holds
