@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::SmtpServer;
 use common::dovecot::{self, Dovecot};
-use common::http::{Api, TOKEN};
+use common::http::{TOKEN, TestApp};
 use serde_json::json;
 
 /// `name{a="x",b="y"}` -> value, for every sample line.
@@ -48,8 +48,8 @@ fn key(name: &str, labels: &[(&str, &str)]) -> String {
     format!("{name}{{{}}}", l.join(","))
 }
 
-async fn scrape(api: &Api) -> BTreeMap<String, f64> {
-    let r = api.get("/metrics").await;
+async fn scrape(api: &TestApp) -> BTreeMap<String, f64> {
+    let r = api.metrics().await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert!(
         r.headers["content-type"]
@@ -82,7 +82,7 @@ name = "incident"
 subject = '^INCIDENT'
 "#,
     )];
-    let api = Api::start(s, true).await.with_token(TOKEN);
+    let api = TestApp::start(s, true).await.with_token(TOKEN);
     let mut watchers = common::Watchers::start(&api.app.postbox);
 
     let before = scrape(&api).await;
@@ -105,7 +105,7 @@ subject = '^INCIDENT'
             json!({"to": ["bounce@example.com"], "subject": "s", "text": "t"}),
         ),
     ] {
-        let r = api.post("/v1/emails", &body).await;
+        let r = api.submit(&body).await;
         assert_eq!(r.status, 202, "{to}: {}", r.text);
     }
     // One for later: it waits in the queue and shows in the depth gauge.
@@ -119,7 +119,7 @@ subject = '^INCIDENT'
         )
         .await;
     assert_eq!(r.status, 202, "{}", r.text);
-    let bad = api.post("/v1/emails", &json!({"to": ["nope"]})).await;
+    let bad = api.submit(&json!({"to": ["nope"]})).await;
     assert_eq!(bad.status, 400);
     common::wait_for("3 deliveries", Duration::from_secs(15), || {
         smtp.count() >= 3

@@ -5,7 +5,7 @@ use crate::common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::http::{Api, TOKEN};
+use common::http::{TOKEN, TestApp};
 use common::{SmtpServer, half_written, settings};
 use postbox::EmailStatus;
 use reqwest::{Method, StatusCode};
@@ -17,24 +17,11 @@ fn email(to: &str) -> Value {
     json!({"to": [to], "subject": "Hello", "text": "Body"})
 }
 
-async fn wait_status(api: &Api, id: &str, want: &str) -> Value {
-    let t0 = std::time::Instant::now();
-    loop {
-        let r = api.get(&format!("/v1/emails/{id}")).await;
-        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
-        if r.json["status"] == want {
-            return r.json;
-        }
-        assert!(t0.elapsed() < LIMIT, "{id} never became {want}: {}", r.text);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_follow_and_deliver_with_request_id_in_the_timeline() {
     let smtp = SmtpServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let api = Api::start(settings(dir.path(), smtp.port()), true).await;
+    let api = TestApp::start(settings(dir.path(), smtp.port()), true).await;
 
     let r = api
         .post_with(
@@ -54,7 +41,7 @@ async fn submit_follow_and_deliver_with_request_id_in_the_timeline() {
     );
     assert_eq!(r.json["created"], true);
 
-    let report = wait_status(&api, &id, "sent").await;
+    let report = api.wait_status(&id, "sent").await;
     assert_eq!(report["request_id"], "req-abc-123");
     let timeline = report["timeline"].as_array().unwrap();
     assert_eq!(timeline[0]["kind"], "submitted");
@@ -72,7 +59,7 @@ async fn submit_follow_and_deliver_with_request_id_in_the_timeline() {
     assert!(String::from_utf8_lossy(&smtp.received()[0].data).contains("Welcome"));
 
     // A fresh request id is made when the client sends none, and every response carries it.
-    let r = api.get("/healthz").await;
+    let r = api.healthz().await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.header("x-request-id").map(str::len), Some(26));
     api.stop().await;
@@ -83,7 +70,7 @@ async fn every_client_mistake_is_a_4xx_json_error_naming_the_problem_and_stores_
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path(), 9);
     s.api.max_body_bytes = 64 * 1024;
-    let api = Api::start(s, false).await;
+    let api = TestApp::start(s, false).await;
 
     type Case = (
         &'static str,
@@ -157,9 +144,7 @@ async fn every_client_mistake_is_a_4xx_json_error_naming_the_problem_and_stores_
     assert_eq!(r.error(), ("invalid_id".into(), Some("id".into())));
     let r = api.get("/v1/emails/01KAQ3N2W4XGZ8Y5B7C9D1E3F5").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
-    let r = api
-        .post("/v1/emails/01KAQ3N2W4XGZ8Y5B7C9D1E3F5/cancel", &json!({}))
-        .await;
+    let r = api.cancel("01KAQ3N2W4XGZ8Y5B7C9D1E3F5").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     let r = api
         .post_with(
@@ -184,7 +169,7 @@ async fn batch_is_all_or_nothing_and_lists_every_bad_item() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path(), 9);
     s.api.max_batch = 5;
-    let api = Api::start(s, false).await;
+    let api = TestApp::start(s, false).await;
 
     let r = api
         .post(
@@ -222,19 +207,15 @@ async fn batch_is_all_or_nothing_and_lists_every_bad_item() {
     let six: Vec<Value> = (0..6)
         .map(|i| email(&format!("u{i}@example.com")))
         .collect();
-    let r = api
-        .post("/v1/emails/batch", &json!({ "emails": six }))
-        .await;
+    let r = api.submit_batch(&json!({ "emails": six })).await;
     assert_eq!(r.error(), ("invalid_batch".into(), Some("emails".into())));
-    let r = api.post("/v1/emails/batch", &json!({"emails": []})).await;
+    let r = api.submit_batch(&json!({"emails": []})).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 
     let five: Vec<Value> = (0..5)
         .map(|i| email(&format!("u{i}@example.com")))
         .collect();
-    let r = api
-        .post("/v1/emails/batch", &json!({ "emails": five }))
-        .await;
+    let r = api.submit_batch(&json!({ "emails": five })).await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
     assert_eq!(r.json["count"], 5);
     let ids: HashSet<&str> = r.json["emails"]
@@ -252,22 +233,17 @@ async fn batch_is_all_or_nothing_and_lists_every_bad_item() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_filters_and_pages_in_a_stable_order() {
     let dir = tempfile::tempdir().unwrap();
-    let api = Api::start(settings(dir.path(), 9), false).await;
+    let api = TestApp::start(settings(dir.path(), 9), false).await;
     let mut ids = Vec::new();
     for i in 0..7 {
         let mut e = email(&format!("User{i} <user{i}@example.com>"));
         e["tags"] = json!([if i % 2 == 0 { "even" } else { "odd" }, "all"]);
         e["cc"] = json!(["Boss@Example.com"]);
-        let r = api.post("/v1/emails", &e).await;
+        let r = api.submit(&e).await;
         ids.push(r.json["id"].as_str().unwrap().to_string());
     }
     let cancelled = &ids[3];
-    assert_eq!(
-        api.post(&format!("/v1/emails/{cancelled}/cancel"), &json!({}))
-            .await
-            .status,
-        StatusCode::OK
-    );
+    assert_eq!(api.cancel(cancelled).await.status, StatusCode::OK);
 
     // Pages of 3, newest first, no gaps, no repeats.
     let mut seen = Vec::new();
@@ -293,35 +269,20 @@ async fn listing_filters_and_pages_in_a_stable_order() {
     assert_eq!(seen, newest_first);
 
     let count = |r: &common::http::Reply| r.json["emails"].as_array().unwrap().len();
-    assert_eq!(count(&api.get("/v1/emails?tag=even").await), 4);
-    assert_eq!(count(&api.get("/v1/emails?tag=all&status=queued").await), 6);
-    let r = api.get("/v1/emails?status=cancelled").await;
+    assert_eq!(count(&api.list("tag=even").await), 4);
+    assert_eq!(count(&api.list("tag=all&status=queued").await), 6);
+    let r = api.list("status=cancelled").await;
     assert_eq!(count(&r), 1);
     assert_eq!(r.json["emails"][0]["id"], cancelled.as_str());
+    assert_eq!(count(&api.list("recipient=USER2@example.com").await), 1);
+    assert_eq!(count(&api.list("recipient=boss@example.com").await), 7);
+    assert_eq!(count(&api.list("recipient=user@example.com").await), 0);
     assert_eq!(
-        count(&api.get("/v1/emails?recipient=USER2@example.com").await),
-        1
-    );
-    assert_eq!(
-        count(&api.get("/v1/emails?recipient=boss@example.com").await),
-        7
-    );
-    assert_eq!(
-        count(&api.get("/v1/emails?recipient=user@example.com").await),
+        count(&api.list("created_after=2099-01-01T00:00:00Z").await),
         0
     );
     assert_eq!(
-        count(
-            &api.get("/v1/emails?created_after=2099-01-01T00:00:00Z")
-                .await
-        ),
-        0
-    );
-    assert_eq!(
-        count(
-            &api.get("/v1/emails?created_before=2099-01-01T00:00:00Z")
-                .await
-        ),
+        count(&api.list("created_before=2099-01-01T00:00:00Z").await),
         7
     );
 
@@ -333,7 +294,7 @@ async fn listing_filters_and_pages_in_a_stable_order() {
         ("cursor=xyz", "cursor"),
         ("colour=red", "colour"),
     ] {
-        let r = api.get(&format!("/v1/emails?{q}")).await;
+        let r = api.list(q).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{q}");
         assert_eq!(r.error().1.as_deref(), Some(field), "{q}: {}", r.text);
     }
@@ -345,7 +306,7 @@ async fn cancel_and_retry_follow_the_state_machine() {
     let smtp = SmtpServer::start().await;
     smtp.always_reply_to_data(Some("554 5.7.1 rejected"));
     let dir = tempfile::tempdir().unwrap();
-    let api = Api::start(settings(dir.path(), smtp.port()), true).await;
+    let api = TestApp::start(settings(dir.path(), smtp.port()), true).await;
 
     let r = api
         .post(
@@ -355,9 +316,7 @@ async fn cancel_and_retry_follow_the_state_machine() {
         )
         .await;
     let later = r.json["id"].as_str().unwrap().to_string();
-    let r = api
-        .post(&format!("/v1/emails/{later}/retry"), &json!({}))
-        .await;
+    let r = api.retry(&later).await;
     assert_eq!(r.status, StatusCode::CONFLICT);
     assert_eq!(r.error().0, "conflict");
     assert!(
@@ -366,36 +325,30 @@ async fn cancel_and_retry_follow_the_state_machine() {
             .unwrap()
             .contains("queued")
     );
-    let r = api
-        .post(&format!("/v1/emails/{later}/cancel"), &json!({}))
-        .await;
+    let r = api.cancel(&later).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.json["status"], "cancelled");
-    let r = api
-        .post(&format!("/v1/emails/{later}/cancel"), &json!({}))
-        .await;
+    let r = api.cancel(&later).await;
     assert_eq!(r.status, StatusCode::CONFLICT);
 
     // A dead letter, re-driven once the server accepts mail again.
-    let r = api.post("/v1/emails", &email("dead@example.com")).await;
+    let r = api.submit(&email("dead@example.com")).await;
     let dead = r.json["id"].as_str().unwrap().to_string();
-    let report = wait_status(&api, &dead, "failed").await;
+    let report = api.wait_status(&dead, "failed").await;
     assert_eq!(report["timeline"][1]["smtp_code"], 554);
     smtp.always_reply_to_data(None);
-    let r = api
-        .post(&format!("/v1/emails/{dead}/retry"), &json!({}))
-        .await;
+    let r = api.retry(&dead).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.json["status"], "queued");
-    wait_status(&api, &dead, "sent").await;
+    api.wait_status(&dead, "sent").await;
     api.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn templates_are_listed_and_previewed_without_sending() {
     let dir = tempfile::tempdir().unwrap();
-    let api = Api::start(settings(dir.path(), 9), false).await;
-    let r = api.get("/v1/templates").await;
+    let api = TestApp::start(settings(dir.path(), 9), false).await;
+    let r = api.templates().await;
     assert_eq!(r.status, StatusCode::OK);
     let kinds: Vec<&str> = r.json["templates"]
         .as_array()
@@ -435,9 +388,7 @@ async fn templates_are_listed_and_previewed_without_sending() {
             || r.json["html"].as_str().unwrap().contains("&lt;Ada&gt;")
     );
 
-    let r = api
-        .post("/v1/templates/nope/preview", &json!({"variables": {}}))
-        .await;
+    let r = api.preview("nope", &json!({"variables": {}})).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.error().0, "unknown_template");
     let r = api
@@ -455,34 +406,31 @@ async fn stats_and_health_report_the_queue_and_the_workers() {
     let smtp = SmtpServer::start().await;
     smtp.reply_to_rcpt("bounce", "550 5.1.1 no such user");
     let dir = tempfile::tempdir().unwrap();
-    let mut api = Api::start(settings(dir.path(), smtp.port()), true).await;
+    let mut api = TestApp::start(settings(dir.path(), smtp.port()), true).await;
 
-    let r = api.get("/readyz").await;
+    let r = api.readyz().await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.json["workers"], "running");
     assert_eq!(r.json["database"], "ok");
 
-    let ok = api.post("/v1/emails", &email("ok@example.com")).await.json["id"]
+    let ok = api.submit(&email("ok@example.com")).await.json["id"]
         .as_str()
         .unwrap()
         .to_string();
-    let bad = api
-        .post("/v1/emails", &email("bounce@example.com"))
-        .await
-        .json["id"]
+    let bad = api.submit(&email("bounce@example.com")).await.json["id"]
         .as_str()
         .unwrap()
         .to_string();
-    wait_status(&api, &ok, "sent").await;
-    wait_status(&api, &bad, "failed").await;
+    api.wait_status(&ok, "sent").await;
+    api.wait_status(&bad, "failed").await;
     api.app.stop_workers().await;
     for p in ["high", "low"] {
         let mut e = email("later@example.com");
         e["priority"] = json!(p);
-        api.post("/v1/emails", &e).await;
+        api.submit(&e).await;
     }
 
-    let r = api.get("/v1/stats").await;
+    let r = api.stats().await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let s = &r.json;
     assert_eq!(s["last_minute"]["sent"], 1);
@@ -495,14 +443,14 @@ async fn stats_and_health_report_the_queue_and_the_workers() {
     assert!(s["oldest_queued_age_secs"].as_f64().unwrap() >= 0.0);
     assert_eq!(s["workers_running"], false);
 
-    let r = api.get("/readyz").await;
+    let r = api.readyz().await;
     assert_eq!(
         r.status,
         StatusCode::SERVICE_UNAVAILABLE,
         "workers stopped: not ready"
     );
     assert_eq!(r.json["workers"], "stopped");
-    assert_eq!(api.get("/healthz").await.status, StatusCode::OK);
+    assert_eq!(api.healthz().await.status, StatusCode::OK);
     api.app.start_workers();
     api.stop().await;
 }
@@ -519,7 +467,7 @@ async fn auth_matrix_and_rate_limit() {
         rate_per_sec: Some(0.5),
         burst: Some(2),
     }];
-    let api = Api::start(s, false).await;
+    let api = TestApp::start(s, false).await;
 
     // No token, a wrong one, a malformed header.
     for auth in [
@@ -548,20 +496,20 @@ async fn auth_matrix_and_rate_limit() {
         );
     }
     // Health routes and metrics stay open (api.open_health = true, the default).
-    assert_eq!(api.get("/healthz").await.status, StatusCode::OK);
-    assert_eq!(api.get("/openapi.json").await.status, StatusCode::OK);
-    assert_eq!(api.get("/metrics").await.status, StatusCode::OK);
+    assert_eq!(api.healthz().await.status, StatusCode::OK);
+    assert_eq!(api.openapi().await.status, StatusCode::OK);
+    assert_eq!(api.metrics().await.status, StatusCode::OK);
     assert_eq!(api.app.postbox.counts().await.unwrap().by_status.len(), 0);
 
     let api = api.with_token(TOKEN);
-    let r = api.post("/v1/emails", &email("a@example.com")).await;
+    let r = api.submit(&email("a@example.com")).await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
 
     // The slow token: a burst of 2, then 429 with Retry-After.
     let api = api.with_token("slow-token-0123456789abcdef");
-    assert_eq!(api.get("/v1/templates").await.status, StatusCode::OK);
-    assert_eq!(api.get("/v1/templates").await.status, StatusCode::OK);
-    let r = api.get("/v1/templates").await;
+    assert_eq!(api.templates().await.status, StatusCode::OK);
+    assert_eq!(api.templates().await.status, StatusCode::OK);
+    let r = api.templates().await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(r.error().0, "rate_limited");
     let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
@@ -569,7 +517,7 @@ async fn auth_matrix_and_rate_limit() {
     // The default token is not slowed by the other's limit.
     let api = api.with_token(TOKEN);
     for _ in 0..5 {
-        assert_eq!(api.get("/v1/templates").await.status, StatusCode::OK);
+        assert_eq!(api.templates().await.status, StatusCode::OK);
     }
     api.stop().await;
 
@@ -578,7 +526,7 @@ async fn auth_matrix_and_rate_limit() {
     let mut s = settings(dir.path(), 9);
     s.api.token = Some(TOKEN.to_string().into());
     s.api.open_health = false;
-    let api = Api::start(s, false).await;
+    let api = TestApp::start(s, false).await;
     for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
         assert_eq!(
             api.get(path).await.status,
@@ -587,7 +535,7 @@ async fn auth_matrix_and_rate_limit() {
         );
     }
     let api = api.with_token(TOKEN);
-    let r = api.get("/metrics").await;
+    let r = api.metrics().await;
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.text.contains("postbox_queue_depth"), "{}", r.text);
     api.stop().await;
@@ -598,11 +546,9 @@ async fn a_full_queue_refuses_submits_whole_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path(), 9);
     s.queue.max_depth = 3;
-    let api = Api::start(s, false).await;
+    let api = TestApp::start(s, false).await;
     for i in 0..2 {
-        let r = api
-            .post("/v1/emails", &email(&format!("u{i}@example.com")))
-            .await;
+        let r = api.submit(&email(&format!("u{i}@example.com"))).await;
         assert_eq!(r.status, StatusCode::ACCEPTED);
     }
     // 2 queued + a batch of 2 > 3: the whole batch is refused.
@@ -616,22 +562,19 @@ async fn a_full_queue_refuses_submits_whole_with_retry_after() {
     assert_eq!(r.error().0, "queue_full");
     assert!(r.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
     assert_eq!(api.app.count(EmailStatus::Queued).await, 2);
-    let r = api.post("/v1/emails", &email("third@example.com")).await;
+    let r = api.submit(&email("third@example.com")).await;
     assert_eq!(r.status, StatusCode::ACCEPTED);
-    let r = api.post("/v1/emails", &email("fourth@example.com")).await;
+    let r = api.submit(&email("fourth@example.com")).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(api.app.count(EmailStatus::Queued).await, 3);
     // Room again once one leaves the queue.
-    let first = api.get("/v1/emails?limit=1").await.json["emails"][0]["id"]
+    let first = api.list("limit=1").await.json["emails"][0]["id"]
         .as_str()
         .unwrap()
         .to_string();
-    api.post(&format!("/v1/emails/{first}/cancel"), &json!({}))
-        .await;
+    api.cancel(&first).await;
     assert_eq!(
-        api.post("/v1/emails", &email("fifth@example.com"))
-            .await
-            .status,
+        api.submit(&email("fifth@example.com")).await.status,
         StatusCode::ACCEPTED
     );
     api.stop().await;
@@ -640,7 +583,7 @@ async fn a_full_queue_refuses_submits_whole_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_key_replays_refuses_other_payloads_and_survives_a_race() {
     let dir = tempfile::tempdir().unwrap();
-    let api = Api::start(settings(dir.path(), 9), false).await;
+    let api = TestApp::start(settings(dir.path(), 9), false).await;
     let body = email("once@example.com");
     let first = api
         .post_with("/v1/emails", &body, &[("idempotency-key", "order-1")])
@@ -744,7 +687,7 @@ async fn idempotency_key_replays_refuses_other_payloads_and_survives_a_race() {
 
 /// A raw request to the API (reqwest sends our `Host` when one is given).
 async fn send(
-    api: &Api,
+    api: &TestApp,
     method: Method,
     path: &str,
     body: Option<&str>,
@@ -775,7 +718,7 @@ async fn without_a_token_local_programs_are_served_but_no_web_page_is() {
     let mut s = settings(dir.path(), 9);
     s.delivery.default_from = "app@example.com".into();
     s.delivery.allowed_from = vec!["example.com".into()];
-    let api = Api::start(s, false).await;
+    let api = TestApp::start(s, false).await;
     let port = api.base.rsplit(':').next().unwrap().to_string();
     let body = r#"{"to": ["a@example.com"], "subject": "s", "text": "t"}"#;
     let json = ("content-type", "application/json");
@@ -862,7 +805,7 @@ async fn without_a_token_local_programs_are_served_but_no_web_page_is() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path(), 9);
     s.api.token = Some(TOKEN.to_string().into());
-    let api = Api::start(s, false).await;
+    let api = TestApp::start(s, false).await;
     let auth = format!("Bearer {TOKEN}");
     let r = send(
         &api,
@@ -901,7 +844,7 @@ async fn slow_idle_and_surplus_connections_are_bounded_and_labels_stay_fixed() {
     s.api.header_timeout_secs = 1;
     s.api.body_timeout_secs = 1;
     s.api.max_connections = 3;
-    let api = Api::start(s, false).await.with_token(TOKEN);
+    let api = TestApp::start(s, false).await.with_token(TOKEN);
     let addr = api.base.trim_start_matches("http://").to_string();
     let connect = || tokio::net::TcpStream::connect(addr.clone());
 
@@ -963,7 +906,7 @@ async fn slow_idle_and_surplus_connections_are_bounded_and_labels_stay_fixed() {
         "served past the connection cap: {fourth:?}"
     );
     // The held ones time out (1 s) and free their slots: the API serves again.
-    assert_eq!(api.get("/healthz").await.status, StatusCode::OK);
+    assert_eq!(api.healthz().await.status, StatusCode::OK);
     drop(held);
 
     // A made-up method is counted as "other": no new series per method string.
@@ -976,7 +919,7 @@ async fn slow_idle_and_surplus_connections_are_bounded_and_labels_stay_fixed() {
     )
     .await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
-    let metrics = api.get("/metrics").await.text;
+    let metrics = api.metrics().await.text;
     assert!(!metrics.contains("BREW"), "{metrics}");
     assert!(metrics.contains("method=\"other\""), "{metrics}");
 
@@ -984,7 +927,7 @@ async fn slow_idle_and_surplus_connections_are_bounded_and_labels_stay_fixed() {
     let anonymous = send(&api, Method::GET, "/readyz", None, &[]).await;
     assert_eq!(anonymous.status, StatusCode::OK);
     assert_eq!(anonymous.json, json!({"status": "ready"}));
-    let r = api.get("/readyz").await;
+    let r = api.readyz().await;
     assert_eq!(r.json["database"], "ok", "{}", r.text);
 
     // Dashboard forms are small.
@@ -1004,7 +947,7 @@ async fn slow_idle_and_surplus_connections_are_bounded_and_labels_stay_fixed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_bodies_cost_a_bounded_error_and_store_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let api = Api::start(settings(dir.path(), 9), false).await;
+    let api = TestApp::start(settings(dir.path(), 9), false).await;
     let json = ("content-type", "application/json");
     let before = common::peak_rss_mib(None);
 
@@ -1061,9 +1004,7 @@ async fn hostile_bodies_cost_a_bounded_error_and_store_nothing() {
     let bad: Vec<Value> = (0..1000)
         .map(|_| json!({"to": vec!["x"; 60], "subject": "s", "text": "t"}))
         .collect();
-    let r = api
-        .post("/v1/emails/batch", &json!({ "emails": bad }))
-        .await;
+    let r = api.submit_batch(&json!({ "emails": bad })).await;
     assert_eq!(r.error().0, "invalid_batch");
     let details = r.json["error"]["details"].as_array().unwrap();
     assert_eq!(details.len(), 101, "{}", details.len());
@@ -1117,7 +1058,7 @@ async fn hostile_bodies_cost_a_bounded_error_and_store_nothing() {
             "attachments[0].filename",
         ),
     ] {
-        let r = api.post("/v1/emails", &body).await;
+        let r = api.submit(&body).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text);
         assert_eq!(r.error().1.as_deref(), Some(field), "{body}: {}", r.text);
     }
@@ -1142,7 +1083,7 @@ async fn hostile_bodies_cost_a_bounded_error_and_store_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_group_commit_is_retried_one_submission_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
-    let api = Api::start(settings(dir.path(), 9), false).await;
+    let api = TestApp::start(settings(dir.path(), 9), false).await;
     let post = |rid: String| {
         let client = api.client.clone();
         let url = format!("{}/v1/emails", api.base);
@@ -1201,11 +1142,8 @@ async fn a_database_that_refuses_writes_is_a_503_naming_it_and_nothing_is_stored
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path(), 9);
     s.database.busy_timeout_ms = 100;
-    let api = Api::start(s, false).await;
-    assert_eq!(
-        api.post("/v1/emails", &email("a@example.com")).await.status,
-        202
-    );
+    let api = TestApp::start(s, false).await;
+    assert_eq!(api.submit(&email("a@example.com")).await.status, 202);
     let outage = tokio::spawn({
         let dir = dir.path().to_path_buf();
         async move { common::db_outage(&dir, Duration::from_millis(1500)).await }
@@ -1221,7 +1159,7 @@ async fn a_database_that_refuses_writes_is_a_503_naming_it_and_nothing_is_stored
     let (mut accepted, mut refused) = (0, 0);
     let t0 = std::time::Instant::now();
     while t0.elapsed() < Duration::from_millis(800) {
-        let r = api.post("/v1/emails", &email("b@example.com")).await;
+        let r = api.submit(&email("b@example.com")).await;
         if r.status == StatusCode::ACCEPTED {
             accepted += 1;
             continue;
@@ -1240,7 +1178,7 @@ async fn a_database_that_refuses_writes_is_a_503_naming_it_and_nothing_is_stored
     outage.await.unwrap();
     let t0 = std::time::Instant::now();
     loop {
-        let r = api.post("/v1/emails", &email("c@example.com")).await;
+        let r = api.submit(&email("c@example.com")).await;
         if r.status == 202 {
             break;
         }

@@ -6,7 +6,7 @@ use crate::common;
 use std::collections::BTreeSet;
 
 use common::half_written;
-use common::http::{Api, TOKEN};
+use common::http::{TOKEN, TestApp};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use reqwest::{Method, StatusCode};
@@ -50,8 +50,8 @@ async fn the_openapi_document_validates_and_lists_exactly_the_served_routes() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = common::settings(dir.path(), 9);
     s.api.token = Some(TOKEN.to_string().into());
-    let api = Api::start(s, false).await.with_token(TOKEN);
-    let r = api.get("/openapi.json").await;
+    let api = TestApp::start(s, false).await.with_token(TOKEN);
+    let r = api.openapi().await;
     assert_eq!(r.status, StatusCode::OK);
     let spec = oas3::from_json(&r.text).expect("a valid OpenAPI 3.1 document");
     let version = spec.validate_version().expect("a supported version");
@@ -206,7 +206,7 @@ fn generated_bodies_never_yield_a_500_or_a_half_written_email() {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let api = rt.block_on(Api::start(common::settings(dir.path(), 9), false));
+    let api = rt.block_on(TestApp::start(common::settings(dir.path(), 9), false));
     let mut runner = TestRunner::new(Config {
         cases: 300,
         failure_persistence: None,

@@ -305,7 +305,7 @@ async fn two_serve_processes_share_one_mailbox_through_a_lease_and_hand_over_on_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgresql_stopped_and_restarted_under_running_workers_loses_and_doubles_nothing() {
-    use common::http::{Api, TOKEN};
+    use common::http::{TOKEN, TestApp};
     use postbox::{EmailStatus, NewEmail};
     let pg = common::PgServer::start();
     let dir = tempfile::tempdir().unwrap();
@@ -316,7 +316,7 @@ async fn postgresql_stopped_and_restarted_under_running_workers_loses_and_double
     // Idle workers wake only on NOTIFY from other processes: a restarted LISTEN is observable.
     s.queue.poll_interval_ms = 60_000;
     s.api.token = Some(TOKEN.to_string().into());
-    let api = Api::start(s.clone(), true).await.with_token(TOKEN);
+    let api = TestApp::start(s.clone(), true).await.with_token(TOKEN);
     // Another process (its own pool) submits: only LISTEN/NOTIFY tells the workers.
     let submitter = common::App::open(s).await;
     let submit = |n: usize| {
@@ -374,12 +374,12 @@ async fn postgresql_stopped_and_restarted_under_running_workers_loses_and_double
         "5 refusals took {:?}: each waited out the pool instead of failing fast",
         t0.elapsed()
     );
-    assert_eq!(api.get("/readyz").await.status, 503);
+    assert_eq!(api.readyz().await.status, 503);
     tokio::time::sleep(Duration::from_secs(2)).await;
     pg.up();
     smtp.set_delay(Duration::ZERO);
     let t0 = Instant::now();
-    while api.get("/readyz").await.status != 200 {
+    while api.readyz().await.status != 200 {
         assert!(
             t0.elapsed() < Duration::from_secs(30),
             "not ready after the restart"

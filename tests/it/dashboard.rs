@@ -5,11 +5,11 @@
 use crate::common;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::SmtpServer;
 use common::dovecot::{self, Dovecot};
-use common::http::{Api, TOKEN};
+use common::http::{TOKEN, TestApp};
 use common::webdriver::Browser;
 use serde_json::json;
 
@@ -17,7 +17,7 @@ fn shots() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/ui-screenshots")
 }
 
-async fn start(dir: &std::path::Path, smtp: &SmtpServer) -> Api {
+async fn start(dir: &std::path::Path, smtp: &SmtpServer) -> TestApp {
     start_with(dir, smtp, vec![]).await
 }
 
@@ -37,13 +37,13 @@ async fn start_with(
     dir: &std::path::Path,
     smtp: &SmtpServer,
     mailboxes: Vec<postbox::inbound::MailboxSettings>,
-) -> Api {
+) -> TestApp {
     let s = dashboard_settings(dir, smtp, mailboxes);
-    Api::start(s, true).await.with_token(TOKEN)
+    TestApp::start(s, true).await.with_token(TOKEN)
 }
 
 /// Submits an email to `to`; returns its id.
-async fn submit(api: &Api, to: &str, subject: &str) -> String {
+async fn submit(api: &TestApp, to: &str, subject: &str) -> String {
     let r = api
         .post(
             "/v1/emails",
@@ -52,22 +52,6 @@ async fn submit(api: &Api, to: &str, subject: &str) -> String {
         .await;
     assert_eq!(r.status, 202, "{}", r.text);
     r.json["id"].as_str().unwrap().to_string()
-}
-
-async fn wait_status(api: &Api, id: &str, want: &str) {
-    let t0 = Instant::now();
-    loop {
-        let r = api.get(&format!("/v1/emails/{id}")).await;
-        if r.json["status"] == want {
-            return;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "{id} did not become {want}: {}",
-            r.text
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,8 +74,8 @@ subject = '(?P<host>db\d+) disk full'
     submit(&api, "ada@example.com", "Your invoice").await;
     let dead = submit(&api, "dead@example.com", "Quarterly report").await;
     let dismiss = submit(&api, "dead.too@example.com", "Old newsletter").await;
-    wait_status(&api, &dead, "failed").await;
-    wait_status(&api, &dismiss, "failed").await;
+    api.wait_status(&dead, "failed").await;
+    api.wait_status(&dismiss, "failed").await;
 
     let b = Browser::start().await;
     // Without a session the dashboard sends the browser to the login page.
@@ -154,7 +138,7 @@ subject = '(?P<host>db\d+) disk full'
         .click()
         .await;
     assert!(b.find("#flash").await.text().await.contains("cancelled"));
-    wait_status(&api, &dismiss, "cancelled").await;
+    api.wait_status(&dismiss, "cancelled").await;
     assert_eq!(
         b.count(&format!("button.retry[data-id=\"{dismiss}\"]"))
             .await,
@@ -166,7 +150,7 @@ subject = '(?P<host>db\d+) disk full'
         .click()
         .await;
     assert!(b.find("#flash").await.text().await.contains("re-queued"));
-    wait_status(&api, &dead, "sent").await;
+    api.wait_status(&dead, "sent").await;
     b.goto(&format!("{}/ui/emails/{dead}", api.base)).await;
     assert_eq!(b.find("#status").await.text().await, "sent");
     let timeline = b.find("#timeline").await.text().await;
@@ -210,7 +194,7 @@ subject = '(?P<host>db\d+) disk full'
     b.quit().await;
 }
 
-async fn get_as(api: &Api, token: &str, path: &str) -> common::http::Reply {
+async fn get_as(api: &TestApp, token: &str, path: &str) -> common::http::Reply {
     let auth = format!("Bearer {token}");
     api.raw(
         reqwest::Method::GET,
@@ -271,7 +255,7 @@ async fn failed_logins_lock_the_client_out_for_the_window_bearer_and_dashboard_a
     let mut s = common::memory_settings(dir.path());
     s.api.token = Some(TOKEN.to_string().into());
     s.api.max_failed_logins = 3;
-    let api = Api::start(s, false).await;
+    let api = TestApp::start(s, false).await;
     let http = reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
@@ -280,7 +264,7 @@ async fn failed_logins_lock_the_client_out_for_the_window_bearer_and_dashboard_a
     let url = |p: &str| format!("{}{p}", api.base);
     // Requests without any token are not guesses: they do not count.
     for _ in 0..5 {
-        assert_eq!(api.get("/v1/stats").await.status, 401);
+        assert_eq!(api.stats().await.status, 401);
     }
     // Two wrong bearer tokens and one wrong dashboard login: the third failure locks out.
     for _ in 0..2 {
@@ -315,7 +299,7 @@ async fn sessions_and_csrf_guard_every_page_and_form() {
     smtp.reply_to_rcpt("dead", "550 5.1.1 no such user");
     let api = start(dir.path(), &smtp).await;
     let dead = submit(&api, "dead@example.com", "s").await;
-    wait_status(&api, &dead, "failed").await;
+    api.wait_status(&dead, "failed").await;
     let http = reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
@@ -412,7 +396,7 @@ async fn sessions_and_csrf_guard_every_page_and_form() {
             .unwrap();
         assert_eq!(r.status(), 403, "{form:?}");
     }
-    let r = api.get(&format!("/v1/emails/{dead}")).await;
+    let r = api.email(&dead).await;
     assert_eq!(r.json["status"], "failed", "refused forms change nothing");
 
     // The page's own token works.
@@ -448,7 +432,7 @@ async fn sessions_and_csrf_guard_every_page_and_form() {
     );
     // The outcome is shown once, on the next page of this session: served here by a second API
     // process on the same database (sessions live there, so no sticky sessions are needed).
-    let b = Api::start(dashboard_settings(dir.path(), &smtp, vec![]), false).await;
+    let b = TestApp::start(dashboard_settings(dir.path(), &smtp, vec![]), false).await;
     let url_b = |p: &str| format!("{}{p}", b.base);
     let show = |path: String| {
         let http = http.clone();
@@ -474,7 +458,7 @@ async fn sessions_and_csrf_guard_every_page_and_form() {
         !again.contains("id=\"flash\""),
         "a flash message is shown once"
     );
-    wait_status(&api, &dead, "sent").await;
+    api.wait_status(&dead, "sent").await;
 
     // Logging out on one process ends the session on every one.
     let r = http

@@ -526,7 +526,7 @@ fn send_batch_reports_accepted_and_rejected_lines_and_stats_shows_the_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_is_a_retryable_503_and_postbox_recovers_by_itself_losing_and_doubling_nothing()
 {
-    use common::http::{Api, TOKEN};
+    use common::http::{TOKEN, TestApp};
     use serde_json::json;
     let dir = tempfile::tempdir().unwrap();
     // The server's log, shown if this test fails.
@@ -542,7 +542,7 @@ async fn a_full_disk_is_a_retryable_503_and_postbox_recovers_by_itself_losing_an
     let mut s = settings(dir.path(), smtp.port());
     s.database.url = format!("sqlite://{}", disk.path.join("postbox.db").display());
     s.api.token = Some(TOKEN.to_string().into());
-    let api = Api::start(s, true).await.with_token(TOKEN);
+    let api = TestApp::start(s, true).await.with_token(TOKEN);
 
     // Batches of 4 KB emails until the disk is full: a 503 naming it, never a 500.
     let body = "x".repeat(4000);
@@ -552,9 +552,7 @@ async fn a_full_disk_is_a_retryable_503_and_postbox_recovers_by_itself_losing_an
         let emails: Vec<_> = (0..200)
             .map(|i| json!({"to": [format!("u{round}-{i}@example.com")], "subject": "s", "text": body}))
             .collect();
-        let r = api
-            .post("/v1/emails/batch", &json!({ "emails": emails }))
-            .await;
+        let r = api.submit_batch(&json!({ "emails": emails })).await;
         if r.status == 202 {
             accepted.extend(
                 r.json["emails"]
@@ -574,7 +572,7 @@ async fn a_full_disk_is_a_retryable_503_and_postbox_recovers_by_itself_losing_an
     assert!(r.header("retry-after").is_some());
     assert!(!accepted.is_empty());
     // Readiness says so (writes fail even though reads work).
-    let ready = api.get("/readyz").await;
+    let ready = api.readyz().await;
     assert_eq!(ready.status, 503, "{}", ready.text);
     assert!(
         ready.json["database"].as_str().unwrap().contains("full"),
@@ -585,7 +583,7 @@ async fn a_full_disk_is_a_retryable_503_and_postbox_recovers_by_itself_losing_an
     // Space comes back: postbox recovers without a restart.
     std::fs::remove_file(&filler).unwrap();
     let t0 = std::time::Instant::now();
-    while api.get("/readyz").await.status != 200 {
+    while api.readyz().await.status != 200 {
         assert!(t0.elapsed() < LIMIT, "not ready after space came back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

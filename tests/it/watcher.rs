@@ -357,10 +357,10 @@ async fn dovecot_down_then_back_reconnects_alerts_and_raises_a_down_alert() {
     // The state is visible to operators through the HTTP API.
     let mut s = common::settings(dir.path(), smtp.port());
     s.api.token = Some(common::http::TOKEN.to_string().into());
-    let api = common::http::Api::start(s, false)
+    let api = common::http::TestApp::start(s, false)
         .await
         .with_token(common::http::TOKEN);
-    let r = api.get("/v1/mailboxes").await;
+    let r = api.mailboxes().await;
     assert_eq!(r.status, 200, "{}", r.text);
     let mb = &r.json["mailboxes"][0];
     assert_eq!(mb["name"], "mon");

@@ -13,7 +13,7 @@ use super::App;
 pub const TOKEN: &str = "test-token-0123456789abcdef";
 
 /// postbox (facade + optional workers) with its HTTP API listening on a random loopback port.
-pub struct Api {
+pub struct TestApp {
     pub app: App,
     pub base: String,
     pub client: reqwest::Client,
@@ -53,9 +53,9 @@ impl Reply {
     }
 }
 
-impl Api {
+impl TestApp {
     /// Opens postbox with `settings` (workers started when `workers`) and serves the API.
-    pub async fn start(settings: Settings, workers: bool) -> Api {
+    pub async fn start(settings: Settings, workers: bool) -> TestApp {
         let app = if workers {
             App::start(settings).await
         } else {
@@ -73,7 +73,7 @@ impl Api {
                 .await
                 .expect("API serves");
         });
-        Api {
+        TestApp {
             app,
             base,
             client: reqwest::Client::builder()
@@ -86,7 +86,7 @@ impl Api {
         }
     }
 
-    pub fn with_token(mut self, token: &str) -> Api {
+    pub fn with_token(mut self, token: &str) -> TestApp {
         self.token = Some(token.to_string());
         self
     }
@@ -121,6 +121,107 @@ impl Api {
             text,
         }
     }
+
+    // ---- one helper per endpoint ----------------------------------------------------------
+
+    /// `POST /v1/emails`.
+    pub async fn submit(&self, email: &Value) -> Reply {
+        self.post("/v1/emails", email).await
+    }
+
+    /// `POST /v1/emails/batch`.
+    pub async fn submit_batch(&self, body: &Value) -> Reply {
+        self.post("/v1/emails/batch", body).await
+    }
+
+    /// `GET /v1/emails/{id}`.
+    pub async fn email(&self, id: &str) -> Reply {
+        self.get(&format!("/v1/emails/{id}")).await
+    }
+
+    /// `GET /v1/emails?{query}`.
+    pub async fn list(&self, query: &str) -> Reply {
+        self.get(&format!("/v1/emails?{query}")).await
+    }
+
+    /// `POST /v1/emails/{id}/cancel`.
+    pub async fn cancel(&self, id: &str) -> Reply {
+        self.post(
+            &format!("/v1/emails/{id}/cancel"),
+            &Value::Object(Default::default()),
+        )
+        .await
+    }
+
+    /// `POST /v1/emails/{id}/retry`.
+    pub async fn retry(&self, id: &str) -> Reply {
+        self.post(
+            &format!("/v1/emails/{id}/retry"),
+            &Value::Object(Default::default()),
+        )
+        .await
+    }
+
+    /// `GET /v1/templates`.
+    pub async fn templates(&self) -> Reply {
+        self.get("/v1/templates").await
+    }
+
+    /// `POST /v1/templates/{kind}/preview`.
+    pub async fn preview(&self, kind: &str, body: &Value) -> Reply {
+        self.post(&format!("/v1/templates/{kind}/preview"), body)
+            .await
+    }
+
+    /// `GET /v1/stats`.
+    pub async fn stats(&self) -> Reply {
+        self.get("/v1/stats").await
+    }
+
+    /// `GET /v1/mailboxes`.
+    pub async fn mailboxes(&self) -> Reply {
+        self.get("/v1/mailboxes").await
+    }
+
+    /// `GET /healthz`.
+    pub async fn healthz(&self) -> Reply {
+        self.get("/healthz").await
+    }
+
+    /// `GET /readyz`.
+    pub async fn readyz(&self) -> Reply {
+        self.get("/readyz").await
+    }
+
+    /// `GET /metrics`.
+    pub async fn metrics(&self) -> Reply {
+        self.get("/metrics").await
+    }
+
+    /// `GET /openapi.json`.
+    pub async fn openapi(&self) -> Reply {
+        self.get("/openapi.json").await
+    }
+
+    /// Polls `GET /v1/emails/{id}` until its status is `want` (20 s at most); its last body.
+    pub async fn wait_status(&self, id: &str, want: &str) -> Value {
+        let t0 = std::time::Instant::now();
+        loop {
+            let r = self.email(id).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+            if r.json["status"] == want {
+                return r.json;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "{id} never became {want}: {}",
+                r.text
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // ---- any request ------------------------------------------------------------------------
 
     pub async fn get(&self, path: &str) -> Reply {
         self.raw(Method::GET, path, None, &[]).await
