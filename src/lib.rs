@@ -54,6 +54,11 @@
 //!               cancel | retry | migrate | config check); main.rs only parses and dispatches
 //! ```
 //!
+//! Public to embedders: the facade and its types at the crate root, `config` (every section's
+//! type), `domain`, `delivery`, `render`, `store` (reports, listings, stats), `api`, `inbound`,
+//! `metrics` and `cli` (for `main.rs`); `faults` is hidden (tests arm it). Crate-private: `db`,
+//! `net`, `postbox`, `queue`, `runtime`, `settings`, `shutdown`, `telemetry`, `worker`.
+//!
 //! ## One email's path
 //! `Postbox::submit` -> `Email::parse` (every rule, every field named) -> `GroupCommitter` ->
 //! `Store::insert_group` (idempotency, depth cap, then email rows + `queue::table::push` of job
@@ -101,13 +106,13 @@ pub mod inbound;
 pub mod metrics;
 mod net;
 mod postbox;
-pub mod queue;
+pub(crate) mod queue;
 pub mod render;
 mod runtime;
-pub mod settings;
+pub(crate) mod settings;
 mod shutdown;
 pub mod store;
-pub mod telemetry;
+pub(crate) mod telemetry;
 mod worker;
 
 pub use config::Settings;
