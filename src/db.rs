@@ -21,6 +21,17 @@ pub enum Kind {
     Postgres,
 }
 
+impl Kind {
+    /// The function giving a substring's 1-based position (0: absent): `instr(haystack,
+    /// needle)` on SQLite, `strpos(haystack, needle)` on PostgreSQL.
+    pub fn position_fn(self) -> &'static str {
+        match self {
+            Kind::Sqlite => "instr",
+            Kind::Postgres => "strpos",
+        }
+    }
+}
+
 /// The pool of either database. PostgreSQL's comes with a [`Breaker`].
 #[derive(Debug, Clone)]
 pub enum Db {

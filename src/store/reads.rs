@@ -6,7 +6,7 @@ use time::OffsetDateTime;
 
 use super::open::now;
 use super::*;
-use crate::db::{DbRow, Kind, sql};
+use crate::db::{DbRow, sql};
 
 impl Store {
     pub async fn status_of(&self, id: &EmailId) -> Result<Option<EmailStatus>, StoreError> {
@@ -94,10 +94,7 @@ impl Store {
 
     /// A page of emails, newest first (by id, which is time-ordered and unique: a stable order).
     pub async fn list(&self, f: &ListFilter) -> Result<EmailPage, StoreError> {
-        let contains = match self.db.kind() {
-            Kind::Sqlite => "instr",
-            Kind::Postgres => "strpos",
-        };
+        let contains = self.db.kind().position_fn();
         let mut q = sql("SELECT id, status, priority, subject, template,
                     recipients, tags, attempts, created_at, updated_at, sent_at, last_error
                FROM postbox_emails WHERE 1 = 1");

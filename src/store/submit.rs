@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 
 use super::open::now;
 use super::*;
-use crate::db::{Kind, Lock, Tx, lock_hash, sql, values};
+use crate::db::{Lock, Tx, lock_hash, sql, values};
 use crate::queue::SendJob;
 use crate::queue::table::{self, Push};
 
@@ -45,22 +45,21 @@ impl Store {
             ));
         }
         let mut tx = self.db.begin_write().await?;
-        if tx.kind() == Kind::Postgres {
-            // Other nodes commit groups concurrently: hold every idempotency key of this group
-            // (in one global order, so two groups never deadlock), then the depth cap.
-            let mut hashes: Vec<i32> = reqs
-                .iter()
-                .filter_map(|r| r.idempotency.as_ref())
-                .map(|c| lock_hash(&[&c.scope, &c.key]))
-                .collect();
-            hashes.sort_unstable();
-            hashes.dedup();
-            for h in hashes {
-                tx.lock(Lock::Idempotency(h)).await?;
-            }
-            if max_depth > 0 {
-                tx.lock(Lock::Depth).await?;
-            }
+        // Other nodes commit groups concurrently (PostgreSQL; on SQLite `BEGIN IMMEDIATE` holds
+        // the one write lock and these locks are no-ops): hold every idempotency key of this
+        // group (in one global order, so two groups never deadlock), then the depth cap.
+        let mut hashes: Vec<i32> = reqs
+            .iter()
+            .filter_map(|r| r.idempotency.as_ref())
+            .map(|c| lock_hash(&[&c.scope, &c.key]))
+            .collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        for h in hashes {
+            tx.lock(Lock::Idempotency(h)).await?;
+        }
+        if max_depth > 0 {
+            tx.lock(Lock::Depth).await?;
         }
         let mut depth: Option<u64> = None;
         let mut plans = Vec::with_capacity(reqs.len());

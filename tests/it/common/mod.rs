@@ -388,7 +388,7 @@ pub async fn half_written(dir: &Path) -> (i64, i64) {
 
 /// The store's invariants, checked at a test's end: the trigger-kept counters (by status and
 /// priority, and the depth) equal a real count of the emails table, and every email waiting
-/// to be sent owns a live job.
+/// to be sent owns a live job, and no job is left live for an email that is final.
 pub async fn assert_store_consistent(dir: &Path) {
     let off = db_scalar(
         dir,
@@ -422,6 +422,26 @@ pub async fn assert_store_consistent(dir: &Path) {
     )
     .await;
     assert_eq!(orphans, 0, "emails waiting to be sent without a live job");
+    // And no job is left live for an email that is final (its job is acked just after the
+    // outcome is recorded: give that a moment).
+    let leaked = format!(
+        "SELECT COUNT(*) FROM {jobs} j JOIN postbox_emails e
+            ON j.idempotency_key = e.id || ':' || e.job_seq
+         WHERE j.status IN ('Pending', 'Queued', 'Running')
+           AND e.status IN ('sent', 'failed', 'cancelled', 'expired')"
+    );
+    let t0 = Instant::now();
+    loop {
+        let n = db_scalar(dir, &leaked).await;
+        if n == 0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{n} jobs still live for final emails"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A real database outage for `hold`, while postbox runs: on SQLite another connection holds
