@@ -12,6 +12,8 @@
 #[path = "../../tests/it/common/dovecot.rs"]
 #[allow(dead_code)]
 mod dovecot;
+#[path = "../../tests/it/common/ports.rs"]
+mod ports;
 #[path = "../../tests/it/common/smtp.rs"]
 #[allow(dead_code)]
 mod smtp;

@@ -2,6 +2,7 @@
 //! directory and TLS certificates (a throwaway CA signs a certificate for 127.0.0.1) in a temp
 //! dir, listening on random loopback ports: plaintext IMAP (with STARTTLS) and IMAPS.
 
+use super::ports::free_port;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,14 +25,6 @@ pub struct Dovecot {
     child: Option<Child>,
     /// Dovecot's config for `(port, tls_port)`.
     conf_for: Box<dyn Fn(u16, u16) -> String + Send + Sync>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn run(cmd: &mut Command) {

@@ -2,6 +2,7 @@
 
 pub mod dovecot;
 pub mod http;
+pub mod ports;
 pub mod smtp;
 pub mod tls;
 pub mod webdriver;

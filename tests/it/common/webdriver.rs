@@ -8,6 +8,7 @@
 //! and `http`) and added 73 s to `cargo test --no-run` on this 2-core box, for the ten
 //! WebDriver calls one test makes. Every call here is one W3C endpoint.
 
+use super::ports::free_port;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,14 +23,6 @@ pub struct Browser {
     session: String,
     client: reqwest::Client,
     _profile: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Browser {
