@@ -32,7 +32,7 @@ impl Kind {
     }
 }
 
-/// The pool of either database. PostgreSQL's comes with a [`Breaker`].
+/// The pool of either database. PostgreSQL's comes with a `Breaker`.
 #[derive(Debug, Clone)]
 pub enum Db {
     Sqlite(SqlitePool),
@@ -168,7 +168,7 @@ impl Db {
     }
 
     /// A transaction that writes after reading what it checks. SQLite: take the write lock
-    /// first (`BEGIN IMMEDIATE`). PostgreSQL: plain; callers serialize with [`Tx::lock`].
+    /// first (`BEGIN IMMEDIATE`). PostgreSQL: plain; callers serialize with `Tx::lock`.
     pub async fn begin_write(&self) -> Result<Tx, sqlx::Error> {
         Ok(match self {
             Db::Sqlite(p) => Tx::Sqlite(p.begin_with("BEGIN IMMEDIATE").await?),

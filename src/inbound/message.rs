@@ -93,7 +93,7 @@ pub fn parse(raw: &[u8]) -> Parsed {
     }
 }
 
-/// The first [`SNIPPET_CHARS`] characters of the body, whitespace folded.
+/// The first `SNIPPET_CHARS` characters of the body, whitespace folded.
 pub fn snippet(m: &Message) -> String {
     let folded = m.body.split_whitespace().collect::<Vec<_>>().join(" ");
     let mut s = truncate(&folded, SNIPPET_CHARS);

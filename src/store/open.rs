@@ -232,7 +232,7 @@ impl Store {
 
     /// Notes how a submission's write went: a refusal for a full disk is remembered (readiness
     /// says so, so that a load balancer sends submissions elsewhere) until a submission commits
-    /// or [`FULL_REMEMBERED`] passes.
+    /// or `FULL_REMEMBERED` passes.
     pub fn note_write<T>(&self, r: &Result<T, StoreError>) {
         let mut full = self.full.lock().unwrap_or_else(|p| p.into_inner());
         match r {
