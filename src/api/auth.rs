@@ -131,7 +131,6 @@ pub struct RateLimit<C: governor::clock::Clock = governor::clock::DefaultClock> 
         C,
         governor::middleware::NoOpMiddleware<C::Instant>,
     >,
-    clock: C,
 }
 
 impl RateLimit {
@@ -140,15 +139,14 @@ impl RateLimit {
     }
 }
 
-impl<C: governor::clock::Clock + Clone> RateLimit<C> {
+impl<C: governor::clock::Clock> RateLimit<C> {
     fn with_clock(rate: f64, burst: u32, clock: C) -> RateLimit<C> {
         let period = std::time::Duration::from_secs_f64(1.0 / rate.max(1e-9));
         let quota = governor::Quota::with_period(period)
             .expect("a positive rate has a nonzero period")
             .allow_burst(std::num::NonZeroU32::new(burst.max(1)).expect("at least 1"));
         RateLimit {
-            limiter: governor::RateLimiter::direct_with_clock(quota, clock.clone()),
-            clock,
+            limiter: governor::RateLimiter::direct_with_clock(quota, clock),
         }
     }
 
@@ -156,7 +154,7 @@ impl<C: governor::clock::Clock + Clone> RateLimit<C> {
     pub fn take(&self) -> Result<(), std::time::Duration> {
         self.limiter
             .check()
-            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+            .map_err(|not_until| not_until.wait_time_from(self.limiter.clock().now()))
     }
 }
 

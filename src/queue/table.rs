@@ -116,14 +116,10 @@ pub(crate) async fn push<K: JobKind>(
 /// seconds, compared with apalis's time columns (integers on SQLite, timestamptz on
 /// PostgreSQL).
 fn jobs_sql(kind: Kind, text: &str) -> Sql {
-    let (jobs, workers, t2, t3) = match kind {
-        Kind::Sqlite => ("Jobs", "Workers", "$2", "$3"),
-        Kind::Postgres => (
-            "apalis.jobs",
-            "apalis.workers",
-            "to_timestamp($2)",
-            "to_timestamp($3)",
-        ),
+    let (jobs, workers) = tables(kind);
+    let (t2, t3) = match kind {
+        Kind::Sqlite => ("$2", "$3"),
+        Kind::Postgres => ("to_timestamp($2)", "to_timestamp($3)"),
     };
     sql(text
         .replace("{jobs}", jobs)
@@ -132,14 +128,19 @@ fn jobs_sql(kind: Kind, text: &str) -> Sql {
         .replace("{t3}", t3))
 }
 
+/// apalis's jobs and workers tables in `kind`'s database.
+fn tables(kind: Kind) -> (&'static str, &'static str) {
+    match kind {
+        Kind::Sqlite => ("Jobs", "Workers"),
+        Kind::Postgres => ("apalis.jobs", "apalis.workers"),
+    }
+}
+
 /// A condition, for a query on another table, that a job of kind `K` keyed by the SQL
 /// expression `key` is live (pending, running, or failed with apalis attempts left). `$1` must
 /// be bound to `K::job_type(queue)`.
 pub(crate) fn live_job_exists(kind: Kind, key: &str) -> String {
-    let jobs = match kind {
-        Kind::Sqlite => "Jobs",
-        Kind::Postgres => "apalis.jobs",
-    };
+    let (jobs, _) = tables(kind);
     format!(
         "EXISTS (SELECT 1 FROM {jobs} j
                   WHERE j.job_type = $1 AND j.idempotency_key = {key}

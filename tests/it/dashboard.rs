@@ -476,6 +476,31 @@ async fn sessions_and_csrf_guard_every_page_and_form() {
         .await
         .unwrap();
     assert_eq!(r.headers()["location"], "/ui/login");
+
+    // Sessions the database cannot read or store: a 503 to try again, never a login page
+    // (which would look like a logout) and never a session that was not stored.
+    common::db_exec(
+        dir.path(),
+        "DROP TABLE postbox_sessions",
+        "DROP TABLE postbox_sessions",
+    )
+    .await;
+    let r = http
+        .get(url("/ui"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let r = login(&http, &url("/ui/login"), TOKEN, &[]).await;
+    assert_eq!(r.status(), 503);
+    assert!(
+        !set_cookies(&r)
+            .iter()
+            .any(|c| c.starts_with("postbox_session=")),
+        "no cookie for a session that was not stored"
+    );
     b.stop().await;
     api.stop().await;
 }

@@ -85,6 +85,11 @@ pub fn db_url(dir: &Path) -> String {
 }
 
 /// Runs one statement on the test's database (`sqlite` or `postgres` text by backend).
+/// apalis's jobs table on the test's database.
+pub fn jobs_table() -> &'static str {
+    if on_postgres() { "apalis.jobs" } else { "Jobs" }
+}
+
 pub async fn db_exec(dir: &Path, sqlite: &str, postgres: &str) {
     if on_postgres() {
         psql(&db_url(dir), postgres);
@@ -367,7 +372,7 @@ pub async fn api_port(serve: &Serve) -> u16 {
 /// Emails in the database without the job that owns them (`<id>:<job_seq>`), and jobs without
 /// an email: both must always be 0, whatever a request did.
 pub async fn half_written(dir: &Path) -> (i64, i64) {
-    let jobs = if on_postgres() { "apalis.jobs" } else { "Jobs" };
+    let jobs = jobs_table();
     let emails = db_scalar(
         dir,
         &format!(
@@ -410,7 +415,7 @@ pub async fn assert_store_consistent(dir: &Path) {
     assert_eq!(depth, 0, "the depth counter differs from the emails table");
     // Nothing accepted is lost: every email waiting to be sent owns a live job for its current
     // seq (the janitor would rescue one that does not, but none should need it).
-    let jobs = if on_postgres() { "apalis.jobs" } else { "Jobs" };
+    let jobs = jobs_table();
     let orphans = db_scalar(
         dir,
         &format!(
