@@ -26,7 +26,7 @@ pub(crate) struct Push<K> {
 /// pool that no delivery ever uses.
 pub(crate) async fn setup(db: &Db) -> Result<(), String> {
     match db {
-        Db::Sqlite(pool) => {
+        Db::Sqlite { write: pool, .. } => {
             apalis_sqlite::SqliteStorage::setup(pool)
                 .await
                 .map_err(|e| format!("apalis setup: {e}"))?;

@@ -8,6 +8,7 @@
 //!   seq is not the email's current one is stale and does nothing;
 //! - every status change writes its timeline entry in the same transaction.
 
+mod batch;
 mod group;
 mod inbound;
 mod janitor;
@@ -22,6 +23,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 pub use crate::db::{Db, Kind};
+pub use batch::{Completion, Recorder};
 pub use group::{GroupCommitter, GroupSettings};
 pub use inbound::{
     AlertBuilder, DueGroup, Health, MailboxPosition, MailboxStatus, NewHit, PendingHit, RuleStatus,
@@ -30,7 +32,7 @@ pub use inbound::{
 pub use inbound::{MAX_LISTED, MAX_SENDERS};
 pub use open::Store;
 pub use sessions::StoredSession;
-pub use settings::{DatabaseSettings, RetentionSettings, is_postgres_url, redact_url};
+pub use settings::{DatabaseSettings, RetentionSettings, Synchronous, is_postgres_url, redact_url};
 
 use crate::domain::{Email, EmailId, EmailStatus, Priority};
 

@@ -9,7 +9,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use time::OffsetDateTime;
 
 use super::Fault;
-use super::settings::{DatabaseSettings, is_postgres_url};
+use super::settings::{DatabaseSettings, Synchronous, is_postgres_url};
 use super::*;
 use crate::db::{Db, Kind, sql};
 use crate::queue::table;
@@ -29,6 +29,9 @@ pub struct Store {
 
 /// How long a refused write keeps `/readyz` not ready (unless a write succeeds sooner).
 const FULL_REMEMBERED: Duration = Duration::from_secs(10);
+/// How long a write waits for SQLite's one writer connection before failing as busy (the
+/// writer is only ever held for one transaction; this is the backstop of `busy_timeout_ms`).
+const WRITER_WAIT: Duration = Duration::from_secs(30);
 /// How often WAL frames are copied back into the database, off the commit path.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
@@ -176,7 +179,10 @@ impl Store {
         let opts = SqliteConnectOptions::from_str(&settings.url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            .synchronous(match settings.synchronous {
+                Synchronous::Full => SqliteSynchronous::Full,
+                Synchronous::Normal => SqliteSynchronous::Normal,
+            })
             .busy_timeout(Duration::from_millis(settings.busy_timeout_ms))
             .pragma("temp_store", "MEMORY")
             .pragma("cache_size", "-16000")
@@ -189,22 +195,33 @@ impl Store {
             .max_connections(1)
             .connect_with(opts.clone())
             .await?;
-        table::setup(&Db::Sqlite(setup.clone()))
-            .await
-            .map_err(StoreError::Queue)?;
+        table::setup(&Db::Sqlite {
+            write: setup.clone(),
+            read: setup.clone(),
+        })
+        .await
+        .map_err(StoreError::Queue)?;
         let mut migrator = sqlx::migrate!("./migrations/sqlite");
         migrator.dangerous_set_table_name("postbox_migrations");
         migrator.run(&setup).await?;
         setup.close().await;
 
-        let pool = SqlitePoolOptions::new()
+        // The one writer (see `Db`): one connection, which every write queues for.
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .acquire_timeout(WRITER_WAIT)
+            .after_release(|conn, _| Box::pin(still_clean(conn)))
+            .connect_with(opts.clone())
+            .await?;
+        let read = SqlitePoolOptions::new()
             .max_connections(settings.max_connections)
             .min_connections(1)
             .after_release(|conn, _| Box::pin(still_clean(conn)))
             .connect_with(opts)
             .await?;
-        tokio::spawn(checkpoints(pool.clone(), wal_trouble));
-        Ok(Db::Sqlite(pool))
+        tokio::spawn(checkpoints(read.clone(), wal_trouble));
+        Ok(Db::Sqlite { write, read })
     }
 
     /// The database pool (the queue builds its apalis backend on it).

@@ -17,6 +17,20 @@ pub struct DatabaseSettings {
     pub max_connections: u32,
     /// How long a connection waits for SQLite's write lock before giving up.
     pub busy_timeout_ms: u64,
+    /// SQLite: `full` (the default) syncs the WAL to disk at every commit, so an accepted email
+    /// (a 202) survives a power loss; `normal` syncs only at checkpoints: faster, but the last
+    /// commits before a power loss (not a crash of postbox) can be lost. Ignored on PostgreSQL,
+    /// whose own `synchronous_commit` decides.
+    pub synchronous: Synchronous,
+}
+
+/// SQLite's `PRAGMA synchronous` (see [`DatabaseSettings::synchronous`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    #[default]
+    Full,
+    Normal,
 }
 
 impl std::fmt::Debug for DatabaseSettings {
@@ -25,6 +39,7 @@ impl std::fmt::Debug for DatabaseSettings {
             .field("url", &redact_url(&self.url))
             .field("max_connections", &self.max_connections)
             .field("busy_timeout_ms", &self.busy_timeout_ms)
+            .field("synchronous", &self.synchronous)
             .finish()
     }
 }
@@ -69,6 +84,7 @@ impl Default for DatabaseSettings {
             url: "sqlite://postbox.db".into(),
             max_connections: 8,
             busy_timeout_ms: 5_000,
+            synchronous: Synchronous::Full,
         }
     }
 }

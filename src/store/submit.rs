@@ -272,7 +272,7 @@ pub(super) async fn push_job(
 
 /// Pushes the delivery jobs `(email id, seq, priority, run_at)` inside `tx` (the queue writes
 /// the rows).
-async fn push_jobs(
+pub(super) async fn push_jobs(
     tx: &mut Tx,
     queue: &str,
     jobs: &[(&str, i64, Priority, Option<OffsetDateTime>)],

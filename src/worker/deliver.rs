@@ -15,7 +15,9 @@ use crate::delivery::{Decision, Mailer, Outcome, RetryPolicy, build_message};
 use crate::domain::address::mask;
 use crate::queue::SendJob;
 use crate::render::render;
-use crate::store::{AttemptRecord, Claim, ClaimResult, Finish, Store, StoreError};
+use crate::store::{
+    AttemptRecord, Claim, ClaimResult, Completion, Finish, Recorder, Store, StoreError,
+};
 
 /// Everything a delivery needs; shared by all concurrent handler calls.
 ///
@@ -25,6 +27,8 @@ use crate::store::{AttemptRecord, Claim, ClaimResult, Finish, Store, StoreError}
 #[derive(Debug)]
 pub struct Deliverer {
     store: Store,
+    /// Writes claims and completions, batched with other deliveries'.
+    recorder: Recorder,
     mailer: Mailer,
     policy: RetryPolicy,
     /// This process, as recorded in its claims.
@@ -69,6 +73,7 @@ impl Deliverer {
         shutdown: Shutdown,
     ) -> Self {
         Self {
+            recorder: Recorder::start(store.clone(), node.clone()),
             store,
             mailer,
             policy,
@@ -120,7 +125,7 @@ impl Deliverer {
         };
         // After a full disk, SQLite's WAL must be given back before deliveries write again.
         self.store.wal_reclaimed(self.shutdown.clone()).await;
-        let claimed = self.store.claim(&job.email_id, job.seq, &self.node).await;
+        let claimed = self.recorder.claim(&job.email_id, job.seq).await;
         if let Err(e) = &claimed {
             self.store.saw(e);
         }
@@ -142,6 +147,7 @@ impl Deliverer {
         let span = info_span!("deliver", email_id = %claim.id, attempt = claim.attempt);
         async {
             if claim.interrupted {
+                metrics::counter!("postbox_interrupted_sends_total").increment(1);
                 warn!("previous attempt was interrupted; sending again with the same Message-ID");
             }
             let started_at = OffsetDateTime::now_utc();
@@ -247,8 +253,16 @@ impl Deliverer {
     ) -> Result<bool, StoreError> {
         let mut pause = Duration::from_millis(50);
         let mut stopping_since: Option<Instant> = None;
+        let done = Completion {
+            id: claim.id.clone(),
+            seq: claim.seq,
+            attempt: claim.attempt,
+            priority: claim.priority,
+            rec: rec.clone(),
+            finish: finish.clone(),
+        };
         loop {
-            match self.store.finish(claim, rec, finish).await {
+            match self.recorder.complete(done.clone()).await {
                 Ok(recorded) => return Ok(recorded),
                 Err(e) => {
                     self.store.saw(&e);

@@ -222,7 +222,7 @@ async fn supervise<K: JobKind, H: Handler<K>>(
         };
         info!(worker = %name, concurrency = q.concurrency, "worker started");
         let res = match db {
-            Db::Sqlite(pool) => {
+            Db::Sqlite { write: pool, .. } => {
                 let config = apalis_sqlite::Config::default()
                     .queue(&job_type)
                     .batch_size(q.batch_size)
