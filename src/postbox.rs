@@ -492,6 +492,7 @@ impl Postbox {
             i.mailer.clone(),
             i.retry.clone(),
             i.node.clone(),
+            i.workers.queue.concurrency,
             shutdown.clone(),
         ));
         worker::run(

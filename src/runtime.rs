@@ -148,28 +148,43 @@ impl Roles for Runtime {
                 watchers,
                 "postbox serving; SIGINT or SIGTERM stops it gracefully"
             );
-            let http = async {
-                match listener {
-                    Some(l) => {
-                        self.clone()
-                            .serve_api(pb, l, workers, shutdown.clone())
-                            .await
+            // Each role is a task of its own, on the runtime's worker threads (not polled
+            // inside the caller's future, which `block_on` polls on the main thread).
+            let http = tokio::spawn({
+                let (me, pb, sd) = (self.clone(), pb.clone(), shutdown.clone());
+                async move {
+                    match listener {
+                        Some(l) => me.serve_api(&pb, l, workers, sd).await,
+                        None => Ok(()),
                     }
-                    None => Ok(()),
                 }
-            };
-            let work = async {
-                if workers {
-                    pb.run_workers_with(shutdown.clone()).await;
+            });
+            let work = tokio::spawn({
+                let (pb, sd) = (pb.clone(), shutdown.clone());
+                async move {
+                    if workers {
+                        pb.run_workers_with(sd).await;
+                    }
                 }
-            };
-            let watch = async {
-                if watchers {
-                    self.clone().run_watchers(pb, shutdown.clone()).await;
+            });
+            let watch = tokio::spawn({
+                let (me, pb, sd) = (self.clone(), pb.clone(), shutdown.clone());
+                async move {
+                    if watchers {
+                        me.run_watchers(&pb, sd).await;
+                    }
                 }
-            };
-            let (http, (), ()) = tokio::join!(http, work, watch);
-            http.map_err(RunError::Api)
+            });
+            let (http, work, watch) = tokio::join!(http, work, watch);
+            for r in [work, watch] {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "a role's task failed");
+                }
+            }
+            match http {
+                Ok(r) => r.map_err(RunError::Api),
+                Err(e) => Err(RunError::Api(anyhow::anyhow!("the API task failed: {e}"))),
+            }
         }
         .boxed()
     }

@@ -26,6 +26,9 @@ use super::settings::{SmtpSettings, TlsMode};
 use super::{MailerError, Outcome, classify};
 use crate::net::{self, Stream};
 
+/// How long a pooled connection may sit idle and still be used without a NOOP first.
+const NOOP_AFTER: Duration = Duration::from_secs(2);
+
 pub struct SmtpPool {
     host: String,
     port: u16,
@@ -115,19 +118,25 @@ impl SmtpPool {
         Ok(conn)
     }
 
-    /// A pooled connection that still answers NOOP, or a new one.
-    async fn checkout(&self) -> Result<AsyncSmtpConnection, Outcome> {
+    /// A pooled connection, or a new one, and whether it is unproven: a connection idle longer
+    /// than [`NOOP_AFTER`] must answer NOOP first; one used moments ago is taken as it is (a
+    /// NOOP per message was a round trip per message) and its MAIL FROM proves it instead
+    /// (see [`SmtpPool::send`]).
+    async fn checkout(&self) -> Result<(AsyncSmtpConnection, bool), Outcome> {
         loop {
             let next = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             match next {
+                Some((c, since)) if since.elapsed() < NOOP_AFTER.min(self.idle_timeout) => {
+                    return Ok((c, true));
+                }
                 Some((mut c, since)) if since.elapsed() < self.idle_timeout => {
                     if c.test_connected().await {
-                        return Ok(c);
+                        return Ok((c, false));
                     }
                     c.abort().await;
                 }
                 Some((mut c, _)) => c.abort().await,
-                None => return self.connect().await,
+                None => return Ok((self.connect().await?, false)),
             }
         }
     }
@@ -142,11 +151,21 @@ impl SmtpPool {
             .await
             .expect("semaphore never closed");
         let attempt = async {
-            let mut conn = match self.checkout().await {
+            let (mut conn, unproven) = match self.checkout().await {
                 Ok(c) => c,
                 Err(outcome) => return outcome,
             };
-            let res = conn.send(message.envelope(), &message.formatted()).await;
+            let mut res = transact(&mut conn, message).await;
+            // A pooled connection the relay closed meanwhile fails at MAIL FROM without a
+            // reply: nothing was sent, so the message goes on a new connection at once
+            // instead of spending a retry.
+            if unproven && matches!(&res, Err(Stage::MailFrom(e)) if e.status().is_none()) {
+                conn = match self.connect().await {
+                    Ok(c) => c,
+                    Err(outcome) => return outcome,
+                };
+                res = transact(&mut conn, message).await;
+            }
             if conn.has_broken() {
                 conn.abort().await;
             } else {
@@ -155,7 +174,11 @@ impl SmtpPool {
                     .unwrap_or_else(|p| p.into_inner())
                     .push((conn, Instant::now()));
             }
-            classify(res)
+            match res {
+                Ok(r) => classify(Ok(r)),
+                Err(Stage::MailFrom(e) | Stage::Later(e)) => classify(Err(e)),
+                Err(Stage::Unsupported(text)) => Outcome::Permanent { code: None, text },
+            }
         };
         match tokio::time::timeout(deadline, attempt).await {
             Ok(o) => o,
@@ -163,6 +186,74 @@ impl SmtpPool {
                 code: None,
                 text: format!("no answer within {} s", deadline.as_secs()),
             },
+        }
+    }
+}
+
+/// Where a mail transaction failed.
+enum Stage {
+    /// At MAIL FROM: nothing of the message was sent.
+    MailFrom(lettre::transport::smtp::Error),
+    /// At RCPT, DATA or the message itself.
+    Later(lettre::transport::smtp::Error),
+    /// The message needs an extension the relay does not offer (nothing was sent).
+    Unsupported(String),
+}
+
+/// One mail transaction (lettre's `send`, step by step, so that the caller knows whether the
+/// relay could have received anything). On any failure the connection is aborted (not reused).
+async fn transact(
+    conn: &mut AsyncSmtpConnection,
+    message: &Message,
+) -> Result<lettre::transport::smtp::response::Response, Stage> {
+    use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+    use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParameter};
+    let envelope = message.envelope();
+    let body = message.formatted();
+    let mut options = Vec::new();
+    let non_ascii = envelope
+        .from()
+        .into_iter()
+        .chain(envelope.to())
+        .any(|a: &lettre::Address| !AsRef::<str>::as_ref(a).is_ascii());
+    if non_ascii {
+        if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+            conn.abort().await;
+            return Err(Stage::Unsupported(
+                "the envelope has non-ASCII addresses but the relay does not offer SMTPUTF8".into(),
+            ));
+        }
+        options.push(MailParameter::SmtpUtfEight);
+    }
+    if !body.is_ascii() {
+        if !conn.server_info().supports_feature(Extension::EightBitMime) {
+            conn.abort().await;
+            return Err(Stage::Unsupported(
+                "the message has non-ASCII content but the relay does not offer 8BITMIME".into(),
+            ));
+        }
+        options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    if let Err(e) = conn
+        .command(Mail::new(envelope.from().cloned(), options))
+        .await
+    {
+        conn.abort().await;
+        return Err(Stage::MailFrom(e));
+    }
+    let rest = async {
+        for to in envelope.to() {
+            conn.command(Rcpt::new(to.clone(), vec![])).await?;
+        }
+        conn.command(Data).await?;
+        conn.message(&body).await
+    }
+    .await;
+    match rest {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            conn.abort().await;
+            Err(Stage::Later(e))
         }
     }
 }

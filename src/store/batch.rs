@@ -126,6 +126,10 @@ async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>) {
                 }
             }
         }
+        metrics::histogram!("postbox_write_batch_size", "kind" => "claims")
+            .record(claims.len() as f64);
+        metrics::histogram!("postbox_write_batch_size", "kind" => "completions")
+            .record(dones.len() as f64);
         match store.record_batch(&claims, &dones, &node).await {
             Ok((claimed, recorded)) => {
                 for (reply, r) in claim_replies.into_iter().zip(claimed) {

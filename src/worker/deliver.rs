@@ -41,6 +41,9 @@ pub struct Deliverer {
     shutdown: Shutdown,
     /// Set once the process is stopping: jobs handed over from then on are deferred, not run.
     stopping: AtomicBool,
+    /// `queue.concurrency`: attempts (render + SMTP transaction) at once. More jobs than this
+    /// are in flight (see `worker::window`): they claim together, in one batch, and wait here.
+    sends: tokio::sync::Semaphore,
 }
 
 /// How long a known outcome is retried into the database once the process is stopping.
@@ -70,6 +73,7 @@ impl Deliverer {
         mailer: Mailer,
         policy: RetryPolicy,
         node: String,
+        concurrency: usize,
         shutdown: Shutdown,
     ) -> Self {
         Self {
@@ -82,11 +86,13 @@ impl Deliverer {
             tasks: tokio_util::task::TaskTracker::new(),
             shutdown,
             stopping: AtomicBool::new(false),
+            sends: tokio::sync::Semaphore::new(concurrency.max(1)),
         }
     }
 
-    /// Runs [`Deliverer::deliver`] as a task of its own and waits for it. Once the process is
-    /// stopping, the job is deferred instead (its email gets a new job for the next process).
+    /// Runs [`Deliverer::deliver`] as a task of its own and waits for it (its outcome
+    /// recorded). Once the process is stopping, the job is deferred instead (its email gets a
+    /// new job for the next process).
     pub async fn spawn(self: &Arc<Self>, job: SendJob) -> Result<(), StoreError> {
         if self.stopping.load(Ordering::Acquire) {
             let later = OffsetDateTime::now_utc() + DEFER_ON_STOP;
@@ -150,6 +156,7 @@ impl Deliverer {
                 metrics::counter!("postbox_interrupted_sends_total").increment(1);
                 warn!("previous attempt was interrupted; sending again with the same Message-ID");
             }
+            let permit = self.sends.acquire().await.expect("never closed");
             let started_at = OffsetDateTime::now_utc();
             let t0 = Instant::now();
             // A panic (a bug in rendering, MIME building or a transport) fails this email with
@@ -169,6 +176,7 @@ impl Deliverer {
                     }
                 }
             };
+            drop(permit);
             let rec = AttemptRecord {
                 started_at,
                 duration_ms: t0.elapsed().as_millis() as i64,
