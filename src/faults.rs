@@ -53,3 +53,6 @@ pub const WATCHER_PANIC: &str = "watcher.scan.panic";
 pub const DELIVERY_PANIC: &str = "delivery.panic";
 /// A group commit holding this submission fails (key: the submission's request id).
 pub const GROUP_COMMIT_FAIL: &str = "store.group_commit.fail";
+/// The commit of a batch of claims and completions holding this email's outcome fails, the
+/// transaction rolled back (key: the email's id).
+pub const RECORD_COMMIT_FAIL: &str = "store.record.commit_fail";

@@ -197,6 +197,15 @@ impl Store {
         } else {
             self.claim_in(&mut tx, claims, node).await?
         };
+        if completions
+            .iter()
+            .any(|c| crate::faults::hit(crate::faults::RECORD_COMMIT_FAIL, c.id.as_str()))
+        {
+            tx.rollback().await?;
+            return Err(StoreError::Queue(
+                "injected fault: this batch's commit fails".into(),
+            ));
+        }
         tx.commit().await?;
         Ok((claimed, recorded))
     }

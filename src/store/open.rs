@@ -312,3 +312,55 @@ impl Store {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `PRAGMA synchronous` on the writer and on every reader: FULL (2) by default, NORMAL (1)
+    /// when configured.
+    async fn synchronous_of(setting: Option<Synchronous>) -> Vec<i64> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = DatabaseSettings {
+            url: format!("sqlite://{}", dir.path().join("t.db").display()),
+            ..Default::default()
+        };
+        if let Some(v) = setting {
+            s.synchronous = v;
+        }
+        let store = Store::open(&s, "q").await.expect("open");
+        let Db::Sqlite { write, read } = store.db() else {
+            panic!("not SQLite")
+        };
+        let mut seen = Vec::new();
+        let w: (i64,) = sqlx::query_as("PRAGMA synchronous")
+            .fetch_one(write)
+            .await
+            .expect("writer");
+        seen.push(w.0);
+        // Hold several readers at once, so each is a different connection.
+        let mut held = Vec::new();
+        for _ in 0..s.max_connections {
+            let mut c = read.acquire().await.expect("reader");
+            let r: (i64,) = sqlx::query_as("PRAGMA synchronous")
+                .fetch_one(&mut *c)
+                .await
+                .expect("reader");
+            seen.push(r.0);
+            held.push(c);
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn every_sqlite_connection_syncs_fully_unless_configured_otherwise() {
+        let full = synchronous_of(None).await;
+        assert_eq!(full.len(), 9);
+        assert!(full.iter().all(|&v| v == 2), "FULL expected: {full:?}");
+        let normal = synchronous_of(Some(Synchronous::Normal)).await;
+        assert!(
+            normal.iter().all(|&v| v == 1),
+            "NORMAL expected: {normal:?}"
+        );
+    }
+}
