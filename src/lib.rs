@@ -23,10 +23,12 @@
 //! queue/        the job queue: every statement on apalis's tables (table.rs: setup, push inside
 //!               a caller's transaction, janitor repairs); JobKind (name, versioned id-only
 //!               payload, idempotency key); SendJob; [queue] section
-//! store/        everything else postbox keeps: open.rs (pools, migrations, WAL checkpointer,
-//!               health), submit.rs (group commit), lifecycle.rs (claims, attempts, cancel,
-//!               retry), reads.rs (reports, listings, stats), janitor.rs, group.rs (the group
-//!               committer), inbound.rs (watcher positions, hits, alert groups, leases);
+//! store/        everything else postbox keeps: open.rs (pools: on SQLite one writer
+//!               connection and a reader pool; migrations, WAL checkpointer, health), submit.rs
+//!               (group commit), batch.rs (Recorder: claims and completions of deliveries,
+//!               batched into one transaction), lifecycle.rs (defer, cancel, retry), reads.rs
+//!               (reports, listings, stats), janitor.rs, group.rs (the group committer),
+//!               inbound.rs (watcher positions, hits, alert groups, leases);
 //!               [database] and [retention] sections; StoreError::fault() decides Busy / Full /
 //!               Unavailable from the drivers' codes, once
 //! delivery/     MIME building, Mailer { Smtp (our pool: pool.rs), File }, classify() of SMTP
@@ -62,22 +64,25 @@
 //! ## One email's path
 //! `Postbox::submit` -> `Email::parse` (every rule, every field named) -> `GroupCommitter` ->
 //! `Store::insert_group` (idempotency, depth cap, then email rows + `queue::table::push` of job
-//! `<id>:0`, in ONE transaction) -> worker `Deliverer::deliver`: `Store::claim` (row ->
-//! `sending`, attempt n, `claimed_by` this process) -> `render` -> `build_message` ->
-//! `Mailer::send` -> `Outcome` -> `Store::finish` (attempt + new status, and for a retry the next
-//! job with its `run_at`, in ONE transaction).
+//! `<id>:0`, in ONE transaction) -> worker `Deliverer::deliver`: `Recorder::claim` (row ->
+//! `sending`, attempt n, `claimed_by` this process; one UPDATE for every claim waiting) -> a
+//! send slot (`queue.concurrency`) -> `render` -> `build_message` -> `Mailer::send` ->
+//! `Outcome` -> `Recorder::complete` (attempt + new status, and for a retry the next job with
+//! its `run_at`; with the other claims and completions waiting, in ONE transaction).
 //!
 //! ## Invariants, and where each is kept
 //! - Nothing accepted is lost: an email row and its job commit in one transaction
 //!   (`store/submit.rs`, `store/lifecycle.rs`); every non-final email owns one live job, and
 //!   the janitor gives a new one to any email whose job vanished (`store/janitor.rs`, with
 //!   `queue::table::live_job_exists`).
-//! - A job whose `seq` is not the email's current `job_seq` does nothing (`Store::claim`), so
+//! - A job whose `seq` is not the email's current `job_seq` does nothing (`store/batch.rs`), so
 //!   repeated, stale or recovered jobs never send twice.
 //! - A known outcome is never sent again: it is retried into the database from memory
 //!   (`worker/deliver.rs`, `record`); a `sending` email is taken over only once its claimer's
-//!   `node:<name>` lease ran out (`Store::claim`, renewed by `worker::run`). The one resend the
-//!   README admits: a send in flight at a crash (same Message-ID).
+//!   `node:<name>` lease ran out (`store/batch.rs`, renewed by `worker::run`). The one resend
+//!   the README admits: a send in flight at a crash (same Message-ID).
+//! - SQLite: one connection writes (`db::Db::Sqlite`); a statement that is not a `SELECT`
+//!   never runs on a reader.
 //! - Every status change writes its timeline entry in the same transaction (`store/lifecycle.rs`).
 //! - Retry or fail: an SMTP reply is classified only by `delivery::classify`; a connection or
 //!   TLS failure before any reply is temporary (`delivery/pool.rs`); a render error or a panic

@@ -68,7 +68,7 @@ impl Recorder {
         Recorder { tx }
     }
 
-    /// Claims an email for one attempt, if job `seq` still owns it (see [`Store::claim_batch`]).
+    /// Claims an email for one attempt, if job `seq` still owns it and it is not final.
     pub async fn claim(&self, id: &str, seq: i64) -> Result<ClaimResult, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.send(Op::Claim {

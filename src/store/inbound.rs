@@ -141,7 +141,7 @@ pub fn lease_name(mailbox: &str) -> String {
 }
 
 /// The lease a delivering process renews while it lives: its claims are not taken over while
-/// it runs (see `Store::claim`).
+/// it runs (see `store/batch.rs`).
 pub fn node_lease(node: &str) -> String {
     format!("node:{node}")
 }
