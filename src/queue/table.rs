@@ -111,6 +111,36 @@ pub(crate) async fn push<K: JobKind>(
     Ok(())
 }
 
+/// Marks the jobs `ids` (apalis task ids) done. postbox acks its own jobs, in the
+/// transaction that records what the job did (a claim that found nothing to do, an attempt's
+/// outcome, a deferral): apalis's own per-task lock and ack statements are turned off
+/// (`worker::supervise`), so a job and its email's state commit together, and one statement
+/// acks a whole batch. Rows of the other states (already done, or taken back) are left alone.
+pub(crate) async fn ack<'a>(
+    on: impl Into<crate::db::On<'a>>,
+    kind: Kind,
+    ids: &[&str],
+) -> Result<u64, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let (jobs, _) = tables(kind);
+    let now = match kind {
+        Kind::Sqlite => "strftime('%s', 'now')",
+        Kind::Postgres => "NOW()",
+    };
+    let list: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+    let mut q = sql(format!(
+        "UPDATE {jobs} SET status = 'Done', done_at = {now}, attempts = attempts + 1
+          WHERE id IN ({}) AND status IN ('Pending', 'Queued', 'Running')",
+        list.join(", ")
+    ));
+    for id in ids {
+        q.add(*id);
+    }
+    q.execute(on).await
+}
+
 /// `text` with apalis's table names and time parameters for `kind`'s dialect: `{jobs}` and
 /// `{workers}` are the tables; `{t2}` and `{t3}` are parameters $2 and $3 given as unix
 /// seconds, compared with apalis's time columns (integers on SQLite, timestamptz on

@@ -25,6 +25,7 @@ use super::open::now;
 use super::submit::push_jobs;
 use super::*;
 use crate::db::{DbRow, Tx, sql, values};
+use crate::queue::table;
 
 /// Operations per transaction at most.
 pub const MAX_BATCH: usize = 256;
@@ -38,12 +39,15 @@ pub struct Completion {
     pub priority: Priority,
     pub rec: AttemptRecord,
     pub finish: Finish,
+    /// The job's apalis task id: acked with the outcome.
+    pub task: String,
 }
 
 enum Op {
     Claim {
         id: String,
         seq: i64,
+        task: String,
         reply: oneshot::Sender<Result<ClaimResult, StoreError>>,
     },
     Complete {
@@ -69,11 +73,13 @@ impl Recorder {
     }
 
     /// Claims an email for one attempt, if job `seq` still owns it and it is not final.
-    pub async fn claim(&self, id: &str, seq: i64) -> Result<ClaimResult, StoreError> {
+    /// A claim that finds nothing to do acks the job (`task`) in the same transaction.
+    pub async fn claim(&self, id: &str, seq: i64, task: &str) -> Result<ClaimResult, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.send(Op::Claim {
             id: id.to_string(),
             seq,
+            task: task.to_string(),
             reply,
         })
         .await?;
@@ -116,8 +122,13 @@ async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>) {
         let mut done_replies = Vec::new();
         for op in ops {
             match op {
-                Op::Claim { id, seq, reply } => {
-                    claims.push((id, seq));
+                Op::Claim {
+                    id,
+                    seq,
+                    task,
+                    reply,
+                } => {
+                    claims.push((id, seq, task));
                     claim_replies.push(reply);
                 }
                 Op::Complete { done, reply } => {
@@ -182,7 +193,7 @@ impl Store {
     /// One answer per operation, in order.
     pub async fn record_batch(
         &self,
-        claims: &[(String, i64)],
+        claims: &[(String, i64, String)],
         completions: &[Completion],
         node: &str,
     ) -> Result<(Vec<ClaimResult>, Vec<bool>), StoreError> {
@@ -219,7 +230,7 @@ impl Store {
     async fn claim_in(
         &self,
         tx: &mut Tx,
-        claims: &[(String, i64)],
+        claims: &[(String, i64, String)],
         node: &str,
     ) -> Result<Vec<ClaimResult>, StoreError> {
         let now = now();
@@ -246,7 +257,7 @@ impl Store {
             cases
         ));
         q.add(ms(now)).add(node);
-        for (id, seq) in claims {
+        for (id, seq, _) in claims {
             q.add(id.as_str()).add(*seq);
         }
         let rows = q.fetch_all(&mut *tx).await?;
@@ -255,9 +266,12 @@ impl Store {
             found.insert(row.get("id")?, row);
         }
         let mut out = Vec::with_capacity(claims.len());
-        for (id, seq) in claims {
+        // Jobs with nothing to send: acked here.
+        let mut done: Vec<&str> = Vec::new();
+        for (id, seq, task) in claims {
             let Some(row) = found.remove(id) else {
                 out.push(self.not_claimed(tx, id, *seq, now).await?);
+                done.push(task);
                 continue;
             };
             let spec: String = row.get("spec")?;
@@ -269,6 +283,7 @@ impl Store {
                     let reason = format!("the stored email cannot be read: {e}");
                     fail_claimed(tx, id, *seq, &reason, now).await?;
                     out.push(ClaimResult::Failed(reason));
+                    done.push(task);
                     continue;
                 }
             };
@@ -300,6 +315,7 @@ impl Store {
                 interrupted,
             })));
         }
+        table::ack(&mut *tx, self.db.kind(), &done).await?;
         Ok(out)
     }
 
@@ -405,6 +421,9 @@ impl Store {
                 .collect();
             push_jobs(tx, &self.queue, &retries).await?;
         }
+        // Every job ends here, recorded or superseded.
+        let tasks: Vec<&str> = items.iter().map(|c| c.task.as_str()).collect();
+        table::ack(&mut *tx, self.db.kind(), &tasks).await?;
         Ok(items
             .iter()
             .map(|c| updated.contains(c.id.as_str()))

@@ -13,8 +13,15 @@ impl Store {
     /// Gives job `<id>:<seq>` up without running it: the email (if still waiting for that job)
     /// gets a new job due at `at`. Used while the process stops: the job that apalis handed
     /// over is acked, and the email keeps a live job for the next process.
-    pub async fn defer(&self, id: &str, seq: i64, at: OffsetDateTime) -> Result<(), StoreError> {
+    pub async fn defer(
+        &self,
+        id: &str,
+        seq: i64,
+        at: OffsetDateTime,
+        task: &str,
+    ) -> Result<(), StoreError> {
         let mut tx = self.db.begin_write().await?;
+        crate::queue::table::ack(&mut tx, self.db.kind(), &[task]).await?;
         let row = sql(
             "UPDATE postbox_emails SET job_seq = job_seq + 1, updated_at = $1
               WHERE id = $2 AND job_seq = $3 AND status IN ('queued', 'retrying')
@@ -38,6 +45,12 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// Acks jobs (apalis task ids) that had nothing to do.
+    pub async fn ack_jobs(&self, tasks: &[&str]) -> Result<(), StoreError> {
+        crate::queue::table::ack(&self.db, self.db.kind(), tasks).await?;
         Ok(())
     }
 

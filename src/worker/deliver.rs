@@ -93,13 +93,17 @@ impl Deliverer {
     /// Runs [`Deliverer::deliver`] as a task of its own and waits for it (its outcome
     /// recorded). Once the process is stopping, the job is deferred instead (its email gets a
     /// new job for the next process).
-    pub async fn spawn(self: &Arc<Self>, job: SendJob) -> Result<(), StoreError> {
+    pub async fn spawn(self: &Arc<Self>, job: SendJob, task: String) -> Result<(), StoreError> {
         if self.stopping.load(Ordering::Acquire) {
             let later = OffsetDateTime::now_utc() + DEFER_ON_STOP;
-            return self.store.defer(&job.email_id, job.seq, later).await;
+            return self.store.defer(&job.email_id, job.seq, later, &task).await;
         }
         let me = self.clone();
-        match self.tasks.spawn(async move { me.deliver(job).await }).await {
+        match self
+            .tasks
+            .spawn(async move { me.deliver(job, task).await })
+            .await
+        {
             Ok(r) => r,
             // deliver() catches panics around the attempt; one elsewhere is a bug, reported
             // as an error (the job runs again, and a claim that went through is safe).
@@ -114,8 +118,9 @@ impl Deliverer {
         self.tasks.wait().await;
     }
 
-    /// Runs one job: claim, render, send, record. Idempotent: a stale or repeated job does nothing.
-    pub async fn deliver(&self, job: SendJob) -> Result<(), StoreError> {
+    /// Runs one job (apalis task `task`): claim, render, send, record, each write acking the
+    /// job when it ends it. Idempotent: a stale or repeated job does nothing.
+    pub async fn deliver(&self, job: SendJob, task: String) -> Result<(), StoreError> {
         if !self
             .in_flight
             .lock()
@@ -123,6 +128,7 @@ impl Deliverer {
             .insert(job.email_id.clone())
         {
             debug!(email_id = %job.email_id, seq = job.seq, "already being delivered by this process");
+            self.discard(task).await;
             return Ok(());
         }
         let _in_flight = InFlight {
@@ -131,11 +137,10 @@ impl Deliverer {
         };
         // After a full disk, SQLite's WAL must be given back before deliveries write again.
         self.store.wal_reclaimed(self.shutdown.clone()).await;
-        let claimed = self.recorder.claim(&job.email_id, job.seq).await;
-        if let Err(e) = &claimed {
-            self.store.saw(e);
-        }
-        let claim = match claimed? {
+        let Some(claimed) = self.claim(&job, &task).await else {
+            return Ok(());
+        };
+        let claim = match claimed {
             ClaimResult::Claimed(c) => c,
             ClaimResult::Skip(why) => {
                 debug!(email_id = %job.email_id, seq = job.seq, why, "job has nothing to do");
@@ -205,7 +210,7 @@ impl Deliverer {
                     }
                 }
             };
-            let recorded = self.record(&claim, &rec, &finish).await?;
+            let recorded = self.record(&claim, &rec, &finish, &task).await?;
             metrics::histogram!("postbox_smtp_transaction_seconds")
                 .record(rec.duration_ms as f64 / 1e3);
             metrics::counter!("postbox_smtp_replies_total",
@@ -233,6 +238,38 @@ impl Deliverer {
         .await
     }
 
+    /// Claims the job's email, retrying from memory while the database refuses (busy, full,
+    /// unreachable). None once the process is stopping: the job, not acked, is handed back by
+    /// the janitor when this worker is gone.
+    async fn claim(&self, job: &SendJob, task: &str) -> Option<ClaimResult> {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.recorder.claim(&job.email_id, job.seq, task).await {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    self.store.saw(&e);
+                    if self.shutdown.clone().now_or_never().is_some() {
+                        warn!(error = %e, email_id = %job.email_id,
+                            "cannot claim before shutdown; the job is handed back later");
+                        return None;
+                    }
+                    warn!(error = %e, email_id = %job.email_id,
+                        retry_in_ms = pause.as_millis() as u64, "cannot claim yet; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Acks a job that has nothing to do (one try: a job left taken is handed back by the
+    /// janitor once this worker is gone, and then does nothing again).
+    async fn discard(&self, task: String) {
+        if let Err(e) = self.store.ack_jobs(&[task.as_str()]).await {
+            warn!(error = %e, "cannot ack a job that had nothing to do");
+        }
+    }
+
     /// Render, build the MIME message, send.
     async fn attempt(&self, claim: &Claim) -> Outcome {
         let first = claim.email.to.first().map_or("", |a| a.address());
@@ -258,6 +295,7 @@ impl Deliverer {
         claim: &Claim,
         rec: &AttemptRecord,
         finish: &Finish,
+        task: &str,
     ) -> Result<bool, StoreError> {
         let mut pause = Duration::from_millis(50);
         let mut stopping_since: Option<Instant> = None;
@@ -268,6 +306,7 @@ impl Deliverer {
             priority: claim.priority,
             rec: rec.clone(),
             finish: finish.clone(),
+            task: task.to_string(),
         };
         loop {
             match self.recorder.complete(done.clone()).await {
@@ -293,8 +332,12 @@ impl Deliverer {
 }
 
 impl Handler<SendJob> for Deliverer {
-    async fn handle(self: &Arc<Self>, job: SendJob) -> Result<(), StoreError> {
-        self.spawn(job).await
+    async fn handle(self: &Arc<Self>, job: SendJob, task: String) -> Result<(), StoreError> {
+        self.spawn(job, task).await
+    }
+
+    async fn discard(self: &Arc<Self>, task: String) {
+        Deliverer::discard(self, task).await
     }
 
     async fn drain(&self) {

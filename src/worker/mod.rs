@@ -6,7 +6,9 @@
 //! Design choices forced by apalis 1.0 (see STACK-NOTES.md):
 //! - a handler returns `Ok` for every outcome of its work; a retry (an SMTP 4xx) is a NEW job
 //!   with a later `run_at`, pushed in the transaction that records the attempt (apalis has no
-//!   backoff in the database); an `Err` means the database failed, and apalis runs the job again;
+//!   backoff in the database); a write the database refuses is retried from memory;
+//! - apalis's per-task lock and ack statements are off: the handler acks its job in the
+//!   transaction that records what the job did (`queue::table::ack`), batched with others;
 //! - the payload is read as raw JSON and parsed here, so a payload we cannot read is logged and
 //!   dropped instead of killing the worker on every fetch;
 //! - no apalis timeout, catch-panic or retry layers (they leave rows stuck); lettre's timeouts and
@@ -49,8 +51,18 @@ pub struct WorkerSettings {
 /// per process at once (see [`window`]; a handler limits its own work within that); a job
 /// whose handler returns an error runs again (apalis retries), so handlers are idempotent.
 pub trait Handler<K: JobKind>: Send + Sync + 'static {
-    /// Runs one job. An error is an infrastructure error (the database): the job runs again.
-    fn handle(self: &Arc<Self>, job: K) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Runs one job, and acks it (`queue::table::ack` of `task`, the apalis task id) in the
+    /// transaction that records what it did: apalis's own lock and ack statements are off
+    /// (see [`supervise`]). A job not acked stays taken by this worker; the janitor hands it
+    /// back once the worker is gone. An error is a bug (the job is left to the janitor).
+    fn handle(
+        self: &Arc<Self>,
+        job: K,
+        task: String,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Acks a job whose payload could not be read (it is dropped).
+    fn discard(self: &Arc<Self>, task: String) -> impl Future<Output = ()> + Send;
 
     /// Stops starting jobs and waits until those running have ended. Called before the apalis
     /// worker is stopped (see [`supervise`]).
@@ -95,8 +107,10 @@ impl futures::Stream for WakeStream {
 /// version, is logged and dropped instead of killing the worker on every fetch.
 async fn handle<K: JobKind, H: Handler<K>>(
     job: Value,
+    task: TaskId,
     handler: Data<Arc<H>>,
 ) -> Result<(), BoxDynError> {
+    let task = task.to_string();
     let job: K = match serde_json::from_value::<K>(job.clone()) {
         Ok(j) if j.version() == K::VERSION => j,
         Ok(j) => {
@@ -105,15 +119,18 @@ async fn handle<K: JobKind, H: Handler<K>>(
                 version = j.version(),
                 "job payload version not understood; dropped"
             );
+            handler.discard(task).await;
             return Ok(());
         }
         Err(e) => {
             warn!(kind = K::NAME, error = %e, payload = %job, "unreadable job payload; dropped");
+            handler.discard(task).await;
             return Ok(());
         }
     };
-    handler.handle(job).await.map_err(|e| {
-        error!(kind = K::NAME, error = %e, "the job could not be recorded; it will run again");
+    handler.handle(job, task).await.map_err(|e| {
+        error!(kind = K::NAME, error = %e,
+            "the job failed; the janitor hands it back once this worker is gone");
         Box::new(e) as BoxDynError
     })
 }
@@ -226,7 +243,9 @@ async fn supervise<K: JobKind, H: Handler<K>>(
                 let config = apalis_sqlite::Config::default()
                     .queue(&job_type)
                     .batch_size(q.batch_size)
-                    .heartbeat_interval(heartbeat);
+                    .heartbeat_interval(heartbeat)
+                    .lock_tasks(false)
+                    .persist_results(false);
                 worker!(SqliteStorage::<Value>::new(pool).with_config(config))
                     .run_until(stop)
                     .await
@@ -236,7 +255,9 @@ async fn supervise<K: JobKind, H: Handler<K>>(
                 let config = apalis_postgres::Config::default()
                     .queue(&job_type)
                     .batch_size(q.batch_size)
-                    .heartbeat_interval(heartbeat);
+                    .heartbeat_interval(heartbeat)
+                    .lock_tasks(false)
+                    .persist_results(false);
                 worker!(PostgresStorage::<Value>::new(pool).with_config(config))
                     .run_until(stop)
                     .await
