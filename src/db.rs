@@ -346,6 +346,47 @@ pub fn values(rows: usize, cols: usize, first: usize) -> String {
     s
 }
 
+/// `text` with every `$N` outside string literals replaced by `?`, and the 0-based argument
+/// index of each, in order. None when the text has no `$N` placeholder.
+fn positional(text: &str) -> Option<(String, Vec<usize>)> {
+    if !text.contains('$') {
+        return None;
+    }
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut order = Vec::new();
+    let mut in_string = false;
+    let mut i = 0;
+    let mut copied = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'\'' {
+            in_string = !in_string;
+        } else if b == b'$' && !in_string {
+            let start = i + 1;
+            let mut end = start;
+            while end < bytes.len() && bytes[end].is_ascii_digit() {
+                end += 1;
+            }
+            if end > start {
+                let n: usize = text[start..end].parse().ok()?;
+                out.push_str(&text[copied..i]);
+                out.push('?');
+                order.push(n.checked_sub(1)?);
+                copied = end;
+                i = end;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    if order.is_empty() {
+        return None;
+    }
+    out.push_str(&text[copied..]);
+    Some((out, order))
+}
+
 macro_rules! on_each {
     ($sql:expr, $on:expr, |$q:ident, $e:ident| $body:expr) => {
         match $on {
@@ -418,8 +459,27 @@ impl Sql {
         q
     }
 
+    /// SQLite: the statement with each `$N` rewritten to an anonymous `?` and the arguments
+    /// bound in the order the placeholders appear (a `$N` used twice is bound twice). sqlx maps
+    /// a named parameter to its argument by asking SQLite for the parameter's name, which
+    /// SQLite finds by scanning every name of the statement: quadratic in the parameters. A
+    /// 1,000-email batch insert (2,240 parameters a statement) spent 64% of the API's CPU in
+    /// `sqlite3_bind_parameter_name`; anonymous parameters have no names to scan.
     fn sqlite(&self) -> sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments> {
-        self.query()
+        let Some((text, order)) = positional(&self.text) else {
+            return self.query();
+        };
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(text));
+        for i in order {
+            q = match self.args.get(i) {
+                Some(Arg::Int(v)) => q.bind(*v),
+                Some(Arg::Text(v)) => q.bind(v.as_deref()),
+                Some(Arg::Blob(v)) => q.bind(v.as_slice()),
+                // SQLite binds a missing argument as NULL, as it would for `$N`.
+                None => q.bind(None::<i64>),
+            };
+        }
+        q
     }
 
     /// SQLite: the pool this statement runs on when not in a transaction. A statement that
@@ -539,6 +599,15 @@ mod tests {
         s.push_bind(1i64).push(" AND b = ").push_bind("x");
         assert_eq!(s.text, "SELECT 1 WHERE a = $1 AND b = $2");
         assert_eq!(s.args.len(), 2);
+    }
+
+    #[test]
+    fn sqlite_placeholders_become_positional_in_order_of_use() {
+        let (t, order) = positional("SELECT $2, '$1', $1 WHERE a = $2 AND b = $10").unwrap();
+        assert_eq!(t, "SELECT ?, '$1', ? WHERE a = ? AND b = ?");
+        assert_eq!(order, vec![1, 0, 1, 9]);
+        assert!(positional("SELECT 1").is_none());
+        assert!(positional("SELECT '$1'").is_none());
     }
 
     #[test]
