@@ -21,8 +21,8 @@
 //! render/       askama templates (templates/emails/<kind>/) -> Rendered { subject, text, html }
 //! metrics.rs    Prometheus names and label sets
 //! queue/        the job queue: every statement on apalis's tables (table.rs: setup, push inside
-//!               a caller's transaction, janitor repairs); JobKind (name, versioned id-only
-//!               payload, idempotency key); SendJob; [queue] section
+//!               a caller's transaction, acks, janitor repairs); JobKind (name, versioned
+//!               id-only payload, idempotency key); SendJob; [queue] section
 //! store/        everything else postbox keeps: open.rs (pools: on SQLite one writer
 //!               connection and a reader pool; migrations, WAL checkpointer, health), submit.rs
 //!               (group commit), batch.rs (Recorder: claims and completions of deliveries,
@@ -83,6 +83,8 @@
 //!   the README admits: a send in flight at a crash (same Message-ID).
 //! - SQLite: one connection writes (`db::Db::Sqlite`); a statement that is not a `SELECT`
 //!   never runs on a reader.
+//! - A job is acked in the transaction that records what it did (`store/batch.rs`,
+//!   `Store::defer`): apalis's own lock and ack statements are off (`worker::supervise`).
 //! - Every status change writes its timeline entry in the same transaction (`store/lifecycle.rs`).
 //! - Retry or fail: an SMTP reply is classified only by `delivery::classify`; a connection or
 //!   TLS failure before any reply is temporary (`delivery/pool.rs`); a render error or a panic
