@@ -106,7 +106,8 @@ impl Deliverer {
         {
             Ok(r) => r,
             // deliver() catches panics around the attempt; one elsewhere is a bug, reported
-            // as an error (the job runs again, and a claim that went through is safe).
+            // as an error (the job, not acked, is handed back once this worker is gone; a
+            // claim that went through is safe).
             Err(e) => Err(StoreError::Queue(format!("a delivery task failed: {e}"))),
         }
     }

@@ -48,8 +48,9 @@ pub struct WorkerSettings {
 }
 
 /// What runs the jobs of one kind `K`: at most `queue.concurrency + queue.batch_size` jobs
-/// per process at once (see [`window`]; a handler limits its own work within that); a job
-/// whose handler returns an error runs again (apalis retries), so handlers are idempotent.
+/// per process at once (see [`window`]; a handler limits its own work within that). A job
+/// its worker did not ack before dying is handed back by the janitor and runs again, so
+/// handlers are idempotent.
 pub trait Handler<K: JobKind>: Send + Sync + 'static {
     /// Runs one job, and acks it (`queue::table::ack` of `task`, the apalis task id) in the
     /// transaction that records what it did: apalis's own lock and ack statements are off
@@ -102,9 +103,10 @@ impl futures::Stream for WakeStream {
     }
 }
 
-/// The apalis handler of kind `K`. Errors returned here are infrastructure errors (the
-/// database); apalis retries those at once. A payload that cannot be read, or of another
-/// version, is logged and dropped instead of killing the worker on every fetch.
+/// The apalis handler of kind `K`. An error returned here is a bug: apalis records nothing
+/// (results are not persisted), so the job stays taken until the janitor hands it back once
+/// this worker is gone. A payload that cannot be read, or of another version, is logged,
+/// acked and dropped instead of killing the worker on every fetch.
 async fn handle<K: JobKind, H: Handler<K>>(
     job: Value,
     task: TaskId,
