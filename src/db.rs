@@ -531,6 +531,15 @@ impl Sql {
         Ok(self.fetch_all(on).await?.into_iter().next())
     }
 
+    /// The first column of every row.
+    pub async fn column<'a, T: Col>(&self, on: impl Into<On<'a>>) -> Result<Vec<T>, sqlx::Error> {
+        self.fetch_all(on)
+            .await?
+            .iter()
+            .map(|r| r.get_at(0))
+            .collect()
+    }
+
     /// The first column of the first row, if there is a row.
     pub async fn scalar<'a, T: Col>(
         &self,

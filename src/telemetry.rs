@@ -49,3 +49,13 @@ impl LogSettings {
         }
     }
 }
+
+/// What a caught panic says (its `&str` or `String` payload), or `fallback` when it carries
+/// neither: for the log line and the error that report it.
+pub fn panic_message(payload: &(dyn std::any::Any + Send), fallback: &str) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| fallback.to_string())
+}

@@ -278,11 +278,7 @@ async fn request_context(req: Request, next: Next) -> Response {
     let mut res = match run.instrument(span.clone()).await {
         Ok(res) => res,
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a handler panicked".into());
+            let what = crate::telemetry::panic_message(&*panic, "a handler panicked");
             let _g = span.enter();
             REQUEST_ID.sync_scope(id.clone(), || {
                 ApiError::internal(format!("panic: {what}")).into_response()

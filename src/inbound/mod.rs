@@ -225,11 +225,7 @@ async fn supervise(ctx: Arc<Inbound>, mb: Arc<Mailbox>, shutdown: Shutdown) {
             return; // shutdown
         };
         let what = match e.try_into_panic() {
-            Ok(p) => p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic".into()),
+            Ok(p) => crate::telemetry::panic_message(&*p, "a panic"),
             Err(e) => e.to_string(),
         };
         let error = format!("the watcher panicked: {what}; restarting it");

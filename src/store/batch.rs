@@ -28,7 +28,7 @@ use crate::db::{DbRow, Tx, sql, values};
 use crate::queue::table;
 
 /// Operations per transaction at most.
-pub const MAX_BATCH: usize = 256;
+const MAX_BATCH: usize = 256;
 
 /// A finished attempt, to record: the claim it ends, the attempt's facts and the outcome.
 #[derive(Debug, Clone)]
@@ -191,7 +191,7 @@ async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>) {
 impl Store {
     /// Writes `claims` and `completions` in ONE transaction: completions first, then claims.
     /// One answer per operation, in order.
-    pub async fn record_batch(
+    async fn record_batch(
         &self,
         claims: &[(String, i64, String)],
         completions: &[Completion],
@@ -379,12 +379,8 @@ impl Store {
                 .add(sent_at)
                 .add(bump);
         }
-        let updated: std::collections::HashSet<String> = q
-            .fetch_all(&mut *tx)
-            .await?
-            .iter()
-            .map(|r| r.get_at::<String>(0))
-            .collect::<Result<_, _>>()?;
+        let updated: std::collections::HashSet<String> =
+            q.column::<String>(&mut *tx).await?.into_iter().collect();
         let done: Vec<&Completion> = items
             .iter()
             .filter(|c| updated.contains(c.id.as_str()))

@@ -219,12 +219,8 @@ impl Store {
                     .add(*request_id)
                     .add(email.subject.as_deref());
             }
-            let inserted: std::collections::HashSet<String> = q
-                .fetch_all(&mut *tx)
-                .await?
-                .iter()
-                .map(|r| r.get_at::<String>(0))
-                .collect::<Result<_, _>>()?;
+            let inserted: std::collections::HashSet<String> =
+                q.column::<String>(&mut *tx).await?.into_iter().collect();
             let mut jobs = Vec::with_capacity(inserted.len());
             for ((id, email, _), _) in chunk {
                 if inserted.contains(id.as_str()) {

@@ -170,11 +170,7 @@ impl Deliverer {
             let outcome = match AssertUnwindSafe(self.attempt(&claim)).catch_unwind().await {
                 Ok(o) => o,
                 Err(panic) => {
-                    let what = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a panic".into());
+                    let what = crate::telemetry::panic_message(&*panic, "a panic");
                     error!(panic = %what, "the delivery panicked; failing this email");
                     Outcome::Permanent {
                         code: None,
@@ -248,7 +244,6 @@ impl Deliverer {
             match self.recorder.claim(&job.email_id, job.seq, task).await {
                 Ok(c) => return Some(c),
                 Err(e) => {
-                    self.store.saw(&e);
                     if self.shutdown.clone().now_or_never().is_some() {
                         warn!(error = %e, email_id = %job.email_id,
                             "cannot claim before shutdown; the job is handed back later");
@@ -313,7 +308,6 @@ impl Deliverer {
             match self.recorder.complete(done.clone()).await {
                 Ok(recorded) => return Ok(recorded),
                 Err(e) => {
-                    self.store.saw(&e);
                     if stopping_since.is_none() && self.shutdown.clone().now_or_never().is_some() {
                         stopping_since = Some(Instant::now());
                     }
