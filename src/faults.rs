@@ -56,3 +56,6 @@ pub const GROUP_COMMIT_FAIL: &str = "store.group_commit.fail";
 /// The commit of a batch of claims and completions holding this email's outcome fails, the
 /// transaction rolled back (key: the email's id).
 pub const RECORD_COMMIT_FAIL: &str = "store.record.commit_fail";
+/// The commit of a batch holding this email's claim fails, the transaction rolled back (key:
+/// the email's id).
+pub const CLAIM_COMMIT_FAIL: &str = "store.claim.commit_fail";

@@ -11,6 +11,8 @@
 //! | `postbox_submit_seconds` | histogram (submit -> committed) | |
 //! | `postbox_smtp_transaction_seconds` | histogram | |
 //! | `postbox_smtp_replies_total` | counter | code (`250`, `451`, `none` for network errors) |
+//! | `postbox_interrupted_sends_total` | counter (resends of an attempt a crash cut off) | |
+//! | `postbox_write_batch_size` | histogram (claims / completions per transaction) | kind |
 //! | `postbox_mailbox_connected` | gauge | mailbox |
 //! | `postbox_mailbox_messages_scanned_total` | counter | mailbox |
 //! | `postbox_mailbox_rule_matches_total` | counter | mailbox, rule |

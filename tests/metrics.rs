@@ -180,6 +180,15 @@ subject = '^INCIDENT'
         (key("postbox_smtp_replies_total", &[("code", "250")]), 4.0),
         (key("postbox_smtp_replies_total", &[("code", "550")]), 1.0),
         (key("postbox_smtp_transaction_seconds_count", &[]), 5.0),
+        // Every attempt was claimed and completed once, in the writer's batches.
+        (
+            key("postbox_write_batch_size_sum", &[("kind", "claims")]),
+            5.0,
+        ),
+        (
+            key("postbox_write_batch_size_sum", &[("kind", "completions")]),
+            5.0,
+        ),
         (key("postbox_submit_seconds_count", &[]), 5.0),
         (
             key(

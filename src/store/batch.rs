@@ -211,6 +211,9 @@ impl Store {
         if completions
             .iter()
             .any(|c| crate::faults::hit(crate::faults::RECORD_COMMIT_FAIL, c.id.as_str()))
+            || claims
+                .iter()
+                .any(|c| crate::faults::hit(crate::faults::CLAIM_COMMIT_FAIL, &c.0))
         {
             tx.rollback().await?;
             return Err(StoreError::Queue(

@@ -657,6 +657,29 @@ async fn an_outcome_whose_commit_fails_is_recorded_later_without_sending_again()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_commit_fails_is_retried_and_the_email_sent_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = App::open(common::memory_settings(dir.path())).await;
+    let id = app.submit(NewEmail::text("a@example.com", "s", "x")).await;
+    let other = app.submit(NewEmail::text("b@example.com", "s", "x")).await;
+    postbox::faults::arm(postbox::faults::CLAIM_COMMIT_FAIL, id.as_str(), 2);
+    app.start_workers();
+    let r = app.wait_status(&id, EmailStatus::Sent, LIMIT).await;
+    app.wait_status(&other, EmailStatus::Sent, LIMIT).await;
+    assert_eq!(
+        postbox::faults::left(postbox::faults::CLAIM_COMMIT_FAIL, id.as_str()),
+        0,
+        "the claim's commit never failed"
+    );
+    // A claim rolled back counts no attempt: one attempt, one send, and its job acked.
+    let attempts: Vec<_> = r.timeline.iter().filter(|e| e.kind == "attempt").collect();
+    assert_eq!(attempts.len(), 1, "{:?}", r.timeline);
+    assert_eq!(r.attempts, 1);
+    assert_eq!(app.sent().len(), 2, "each email sent once");
+    common::assert_store_consistent(dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_email_that_cannot_be_read_fails_with_the_reason_instead_of_looping() {
     let dir = tempfile::tempdir().unwrap();
     let mut app = App::open(common::memory_settings(dir.path())).await;
