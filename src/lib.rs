@@ -34,7 +34,8 @@
 //! delivery/     MIME building, Mailer { Smtp (our pool: pool.rs), File }, classify() of SMTP
 //!               replies, RetryPolicy (policy.rs); [delivery], [smtp], [retry] sections
 //! worker/       one supervised apalis worker per job kind (Handler); this process's liveness
-//!               lease; wake-up on submit and PostgreSQL LISTEN; the janitor loop;
+//!               lease; wake-ups: on submit, by PostgreSQL LISTEN, and the due timer for
+//!               delayed jobs (wake_when_due); the janitor loop;
 //!               deliver.rs: Deliverer, the handler of SendJob
 //! postbox.rs    Postbox, the facade every entry point calls: submit, status, list, cancel,
 //!               retry, stats, run_workers; run / run_watchers / serve_api delegate to Roles

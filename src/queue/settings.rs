@@ -16,7 +16,11 @@ pub struct QueueSettings {
     /// Jobs fetched per database round trip. Priority decides which jobs a fetch takes; a fetched
     /// batch starts in submission order, so keep this at or below `concurrency`.
     pub batch_size: usize,
-    /// How often an idle worker looks for due jobs (in-process submits wake it at once).
+    /// How often an idle worker looks for due jobs anyway. Only a backstop: submits made in
+    /// this process wake it at once, a timer wakes it when the next delayed job falls due
+    /// (`worker::wake_when_due`), and on PostgreSQL other processes' submits wake it by
+    /// LISTEN/NOTIFY. What it still finds late: a job queued by another process on SQLite (the
+    /// CLI's `send` while `serve` runs).
     pub poll_interval_ms: u64,
     /// Worker heartbeat; a worker silent for two of these is dead and its jobs are re-queued.
     pub heartbeat_secs: u64,
@@ -39,7 +43,7 @@ impl Default for QueueSettings {
             name: "postbox::send".into(),
             concurrency: 32,
             batch_size: 32,
-            poll_interval_ms: 100,
+            poll_interval_ms: 1000,
             heartbeat_secs: 10,
             janitor_interval_secs: 15,
             stuck_after_secs: 600,

@@ -231,3 +231,29 @@ pub(crate) async fn delete_finished(
     .await?;
     Ok(deleted)
 }
+
+/// The earliest run time (unix seconds) after `after` of a pending job of `job_type`: when the
+/// next delayed job (a retry's backoff, a `send_at`) falls due. Read through the
+/// `(job_type, status, run_at)` index, so it costs one index probe.
+pub(crate) async fn next_due(
+    db: &Db,
+    job_type: &str,
+    after: i64,
+) -> Result<Option<i64>, sqlx::Error> {
+    let text = match db.kind() {
+        Kind::Sqlite => {
+            "SELECT MIN(run_at) FROM Jobs
+              WHERE job_type = $1 AND status = 'Pending' AND run_at > $2"
+        }
+        Kind::Postgres => {
+            "SELECT CAST(EXTRACT(EPOCH FROM MIN(run_at)) AS BIGINT) FROM apalis.jobs
+              WHERE job_type = $1 AND status = 'Pending' AND run_at > to_timestamp($2)"
+        }
+    };
+    sql(text)
+        .bind(job_type)
+        .bind(after)
+        .scalar::<Option<i64>>(db)
+        .await
+        .map(Option::flatten)
+}

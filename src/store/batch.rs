@@ -221,6 +221,12 @@ impl Store {
             ));
         }
         tx.commit().await?;
+        if completions
+            .iter()
+            .any(|c| matches!(c.finish, Finish::Retry { .. }))
+        {
+            self.scheduled.notify_one();
+        }
         Ok((claimed, recorded))
     }
 

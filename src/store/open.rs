@@ -25,6 +25,9 @@ pub struct Store {
     /// SQLite: a checkpoint failed (the disk is full) and the WAL has not been truncated
     /// since; deliveries wait (see [`Store::wal_reclaimed`]).
     pub(super) wal_trouble: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Told after a commit that queued a job for later (a retry's backoff, a `send_at`), so
+    /// the worker's due timer looks again for the next run time ([`Store::next_due`]).
+    pub(super) scheduled: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// How long a refused write keeps `/readyz` not ready (unless a write succeeds sooner).
@@ -146,6 +149,7 @@ impl Store {
             queue: queue.to_string(),
             full: Default::default(),
             wal_trouble,
+            scheduled: Default::default(),
         })
     }
 
@@ -235,6 +239,11 @@ impl Store {
 
     pub fn kind(&self) -> Kind {
         self.db.kind()
+    }
+
+    /// Notified after each commit that queued a job to run later (see `worker::wake_when_due`).
+    pub(crate) fn scheduled(&self) -> &std::sync::Arc<tokio::sync::Notify> {
+        &self.scheduled
     }
 
     pub fn queue(&self) -> &str {

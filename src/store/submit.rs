@@ -44,6 +44,10 @@ impl Store {
                 "injected fault: this group commit fails".into(),
             ));
         }
+        let reqs_later = reqs
+            .iter()
+            .flat_map(|r| &r.rows)
+            .any(|(_, email, _)| email.send_at.is_some_and(|t| t > now));
         let mut tx = self.db.begin_write().await?;
         // Other nodes commit groups concurrently (PostgreSQL; on SQLite `BEGIN IMMEDIATE` holds
         // the one write lock and these locks are no-ops): hold every idempotency key of this
@@ -155,6 +159,9 @@ impl Store {
             out.push(outcome);
         }
         tx.commit().await?;
+        if reqs_later {
+            self.scheduled.notify_one();
+        }
         Ok(out)
     }
 

@@ -1,6 +1,6 @@
 //! The workers: run the queue's jobs on apalis, one supervised apalis worker per job kind
-//! ([`supervise`], [`Handler`]); this process's liveness lease; the wake-up signal for
-//! in-process submits and PostgreSQL's LISTEN; the janitor loop. Delivery itself (the handler
+//! ([`supervise`], [`Handler`]); this process's liveness lease; the wake-ups (in-process
+//! submits, PostgreSQL's LISTEN, the due timer for delayed jobs); the janitor loop. Delivery itself (the handler
 //! of [`SendJob`]) is in [`deliver`].
 //!
 //! Design choices forced by apalis 1.0 (see STACK-NOTES.md):
@@ -176,6 +176,12 @@ pub async fn run(
         deliverer.node.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(wake_when_due(
+        store.clone(),
+        SendJob::job_type(&q.name),
+        wake.clone(),
+        shutdown.clone(),
+    ));
     if let Db::Pg(pool, _) = store.db() {
         tokio::spawn(listen_for_jobs(
             pool.clone(),
@@ -290,6 +296,54 @@ async fn supervise<K: JobKind, H: Handler<K>>(
 /// did no better.
 fn window(q: &QueueSettings) -> usize {
     q.concurrency + q.batch_size
+}
+
+/// How long the due timer trusts what it read: it reads again this often even when this
+/// process scheduled nothing (another process may have: PostgreSQL, or the CLI on SQLite).
+const DUE_RECHECK: Duration = Duration::from_secs(5);
+
+/// Wakes this process's idle workers when the next delayed job (a retry's backoff, a
+/// `send_at`) falls due: a timer set for the earliest pending run time, read again after each
+/// commit that scheduled one (`Store::scheduled`) and every [`DUE_RECHECK`]. So a retry runs
+/// on time without the workers polling; `queue.poll_interval_ms` is only the backstop.
+async fn wake_when_due(store: Store, job_type: String, wake: Arc<Wake>, shutdown: Shutdown) {
+    let now_s = || time::OffsetDateTime::now_utc().unix_timestamp();
+    // Jobs due at or before this second have had their wake-up.
+    let mut horizon = now_s();
+    loop {
+        let next = match crate::queue::table::next_due(store.db(), &job_type, horizon).await {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %StoreError::from(e), "cannot read when the next job is due; will try again");
+                None
+            }
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let wait = match next {
+            Some(t) if t <= now.unix_timestamp() => {
+                horizon = now.unix_timestamp();
+                wake.notify();
+                continue;
+            }
+            Some(t) => {
+                let until = time::OffsetDateTime::from_unix_timestamp(t).unwrap_or(now) - now;
+                Duration::try_from(until)
+                    .unwrap_or_default()
+                    .min(DUE_RECHECK)
+            }
+            None => DUE_RECHECK,
+        };
+        tokio::select! {
+            _ = shutdown.clone() => return,
+            _ = store.scheduled().notified() => {}
+            _ = tokio::time::sleep(wait) => {
+                if next.is_some_and(|t| t <= now_s()) {
+                    horizon = now_s();
+                    wake.notify();
+                }
+            }
+        }
+    }
 }
 
 /// PostgreSQL: wakes this process's idle workers when any process queues a job that is due

@@ -123,7 +123,11 @@ async fn a_4xx_reply_is_retried_after_the_backoff_then_sent_with_both_attempts_r
     let smtp = SmtpServer::start().await;
     smtp.script_data_replies(&["451 4.3.0 Mailbox busy, try later"]);
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(settings(dir.path(), smtp.port())).await;
+    let mut s = settings(dir.path(), smtp.port());
+    // No polling to speak of: the retry must be taken by the due timer.
+    s.queue.poll_interval_ms = 600_000;
+    s.queue.heartbeat_secs = 60; // apalis fetches after each heartbeat too
+    let app = App::start(s).await;
 
     let id = app
         .submit(NewEmail::text("a@example.com", "Hi", "Hello"))
@@ -283,7 +287,11 @@ async fn high_priority_jumps_the_queue() {
 async fn send_at_is_honoured_to_the_second() {
     let smtp = SmtpServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(settings(dir.path(), smtp.port())).await;
+    let mut s = settings(dir.path(), smtp.port());
+    // No polling to speak of: the email must be taken by the due timer.
+    s.queue.poll_interval_ms = 600_000;
+    s.queue.heartbeat_secs = 60; // apalis fetches after each heartbeat too
+    let app = App::start(s).await;
     let send_at = OffsetDateTime::now_utc() + time::Duration::milliseconds(2500);
     let mut e = NewEmail::text("a@example.com", "Later", "x");
     e.send_at = Some(send_at);
