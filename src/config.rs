@@ -39,6 +39,11 @@ pub struct Settings {
     /// IMAP mailboxes the watcher reads (`[[mailboxes]]`); none by default.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mailboxes: Vec<MailboxSettings>,
+    /// How webhooks are sent (`[webhook]`).
+    pub webhook: crate::webhooks::WebhookTuning,
+    /// Webhook endpoints (`[[webhooks]]`); none by default.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<crate::webhooks::WebhookSettings>,
 }
 
 const ENV_PREFIX: &str = "POSTBOX_";
@@ -93,6 +98,7 @@ fn secret_env_names(table: &toml::Table) -> Vec<String> {
         }
     };
     collect(table.get("mailboxes"), "password_env");
+    collect(table.get("webhooks"), "secret_env");
     collect(table.get("api").and_then(|a| a.get("tokens")), "token_env");
     out
 }
@@ -193,6 +199,7 @@ impl Settings {
         self.log.validate()?;
         self.api.validate()?;
         self.cluster.validate()?;
+        self.webhook.validate()?;
         if self.queue.stuck_after_secs <= self.smtp.command_timeout_secs * 4 {
             return Err(ConfigError::new(
                 "queue.stuck_after_secs",

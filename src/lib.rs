@@ -17,7 +17,9 @@
 //! telemetry.rs  [log] section, tracing init
 //! domain/       email.rs: NewEmail -> Email::parse (validated; every error names its field);
 //!               address.rs; ids.rs (EmailId, Priority, EmailStatus); limits.rs ([limits],
-//!               Senders from delivery.allowed_from); bounded.rs (bounded deserialization)
+//!               Senders from delivery.allowed_from); bounded.rs (bounded deserialization);
+//!               lifecycle.rs: THE state machine as one table (Step -> from states, to state,
+//!               timeline entry, EventType), the SQL guards built from it
 //! render/       askama templates (templates/emails/<kind>/) -> Rendered { subject, text, html }
 //! metrics.rs    Prometheus names and label sets
 //! queue/        the job queue: every statement on apalis's tables (table.rs: setup, push inside
@@ -28,6 +30,8 @@
 //!               (group commit), batch.rs (Recorder: claims and completions of deliveries,
 //!               batched into one transaction), lifecycle.rs (defer, cancel, retry), reads.rs
 //!               (reports, listings, stats), janitor.rs, group.rs (the group committer),
+//!               events.rs (the events feed read from the timeline by Cursor; webhook
+//!               endpoints, their place in the feed and their deliveries),
 //!               inbound.rs (watcher positions, hits, alert groups, leases);
 //!               [database] and [retention] sections; StoreError::fault() decides Busy / Full /
 //!               Unavailable from the drivers' codes, once
@@ -37,11 +41,16 @@
 //!               lease; wake-ups: on submit, by PostgreSQL LISTEN, and the due timer for
 //!               delayed jobs (wake_when_due); the janitor loop;
 //!               deliver.rs: Deliverer, the handler of SendJob
+//! webhooks/     [[webhooks]] and [webhook] sections; sign.rs (Standard Webhooks signatures,
+//!               whsec_ secrets); client.rs (HTTP/1.1 POSTs over hyper, keep-alive, bounded
+//!               answers); dispatch.rs (one dispatcher per endpoint, under a lease: due
+//!               retries + events after its place, signed POSTs, ONE transaction per round)
 //! postbox.rs    Postbox, the facade every entry point calls: submit, status, list, cancel,
 //!               retry, stats, run_workers; run / run_watchers / serve_api delegate to Roles
 //! api/          HTTP (axum over our hyper server.rs: timeouts, connection cap): routes and
 //!               OpenAPI from one declaration, auth.rs (tokens, rate limits, failed logins,
-//!               open-mode Host/Origin checks), body.rs (JSON bodies, bounded), wire.rs (every
+//!               open-mode Host/Origin checks), body.rs (JSON bodies, bounded), events.rs (the
+//!               events feed, webhook endpoints and deliveries), wire.rs (every
 //!               request and response body), error.rs (errors as JSON); ui/ the /ui dashboard:
 //!               pages in mod.rs, views.rs (templates), session.rs (sessions, CSRF, Authed);
 //!               [api] section
@@ -51,8 +60,9 @@
 //! config.rs     Settings: defaults <- TOML file <- POSTBOX_* env, the sections above merged;
 //!               errors name the key
 //! runtime.rs    the composition root: Runtime::build resolves secrets, tokens, senders and
-//!               mailboxes once; Postbox::open/start hand each layer its own section; Runtime
-//!               runs the API and the watchers for the facade (Roles)
+//!               mailboxes and webhook secrets once; Postbox::open/start hand each layer its
+//!               own section; Runtime runs the API, the watchers and (where workers run) the
+//!               webhook dispatchers for the facade (Roles)
 //! cli.rs        every CLI command's work (serve | api | worker | send | stats | status |
 //!               cancel | retry | migrate | config check); main.rs only parses and dispatches
 //! ```
@@ -86,7 +96,12 @@
 //!   never runs on a reader.
 //! - A job is acked in the transaction that records what it did (`store/batch.rs`,
 //!   `Store::defer`): apalis's own lock and ack statements are off (`worker::supervise`).
-//! - Every status change writes its timeline entry in the same transaction (`store/lifecycle.rs`).
+//! - Every status change writes its timeline entry in the same transaction (`store/lifecycle.rs`),
+//!   and which change is allowed, and what it writes, is `domain::lifecycle::TABLE` alone: the
+//!   store's status statements are built from it.
+//! - The timeline is the events outbox: an event exists exactly when its change committed; a
+//!   webhook endpoint's place in the feed advances in the transaction that records what its
+//!   POSTs got (`store/events.rs`), so a crash resends, never skips (same `webhook-id`).
 //! - Retry or fail: an SMTP reply is classified only by `delivery::classify`; a connection or
 //!   TLS failure before any reply is temporary (`delivery/pool.rs`); a render error or a panic
 //!   is permanent (`worker/deliver.rs`); when retries stop is `RetryPolicy`'s alone. Backoff is
@@ -121,6 +136,7 @@ pub(crate) mod settings;
 mod shutdown;
 pub mod store;
 pub(crate) mod telemetry;
+pub mod webhooks;
 mod worker;
 
 pub use config::Settings;

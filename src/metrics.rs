@@ -13,6 +13,7 @@
 //! | `postbox_smtp_replies_total` | counter | code (`250`, `451`, `none` for network errors) |
 //! | `postbox_interrupted_sends_total` | counter (resends of an attempt a crash cut off) | |
 //! | `postbox_write_batch_size` | histogram (claims / completions per transaction) | kind |
+//! | `postbox_webhook_deliveries_total` | counter (POSTs: delivered, retry, failed, gone) | webhook, result |
 //! | `postbox_mailbox_connected` | gauge | mailbox |
 //! | `postbox_mailbox_messages_scanned_total` | counter | mailbox |
 //! | `postbox_mailbox_rule_matches_total` | counter | mailbox, rule |
@@ -72,6 +73,10 @@ fn describe() {
     describe_counter!(
         "postbox_emails_submitted_total",
         "Emails accepted into the queue."
+    );
+    describe_counter!(
+        "postbox_webhook_deliveries_total",
+        "Webhook POSTs by outcome: delivered, retry (will be retried), failed (retries spent), gone (410: endpoint disabled)."
     );
     describe_counter!(
         "postbox_emails_sent_total",

@@ -291,6 +291,73 @@ impl Postbox {
         self.inner.store.throughput(minutes).await
     }
 
+    /// Events after `after` in the feed (oldest first), and where the next page starts.
+    pub async fn events(
+        &self,
+        after: crate::store::Cursor,
+        limit: u32,
+    ) -> Result<crate::store::EventPage, StoreError> {
+        self.inner.store.events_after(after, limit).await
+    }
+
+    /// Every event of one email (None: no such email).
+    pub async fn email_events(
+        &self,
+        id: &EmailId,
+    ) -> Result<Option<Vec<crate::store::Event>>, StoreError> {
+        let events = self.inner.store.email_events(id).await?;
+        if events.is_empty() && self.inner.store.email(id).await?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(events))
+    }
+
+    /// The webhook endpoints (config and API), with their health.
+    pub async fn webhooks(&self) -> Result<Vec<crate::store::WebhookRow>, StoreError> {
+        self.inner.store.webhooks().await
+    }
+
+    pub async fn webhook(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::store::WebhookRow>, StoreError> {
+        self.inner.store.webhook(name).await
+    }
+
+    /// Adds or replaces an API endpoint (false: the name is the config's).
+    pub async fn put_webhook(&self, spec: &crate::store::WebhookSpec) -> Result<bool, StoreError> {
+        self.inner.store.put_webhook(spec).await
+    }
+
+    /// Removes an API endpoint (false: none by that name, or it is the config's).
+    pub async fn delete_webhook(&self, name: &str) -> Result<bool, StoreError> {
+        self.inner.store.delete_webhook(name).await
+    }
+
+    /// Enables a disabled endpoint again (false: none by that name).
+    pub async fn enable_webhook(&self, name: &str) -> Result<bool, StoreError> {
+        self.inner.store.enable_webhook(name).await
+    }
+
+    /// An endpoint's latest deliveries, newest first.
+    pub async fn webhook_deliveries(
+        &self,
+        name: &str,
+        limit: u32,
+    ) -> Result<Vec<crate::store::DeliveryRecord>, StoreError> {
+        self.inner.store.webhook_deliveries(name, limit).await
+    }
+
+    /// Sends one delivery of an endpoint again now (false: no such delivery).
+    pub async fn redeliver(&self, name: &str, id: i64) -> Result<bool, StoreError> {
+        self.inner.store.redeliver(name, id).await
+    }
+
+    /// How many events an endpoint has still to read.
+    pub async fn webhook_lag(&self, name: &str) -> Result<i64, StoreError> {
+        self.inner.store.webhook_lag(name).await
+    }
+
     /// Every watched mailbox's position, health and per-rule counts.
     pub async fn mailboxes(&self) -> Result<Vec<crate::store::MailboxStatus>, StoreError> {
         self.inner.store.mailboxes().await

@@ -30,6 +30,8 @@ pub struct Runtime {
     /// The API's bearer tokens (none: the API is open, and loopback only).
     pub tokens: Vec<ResolvedToken>,
     pub mailboxes: Vec<Arc<Mailbox>>,
+    /// The config's webhook endpoints, secrets resolved.
+    pub webhooks: Vec<crate::webhooks::Endpoint>,
 }
 
 impl Runtime {
@@ -53,6 +55,7 @@ impl Runtime {
         let senders = settings.delivery.senders()?;
         let tokens = settings.api.resolve_tokens(env)?;
         let mailboxes = crate::inbound::compile(&settings.mailboxes, env)?;
+        let webhooks = crate::webhooks::compile(&settings.webhooks, env)?;
         // An alert is an ordinary email: recipients past the limit would fail it at send time.
         let max = settings.limits.max_recipients;
         for (i, mb) in mailboxes.iter().enumerate() {
@@ -87,6 +90,7 @@ impl Runtime {
             senders,
             tokens,
             mailboxes,
+            webhooks,
         })
     }
 }
@@ -167,6 +171,23 @@ impl Roles for Runtime {
                     }
                 }
             });
+            // Every role records the config's endpoints (so an endpoint sees the events of
+            // emails submitted from its first start on); they are sent where deliveries run.
+            let hooks = tokio::spawn({
+                let (me, pb, sd) = (self.clone(), pb.clone(), shutdown.clone());
+                async move {
+                    crate::webhooks::run(
+                        pb.store().clone(),
+                        me.webhooks.clone(),
+                        me.settings.webhook.clone(),
+                        pb.node().to_string(),
+                        Duration::from_secs(me.settings.cluster.lease_secs),
+                        workers,
+                        sd,
+                    )
+                    .await;
+                }
+            });
             let watch = tokio::spawn({
                 let (me, pb, sd) = (self.clone(), pb.clone(), shutdown.clone());
                 async move {
@@ -175,8 +196,8 @@ impl Roles for Runtime {
                     }
                 }
             });
-            let (http, work, watch) = tokio::join!(http, work, watch);
-            for r in [work, watch] {
+            let (http, work, watch, hooks) = tokio::join!(http, work, watch, hooks);
+            for r in [work, watch, hooks] {
                 if let Err(e) = r {
                     tracing::error!(error = %e, "a role's task failed");
                 }

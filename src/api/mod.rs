@@ -10,6 +10,7 @@ mod auth;
 mod body;
 mod emails;
 mod error;
+mod events;
 mod meta;
 mod server;
 mod settings;
@@ -75,6 +76,7 @@ pub struct ApiState {
     tags(
         (name = "emails", description = "Submit and follow emails"),
         (name = "templates", description = "Built-in templates"),
+        (name = "events", description = "What became of each email: the events feed and signed webhooks"),
         (name = "operations", description = "Stats, health and this document")
     )
 )]
@@ -134,6 +136,13 @@ fn build(
         .routes(routes!(meta::preview_template))
         .routes(routes!(meta::stats))
         .routes(routes!(meta::mailboxes))
+        .routes(routes!(events::list_events))
+        .routes(routes!(events::email_events))
+        .routes(routes!(events::list_webhooks, events::put_webhook))
+        .routes(routes!(events::delete_webhook))
+        .routes(routes!(events::enable_webhook))
+        .routes(routes!(events::list_deliveries))
+        .routes(routes!(events::redeliver))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,

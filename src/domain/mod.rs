@@ -9,6 +9,7 @@ pub(crate) mod address;
 pub mod bounded;
 mod email;
 mod ids;
+pub mod lifecycle;
 mod limits;
 
 pub use address::EmailAddress;
@@ -17,6 +18,7 @@ pub use email::{
     NewEmail, TemplateCheck,
 };
 pub use ids::{EmailId, EmailStatus, Priority};
+pub use lifecycle::EventType;
 pub use limits::{Limits, Senders};
 
 use serde::Serialize;

@@ -25,6 +25,7 @@ use super::open::now;
 use super::submit::push_jobs;
 use super::*;
 use crate::db::{DbRow, Tx, sql, values};
+use crate::domain::lifecycle::Step;
 use crate::queue::table;
 
 /// Operations per transaction at most.
@@ -221,6 +222,7 @@ impl Store {
             ));
         }
         tx.commit().await?;
+        self.wrote_events();
         if completions
             .iter()
             .any(|c| matches!(c.finish, Finish::Retry { .. }))
@@ -252,18 +254,20 @@ impl Store {
             .collect();
         let mut q = sql(format!(
             "UPDATE postbox_emails
-                SET status = 'sending', attempts = attempts + 1,
+                SET status = '{to}', attempts = attempts + 1,
                     interrupted = CASE WHEN status = 'sending' THEN 1 ELSE 0 END, updated_at = $1,
                     claimed_by = $2
               WHERE id IN ({}) AND job_seq = CASE id{} END
-                AND status IN ('queued', 'retrying', 'sending')
+                AND {guard}
                 AND (expires_at IS NULL OR expires_at > $1)
                 AND (status <> 'sending' OR claimed_by IS NULL OR NOT EXISTS
                      (SELECT 1 FROM postbox_leases l
                        WHERE l.name = 'node:' || postbox_emails.claimed_by AND l.expires_at >= $1))
           RETURNING id, spec, message_id, attempts, priority, age_from, interrupted",
             ids.join(", "),
-            cases
+            cases,
+            to = Step::Claim.to(),
+            guard = Step::Claim.guard("status"),
         ));
         q.add(ms(now)).add(node);
         for (id, seq, _) in claims {
@@ -337,11 +341,14 @@ impl Store {
         seq: i64,
         now: time::OffsetDateTime,
     ) -> Result<ClaimResult, StoreError> {
-        let expired = sql("UPDATE postbox_emails
-                SET status = 'expired', job_seq = job_seq + 1, updated_at = $1,
+        let expired = sql(format!(
+            "UPDATE postbox_emails
+                SET status = '{}', job_seq = job_seq + 1, updated_at = $1,
                     next_attempt_at = NULL, last_error = 'expired before it could be delivered'
-              WHERE id = $2 AND job_seq = $3 AND status IN ('queued', 'retrying', 'sending')
-                AND expires_at <= $1")
+              WHERE id = $2 AND job_seq = $3 AND {} AND expires_at <= $1",
+            Step::Expire.to(),
+            Step::Expire.guard("status")
+        ))
         .bind(ms(now))
         .bind(id)
         .bind(seq)
@@ -373,9 +380,11 @@ impl Store {
                     sent_at = v.vsent, updated_at = $1, job_seq = postbox_emails.job_seq + v.vbump
                FROM v
               WHERE postbox_emails.id = v.vid AND postbox_emails.job_seq = v.vseq
-                AND postbox_emails.status = 'sending'
+                AND {}
           RETURNING postbox_emails.id",
-            values(items.len(), COLS, 2)
+            values(items.len(), COLS, 2),
+            // Deliver, Defer and Fail all leave `sending` (the table says so; a test checks).
+            Step::Deliver.guard("postbox_emails.status")
         ));
         q.add(ms(now));
         for c in items {
@@ -442,15 +451,21 @@ fn columns(
     now: time::OffsetDateTime,
 ) -> (&'static str, Option<i64>, Option<String>, Option<i64>, i64) {
     match &c.finish {
-        Finish::Sent => ("sent", None, None, Some(ms(now)), 0),
+        Finish::Sent => (Step::Deliver.to().as_str(), None, None, Some(ms(now)), 0),
         Finish::Retry { at } => (
-            "retrying",
+            Step::Defer.to().as_str(),
             Some(ms(*at)),
             Some(c.rec.smtp_text.clone()),
             None,
             1,
         ),
-        Finish::Failed { reason } => ("failed", None, Some(reason.clone()), None, 0),
+        Finish::Failed { reason } => (
+            Step::Fail.to().as_str(),
+            None,
+            Some(reason.clone()),
+            None,
+            0,
+        ),
     }
 }
 
@@ -462,9 +477,13 @@ async fn fail_claimed(
     reason: &str,
     now: time::OffsetDateTime,
 ) -> Result<(), StoreError> {
-    let n = sql("UPDATE postbox_emails
-            SET status = 'failed', next_attempt_at = NULL, last_error = $1, updated_at = $2
-          WHERE id = $3 AND job_seq = $4 AND status = 'sending'")
+    let n = sql(format!(
+        "UPDATE postbox_emails
+            SET status = '{}', next_attempt_at = NULL, last_error = $1, updated_at = $2
+          WHERE id = $3 AND job_seq = $4 AND {}",
+        Step::Fail.to(),
+        Step::Fail.guard("status")
+    ))
     .bind(reason)
     .bind(ms(now))
     .bind(id)

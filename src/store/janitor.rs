@@ -9,6 +9,7 @@ use super::open::now;
 use super::submit::push_job;
 use super::*;
 use crate::db::sql;
+use crate::domain::lifecycle::Step;
 use crate::queue::table;
 use crate::queue::{JobKind, SendJob};
 
@@ -116,13 +117,15 @@ impl Store {
 
         // 3. Expiry of mail still waiting (a running send is left to finish).
         let mut tx = self.db.begin().await?;
-        let expired = sql(
+        let expired = sql(format!(
             "UPDATE postbox_emails
-                SET status = 'expired', job_seq = job_seq + 1, updated_at = $1, next_attempt_at = NULL,
+                SET status = '{}', job_seq = job_seq + 1, updated_at = $1, next_attempt_at = NULL,
                     last_error = 'expired before it could be delivered'
-              WHERE status IN ('queued', 'retrying') AND expires_at <= $1
+              WHERE {} AND expires_at <= $1
           RETURNING id",
-        )
+            Step::Expire.to(),
+            Step::Expire.guard_from("status", &[EmailStatus::Queued, EmailStatus::Retrying])
+        ))
         .bind(ms(now))
         .fetch_all(&mut tx)
         .await?;
@@ -155,6 +158,11 @@ impl Store {
             // Alerted rule matches age out with the emails (a UIDVALIDITY resync recognises
             // messages by these rows, so only this window is protected from re-alerting).
             sql("DELETE FROM postbox_alert_hits WHERE alert_id IS NOT NULL AND seen_at < $1")
+                .bind(cutoff)
+                .execute(&mut tx)
+                .await?;
+            // Webhook deliveries that are over (delivered, or retries spent) age out alike.
+            sql("DELETE FROM postbox_webhook_deliveries WHERE state <> 'retrying' AND updated_at < $1")
                 .bind(cutoff)
                 .execute(&mut tx)
                 .await?;

@@ -8,6 +8,7 @@ use super::open::now;
 use super::submit::push_job;
 use super::*;
 use crate::db::{On, Tx, sql};
+use crate::domain::lifecycle::Step;
 
 impl Store {
     /// Gives job `<id>:<seq>` up without running it: the email (if still waiting for that job)
@@ -58,10 +59,14 @@ impl Store {
     pub async fn cancel(&self, id: &EmailId, origin: Option<&str>) -> Result<(), TransitionError> {
         let now = now();
         let mut tx = self.db.begin().await.map_err(StoreError::from)?;
-        let res = sql("UPDATE postbox_emails
-                SET status = 'cancelled', job_seq = job_seq + 1, updated_at = $1,
+        let res = sql(format!(
+            "UPDATE postbox_emails
+                SET status = '{}', job_seq = job_seq + 1, updated_at = $1,
                     next_attempt_at = NULL
-              WHERE id = $2 AND status IN ('queued', 'retrying', 'failed')")
+              WHERE id = $2 AND {}",
+            Step::Cancel.to(),
+            Step::Cancel.guard("status")
+        ))
         .bind(ms(now))
         .bind(id.as_str())
         .execute(&mut tx)
@@ -85,6 +90,7 @@ impl Store {
         )
         .await?;
         tx.commit().await.map_err(StoreError::from)?;
+        self.wrote_events();
         Ok(())
     }
 
@@ -92,11 +98,15 @@ impl Store {
     pub async fn retry(&self, id: &EmailId, origin: Option<&str>) -> Result<(), TransitionError> {
         let now = now();
         let mut tx = self.db.begin().await.map_err(StoreError::from)?;
-        let row = sql("UPDATE postbox_emails
-                SET status = 'queued', job_seq = job_seq + 1, attempts = 0, age_from = $1,
+        let row = sql(format!(
+            "UPDATE postbox_emails
+                SET status = '{}', job_seq = job_seq + 1, attempts = 0, age_from = $1,
                     next_attempt_at = NULL, updated_at = $1
-              WHERE id = $2 AND status = 'failed'
-          RETURNING job_seq, priority")
+              WHERE id = $2 AND {}
+          RETURNING job_seq, priority",
+            Step::Requeue.to(),
+            Step::Requeue.guard("status")
+        ))
         .bind(ms(now))
         .bind(id.as_str())
         .fetch_optional(&mut tx)
@@ -129,6 +139,7 @@ impl Store {
         )
         .await?;
         tx.commit().await.map_err(StoreError::from)?;
+        self.wrote_events();
         Ok(())
     }
 
@@ -206,5 +217,31 @@ pub(super) async fn insert_event<'a>(
     .bind(detail)
     .execute(on)
     .await?;
+    Ok(())
+}
+
+/// The `submitted` timeline entries (and so the `email.queued` events) of new emails
+/// `(id, request id)`, in one statement.
+pub(super) async fn insert_submitted(
+    tx: &mut Tx,
+    rows: &[(&str, Option<&str>)],
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let t = Step::Submit.row();
+    let mut q = sql(format!(
+        "INSERT INTO postbox_events (email_id, at, kind, status, detail) VALUES {}",
+        crate::db::values(rows.len(), 5, 1)
+    ));
+    for (id, request_id) in rows {
+        q.add(*id)
+            .add(now_ms)
+            .add(t.entry.unwrap_or("submitted"))
+            .add(t.to.as_str())
+            .add(request_id.map(|r| format!("request {r}")));
+    }
+    q.execute(&mut *tx).await?;
     Ok(())
 }

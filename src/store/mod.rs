@@ -9,6 +9,7 @@
 //! - every status change writes its timeline entry in the same transaction.
 
 mod batch;
+mod events;
 mod group;
 mod inbound;
 mod janitor;
@@ -24,6 +25,10 @@ use time::OffsetDateTime;
 
 pub use crate::db::{Db, Kind};
 pub use batch::{Completion, Recorder};
+pub use events::{
+    Cursor, DeliveryAttempt, DeliveryOutcome, DeliveryRecord, Event, EventData, EventPage,
+    WebhookRow, WebhookSpec,
+};
 pub use group::{GroupCommitter, GroupSettings};
 pub use inbound::{
     AlertBuilder, DueGroup, Health, MailboxPosition, MailboxStatus, NewHit, PendingHit, RuleStatus,

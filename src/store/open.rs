@@ -28,6 +28,9 @@ pub struct Store {
     /// Told after a commit that queued a job for later (a retry's backoff, a `send_at`), so
     /// the worker's due timer looks again for the next run time ([`Store::next_due`]).
     pub(super) scheduled: std::sync::Arc<tokio::sync::Notify>,
+    /// Bumped after each commit that wrote timeline entries (events), so this process's
+    /// webhook dispatchers look at once.
+    pub(super) events: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// How long a refused write keeps `/readyz` not ready (unless a write succeeds sooner).
@@ -150,6 +153,7 @@ impl Store {
             full: Default::default(),
             wal_trouble,
             scheduled: Default::default(),
+            events: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
         })
     }
 
@@ -239,6 +243,15 @@ impl Store {
 
     pub fn kind(&self) -> Kind {
         self.db.kind()
+    }
+
+    /// Changes after each commit in this process that wrote events.
+    pub(crate) fn events_written(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.events.subscribe()
+    }
+
+    pub(super) fn wrote_events(&self) {
+        self.events.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Notified after each commit that queued a job to run later (see `worker::wake_when_due`).

@@ -278,7 +278,16 @@ fn report_from(row: DbRow, events: Vec<DbRow>) -> Result<EmailReport, StoreError
         duration_ms: None,
         detail: request_id.as_ref().map(|r| format!("request {r}")),
     };
-    let timeline = std::iter::once(Ok(submitted))
+    // Emails stored before timeline entries were written at submission have none: theirs is
+    // made up from the row.
+    let has_submitted = events
+        .first()
+        .map(|e| e.get::<String>("kind"))
+        .transpose()?
+        .is_some_and(|k| k == "submitted");
+    let timeline = (!has_submitted)
+        .then_some(Ok(submitted))
+        .into_iter()
         .chain(events.into_iter().map(|e| {
             Ok(TimelineEntry {
                 at: from_ms(e.get("at")?),

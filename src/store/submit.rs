@@ -5,9 +5,11 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+use super::lifecycle::insert_submitted;
 use super::open::now;
 use super::*;
 use crate::db::{Lock, Tx, lock_hash, sql, values};
+use crate::domain::lifecycle::Step;
 use crate::queue::SendJob;
 use crate::queue::table::{self, Push};
 
@@ -159,6 +161,7 @@ impl Store {
             out.push(outcome);
         }
         tx.commit().await?;
+        self.wrote_events();
         if reqs_later {
             self.scheduled.notify_one();
         }
@@ -210,7 +213,7 @@ impl Store {
                     .join(" ");
                 let send_at = email.send_at.map(ms);
                 q.add(id.as_str())
-                    .add("queued")
+                    .add(Step::Submit.to().as_str())
                     .add(email.priority.as_str())
                     .add(spec)
                     .add(message_id.as_str())
@@ -229,9 +232,11 @@ impl Store {
             let inserted: std::collections::HashSet<String> =
                 q.column::<String>(&mut *tx).await?.into_iter().collect();
             let mut jobs = Vec::with_capacity(inserted.len());
-            for ((id, email, _), _) in chunk {
+            let mut entries = Vec::with_capacity(inserted.len());
+            for ((id, email, _), request_id) in chunk {
                 if inserted.contains(id.as_str()) {
                     jobs.push((id.as_str(), 0, email.priority, email.send_at));
+                    entries.push((id.as_str(), *request_id));
                     out.push((id.clone(), true));
                 } else {
                     let existing: Option<String> =
@@ -244,6 +249,7 @@ impl Store {
                 }
             }
             push_jobs(tx, &self.queue, &jobs).await?;
+            insert_submitted(tx, &entries, now_ms).await?;
         }
         Ok(out)
     }

@@ -13,3 +13,4 @@ mod dashboard;
 mod delivery;
 mod process;
 mod watcher;
+mod webhooks;

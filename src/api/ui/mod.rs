@@ -33,6 +33,12 @@ pub fn router() -> Router<ApiState> {
         .route("/ui/emails/{id}/{action}", post(act))
         .route("/ui/dead", get(dead_letters))
         .route("/ui/mailboxes", get(mailboxes))
+        .route("/ui/webhooks", get(webhooks))
+        .route("/ui/webhooks/{name}/enable", post(enable_webhook))
+        .route(
+            "/ui/webhooks/{name}/deliveries/{id}/redeliver",
+            post(redeliver),
+        )
 }
 
 // ---- overview ----------------------------------------------------------------------------
@@ -311,4 +317,84 @@ async fn mailboxes(State(st): State<ApiState>, me: Authed) -> Response {
         nav: nav("mailboxes", &me),
         mailboxes: views,
     })
+}
+
+// ---- webhooks ----------------------------------------------------------------------------
+
+async fn webhooks(State(st): State<ApiState>, me: Authed) -> Response {
+    let list = match st.postbox.webhooks().await {
+        Ok(l) => l,
+        Err(e) => return store_error(e),
+    };
+    let mut hooks = Vec::new();
+    for w in list {
+        let (lag, deliveries) = match (
+            st.postbox.webhook_lag(&w.name).await,
+            st.postbox.webhook_deliveries(&w.name, 20).await,
+        ) {
+            (Ok(l), Ok(d)) => (l, d),
+            (Err(e), _) | (_, Err(e)) => return store_error(e),
+        };
+        hooks.push(WebhookView {
+            lag,
+            failing_since: when_opt(w.failing_since),
+            disabled_at: when_opt(w.disabled_at),
+            deliveries: deliveries
+                .into_iter()
+                .map(|d| {
+                    let at = when(d.updated_at);
+                    (d, at)
+                })
+                .collect(),
+            w,
+        });
+    }
+    page(WebhooksPage {
+        nav: nav("webhooks", &me),
+        hooks,
+    })
+}
+
+/// `POST /ui/webhooks/{name}/enable`.
+async fn enable_webhook(
+    State(st): State<ApiState>,
+    me: Authed,
+    Path(name): Path<String>,
+    UiForm(f): UiForm<CsrfForm>,
+) -> Response {
+    if let Err(r) = me.check_csrf(&f.csrf) {
+        return r.into_response();
+    }
+    let flash = match st.postbox.enable_webhook(&name).await {
+        Ok(true) => {
+            tracing::info!(webhook = %name, token = %me.session.who, "dashboard: webhook enabled");
+            Flash::Done(format!("webhook {name} enabled"))
+        }
+        Ok(false) => Flash::Problem(format!("no webhook named {name}")),
+        Err(e) => Flash::Problem(e.to_string()),
+    };
+    st.sessions.set_flash(&me.id, flash).await;
+    Redirect::to("/ui/webhooks").into_response()
+}
+
+/// `POST /ui/webhooks/{name}/deliveries/{id}/redeliver`.
+async fn redeliver(
+    State(st): State<ApiState>,
+    me: Authed,
+    Path((name, id)): Path<(String, i64)>,
+    UiForm(f): UiForm<CsrfForm>,
+) -> Response {
+    if let Err(r) = me.check_csrf(&f.csrf) {
+        return r.into_response();
+    }
+    let flash = match st.postbox.redeliver(&name, id).await {
+        Ok(true) => {
+            tracing::info!(webhook = %name, delivery = id, token = %me.session.who, "dashboard: redeliver");
+            Flash::Done(format!("delivery {id} of {name} will be sent again"))
+        }
+        Ok(false) => Flash::Problem(format!("no delivery {id} of webhook {name}")),
+        Err(e) => Flash::Problem(e.to_string()),
+    };
+    st.sessions.set_flash(&me.id, flash).await;
+    Redirect::to("/ui/webhooks").into_response()
 }

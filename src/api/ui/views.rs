@@ -161,3 +161,18 @@ pub(super) struct MailboxesPage {
     pub(super) nav: Nav,
     pub(super) mailboxes: Vec<MailboxView>,
 }
+
+pub(super) struct WebhookView {
+    pub(super) w: crate::store::WebhookRow,
+    pub(super) lag: i64,
+    pub(super) failing_since: String,
+    pub(super) disabled_at: String,
+    pub(super) deliveries: Vec<(crate::store::DeliveryRecord, String)>,
+}
+
+#[derive(Template)]
+#[template(path = "ui/webhooks.html")]
+pub(super) struct WebhooksPage {
+    pub(super) nav: Nav,
+    pub(super) hooks: Vec<WebhookView>,
+}

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Webhook benchmark: does sending events slow delivery, and how fast are events dispatched?
+# N emails (default 20000) are queued first (`postbox api`, batches of 1,000), then
+# `postbox worker` delivers them to smtp-sink on 127.0.0.1, twice per sitting each way:
+#   - without webhooks: delivered/s;
+#   - with one endpoint subscribed to every event (a minimal keep-alive HTTP receiver on
+#     127.0.0.1 answering 204): delivered/s, and events/s reaching the receiver (2 per email:
+#     email.queued, email.sent), counted from the worker's start until the last one arrives.
+# Usage: scripts/bench-webhooks.sh [N=20000]. Needs smtp-sink (Debian's postfix; scripts/test.sh
+# installs it). Prints figures; asserts none.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N="${1:-20000}"
+cargo build --locked --release --quiet
+WORK="$(mktemp -d)"
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+SINK_PORT=$(free_port)
+SINK=$(command -v smtp-sink || echo /usr/sbin/smtp-sink)
+"$SINK" -u nobody -c "127.0.0.1:$SINK_PORT" 1000 >/dev/null 2>&1 &
+PIDS+=($!)
+
+# The receiver: counts POSTs; GET /count answers the count.
+cat >"$WORK/receiver.py" <<'PY'
+import asyncio, sys
+count = 0
+class P(asyncio.Protocol):
+    def connection_made(self, t): self.t, self.buf = t, b""
+    def data_received(self, d):
+        global count
+        self.buf += d
+        while True:
+            i = self.buf.find(b"\r\n\r\n")
+            if i < 0: return
+            head = self.buf[:i].decode("latin-1")
+            n = 0
+            for line in head.split("\r\n")[1:]:
+                k, _, v = line.partition(":")
+                if k.strip().lower() == "content-length": n = int(v)
+            if len(self.buf) < i + 4 + n: return
+            self.buf = self.buf[i + 4 + n:]
+            if head.startswith("GET"):
+                body = str(count).encode()
+                self.t.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            else:
+                count += 1
+                self.t.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+async def main():
+    srv = await asyncio.get_running_loop().create_server(P, "127.0.0.1", int(sys.argv[1]))
+    await srv.serve_forever()
+asyncio.run(main())
+PY
+HOOK_PORT=$(free_port)
+python3 "$WORK/receiver.py" "$HOOK_PORT" &
+PIDS+=($!)
+TOKEN="bench-token-0123456789abcdef"
+received() { curl -sf "http://127.0.0.1:$HOOK_PORT/count"; }
+sent() { python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(\"select count(*) from postbox_emails where status='sent'\").fetchone()[0])" "$1"; }
+
+python3 - "$WORK/batch.json" <<'PY'
+import json, sys
+emails = [{"to": [f"user{i}@example.com"], "subject": f"Hello {i}", "text": "Body", "tags": ["bench"]} for i in range(1000)]
+open(sys.argv[1], "w").write(json.dumps({"emails": emails}))
+PY
+
+run() { # label hooks(0|1)
+    local dir="$WORK/$1" port api worker t0 t1 t2 before
+    mkdir -p "$dir"
+    port=$(free_port)
+    {
+        echo "[database]"; echo "url = \"sqlite://$dir/postbox.db\""
+        echo "[api]"; echo "listen = \"127.0.0.1:$port\""
+        echo "[delivery]"; echo 'transport = "smtp"'
+        echo "[smtp]"; echo 'host = "127.0.0.1"'; echo "port = $SINK_PORT"; echo 'tls = "none"'
+        echo "[log]"; echo 'level = "warn"'
+        if [ "$2" = 1 ]; then
+            echo "[[webhooks]]"; echo 'name = "bench"'; echo "url = \"http://127.0.0.1:$HOOK_PORT/hook\""
+            echo 'secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"'
+        fi
+    } >"$dir/postbox.toml"
+    POSTBOX_API__TOKEN=$TOKEN target/release/postbox --config "$dir/postbox.toml" api 2>>"$dir/log" &
+    api=$!
+    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+    for _ in $(seq $((N / 1000))); do
+        curl -sf -o /dev/null "http://127.0.0.1:$port/v1/emails/batch" -H "Authorization: Bearer $TOKEN" \
+            -H 'Content-Type: application/json' --data-binary "@$WORK/batch.json"
+    done
+    kill "$api"; wait "$api" 2>/dev/null || true
+    before=$(received)
+    t0=$(date +%s.%N)
+    target/release/postbox --config "$dir/postbox.toml" worker 2>>"$dir/log" &
+    worker=$!
+    while [ "$(sent "$dir/postbox.db")" -lt "$N" ]; do sleep 0.05; done
+    t1=$(date +%s.%N)
+    if [ "$2" = 1 ]; then
+        while [ $(( $(received) - before )) -lt $((2 * N)) ]; do sleep 0.05; done
+        t2=$(date +%s.%N)
+    fi
+    kill "$worker"; wait "$worker" 2>/dev/null || true
+    python3 - "$1" "$N" "$t0" "$t1" "${t2:-}" <<'PY'
+import sys
+label, n, t0, t1, t2 = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+line = f"{label:22} delivered/s {n / (t1 - t0):7.0f}"
+if t2:
+    line += f"   webhook events/s {2 * n / (float(t2) - t0):7.0f} ({2 * n} events)"
+print(line)
+PY
+}
+
+echo "N = $N emails (queued first, then one worker process delivers)"
+run "without-webhooks-1" 0
+run "with-1-webhook-1" 1
+run "without-webhooks-2" 0
+run "with-1-webhook-2" 1

@@ -1,0 +1,493 @@
+//! Events and webhooks, end to end: `postbox serve` as a child process delivering over real
+//! SMTP (the harness server) and posting webhooks to a real HTTP receiver that verifies each
+//! signature with the Standard Webhooks reference library (Python, from PyPI: not our code).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::AsyncBufReadExt;
+
+use crate::common::http::TestApp;
+use crate::common::{self, SmtpServer, api_port, settings, spawn_serve, wait_for};
+
+const LIMIT: Duration = Duration::from_secs(40);
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const TOKEN: &str = "webhook-test-token-0123456789";
+
+/// The Python receiver (`tests/support/webhook_receiver.py`), killed on drop.
+struct Receiver {
+    child: tokio::process::Child,
+    port: u16,
+    log: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Receiver {
+    async fn start(dir: &Path) -> Receiver {
+        let python = std::env::var("TEST_PYTHON").unwrap_or_else(|_| {
+            panic!(
+                "TEST_PYTHON is not set: run the tests with scripts/test.sh, which makes a venv \
+                 with the Standard Webhooks reference library (standardwebhooks, PyPI)"
+            )
+        });
+        let log = dir.join("webhooks.jsonl");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/webhook_receiver.py");
+        let mut child = tokio::process::Command::new(python)
+            .arg(script)
+            .arg(SECRET)
+            .arg(&log)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the webhook receiver");
+        let out = child.stdout.take().unwrap();
+        let mut line = String::new();
+        tokio::io::BufReader::new(out)
+            .read_line(&mut line)
+            .await
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("port ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("receiver said {line:?}"));
+        Receiver {
+            child,
+            port,
+            log,
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    async fn mode(&self, mode: &str) {
+        let r = self
+            .http
+            .put(format!("http://127.0.0.1:{}/_mode", self.port))
+            .body(mode.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    /// Every request received so far.
+    fn requests(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// The requests answered 2xx (the mode was ok or slow), first of each webhook-id.
+    fn delivered(&self) -> Vec<Value> {
+        let mut seen = HashSet::new();
+        self.requests()
+            .into_iter()
+            .filter(|r| matches!(r["mode"].as_str(), Some("ok" | "slow")))
+            .filter(|r| seen.insert(r["id"].as_str().unwrap().to_string()))
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+fn config(dir: &Path, receiver: &Receiver, extra: &str) -> PathBuf {
+    let path = dir.join("postbox.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[webhook]\ntimeout_secs = 2\nretry_schedule_secs = [1, 1, 1]\npoll_interval_ms = 200\n\
+             {extra}\n\
+             [[webhooks]]\nname = \"app\"\nurl = \"{}\"\nsecret_env = \"HOOK_SECRET\"\n",
+            receiver.url()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(port: u16) -> Api {
+        Api {
+            base: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut rb = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(TOKEN);
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let (s, v) = self.call(reqwest::Method::GET, path, None).await;
+        assert_eq!(s, 200, "{path}: {v}");
+        v
+    }
+
+    async fn submit(&self, to: &str) -> String {
+        let (s, v) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/emails",
+                Some(
+                    json!({"to": [to], "subject": "Hi", "text": "Hello", "tags": ["billing"],
+                            "metadata": {"order": "42"}}),
+                ),
+            )
+            .await;
+        assert_eq!(s, 202, "{v}");
+        v["id"].as_str().unwrap().to_string()
+    }
+}
+
+/// The event types each email got at the receiver, in arrival order of their first delivery.
+fn types_by_email(delivered: &[Value]) -> HashMap<String, Vec<String>> {
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for r in delivered {
+        out.entry(r["email_id"].as_str().unwrap().to_string())
+            .or_default()
+            .push(r["type"].as_str().unwrap().to_string());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_reaches_the_webhook_signed_and_retries_follow_the_schedule() {
+    let smtp = SmtpServer::start().await;
+    smtp.reply_to_rcpt("bounce", "550 5.1.1 no such user");
+    smtp.script_data_replies(&["451 4.3.0 try later"]);
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start(dir.path()).await;
+    let conf = config(dir.path(), &rx, "");
+    let conf = conf.to_str().unwrap();
+    let serve = spawn_serve(
+        dir.path(),
+        smtp.port(),
+        &[
+            ("POSTBOX_CONFIG", conf),
+            ("HOOK_SECRET", SECRET),
+            ("POSTBOX_API__TOKEN", TOKEN),
+        ],
+    );
+    let api = Api::new(api_port(&serve).await);
+
+    // One deferred then sent (the scripted 451), one sent, one dead letter.
+    let retried = api.submit("first@example.com").await;
+    let sent = api.submit("second@example.com").await;
+    let failed = api.submit("bounce@example.com").await;
+    wait_for("all 7 events delivered", LIMIT, || {
+        rx.delivered().len() >= 7
+    })
+    .await;
+    let delivered = rx.delivered();
+    assert!(
+        rx.requests().iter().all(|r| r["verified"] == true),
+        "every signature verifies: {:#?}",
+        rx.requests()
+    );
+    let by_email = types_by_email(&delivered);
+    let mut want: HashMap<String, Vec<String>> = HashMap::new();
+    want.insert(
+        retried.clone(),
+        vec![
+            "email.queued".into(),
+            "email.deferred".into(),
+            "email.sent".into(),
+        ],
+    );
+    want.insert(
+        sent.clone(),
+        vec!["email.queued".into(), "email.sent".into()],
+    );
+    want.insert(
+        failed.clone(),
+        vec!["email.queued".into(), "email.failed".into()],
+    );
+    for (id, types) in &want {
+        let mut got = by_email.get(id).cloned().unwrap_or_default();
+        let mut types = types.clone();
+        got.sort();
+        types.sort();
+        assert_eq!(got, types, "events of {id}: {delivered:#?}");
+    }
+    // The payload carries what an app needs.
+    let fail = delivered
+        .iter()
+        .find(|r| r["type"] == "email.failed")
+        .unwrap();
+    let data = &fail["payload"]["data"];
+    assert_eq!(data["smtp_code"], 550, "{data}");
+    assert_eq!(data["recipients"], json!(["bounce@example.com"]));
+    assert_eq!(data["tags"], json!(["billing"]));
+    assert_eq!(data["metadata"], json!({"order": "42"}));
+
+    // The feed has the same events, in order, with the same ids; and one email's events.
+    let feed = api.get("/v1/events?limit=1000").await;
+    let feed_ids: Vec<&str> = feed["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    let got_ids: HashSet<&str> = delivered
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(feed_ids.len(), 7, "{feed}");
+    assert_eq!(feed_ids.iter().copied().collect::<HashSet<_>>(), got_ids);
+    let next = feed["next"].as_str().unwrap();
+    let rest = api.get(&format!("/v1/events?after={next}")).await;
+    assert_eq!(rest["events"], json!([]), "nothing after the end");
+    let mine = api.get(&format!("/v1/emails/{retried}/events")).await;
+    let types: Vec<&str> = mine["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["email.queued", "email.deferred", "email.sent"]);
+
+    // The receiver fails: the event is retried on the schedule (1 s) until it takes it.
+    rx.mode("500").await;
+    let later = api.submit("third@example.com").await;
+    wait_for("two failed attempts", LIMIT, || {
+        rx.requests()
+            .iter()
+            .filter(|r| r["mode"] == "500" && r["email_id"] == later.as_str())
+            .count()
+            >= 3
+    })
+    .await;
+    rx.mode("ok").await;
+    wait_for("the events of the third email delivered", LIMIT, || {
+        types_by_email(&rx.delivered())
+            .get(&later)
+            .is_some_and(|t| t.len() == 2)
+    })
+    .await;
+    let tries: Vec<f64> = rx
+        .requests()
+        .iter()
+        .filter(|r| r["email_id"] == later.as_str() && r["type"] == "email.queued")
+        .map(|r| r["at"].as_f64().unwrap())
+        .collect();
+    assert!(tries.len() >= 2, "{tries:?}");
+    for w in tries.windows(2) {
+        assert!(
+            w[1] - w[0] >= 0.85,
+            "a retry waited for the schedule's 1 s: {tries:?}"
+        );
+    }
+    let ids: HashSet<String> = rx
+        .requests()
+        .iter()
+        .filter(|r| r["email_id"] == later.as_str() && r["type"] == "email.queued")
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 1, "a retry keeps its webhook-id");
+    let deliveries = api.get("/v1/webhooks/app/deliveries").await;
+    assert!(
+        deliveries["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["state"] == "delivered" && d["attempts"].as_u64() >= Some(2)),
+        "{deliveries}"
+    );
+
+    // 410 Gone disables the endpoint, and it says why.
+    rx.mode("410").await;
+    api.submit("fourth@example.com").await;
+    let mut hooks = Value::Null;
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < LIMIT {
+        hooks = api.get("/v1/webhooks").await;
+        if hooks["webhooks"][0]["disabled_at"].is_string() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let w = &hooks["webhooks"][0];
+    assert!(
+        w["disabled_reason"].as_str().unwrap_or("").contains("410"),
+        "{hooks}"
+    );
+    assert!(w.get("secret").is_none(), "a secret is never listed");
+    // Enabled again, it catches up with what happened meanwhile; the event that met the 410
+    // is a failed delivery, sent again on request.
+    rx.mode("ok").await;
+    let (s, _) = api
+        .call(reqwest::Method::POST, "/v1/webhooks/app/enable", None)
+        .await;
+    assert_eq!(s, 200);
+    let fourth = |t: &str| {
+        rx.delivered().iter().any(|r| {
+            r["type"] == t && r["payload"]["data"]["recipients"] == json!(["fourth@example.com"])
+        })
+    };
+    wait_for("the fourth email's sent event delivered", LIMIT, || {
+        fourth("email.sent")
+    })
+    .await;
+    assert!(!fourth("email.queued"));
+    let deliveries = api.get("/v1/webhooks/app/deliveries").await;
+    let gone = deliveries["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["state"] == "failed" && d["response_code"] == 410)
+        .unwrap_or_else(|| panic!("{deliveries}"));
+    let (s, v) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/webhooks/app/deliveries/{}/redeliver", gone["id"]),
+            None,
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    wait_for("the redelivered event", LIMIT, || fourth("email.queued")).await;
+    drop(serve);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_mid_dispatch_loses_no_event() {
+    const N: usize = 40;
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start(dir.path()).await;
+    rx.mode("slow").await;
+    let conf = config(dir.path(), &rx, "concurrency = 2");
+    let conf = conf.to_str().unwrap();
+    let env = [
+        ("POSTBOX_CONFIG", conf),
+        ("HOOK_SECRET", SECRET),
+        ("POSTBOX_API__TOKEN", TOKEN),
+    ];
+    let serve = spawn_serve(dir.path(), smtp.port(), &env);
+    let api = Api::new(api_port(&serve).await);
+    let mut ids = Vec::new();
+    for i in 0..N {
+        ids.push(api.submit(&format!("u{i}@example.com")).await);
+    }
+    wait_for("some events delivered", LIMIT, || {
+        rx.delivered().len() >= 10
+    })
+    .await;
+    let mut serve = serve;
+    serve.child.start_kill().unwrap(); // SIGKILL, posts in flight
+    serve.child.wait().await.unwrap();
+    let at_kill = rx.delivered().len();
+    assert!(
+        at_kill < 2 * N,
+        "killed mid-dispatch ({at_kill} of {})",
+        2 * N
+    );
+
+    rx.mode("ok").await;
+    let serve = spawn_serve(dir.path(), smtp.port(), &env);
+    wait_for("every email's queued and sent events", LIMIT, || {
+        let by = types_by_email(&rx.delivered());
+        ids.iter().all(|id| {
+            by.get(id).is_some_and(|t| {
+                t.contains(&"email.queued".to_string()) && t.contains(&"email.sent".to_string())
+            })
+        })
+    })
+    .await;
+    assert!(rx.requests().iter().all(|r| r["verified"] == true));
+    drop(serve);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_made_over_the_api_are_checked_and_their_secret_shown_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::start(settings(dir.path(), 1), false).await;
+    for (body, field) in [
+        (json!({"name": "x y", "url": "https://h.example/"}), "name"),
+        (json!({"name": "x", "url": "ftp://h.example/"}), "url"),
+        (json!({"name": "x", "url": "http://h.example/"}), "url"),
+        (
+            json!({"name": "x", "url": "https://h.example/", "events": ["email.opened"]}),
+            "events",
+        ),
+        (
+            json!({"name": "x", "url": "https://h.example/", "secret": "whsec_c2hvcnQ="}),
+            "secret",
+        ),
+        (
+            json!({"name": "x", "url": "https://h.example/", "tags": ["a b"]}),
+            "tags",
+        ),
+    ] {
+        let r = app.post("/v1/webhooks", &body).await;
+        assert_eq!(r.status, 400, "{body}: {}", r.text);
+        assert_eq!(r.error().1.as_deref(), Some(field), "{body}: {}", r.text);
+        assert!(!r.text.contains("c2hvcnQ"), "{}", r.text);
+    }
+    assert_eq!(
+        app.get("/v1/webhooks").await.json,
+        json!({"webhooks": []}),
+        "nothing was saved"
+    );
+    let r = app
+        .post(
+            "/v1/webhooks",
+            &json!({"name": "crm", "url": "https://crm.example/hooks", "events": ["email.sent"]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let secret = r.json["secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    let list = app.get("/v1/webhooks").await;
+    assert_eq!(list.json["webhooks"][0]["name"], "crm");
+    assert_eq!(list.json["webhooks"][0]["source"], "api");
+    assert!(
+        !list.text.contains(&secret[6..]),
+        "the secret is not listed"
+    );
+    let r = app.get("/v1/events?after=junk").await;
+    assert_eq!(
+        (r.status.as_u16(), r.error().1.as_deref()),
+        (400, Some("after"))
+    );
+    let r = app.get("/v1/events?limit=0").await;
+    assert_eq!(
+        (r.status.as_u16(), r.error().1.as_deref()),
+        (400, Some("limit"))
+    );
+    let r = app
+        .raw(reqwest::Method::DELETE, "/v1/webhooks/crm", None, &[])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = app
+        .raw(reqwest::Method::DELETE, "/v1/webhooks/crm", None, &[])
+        .await;
+    assert_eq!(r.status, 404);
+    common::assert_store_consistent(dir.path()).await;
+}
