@@ -78,6 +78,8 @@ pub(crate) trait Roles: Send + Sync + 'static {
 
     fn run_watchers<'a>(self: Arc<Self>, pb: &'a Postbox, shutdown: Shutdown) -> BoxFuture<'a, ()>;
 
+    fn run_webhooks<'a>(self: Arc<Self>, pb: &'a Postbox, shutdown: Shutdown) -> BoxFuture<'a, ()>;
+
     fn serve_api<'a>(
         self: Arc<Self>,
         pb: &'a Postbox,
@@ -247,6 +249,12 @@ impl Postbox {
     /// none is configured). Alerts they raise are delivered by the workers.
     pub async fn run_watchers(&self, shutdown: Shutdown) {
         self.inner.roles.clone().run_watchers(self, shutdown).await
+    }
+
+    /// Sends webhooks (the `[[webhooks]]` endpoints and those added over the API) until
+    /// `shutdown`. `run` does this wherever workers run.
+    pub async fn run_webhooks(&self, shutdown: Shutdown) {
+        self.inner.roles.clone().run_webhooks(self, shutdown).await
     }
 
     /// Runs what `role` says (the API, the workers, the watchers) until `shutdown`; then lets

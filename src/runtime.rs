@@ -126,6 +126,22 @@ impl Postbox {
     }
 }
 
+impl Runtime {
+    /// Records the config's webhook endpoints; then, when `dispatch`, sends webhooks.
+    async fn webhooks_of(&self, pb: &Postbox, dispatch: bool, shutdown: Shutdown) {
+        crate::webhooks::run(
+            pb.store().clone(),
+            self.webhooks.clone(),
+            self.settings.webhook.clone(),
+            pb.node().to_string(),
+            Duration::from_secs(self.settings.cluster.lease_secs),
+            dispatch,
+            shutdown,
+        )
+        .await;
+    }
+}
+
 /// The API and the watchers, run with the settings and resolved parts they need.
 impl Roles for Runtime {
     fn run<'a>(
@@ -175,18 +191,7 @@ impl Roles for Runtime {
             // emails submitted from its first start on); they are sent where deliveries run.
             let hooks = tokio::spawn({
                 let (me, pb, sd) = (self.clone(), pb.clone(), shutdown.clone());
-                async move {
-                    crate::webhooks::run(
-                        pb.store().clone(),
-                        me.webhooks.clone(),
-                        me.settings.webhook.clone(),
-                        pb.node().to_string(),
-                        Duration::from_secs(me.settings.cluster.lease_secs),
-                        workers,
-                        sd,
-                    )
-                    .await;
-                }
+                async move { me.webhooks_of(&pb, workers, sd).await }
             });
             let watch = tokio::spawn({
                 let (me, pb, sd) = (self.clone(), pb.clone(), shutdown.clone());
@@ -213,6 +218,10 @@ impl Roles for Runtime {
     fn run_watchers<'a>(self: Arc<Self>, pb: &'a Postbox, shutdown: Shutdown) -> BoxFuture<'a, ()> {
         let lease = Duration::from_secs(self.settings.cluster.lease_secs);
         crate::inbound::run(pb.clone(), self.mailboxes.clone(), lease, shutdown).boxed()
+    }
+
+    fn run_webhooks<'a>(self: Arc<Self>, pb: &'a Postbox, shutdown: Shutdown) -> BoxFuture<'a, ()> {
+        async move { self.webhooks_of(pb, true, shutdown).await }.boxed()
     }
 
     fn serve_api<'a>(

@@ -194,6 +194,73 @@ subject = '(?P<host>db\d+) disk full'
     b.quit().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_real_browser_see_webhook_deliveries_and_redeliver_one() {
+    use common::webhook::{Receiver, SECRET};
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = SmtpServer::start().await;
+    let rx = Receiver::start(dir.path()).await;
+    let mut s = dashboard_settings(dir.path(), &smtp, vec![]);
+    s.webhooks = vec![
+        toml::from_str(&format!(
+            "name = \"app\"\nurl = \"{}\"\nsecret = \"{SECRET}\"",
+            rx.url()
+        ))
+        .unwrap(),
+    ];
+    let api = TestApp::start(s, true).await.with_token(TOKEN);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let hooks = tokio::spawn({
+        let pb = api.app.postbox.clone();
+        async move {
+            pb.run_webhooks(postbox::shutdown_signal(async move {
+                let _ = stopped.await;
+            }))
+            .await
+        }
+    });
+    let id = submit(&api, "ada@example.com", "Your invoice").await;
+    common::wait_for("queued and sent delivered", Duration::from_secs(20), || {
+        rx.delivered().len() >= 2
+    })
+    .await;
+
+    let b = Browser::start().await;
+    b.goto(&format!("{}/ui/login", api.base)).await;
+    b.find("#token").await.type_text(TOKEN).await;
+    b.find("#login").await.click().await;
+    b.wait_url("/ui").await;
+    b.goto(&format!("{}/ui/webhooks", api.base)).await;
+    let page = b.find("#webhook-app").await.text().await;
+    assert!(page.contains(&rx.url()) && page.contains("ok"), "{page}");
+    assert_eq!(b.count("tr.delivery").await, 2, "two deliveries listed");
+    assert!(page.contains("delivered") && page.contains("204"), "{page}");
+    b.screenshot(&shots().join("08-webhooks.png")).await;
+    // Redeliver the newest: the receiver gets that event again, with its id.
+    let before = rx.requests().len();
+    b.find("button.redeliver").await.click().await;
+    assert!(
+        b.find("#flash").await.text().await.contains("sent again"),
+        "flash"
+    );
+    common::wait_for("the redelivery", Duration::from_secs(20), || {
+        rx.requests().len() > before
+    })
+    .await;
+    let again = rx.requests()[before].clone();
+    assert_eq!(again["verified"], true);
+    assert_eq!(again["email_id"], id.as_str());
+    let first = rx
+        .requests()
+        .iter()
+        .filter(|r| r["id"] == again["id"])
+        .count();
+    assert_eq!(first, 2, "the same webhook-id twice: {:#?}", rx.requests());
+    b.quit().await;
+    let _ = stop.send(());
+    hooks.await.unwrap();
+}
+
 async fn get_as(api: &TestApp, token: &str, path: &str) -> common::http::Reply {
     let auth = format!("Bearer {token}");
     api.raw(

@@ -7,101 +7,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::AsyncBufReadExt;
 
 use crate::common::http::TestApp;
+use crate::common::webhook::{Receiver, SECRET};
 use crate::common::{self, SmtpServer, api_port, settings, spawn_serve, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(40);
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const TOKEN: &str = "webhook-test-token-0123456789";
-
-/// The Python receiver (`tests/support/webhook_receiver.py`), killed on drop.
-struct Receiver {
-    child: tokio::process::Child,
-    port: u16,
-    log: PathBuf,
-    http: reqwest::Client,
-}
-
-impl Receiver {
-    async fn start(dir: &Path) -> Receiver {
-        let python = std::env::var("TEST_PYTHON").unwrap_or_else(|_| {
-            panic!(
-                "TEST_PYTHON is not set: run the tests with scripts/test.sh, which makes a venv \
-                 with the Standard Webhooks reference library (standardwebhooks, PyPI)"
-            )
-        });
-        let log = dir.join("webhooks.jsonl");
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/webhook_receiver.py");
-        let mut child = tokio::process::Command::new(python)
-            .arg(script)
-            .arg(SECRET)
-            .arg(&log)
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the webhook receiver");
-        let out = child.stdout.take().unwrap();
-        let mut line = String::new();
-        tokio::io::BufReader::new(out)
-            .read_line(&mut line)
-            .await
-            .unwrap();
-        let port = line
-            .trim()
-            .strip_prefix("port ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("receiver said {line:?}"));
-        Receiver {
-            child,
-            port,
-            log,
-            http: reqwest::Client::builder().no_proxy().build().unwrap(),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/hook", self.port)
-    }
-
-    async fn mode(&self, mode: &str) {
-        let r = self
-            .http
-            .put(format!("http://127.0.0.1:{}/_mode", self.port))
-            .body(mode.to_string())
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
-    }
-
-    /// Every request received so far.
-    fn requests(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    /// The requests answered 2xx (the mode was ok or slow), first of each webhook-id.
-    fn delivered(&self) -> Vec<Value> {
-        let mut seen = HashSet::new();
-        self.requests()
-            .into_iter()
-            .filter(|r| matches!(r["mode"].as_str(), Some("ok" | "slow")))
-            .filter(|r| seen.insert(r["id"].as_str().unwrap().to_string()))
-            .collect()
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
 
 fn config(dir: &Path, receiver: &Receiver, extra: &str) -> PathBuf {
     let path = dir.join("postbox.toml");

@@ -6,6 +6,7 @@ pub mod ports;
 pub mod smtp;
 pub mod tls;
 pub mod webdriver;
+pub mod webhook;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

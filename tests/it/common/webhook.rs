@@ -1,0 +1,98 @@
+//! A webhook receiver for the tests: `tests/support/webhook_receiver.py`, which verifies every
+//! signature with the Standard Webhooks reference library (Python, from PyPI: not our code).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tokio::io::AsyncBufReadExt;
+
+/// The secret every test endpoint signs with.
+pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// The Python receiver (`tests/support/webhook_receiver.py`), killed on drop.
+pub struct Receiver {
+    child: tokio::process::Child,
+    pub port: u16,
+    log: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Receiver {
+    pub async fn start(dir: &Path) -> Receiver {
+        let python = std::env::var("TEST_PYTHON").unwrap_or_else(|_| {
+            panic!(
+                "TEST_PYTHON is not set: run the tests with scripts/test.sh, which makes a venv \
+                 with the Standard Webhooks reference library (standardwebhooks, PyPI)"
+            )
+        });
+        let log = dir.join("webhooks.jsonl");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/webhook_receiver.py");
+        let mut child = tokio::process::Command::new(python)
+            .arg(script)
+            .arg(SECRET)
+            .arg(&log)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the webhook receiver");
+        let out = child.stdout.take().unwrap();
+        let mut line = String::new();
+        tokio::io::BufReader::new(out)
+            .read_line(&mut line)
+            .await
+            .unwrap();
+        let port = line
+            .trim()
+            .strip_prefix("port ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("receiver said {line:?}"));
+        Receiver {
+            child,
+            port,
+            log,
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hook", self.port)
+    }
+
+    pub async fn mode(&self, mode: &str) {
+        let r = self
+            .http
+            .put(format!("http://127.0.0.1:{}/_mode", self.port))
+            .body(mode.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// The requests answered 2xx (the mode was ok or slow), first of each webhook-id.
+    pub fn delivered(&self) -> Vec<Value> {
+        let mut seen = HashSet::new();
+        self.requests()
+            .into_iter()
+            .filter(|r| matches!(r["mode"].as_str(), Some("ok" | "slow")))
+            .filter(|r| seen.insert(r["id"].as_str().unwrap().to_string()))
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
