@@ -54,7 +54,9 @@ asyncio.run(main())
 PY
 HOOK_PORT=$(free_port)
 python3 "$WORK/receiver.py" "$HOOK_PORT" &
-PIDS+=($!)
+RECEIVER=$!
+PIDS+=($RECEIVER)
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
 TOKEN="bench-token-0123456789abcdef"
 received() { curl -sf "http://127.0.0.1:$HOOK_PORT/count"; }
 sent() { python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(\"select count(*) from postbox_emails where status='sent'\").fetchone()[0])" "$1"; }
@@ -89,6 +91,7 @@ run() { # label hooks(0|1)
     done
     kill "$api"; wait "$api" 2>/dev/null || true
     before=$(received)
+    local rcpu0; rcpu0=$(cpu "$RECEIVER")
     t0=$(date +%s.%N)
     target/release/postbox --config "$dir/postbox.toml" worker 2>>"$dir/log" &
     worker=$!
@@ -98,13 +101,15 @@ run() { # label hooks(0|1)
         while [ $(( $(received) - before )) -lt $((2 * N)) ]; do sleep 0.05; done
         t2=$(date +%s.%N)
     fi
+    local wcpu rcpu; wcpu=$(cpu "$worker"); rcpu=$(cpu "$RECEIVER")
     kill "$worker"; wait "$worker" 2>/dev/null || true
-    python3 - "$1" "$N" "$t0" "$t1" "${t2:-}" <<'PY'
+    python3 - "$1" "$N" "$t0" "$t1" "${t2:-}" "$wcpu" "$rcpu0" "$rcpu" <<'PY'
 import sys
 label, n, t0, t1, t2 = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
-line = f"{label:22} delivered/s {n / (t1 - t0):7.0f}"
+wcpu, rcpu = float(sys.argv[6]), float(sys.argv[8]) - float(sys.argv[7])
+line = f"{label:22} delivered/s {n / (t1 - t0):7.0f}   worker CPU {wcpu:5.1f} s"
 if t2:
-    line += f"   webhook events/s {2 * n / (float(t2) - t0):7.0f} ({2 * n} events)"
+    line += f"   webhook events/s {2 * n / (float(t2) - t0):7.0f} ({2 * n} events; receiver CPU {rcpu:4.1f} s)"
 print(line)
 PY
 }

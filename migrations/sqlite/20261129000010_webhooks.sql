@@ -42,7 +42,5 @@ CREATE TABLE IF NOT EXISTS postbox_webhook_deliveries (
 );
 CREATE INDEX IF NOT EXISTS postbox_webhook_deliveries_due
     ON postbox_webhook_deliveries (webhook, next_at) WHERE state = 'retrying';
-CREATE INDEX IF NOT EXISTS postbox_webhook_deliveries_recent
-    ON postbox_webhook_deliveries (webhook, id);
 CREATE INDEX IF NOT EXISTS postbox_webhook_deliveries_updated
     ON postbox_webhook_deliveries (updated_at);

@@ -498,32 +498,37 @@ impl Store {
         let now_t = now();
         let now = ms(now_t);
         let mut tx = self.db.begin_write().await?;
-        for a in attempts {
-            let (state, next_at) = match &a.outcome {
-                DeliveryOutcome::Delivered => ("delivered", None),
-                DeliveryOutcome::Retry(at) => ("retrying", Some(ms(*at))),
-                DeliveryOutcome::Failed | DeliveryOutcome::Gone => ("failed", None),
-            };
-            sql(
+        // Many rows per statement: one round trip for a whole round (10 columns a row: 200
+        // rows stay far below SQLite's parameter limit).
+        for chunk in attempts.chunks(200) {
+            let mut q = sql(format!(
                 "INSERT INTO postbox_webhook_deliveries (webhook, event_seq, attempts, state,
                      next_at, response_code, response, duration_ms, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
+                 VALUES {}
                  ON CONFLICT (webhook, event_seq) DO UPDATE SET attempts = excluded.attempts,
                      state = excluded.state, next_at = excluded.next_at,
                      response_code = excluded.response_code, response = excluded.response,
                      duration_ms = excluded.duration_ms, updated_at = excluded.updated_at",
-            )
-            .bind(name)
-            .bind(a.event_seq)
-            .bind(a.attempts as i64)
-            .bind(state)
-            .bind(next_at)
-            .bind(a.response_code.map(i64::from))
-            .bind(a.response.as_deref())
-            .bind(a.duration_ms)
-            .bind(now)
-            .execute(&mut tx)
-            .await?;
+                crate::db::values(chunk.len(), 10, 1)
+            ));
+            for a in chunk {
+                let (state, next_at) = match &a.outcome {
+                    DeliveryOutcome::Delivered => ("delivered", None),
+                    DeliveryOutcome::Retry(at) => ("retrying", Some(ms(*at))),
+                    DeliveryOutcome::Failed | DeliveryOutcome::Gone => ("failed", None),
+                };
+                q.add(name)
+                    .add(a.event_seq)
+                    .add(a.attempts as i64)
+                    .add(state)
+                    .add(next_at)
+                    .add(a.response_code.map(i64::from))
+                    .add(a.response.as_deref())
+                    .add(a.duration_ms)
+                    .add(now)
+                    .add(now);
+            }
+            q.execute(&mut tx).await?;
         }
         if let Some(c) = after {
             sql(
@@ -595,15 +600,14 @@ impl Store {
         Ok(())
     }
 
-    /// The latest deliveries of `name`, newest first.
+    /// The deliveries of `name`'s latest events, newest first.
     pub async fn webhook_deliveries(
         &self,
         name: &str,
         limit: u32,
     ) -> Result<Vec<DeliveryRecord>, StoreError> {
-        let rows = sql(
-            "SELECT * FROM postbox_webhook_deliveries WHERE webhook = $1 ORDER BY id DESC LIMIT $2",
-        )
+        let rows = sql("SELECT * FROM postbox_webhook_deliveries WHERE webhook = $1
+              ORDER BY event_seq DESC LIMIT $2")
         .bind(name)
         .bind(limit as i64)
         .fetch_all(&self.db)
