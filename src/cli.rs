@@ -59,6 +59,9 @@ pub struct SendArgs {
     expires_at: Option<String>,
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// Send even to addresses on the suppression list (recorded on the timeline).
+    #[arg(long)]
+    ignore_suppression: bool,
 }
 
 /// `postbox config check`: validates and resolves the settings (secrets from the environment,
@@ -336,6 +339,147 @@ pub async fn transition(settings: Settings, id: &str, cancel: bool) -> anyhow::R
     }
 }
 
+/// `postbox suppressions ...`.
+#[derive(clap::Subcommand)]
+pub enum SuppressionsCommand {
+    /// List suppressed addresses (address, reason, since, source email, detail), tab-separated.
+    List {
+        /// Only this reason: hard_bounce, complaint, manual, unsubscribe.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only addresses starting with this.
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+    /// Suppress an address (reason manual unless given).
+    Add {
+        address: String,
+        #[arg(long, default_value = "manual")]
+        reason: String,
+        #[arg(long)]
+        detail: Option<String>,
+    },
+    /// Remove an address from the list.
+    Remove { address: String },
+    /// Every suppression as CSV (address,reason,created_at,expires_at,source_email,detail).
+    Export,
+}
+
+pub async fn suppressions(
+    settings: Settings,
+    command: SuppressionsCommand,
+) -> anyhow::Result<ExitCode> {
+    use crate::store::{SuppressionFilter, SuppressionReason};
+    let reason = |r: &str| {
+        SuppressionReason::parse(r).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--reason: `{r}` is not one of hard_bounce, complaint, manual, unsubscribe"
+            )
+        })
+    };
+    // Bad arguments are refused before the database is opened.
+    let filter_reason = match &command {
+        SuppressionsCommand::List {
+            reason: Some(r), ..
+        } => Some(reason(r)?),
+        _ => None,
+    };
+    if let SuppressionsCommand::Add { reason: r, .. } = &command {
+        reason(r)?;
+    }
+    let pb = open(settings).await?;
+    let res = async {
+        let (csv, prefix) = match &command {
+            SuppressionsCommand::List { prefix, .. } => (false, prefix.clone()),
+            SuppressionsCommand::Export => (true, None),
+            _ => (false, None),
+        };
+        match command {
+            SuppressionsCommand::List { .. } | SuppressionsCommand::Export => {
+                if csv {
+                    println!("address,reason,created_at,expires_at,source_email,detail");
+                }
+                let mut after: Option<String> = None;
+                loop {
+                    let page = pb
+                        .suppressions(&SuppressionFilter {
+                            reason: filter_reason,
+                            prefix: prefix.clone(),
+                            after: after.clone(),
+                            limit: 1000,
+                        })
+                        .await?;
+                    for s in &page {
+                        let created = crate::inbound::rfc3339(s.created_at);
+                        let expires = s
+                            .expires_at
+                            .map(crate::inbound::rfc3339)
+                            .unwrap_or_default();
+                        let source = s.source_email.clone().unwrap_or_default();
+                        let detail = s.detail.clone().unwrap_or_default();
+                        if csv {
+                            println!(
+                                "{},{},{created},{expires},{},{}",
+                                csv_field(&s.address),
+                                s.reason.as_str(),
+                                csv_field(&source),
+                                csv_field(&detail)
+                            );
+                        } else {
+                            println!(
+                                "{}\t{}\t{created}\t{source}\t{detail}",
+                                s.address,
+                                s.reason.as_str()
+                            );
+                        }
+                    }
+                    if page.len() < 1000 {
+                        break;
+                    }
+                    after = page.last().map(|s| s.address.clone());
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            SuppressionsCommand::Add {
+                address,
+                reason: r,
+                detail,
+            } => {
+                let a = crate::domain::EmailAddress::parse(&address)
+                    .map_err(|e| anyhow::anyhow!("address `{address}`: {e}"))?;
+                pb.suppress(&a, reason(&r)?, detail.as_deref(), None)
+                    .await?;
+                println!(
+                    "{} suppressed ({r})",
+                    crate::store::suppression_key(a.address())
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            SuppressionsCommand::Remove { address } => {
+                if pb.unsuppress(&address).await? {
+                    println!("{} removed", crate::store::suppression_key(&address));
+                    Ok(ExitCode::SUCCESS)
+                } else {
+                    eprintln!("error: {address} is not on the suppression list");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+    }
+    .await;
+    pb.close().await;
+    res
+}
+
+/// A CSV field, quoted when it must be (RFC 4180).
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
 async fn open(settings: Settings) -> anyhow::Result<Postbox> {
     let url = crate::config::redact_url(&settings.database.url);
     Postbox::open(settings)
@@ -419,6 +563,7 @@ fn new_email(a: SendArgs) -> Result<NewEmail, String> {
         expires_at: time("expires-at", &a.expires_at)?,
         priority: Priority::parse(&a.priority).map_err(|e| format!("--priority: {e}"))?,
         idempotency_key: a.idempotency_key,
+        ignore_suppression: a.ignore_suppression,
     })
 }
 

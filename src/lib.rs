@@ -31,7 +31,8 @@
 //!               batched into one transaction), lifecycle.rs (defer, cancel, retry), reads.rs
 //!               (reports, listings, stats), janitor.rs, group.rs (the group committer),
 //!               events.rs (the events feed read from the timeline by Cursor; webhook
-//!               endpoints, their place in the feed and their deliveries),
+//!               endpoints, their place in the feed and their deliveries), suppressions.rs
+//!               (the suppression list, read by each claim batch),
 //!               inbound.rs (watcher positions, hits, alert groups, leases);
 //!               [database] and [retention] sections; StoreError::fault() decides Busy / Full /
 //!               Unavailable from the drivers' codes, once
@@ -50,7 +51,7 @@
 //! api/          HTTP (axum over our hyper server.rs: timeouts, connection cap): routes and
 //!               OpenAPI from one declaration, auth.rs (tokens, rate limits, failed logins,
 //!               open-mode Host/Origin checks), body.rs (JSON bodies, bounded), events.rs (the
-//!               events feed, webhook endpoints and deliveries), wire.rs (every
+//!               events feed, webhook endpoints and deliveries), suppressions.rs, wire.rs (every
 //!               request and response body), error.rs (errors as JSON); ui/ the /ui dashboard:
 //!               pages in mod.rs, views.rs (templates), session.rs (sessions, CSRF, Authed);
 //!               [api] section
@@ -64,7 +65,8 @@
 //!               own section; Runtime runs the API, the watchers and (where workers run) the
 //!               webhook dispatchers for the facade (Roles)
 //! cli.rs        every CLI command's work (serve | api | worker | send | stats | status |
-//!               cancel | retry | migrate | config check); main.rs only parses and dispatches
+//!               cancel | retry | suppressions | migrate | config check); main.rs only parses
+//!               and dispatches
 //! ```
 //!
 //! Public to embedders: the facade and its types at the crate root, `config` (every section's

@@ -52,6 +52,11 @@ enum Command {
     Cancel { id: String },
     /// Re-drive a failed email (dead letter).
     Retry { id: String },
+    /// The suppression list: addresses postbox does not send to.
+    Suppressions {
+        #[command(subcommand)]
+        command: cli::SuppressionsCommand,
+    },
     /// Create or upgrade the database schema, then exit.
     Migrate,
     /// Configuration commands.
@@ -96,6 +101,7 @@ fn main() -> ExitCode {
             Command::Status { id, json } => cli::status(settings, &id, json).await,
             Command::Cancel { id } => cli::transition(settings, &id, true).await,
             Command::Retry { id } => cli::transition(settings, &id, false).await,
+            Command::Suppressions { command } => cli::suppressions(settings, command).await,
         }
     });
     match res {

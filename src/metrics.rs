@@ -5,7 +5,7 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `postbox_emails_submitted_total` | counter | priority, template |
-//! | `postbox_emails_sent_total` / `_failed_total` / `_retried_total` | counter | priority, template |
+//! | `postbox_emails_sent_total` / `_failed_total` / `_retried_total` / `_suppressed_total` | counter | priority, template |
 //! | `postbox_queue_depth` | gauge | state (queued, retrying, sending) |
 //! | `postbox_queue_oldest_age_seconds` | gauge | |
 //! | `postbox_submit_seconds` | histogram (submit -> committed) | |
@@ -85,6 +85,10 @@ fn describe() {
     describe_counter!(
         "postbox_emails_failed_total",
         "Emails moved to the dead letters."
+    );
+    describe_counter!(
+        "postbox_emails_suppressed_total",
+        "Emails not sent: every recipient on the suppression list."
     );
     describe_counter!(
         "postbox_emails_retried_total",

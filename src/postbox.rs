@@ -366,6 +366,33 @@ impl Postbox {
         self.inner.store.webhook_lag(name).await
     }
 
+    /// Suppressed addresses, in address order.
+    pub async fn suppressions(
+        &self,
+        f: &crate::store::SuppressionFilter,
+    ) -> Result<Vec<crate::store::Suppression>, StoreError> {
+        self.inner.store.suppressions(f).await
+    }
+
+    /// Adds (or replaces) a suppression: postbox will not send to `address`.
+    pub async fn suppress(
+        &self,
+        address: &crate::domain::EmailAddress,
+        reason: crate::store::SuppressionReason,
+        detail: Option<&str>,
+        expires_at: Option<time::OffsetDateTime>,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .store
+            .suppress(address.address(), reason, detail, expires_at)
+            .await
+    }
+
+    /// Removes a suppression; false if the address was not suppressed.
+    pub async fn unsuppress(&self, address: &str) -> Result<bool, StoreError> {
+        self.inner.store.unsuppress(address).await
+    }
+
     /// Every watched mailbox's position, health and per-rule counts.
     pub async fn mailboxes(&self) -> Result<Vec<crate::store::MailboxStatus>, StoreError> {
         self.inner.store.mailboxes().await

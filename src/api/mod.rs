@@ -14,6 +14,7 @@ mod events;
 mod meta;
 mod server;
 mod settings;
+mod suppressions;
 mod ui;
 pub mod wire;
 
@@ -143,6 +144,11 @@ fn build(
         .routes(routes!(events::enable_webhook))
         .routes(routes!(events::list_deliveries))
         .routes(routes!(events::redeliver))
+        .routes(routes!(
+            suppressions::list_suppressions,
+            suppressions::add_suppression
+        ))
+        .routes(routes!(suppressions::remove_suppression))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,

@@ -85,6 +85,17 @@ pub fn build_message(
     rendered: &Rendered,
     message_id: &str,
 ) -> Result<Message, BuildError> {
+    build_message_for(email, rendered, message_id, &[])
+}
+
+/// [`build_message`] with the recipients `except` (lowercased addresses: suppressed) left out
+/// of the envelope; the headers still name everyone.
+pub fn build_message_for(
+    email: &Email,
+    rendered: &Rendered,
+    message_id: &str,
+    except: &[String],
+) -> Result<Message, BuildError> {
     let mut b = Message::builder()
         .from(email.from.to_mailbox())
         .subject(rendered.subject.clone())
@@ -101,6 +112,21 @@ pub fn build_message(
     }
     for a in &email.bcc {
         b = b.bcc(a.to_mailbox());
+    }
+    if !except.is_empty() {
+        let addr = |a: &crate::domain::EmailAddress| {
+            a.address()
+                .parse::<lettre::Address>()
+                .map_err(|e| BuildError(format!("address {}: {e}", a.address())))
+        };
+        let to = email
+            .recipients()
+            .filter(|a| !except.contains(&a.address().to_lowercase()))
+            .map(addr)
+            .collect::<Result<Vec<_>, _>>()?;
+        let envelope = lettre::address::Envelope::new(Some(addr(&email.from)?), to)
+            .map_err(|e| BuildError(format!("envelope: {e}")))?;
+        b = b.envelope(envelope);
     }
     for (name, value) in &email.headers {
         let name = HeaderName::new_from_ascii(name.clone())

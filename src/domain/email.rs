@@ -119,6 +119,10 @@ pub struct NewEmail {
     /// A key unique per email: submitting it again returns the first email's id.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// Send even to addresses on the suppression list (mail that must go, such as a password
+    /// reset the user just asked for); recorded on the timeline when it matters.
+    #[serde(default)]
+    pub ignore_suppression: bool,
 }
 
 impl NewEmail {
@@ -186,6 +190,8 @@ pub struct Email {
     pub expires_at: Option<OffsetDateTime>,
     pub priority: Priority,
     pub idempotency_key: Option<String>,
+    #[serde(default)]
+    pub ignore_suppression: bool,
 }
 
 /// Checks a template name and its variables (implemented by `render`).
@@ -504,6 +510,7 @@ impl Email {
             expires_at: new.expires_at,
             priority: new.priority,
             idempotency_key: new.idempotency_key,
+            ignore_suppression: new.ignore_suppression,
         })
     }
 

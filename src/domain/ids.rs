@@ -101,6 +101,8 @@ pub enum EmailStatus {
     Failed,
     Cancelled,
     Expired,
+    /// Not sent: every recipient is on the suppression list (final).
+    Suppressed,
 }
 
 impl EmailStatus {
@@ -113,6 +115,7 @@ impl EmailStatus {
             EmailStatus::Failed => "failed",
             EmailStatus::Cancelled => "cancelled",
             EmailStatus::Expired => "expired",
+            EmailStatus::Suppressed => "suppressed",
         }
     }
 
@@ -125,6 +128,7 @@ impl EmailStatus {
             "failed" => EmailStatus::Failed,
             "cancelled" => EmailStatus::Cancelled,
             "expired" => EmailStatus::Expired,
+            "suppressed" => EmailStatus::Suppressed,
             _ => return None,
         })
     }
@@ -133,7 +137,11 @@ impl EmailStatus {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            EmailStatus::Sent | EmailStatus::Failed | EmailStatus::Cancelled | EmailStatus::Expired
+            EmailStatus::Sent
+                | EmailStatus::Failed
+                | EmailStatus::Cancelled
+                | EmailStatus::Expired
+                | EmailStatus::Suppressed
         )
     }
 }

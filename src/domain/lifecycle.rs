@@ -32,16 +32,28 @@ pub enum EventType {
     /// Not sent before its `expires_at`.
     #[serde(rename = "email.expired")]
     Expired,
+    /// Not sent: every recipient is on the suppression list.
+    #[serde(rename = "email.suppressed")]
+    Suppressed,
+    /// A delivery status notification came back after `sent` (data says hard or soft).
+    #[serde(rename = "email.bounced")]
+    Bounced,
+    /// A recipient reported it as spam (an ARF feedback report).
+    #[serde(rename = "email.complained")]
+    Complained,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 6] = [
+    pub const ALL: [EventType; 9] = [
         EventType::Queued,
         EventType::Sent,
         EventType::Deferred,
         EventType::Failed,
         EventType::Cancelled,
         EventType::Expired,
+        EventType::Suppressed,
+        EventType::Bounced,
+        EventType::Complained,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +64,9 @@ impl EventType {
             EventType::Failed => "email.failed",
             EventType::Cancelled => "email.cancelled",
             EventType::Expired => "email.expired",
+            EventType::Suppressed => "email.suppressed",
+            EventType::Bounced => "email.bounced",
+            EventType::Complained => "email.complained",
         }
     }
 
@@ -86,6 +101,8 @@ pub enum Step {
     Cancel,
     /// A person re-drove a dead letter: a fresh retry budget.
     Requeue,
+    /// Every recipient is on the suppression list: not sent.
+    Suppress,
 }
 
 /// A row of the table.
@@ -169,6 +186,21 @@ pub const TABLE: &[Transition] = &[
         event: Some(EventType::Queued),
         why: "postbox retry ID: fresh budget, same Message-ID",
     },
+    Transition {
+        step: Step::Suppress,
+        from: &[Sending],
+        to: Suppressed,
+        entry: Some("suppressed"),
+        event: Some(EventType::Suppressed),
+        why: "every recipient is on the suppression list",
+    },
+];
+
+/// Timeline entries that raise an event without changing the status: what is learnt about an
+/// email after it was sent.
+pub const NOTES: &[(&str, EventType)] = &[
+    ("bounced", EventType::Bounced),
+    ("complained", EventType::Complained),
 ];
 
 impl Step {
@@ -219,6 +251,7 @@ pub fn event_of(kind: &str, status: &str) -> Option<EventType> {
             ("failed", Failed) => Some(EventType::Failed),
             _ => None,
         })
+        .or_else(|| NOTES.iter().find(|(k, _)| *k == kind).map(|(_, e)| *e))
 }
 
 /// The diagram the README shows, one line per row: `from | from -> to  event  why`.
@@ -236,7 +269,11 @@ pub fn diagram() -> String {
                     .join(" | ")
             };
             let event = t.event.map_or("-", EventType::as_str);
-            format!("{from:<27} -> {:<9}  {event:<15}  {}", t.to.as_str(), t.why)
+            format!(
+                "{from:<27} -> {:<10}  {event:<16}  {}",
+                t.to.as_str(),
+                t.why
+            )
         })
         .collect::<Vec<_>>()
         .join("\n")
@@ -246,22 +283,25 @@ pub fn diagram() -> String {
 mod tests {
     use super::*;
 
-    const ALL: [EmailStatus; 7] = [Queued, Sending, Sent, Retrying, Failed, Cancelled, Expired];
+    const ALL: [EmailStatus; 8] = [
+        Queued, Sending, Sent, Retrying, Failed, Cancelled, Expired, Suppressed,
+    ];
 
     /// Every (from, to) pair: allowed exactly where this matrix says so.
     #[test]
     fn every_allowed_and_refused_transition() {
         // rows: from; columns: to, in the order of ALL.
         #[rustfmt::skip]
-        let want: [[bool; 7]; 7] = [
-            //            queued sending sent  retrying failed cancelled expired
-            /* queued */  [false, true,  false, false,  false, true,     true ],
-            /* sending */ [false, true,  true,  true,   true,  false,    true ],
-            /* sent */    [false, false, false, false,  false, false,    false],
-            /* retrying */[false, true,  false, false,  false, true,     true ],
-            /* failed */  [true,  false, false, false,  false, true,     false],
-            /* cancelled*/[false, false, false, false,  false, false,    false],
-            /* expired */ [false, false, false, false,  false, false,    false],
+        let want: [[bool; 8]; 8] = [
+            //             queued sending sent  retrying failed cancelled expired suppressed
+            /* queued */   [false, true,  false, false,  false, true,     true,   false],
+            /* sending */  [false, true,  true,  true,   true,  false,    true,   true ],
+            /* sent */     [false, false, false, false,  false, false,    false,  false],
+            /* retrying */ [false, true,  false, false,  false, true,     true,   false],
+            /* failed */   [true,  false, false, false,  false, true,     false,  false],
+            /* cancelled */[false, false, false, false,  false, false,    false,  false],
+            /* expired */  [false, false, false, false,  false, false,    false,  false],
+            /* suppressed*/[false, false, false, false,  false, false,    false,  false],
         ];
         for (i, from) in ALL.iter().enumerate() {
             for (j, to) in ALL.iter().enumerate() {
@@ -289,7 +329,7 @@ mod tests {
     /// The completions' one statement guards with Deliver's states for all three outcomes.
     #[test]
     fn an_attempts_outcomes_all_leave_sending() {
-        for s in [Step::Deliver, Step::Defer, Step::Fail] {
+        for s in [Step::Deliver, Step::Defer, Step::Fail, Step::Suppress] {
             assert_eq!(s.row().from, &[Sending]);
         }
     }
@@ -314,6 +354,12 @@ mod tests {
         );
         assert_eq!(event_of("expired", "expired"), Some(EventType::Expired));
         assert_eq!(event_of("interrupted", "sending"), None);
+        assert_eq!(
+            event_of("suppressed", "suppressed"),
+            Some(EventType::Suppressed)
+        );
+        assert_eq!(event_of("bounced", "sent"), Some(EventType::Bounced));
+        assert_eq!(event_of("complained", "sent"), Some(EventType::Complained));
         for t in EventType::ALL {
             assert_eq!(EventType::parse(t.as_str()), Some(t));
         }

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::lifecycle::{insert_event, insert_expired, rfc3339};
 use super::open::now;
 use super::submit::push_jobs;
+use super::suppressions::suppressed_among;
 use super::*;
 use crate::db::{DbRow, Tx, sql, values};
 use crate::domain::lifecycle::Step;
@@ -326,9 +327,34 @@ impl Store {
                 priority: Priority::parse(&priority).unwrap_or_default(),
                 age_from: from_ms(row.get("age_from")?),
                 interrupted,
+                suppressed: Vec::new(),
             })));
         }
         table::ack(&mut *tx, self.db.kind(), &done).await?;
+        // Recipients on the suppression list, for every claim at once.
+        let addresses: Vec<String> = out
+            .iter()
+            .filter_map(|c| match c {
+                ClaimResult::Claimed(c) => Some(c),
+                _ => None,
+            })
+            .flat_map(|c| c.email.recipients().map(|a| a.address().to_string()))
+            .collect();
+        if !addresses.is_empty() {
+            let hit = suppressed_among(tx, &addresses, ms(now)).await?;
+            if !hit.is_empty() {
+                for c in out.iter_mut() {
+                    if let ClaimResult::Claimed(c) = c {
+                        c.suppressed = c
+                            .email
+                            .recipients()
+                            .map(|a| suppression_key(a.address()))
+                            .filter(|k| hit.contains(k))
+                            .collect();
+                    }
+                }
+            }
+        }
         Ok(out)
     }
 
@@ -413,13 +439,25 @@ impl Store {
                 let detail = match &c.finish {
                     Finish::Sent => None,
                     Finish::Retry { at } => Some(format!("retry at {}", rfc3339(*at))),
-                    Finish::Failed { reason } => Some(reason.clone()),
+                    Finish::Failed { reason } | Finish::Suppressed { reason } => {
+                        Some(reason.clone())
+                    }
+                };
+                let detail = match (detail, &c.rec.note) {
+                    (Some(d), Some(n)) => Some(format!("{d}; {n}")),
+                    (d, n) => d.or_else(|| n.clone()),
+                };
+                let (kind, attempt) = match c.finish {
+                    Finish::Suppressed { .. } => {
+                        (Step::Suppress.row().entry.unwrap_or("suppressed"), None)
+                    }
+                    _ => ("attempt", Some(c.attempt as i64)),
                 };
                 ev.add(c.id.as_str())
                     .add(ms(c.rec.started_at))
-                    .add("attempt")
+                    .add(kind)
                     .add(columns(c, now).0)
-                    .add(c.attempt as i64)
+                    .add(attempt)
                     .add(c.rec.smtp_code.map(i64::from))
                     .add(c.rec.smtp_text.as_str())
                     .add(c.rec.duration_ms)
@@ -461,6 +499,13 @@ fn columns(
         ),
         Finish::Failed { reason } => (
             Step::Fail.to().as_str(),
+            None,
+            Some(reason.clone()),
+            None,
+            0,
+        ),
+        Finish::Suppressed { reason } => (
+            Step::Suppress.to().as_str(),
             None,
             Some(reason.clone()),
             None,

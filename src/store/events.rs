@@ -21,7 +21,7 @@ use super::open::now;
 use super::*;
 use crate::db::{DbRow, Tx, sql};
 use crate::domain::EventType;
-use crate::domain::lifecycle::{TABLE, event_of};
+use crate::domain::lifecycle::{NOTES, TABLE, event_of};
 
 /// A place in the events feed: everything at or before it has been read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -94,6 +94,7 @@ pub struct EventData {
 fn event_kinds() -> String {
     let mut kinds: Vec<&str> = TABLE.iter().filter_map(|t| t.entry).collect();
     kinds.push("failed");
+    kinds.extend(NOTES.iter().map(|(k, _)| *k));
     kinds.sort_unstable();
     kinds.dedup();
     let list: Vec<String> = kinds.iter().map(|k| format!("'{k}'")).collect();

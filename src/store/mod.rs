@@ -19,6 +19,7 @@ mod reads;
 mod sessions;
 mod settings;
 mod submit;
+mod suppressions;
 
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -38,6 +39,7 @@ pub use inbound::{MAX_LISTED, MAX_SENDERS};
 pub use open::Store;
 pub use sessions::StoredSession;
 pub use settings::{DatabaseSettings, RetentionSettings, Synchronous, is_postgres_url, redact_url};
+pub use suppressions::{Suppression, SuppressionFilter, SuppressionReason, suppression_key};
 
 use crate::domain::{Email, EmailId, EmailStatus, Priority};
 
@@ -127,6 +129,8 @@ pub struct Claim {
     pub age_from: OffsetDateTime,
     /// The previous attempt was cut off by a crash (the row was still `sending`).
     pub interrupted: bool,
+    /// Its recipients on the suppression list now (lowercased addresses).
+    pub suppressed: Vec<String>,
 }
 
 /// What a worker's claim found.
@@ -145,8 +149,16 @@ pub enum ClaimResult {
 #[derive(Debug, Clone)]
 pub enum Finish {
     Sent,
-    Retry { at: OffsetDateTime },
-    Failed { reason: String },
+    Retry {
+        at: OffsetDateTime,
+    },
+    Failed {
+        reason: String,
+    },
+    /// Not sent: every recipient is suppressed (listed in the reason).
+    Suppressed {
+        reason: String,
+    },
 }
 
 /// One attempt's facts for the timeline.
@@ -156,6 +168,8 @@ pub struct AttemptRecord {
     pub duration_ms: i64,
     pub smtp_code: Option<u16>,
     pub smtp_text: String,
+    /// Said on the timeline with the outcome (recipients left out as suppressed, ...).
+    pub note: Option<String>,
 }
 
 /// One timeline entry.

@@ -11,12 +11,13 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::Handler;
 use crate::Shutdown;
-use crate::delivery::{Decision, Mailer, Outcome, RetryPolicy, build_message};
+use crate::delivery::{Decision, Mailer, Outcome, RetryPolicy, build_message_for};
 use crate::domain::address::mask;
 use crate::queue::SendJob;
 use crate::render::render;
 use crate::store::{
     AttemptRecord, Claim, ClaimResult, Completion, Finish, Recorder, Store, StoreError,
+    suppression_key,
 };
 
 /// Everything a delivery needs; shared by all concurrent handler calls.
@@ -162,12 +163,43 @@ impl Deliverer {
                 metrics::counter!("postbox_interrupted_sends_total").increment(1);
                 warn!("previous attempt was interrupted; sending again with the same Message-ID");
             }
+            // The suppression list, as read by the claim: such recipients are left out of the
+            // envelope; if none is left the email is not sent at all.
+            let (skip, note) = suppression_plan(&claim);
+            if !skip.is_empty()
+                && claim
+                    .email
+                    .recipients()
+                    .all(|a| skip.contains(&suppression_key(a.address())))
+            {
+                let rec = AttemptRecord {
+                    started_at: OffsetDateTime::now_utc(),
+                    duration_ms: 0,
+                    smtp_code: None,
+                    smtp_text: String::new(),
+                    note: None,
+                };
+                let finish = Finish::Suppressed {
+                    reason: format!(
+                        "not sent: every recipient is on the suppression list ({})",
+                        skip.join(", ")
+                    ),
+                };
+                if self.record(&claim, &rec, &finish, &task).await? {
+                    let [(_, priority), (_, template)] = crate::metrics::email_labels(&claim.email);
+                    metrics::counter!("postbox_emails_suppressed_total",
+                        "priority" => priority, "template" => template)
+                    .increment(1);
+                    info!("every recipient is suppressed; not sent");
+                }
+                return Ok(());
+            }
             let permit = self.sends.acquire().await.expect("never closed");
             let started_at = OffsetDateTime::now_utc();
             let t0 = Instant::now();
             // A panic (a bug in rendering, MIME building or a transport) fails this email with
             // the reason; nothing else stops.
-            let outcome = match AssertUnwindSafe(self.attempt(&claim)).catch_unwind().await {
+            let outcome = match AssertUnwindSafe(self.attempt(&claim, &skip)).catch_unwind().await {
                 Ok(o) => o,
                 Err(panic) => {
                     let what = crate::telemetry::panic_message(&*panic, "a panic");
@@ -184,6 +216,7 @@ impl Deliverer {
                 duration_ms: t0.elapsed().as_millis() as i64,
                 smtp_code: outcome.code(),
                 smtp_text: outcome.text().to_string(),
+                note,
             };
             let finish = match &outcome {
                 Outcome::Sent { .. } => Finish::Sent,
@@ -219,6 +252,7 @@ impl Deliverer {
                     Finish::Sent => "postbox_emails_sent_total",
                     Finish::Retry { .. } => "postbox_emails_retried_total",
                     Finish::Failed { .. } => "postbox_emails_failed_total",
+                    Finish::Suppressed { .. } => "postbox_emails_suppressed_total",
                 };
                 metrics::counter!(name, "priority" => priority, "template" => template).increment(1);
             }
@@ -228,6 +262,7 @@ impl Deliverer {
                 (Finish::Sent, _) => info!(code = ?rec.smtp_code, ms = rec.duration_ms, to = ?rcpts, "sent"),
                 (Finish::Retry { at }, _) => warn!(code = ?rec.smtp_code, reply = %rec.smtp_text, retry_at = %at, "temporary failure; will retry"),
                 (Finish::Failed { reason }, _) => warn!(code = ?rec.smtp_code, %reason, to = ?rcpts, "failed; moved to dead letters"),
+                (Finish::Suppressed { .. }, _) => info!("suppressed; not sent"),
             }
             Ok(())
         }
@@ -266,8 +301,8 @@ impl Deliverer {
         }
     }
 
-    /// Render, build the MIME message, send.
-    async fn attempt(&self, claim: &Claim) -> Outcome {
+    /// Render, build the MIME message, send (to every recipient but those in `skip`).
+    async fn attempt(&self, claim: &Claim, skip: &[String]) -> Outcome {
         let first = claim.email.to.first().map_or("", |a| a.address());
         if crate::faults::hit(crate::faults::DELIVERY_PANIC, first) {
             panic!("injected fault: the delivery of {} panics", claim.id);
@@ -275,7 +310,8 @@ impl Deliverer {
         match render(&claim.email)
             .map_err(|e| e.to_string())
             .and_then(|r| {
-                build_message(&claim.email, &r, &claim.message_id).map_err(|e| e.to_string())
+                build_message_for(&claim.email, &r, &claim.message_id, skip)
+                    .map_err(|e| e.to_string())
             }) {
             Ok(msg) => self.mailer.send(&msg, claim.id.as_str()).await,
             Err(text) => Outcome::Permanent { code: None, text },
@@ -338,4 +374,25 @@ impl Handler<SendJob> for Deliverer {
     async fn drain(&self) {
         Deliverer::drain(self).await
     }
+}
+
+/// The recipients to leave out (suppressed, unless the email says to ignore the list) and what
+/// the timeline says about it.
+fn suppression_plan(claim: &Claim) -> (Vec<String>, Option<String>) {
+    if claim.suppressed.is_empty() {
+        return (Vec::new(), None);
+    }
+    let list = claim.suppressed.join(", ");
+    if claim.email.ignore_suppression {
+        return (
+            Vec::new(),
+            Some(format!(
+                "suppression list ignored (ignore_suppression) for {list}"
+            )),
+        );
+    }
+    (
+        claim.suppressed.clone(),
+        Some(format!("not sent to {list}: on the suppression list")),
+    )
 }

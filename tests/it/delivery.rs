@@ -713,3 +713,67 @@ async fn a_stored_email_that_cannot_be_read_fails_with_the_reason_instead_of_loo
     assert_eq!(app.sent().len(), 1);
     common::assert_store_consistent(dir.path()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suppressed_recipients_are_left_out_and_an_email_with_none_left_is_not_sent() {
+    use postbox::store::SuppressionReason;
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(settings(dir.path(), smtp.port())).await;
+    let gone = postbox::domain::EmailAddress::parse("Gone@Example.com").unwrap();
+    app.postbox
+        .suppress(&gone, SuppressionReason::HardBounce, Some("test"), None)
+        .await
+        .unwrap();
+
+    // Every recipient suppressed: final `suppressed`, nothing reaches the relay.
+    let none = app
+        .submit(NewEmail::text("gone@example.com", "Hi", "x"))
+        .await;
+    let r = app.wait_status(&none, EmailStatus::Suppressed, LIMIT).await;
+    let last = r.timeline.last().unwrap();
+    assert_eq!(last.kind, "suppressed", "{:#?}", r.timeline);
+    assert!(last.detail.as_deref().unwrap().contains("gone@example.com"));
+    let events = app.postbox.email_events(&none).await.unwrap().unwrap();
+    let types: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(types, ["email.queued", "email.suppressed"]);
+
+    // One of two suppressed: sent to the other only, and the timeline says who was left out.
+    let mut two = NewEmail::text("gone@example.com", "Hi", "x");
+    two.cc = vec!["kept@example.com".into()];
+    let two = app.submit(two).await;
+    let r = app.wait_status(&two, EmailStatus::Sent, LIMIT).await;
+    assert!(
+        r.timeline.iter().any(|e| e
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("not sent to gone@example.com"))),
+        "{:#?}",
+        r.timeline
+    );
+    // Mail that must go: sent to the suppressed address too, and recorded.
+    let mut must = NewEmail::text("gone@example.com", "Reset", "x");
+    must.ignore_suppression = true;
+    let must = app.submit(must).await;
+    let r = app.wait_status(&must, EmailStatus::Sent, LIMIT).await;
+    assert!(
+        r.timeline.iter().any(|e| e
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("ignore_suppression"))),
+        "{:#?}",
+        r.timeline
+    );
+    let got = smtp.received();
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert_eq!(got[0].rcpt_to, vec!["kept@example.com".to_string()]);
+    assert_eq!(got[1].rcpt_to, vec!["gone@example.com".to_string()]);
+
+    // Removed from the list: mail goes again.
+    assert!(app.postbox.unsuppress("GONE@example.com").await.unwrap());
+    let again = app
+        .submit(NewEmail::text("gone@example.com", "Hi", "x"))
+        .await;
+    app.wait_status(&again, EmailStatus::Sent, LIMIT).await;
+    common::assert_store_consistent(dir.path()).await;
+}

@@ -410,3 +410,74 @@ async fn webhooks_made_over_the_api_are_checked_and_their_secret_shown_once() {
     assert_eq!(r.status, 404);
     common::assert_store_consistent(dir.path()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_suppression_list_over_the_api_adds_lists_and_removes_and_names_bad_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = TestApp::start(settings(dir.path(), 1), false).await;
+    for (body, field) in [
+        (json!({"address": "not an address"}), "address"),
+        (
+            json!({"address": "a@example.com", "reason": "angry"}),
+            "reason",
+        ),
+        (
+            json!({"address": "a@example.com", "detail": "x\u{0}y"}),
+            "detail",
+        ),
+    ] {
+        let r = app.post("/v1/suppressions", &body).await;
+        assert_eq!(r.status, 400, "{body}: {}", r.text);
+        assert_eq!(r.error().1.as_deref(), Some(field), "{}", r.text);
+    }
+    for a in ["Zed@Example.com", "amy@example.com", "amos@example.org"] {
+        let r = app
+            .post(
+                "/v1/suppressions",
+                &json!({"address": a, "reason": "complaint"}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    let r = app.get("/v1/suppressions?prefix=AM&limit=1").await;
+    assert_eq!(
+        r.json["suppressions"][0]["address"], "amos@example.org",
+        "{}",
+        r.text
+    );
+    let next = r.json["next"].as_str().unwrap().to_string();
+    let r = app
+        .get(&format!("/v1/suppressions?prefix=am&limit=1&after={next}"))
+        .await;
+    assert_eq!(
+        r.json["suppressions"][0]["address"], "amy@example.com",
+        "{}",
+        r.text
+    );
+    let r = app.get("/v1/suppressions?reason=complaint").await;
+    assert_eq!(r.json["suppressions"].as_array().unwrap().len(), 3);
+    assert_eq!(r.json["suppressions"][2]["address"], "zed@example.com");
+    let r = app.get("/v1/suppressions?reason=nope").await;
+    assert_eq!(
+        (r.status.as_u16(), r.error().1.as_deref()),
+        (400, Some("reason"))
+    );
+    let r = app
+        .raw(
+            reqwest::Method::DELETE,
+            "/v1/suppressions/ZED@example.com",
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = app
+        .raw(
+            reqwest::Method::DELETE,
+            "/v1/suppressions/zed@example.com",
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 404);
+}

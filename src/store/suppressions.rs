@@ -1,0 +1,187 @@
+//! The suppression list: addresses postbox does not send to (hard bounces, complaints, manual
+//! entries, unsubscribes), checked when a worker claims an email, in the claim's transaction.
+
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use super::open::now;
+use super::*;
+use crate::db::{DbRow, Tx, sql};
+
+/// Why an address is suppressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SuppressionReason {
+    HardBounce,
+    Complaint,
+    Manual,
+    Unsubscribe,
+}
+
+impl SuppressionReason {
+    pub const ALL: [SuppressionReason; 4] = [
+        SuppressionReason::HardBounce,
+        SuppressionReason::Complaint,
+        SuppressionReason::Manual,
+        SuppressionReason::Unsubscribe,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SuppressionReason::HardBounce => "hard_bounce",
+            SuppressionReason::Complaint => "complaint",
+            SuppressionReason::Manual => "manual",
+            SuppressionReason::Unsubscribe => "unsubscribe",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SuppressionReason> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// One suppressed address.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Suppression {
+    pub address: String,
+    pub reason: SuppressionReason,
+    /// The email whose bounce or complaint put it here.
+    pub source_email: Option<String>,
+    pub detail: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+/// Which suppressions to list: by reason, by address prefix, after an address (the cursor),
+/// up to `limit`, in address order.
+#[derive(Debug, Clone, Default)]
+pub struct SuppressionFilter {
+    pub reason: Option<SuppressionReason>,
+    pub prefix: Option<String>,
+    pub after: Option<String>,
+    pub limit: u32,
+}
+
+/// The key an address is suppressed under: the addr-spec, lowercased.
+pub fn suppression_key(address: &str) -> String {
+    address.trim().to_lowercase()
+}
+
+/// Of `addresses`, those suppressed now, as keys (one statement per 500).
+pub(super) async fn suppressed_among(
+    tx: &mut Tx,
+    addresses: &[String],
+    now_ms: i64,
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    let mut out = std::collections::HashSet::new();
+    let mut keys: Vec<String> = addresses.iter().map(|a| suppression_key(a)).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    for chunk in keys.chunks(500) {
+        let list: Vec<String> = (2..chunk.len() + 2).map(|i| format!("${i}")).collect();
+        let mut q = sql(format!(
+            "SELECT address FROM postbox_suppressions
+              WHERE address IN ({}) AND (expires_at IS NULL OR expires_at > $1)",
+            list.join(", ")
+        ));
+        q.add(now_ms);
+        for k in chunk {
+            q.add(k.as_str());
+        }
+        out.extend(q.column::<String>(&mut *tx).await?);
+    }
+    Ok(out)
+}
+
+fn suppression_from(row: &DbRow) -> Result<Suppression, StoreError> {
+    let reason: String = row.get("reason")?;
+    Ok(Suppression {
+        address: row.get("address")?,
+        reason: SuppressionReason::parse(&reason).unwrap_or(SuppressionReason::Manual),
+        source_email: row.get("source_email")?,
+        detail: row.get("detail")?,
+        created_at: from_ms(row.get("created_at")?),
+        expires_at: row.get::<Option<i64>>("expires_at")?.map(from_ms),
+    })
+}
+
+/// Adds (or replaces) a suppression inside `tx`.
+pub(super) async fn suppress_in(
+    tx: &mut Tx,
+    address: &str,
+    reason: SuppressionReason,
+    source_email: Option<&str>,
+    detail: Option<&str>,
+    expires_at: Option<OffsetDateTime>,
+) -> Result<(), StoreError> {
+    sql(
+        "INSERT INTO postbox_suppressions (address, reason, source_email, detail, created_at,
+             expires_at) VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (address) DO UPDATE SET reason = excluded.reason,
+             source_email = excluded.source_email, detail = excluded.detail,
+             created_at = excluded.created_at, expires_at = excluded.expires_at",
+    )
+    .bind(suppression_key(address))
+    .bind(reason.as_str())
+    .bind(source_email)
+    .bind(detail)
+    .bind(ms(now()))
+    .bind(expires_at.map(ms))
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+impl Store {
+    pub async fn suppressions(
+        &self,
+        f: &SuppressionFilter,
+    ) -> Result<Vec<Suppression>, StoreError> {
+        let mut q = sql("SELECT * FROM postbox_suppressions WHERE 1 = 1");
+        if let Some(r) = f.reason {
+            q.push(" AND reason = ").push_bind(r.as_str());
+        }
+        if let Some(p) = &f.prefix {
+            let p = suppression_key(p)
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_");
+            q.push(" AND address LIKE ")
+                .push_bind(format!("{p}%"))
+                .push(" ESCAPE '\\'");
+        }
+        if let Some(a) = &f.after {
+            q.push(" AND address > ").push_bind(suppression_key(a));
+        }
+        q.push(" ORDER BY address LIMIT ").push_bind(f.limit as i64);
+        let rows = q.fetch_all(&self.db).await?;
+        rows.iter().map(suppression_from).collect()
+    }
+
+    /// Adds (or replaces) a suppression.
+    pub async fn suppress(
+        &self,
+        address: &str,
+        reason: SuppressionReason,
+        detail: Option<&str>,
+        expires_at: Option<OffsetDateTime>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        suppress_in(&mut tx, address, reason, None, detail, expires_at).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Removes a suppression; false if the address was not suppressed.
+    pub async fn unsuppress(&self, address: &str) -> Result<bool, StoreError> {
+        let n = sql("DELETE FROM postbox_suppressions WHERE address = $1")
+            .bind(suppression_key(address))
+            .execute(&self.db)
+            .await?;
+        Ok(n == 1)
+    }
+}
