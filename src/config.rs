@@ -193,6 +193,7 @@ impl Settings {
         self.queue.validate()?;
         self.retry.validate()?;
         self.delivery.senders()?;
+        self.delivery.return_path()?;
         self.smtp
             .validate(self.delivery.transport == Transport::Smtp)?;
         self.limits.validate()?;
@@ -344,6 +345,7 @@ mod tests {
         let mb = crate::inbound::compile(&s.mailboxes, &|_| Some("x".into())).unwrap();
         assert_eq!(mb[0].rules[0].name, "disk full");
         assert_eq!(mb[0].rules[0].priority, crate::Priority::High);
+        assert_eq!(mb[1].purpose, crate::inbound::Purpose::Bounces);
     }
 
     #[test]

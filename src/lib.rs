@@ -56,7 +56,8 @@
 //!               pages in mod.rs, views.rs (templates), session.rs (sessions, CSRF, Authed);
 //!               [api] section
 //! inbound/      IMAP watchers (async-imap): watcher.rs (IDLE/poll, scans, the lease),
-//!               message.rs (parsing), rules.rs (pure matching), alert grouping; [[mailboxes]]
+//!               message.rs (parsing), rules.rs (pure matching), bounce.rs (DSN / ARF / text
+//!               bounces -> reports, pure) for purpose = "bounces", alert grouping; [[mailboxes]]
 //!               and [cluster] sections (config.rs)
 //! config.rs     Settings: defaults <- TOML file <- POSTBOX_* env, the sections above merged;
 //!               errors name the key

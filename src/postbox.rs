@@ -595,6 +595,7 @@ impl Postbox {
             i.retry.clone(),
             i.node.clone(),
             i.workers.queue.concurrency,
+            i.workers.return_path.clone(),
             shutdown.clone(),
         ));
         worker::run(

@@ -120,6 +120,7 @@ impl Postbox {
                 queue: s.queue.clone(),
                 retention: s.retention.clone(),
                 idempotency_ttl: Duration::from_secs(s.api.idempotency_ttl_hours * 3600),
+                return_path: s.delivery.return_path.clone(),
             },
             roles: Arc::new(rt),
         }))

@@ -85,18 +85,64 @@ pub fn build_message(
     rendered: &Rendered,
     message_id: &str,
 ) -> Result<Message, BuildError> {
-    build_message_for(email, rendered, message_id, &[])
+    let mut b = Message::builder();
+    b = headers(b, email, rendered, message_id)?;
+    body(b, email, rendered)
 }
 
-/// [`build_message`] with the recipients `except` (lowercased addresses: suppressed) left out
-/// of the envelope; the headers still name everyone.
+/// How one email goes out: its id (the `X-Postbox-Id` header, which bounces carry back), the
+/// recipients left out of the envelope (lowercased: suppressed; the headers still name
+/// them) and the envelope sender (a VERP return path; None: the From address).
+#[derive(Debug, Clone, Default)]
+pub struct Outgoing<'a> {
+    pub id: &'a str,
+    pub except: &'a [String],
+    pub return_path: Option<String>,
+}
+
+/// [`build_message`] for one email postbox sends: see [`Outgoing`].
 pub fn build_message_for(
     email: &Email,
     rendered: &Rendered,
     message_id: &str,
-    except: &[String],
+    out: &Outgoing,
 ) -> Result<Message, BuildError> {
-    let mut b = Message::builder()
+    let mut b = Message::builder();
+    if !out.except.is_empty() || out.return_path.is_some() {
+        let addr = |a: &str| {
+            a.parse::<lettre::Address>()
+                .map_err(|e| BuildError(format!("address {a}: {e}")))
+        };
+        let to = email
+            .recipients()
+            .filter(|a| !out.except.contains(&a.address().to_lowercase()))
+            .map(|a| addr(a.address()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let from = match &out.return_path {
+            Some(rp) => addr(rp)?,
+            None => addr(email.from.address())?,
+        };
+        let envelope = lettre::address::Envelope::new(Some(from), to)
+            .map_err(|e| BuildError(format!("envelope: {e}")))?;
+        b = b.envelope(envelope);
+    }
+    if !out.id.is_empty() {
+        b = b.raw_header(HeaderValue::new(
+            HeaderName::new_from_ascii_str("X-Postbox-Id"),
+            out.id.to_string(),
+        ));
+    }
+    b = headers(b, email, rendered, message_id)?;
+    body(b, email, rendered)
+}
+
+fn headers(
+    b: lettre::message::MessageBuilder,
+    email: &Email,
+    rendered: &Rendered,
+    message_id: &str,
+) -> Result<lettre::message::MessageBuilder, BuildError> {
+    let mut b = b
         .from(email.from.to_mailbox())
         .subject(rendered.subject.clone())
         .message_id(Some(message_id.to_string()))
@@ -113,26 +159,19 @@ pub fn build_message_for(
     for a in &email.bcc {
         b = b.bcc(a.to_mailbox());
     }
-    if !except.is_empty() {
-        let addr = |a: &crate::domain::EmailAddress| {
-            a.address()
-                .parse::<lettre::Address>()
-                .map_err(|e| BuildError(format!("address {}: {e}", a.address())))
-        };
-        let to = email
-            .recipients()
-            .filter(|a| !except.contains(&a.address().to_lowercase()))
-            .map(addr)
-            .collect::<Result<Vec<_>, _>>()?;
-        let envelope = lettre::address::Envelope::new(Some(addr(&email.from)?), to)
-            .map_err(|e| BuildError(format!("envelope: {e}")))?;
-        b = b.envelope(envelope);
-    }
     for (name, value) in &email.headers {
         let name = HeaderName::new_from_ascii(name.clone())
             .map_err(|e| BuildError(format!("header {name}: {e}")))?;
         b = b.raw_header(HeaderValue::new(name, value.clone()));
     }
+    Ok(b)
+}
+
+fn body(
+    b: lettre::message::MessageBuilder,
+    email: &Email,
+    rendered: &Rendered,
+) -> Result<Message, BuildError> {
     let body = match (&rendered.text, &rendered.html) {
         (Some(t), Some(h)) => MultiPart::alternative_plain_html(t.clone(), h.clone()),
         (Some(t), None) => MultiPart::mixed().singlepart(SinglePart::plain(t.clone())),

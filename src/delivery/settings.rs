@@ -33,6 +33,11 @@ pub struct DeliverySettings {
     /// (`ops@example.com`). A submit from anyone else is refused, naming `from`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub allowed_from: Vec<String>,
+    /// The envelope sender (MAIL FROM) of every email, with `{id}` replaced by the email's id
+    /// (VERP): `bounces+{id}@example.com`. Bounces then come back to that address and name
+    /// the email they answer. Unset: the From address is the envelope sender.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub return_path: Option<String>,
 }
 
 impl Default for DeliverySettings {
@@ -42,6 +47,7 @@ impl Default for DeliverySettings {
             outbox_dir: PathBuf::from("outbox"),
             default_from: "postbox@localhost".into(),
             allowed_from: Vec::new(),
+            return_path: None,
         }
     }
 }
@@ -60,6 +66,24 @@ pub enum TlsMode {
 
 impl DeliverySettings {
     /// `default_from` and `allowed_from`, checked.
+    /// `return_path`, checked: one `{id}`, and an address once it is filled in.
+    pub fn return_path(&self) -> Result<Option<String>, ConfigError> {
+        let Some(rp) = &self.return_path else {
+            return Ok(None);
+        };
+        let err = |m: &str| ConfigError::new("delivery.return_path", m.to_string());
+        if rp.matches("{id}").count() != 1 {
+            return Err(err("must hold `{id}` once (e.g. bounces+{id}@example.com)"));
+        }
+        let sample = rp.replace("{id}", "01KZZZZZZZZZZZZZZZZZZZZZZZ");
+        let a =
+            EmailAddress::parse(&sample).map_err(|m| err(&format!("is not an address: {m}")))?;
+        if a.address() != sample {
+            return Err(err("must be a bare address (no display name)"));
+        }
+        Ok(Some(rp.clone()))
+    }
+
     pub fn senders(&self) -> Result<Senders, ConfigError> {
         let from = EmailAddress::parse(&self.default_from)
             .map_err(|m| ConfigError::new("delivery.default_from", m))?;

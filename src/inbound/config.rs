@@ -99,6 +99,33 @@ pub struct MailboxSettings {
     pub max_message_bytes: u32,
     #[serde(default)]
     pub rules: Vec<RuleSettings>,
+    /// `alerts` (rules raise alerts) or `bounces` (DSNs and complaints feed the suppression
+    /// list; no rules).
+    #[serde(default)]
+    pub purpose: Purpose,
+    /// A bounces mailbox: this many soft bounces of one address ...
+    #[serde(default = "default_soft_limit")]
+    pub soft_bounce_limit: u32,
+    /// ... within this many hours suppress it.
+    #[serde(default = "default_soft_window")]
+    pub soft_bounce_window_hours: u64,
+}
+
+/// What a watched mailbox is for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Purpose {
+    #[default]
+    Alerts,
+    Bounces,
+}
+
+fn default_soft_limit() -> u32 {
+    3
+}
+
+fn default_soft_window() -> u64 {
+    7 * 24
 }
 
 /// Combines a condition block's tests.
@@ -332,6 +359,8 @@ pub struct Mailbox {
     pub fetch_batch: u32,
     pub max_message_bytes: u32,
     pub rules: Vec<Rule>,
+    pub purpose: Purpose,
+    pub soft_bounces: crate::store::SoftBounceRule,
 }
 
 /// Checks every mailbox and compiles its rules. `env` looks up `password_env` variables.
@@ -500,6 +529,18 @@ pub fn compile(
                 move_to: r.move_to.clone(),
             });
         }
+        if m.purpose == Purpose::Bounces && !m.rules.is_empty() {
+            return Err(err(
+                "rules",
+                "a bounces mailbox has no rules: every DSN and complaint is read".into(),
+            ));
+        }
+        if m.soft_bounce_limit == 0 || m.soft_bounce_window_hours == 0 {
+            return Err(err(
+                "soft_bounce_limit",
+                "soft_bounce_limit and soft_bounce_window_hours must be greater than 0".into(),
+            ));
+        }
         if alert_to.is_empty() {
             return Err(err(
                 "alert_to",
@@ -529,6 +570,11 @@ pub fn compile(
             fetch_batch: m.fetch_batch,
             max_message_bytes: m.max_message_bytes,
             rules,
+            purpose: m.purpose,
+            soft_bounces: crate::store::SoftBounceRule {
+                limit: m.soft_bounce_limit,
+                window: Duration::from_secs(m.soft_bounce_window_hours * 3600),
+            },
         }));
     }
     Ok(out)

@@ -21,6 +21,7 @@
 //! email is created in the same transaction that marks its hits alerted, so a message never
 //! alerts twice.
 
+pub mod bounce;
 pub mod config;
 mod imap;
 pub mod message;
@@ -34,7 +35,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
-pub use config::{ClusterSettings, ImapTls, Mailbox, MailboxSettings, compile};
+pub use config::{ClusterSettings, ImapTls, Mailbox, MailboxSettings, Purpose, compile};
 
 use crate::Postbox;
 use crate::Shutdown;

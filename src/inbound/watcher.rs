@@ -203,6 +203,7 @@ async fn raise_down_alert(
             None,
             0,
             &[hit],
+            None,
             &|g| ctx.build_alert(g),
             Some(&ctx.node),
         )
@@ -378,6 +379,7 @@ async fn scan(
             format!("{first}:{last}")
         };
         let mut hits = Vec::new();
+        let mut bounces: Vec<crate::store::BounceRecord> = Vec::new();
         let mut seen = Vec::new();
         let mut moves: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
         let mut scanned = 0u64;
@@ -406,6 +408,24 @@ async fn scan(
                 warn!(uid, "the server sent no body for this message; skipped");
                 continue;
             };
+            if mb.purpose == super::config::Purpose::Bounces {
+                // A bounce mailbox: reports feed the suppression list; anything else (and
+                // garbage) is passed over.
+                match super::bounce::parse(raw) {
+                    Some(r) => {
+                        debug!(
+                            uid,
+                            format = r.format.as_str(),
+                            recipients = r.recipients.len(),
+                            matched_id = r.email_id.is_some(),
+                            "bounce report"
+                        );
+                        bounces.push(r.into_record());
+                    }
+                    None => debug!(uid, "not a bounce or complaint report; skipped"),
+                }
+                continue;
+            }
             let parsed = message::parse(raw);
             drop(f);
             if crate::faults::hit(crate::faults::WATCHER_PANIC, &mb.name) {
@@ -475,6 +495,7 @@ async fn scan(
                 Some(next),
                 scanned,
                 &hits,
+                Some((&bounces, mb.soft_bounces)),
                 &build,
                 Some(&ctx.node),
             )
@@ -568,7 +589,15 @@ async fn record_one_by_one(
         let build = &build;
         async move {
             store
-                .record_scan(&mb.name, Some(pos), scanned, &hits, build, Some(&ctx.node))
+                .record_scan(
+                    &mb.name,
+                    Some(pos),
+                    scanned,
+                    &hits,
+                    None,
+                    build,
+                    Some(&ctx.node),
+                )
                 .await
         }
     };

@@ -282,12 +282,14 @@ impl Store {
 
     /// Stores one scan in ONE transaction: its hits, the advanced position, the counters, and
     /// the alert emails of every group that is due now (made by `build`).
+    #[allow(clippy::too_many_arguments)]
     pub async fn record_scan(
         &self,
         mailbox: &str,
         pos: Option<MailboxPosition>,
         scanned: u64,
         hits: &[NewHit],
+        bounces: Option<(&[super::BounceRecord], super::SoftBounceRule)>,
         build: AlertBuilder<'_>,
         holder: Option<&str>,
     ) -> Result<ScanOutcome, StoreError> {
@@ -302,6 +304,12 @@ impl Store {
         {
             tx.rollback().await?;
             return Err(StoreError::LeaseLost(mailbox.to_string()));
+        }
+        // A bounce mailbox's reports commit with the position that read them: exactly once.
+        if let Some((reports, rule)) = bounces
+            && !reports.is_empty()
+        {
+            super::suppressions::record_bounces_in(&mut tx, mailbox, reports, rule).await?;
         }
         let mut new_hits = 0u64;
         for h in hits {

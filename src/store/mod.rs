@@ -39,7 +39,10 @@ pub use inbound::{MAX_LISTED, MAX_SENDERS};
 pub use open::Store;
 pub use sessions::StoredSession;
 pub use settings::{DatabaseSettings, RetentionSettings, Synchronous, is_postgres_url, redact_url};
-pub use suppressions::{Suppression, SuppressionFilter, SuppressionReason, suppression_key};
+pub use suppressions::{
+    BounceKind, BounceRecord, BounceReportRow, SoftBounceRule, Suppression, SuppressionFilter,
+    SuppressionReason, suppression_key,
+};
 
 use crate::domain::{Email, EmailId, EmailStatus, Priority};
 

@@ -185,3 +185,207 @@ impl Store {
         Ok(n == 1)
     }
 }
+
+/// When soft bounces suppress an address: `limit` of them within `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SoftBounceRule {
+    pub limit: u32,
+    pub window: std::time::Duration,
+}
+
+/// What a bounce mailbox read about one recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BounceKind {
+    Hard,
+    Soft,
+    Complaint,
+}
+
+impl BounceKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            BounceKind::Hard => "hard",
+            BounceKind::Soft => "soft",
+            BounceKind::Complaint => "complaint",
+        }
+    }
+}
+
+/// One bounce or complaint report, as the store records it.
+#[derive(Debug, Clone)]
+pub struct BounceRecord {
+    /// dsn | arf | heuristic
+    pub format: &'static str,
+    pub email_id: Option<String>,
+    pub message_id: Option<String>,
+    /// (address, kind, enhanced status, diagnostic)
+    pub recipients: Vec<(String, BounceKind, Option<String>, Option<String>)>,
+}
+
+/// Records reports inside `tx` (a bounce mailbox's scan): each recipient's report row (kept
+/// whether it matched an email or not), the suppression it earns (a hard bounce or a
+/// complaint at once; soft bounces once `rule.limit` fall within `rule.window`), and for a
+/// matched email its `bounced` / `complained` timeline entry (its event). Returns how many
+/// recipients matched an email.
+pub(super) async fn record_bounces_in(
+    tx: &mut Tx,
+    mailbox: &str,
+    reports: &[BounceRecord],
+    rule: SoftBounceRule,
+) -> Result<u64, StoreError> {
+    let now_ms = ms(now());
+    let mut matched = 0;
+    for r in reports {
+        // The email it answers: by id (VERP or X-Postbox-Id), else by Message-ID.
+        let mut email: Option<(String, String)> = None;
+        if let Some(id) = &r.email_id {
+            let row = sql("SELECT id, status FROM postbox_emails WHERE id = $1")
+                .bind(id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(row) = row {
+                email = Some((row.get("id")?, row.get("status")?));
+            }
+        }
+        if email.is_none()
+            && let Some(mid) = &r.message_id
+        {
+            let row = sql("SELECT id, status FROM postbox_emails WHERE message_id = $1")
+                .bind(format!("<{mid}>"))
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(row) = row {
+                email = Some((row.get("id")?, row.get("status")?));
+            }
+        }
+        for (address, kind, status, diagnostic) in &r.recipients {
+            let key = suppression_key(address);
+            sql(
+                "INSERT INTO postbox_bounce_reports (mailbox, kind, recipient, status, diagnostic,
+                     email_id, format, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(mailbox)
+            .bind(kind.as_str())
+            .bind(key.as_str())
+            .bind(status.as_deref())
+            .bind(diagnostic.as_deref())
+            .bind(email.as_ref().map(|(id, _)| id.as_str()))
+            .bind(r.format)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+            let source = email.as_ref().map(|(id, _)| id.as_str());
+            let said = match (status, diagnostic) {
+                (Some(s), Some(d)) => format!("{s} {d}"),
+                (Some(s), None) => s.clone(),
+                (None, Some(d)) => d.clone(),
+                (None, None) => String::new(),
+            };
+            let suppress = match kind {
+                BounceKind::Hard => Some((SuppressionReason::HardBounce, said.clone())),
+                BounceKind::Complaint => Some((SuppressionReason::Complaint, said.clone())),
+                BounceKind::Soft => {
+                    sql("INSERT INTO postbox_soft_bounces (address, at) VALUES ($1, $2)")
+                        .bind(key.as_str())
+                        .bind(now_ms)
+                        .execute(&mut *tx)
+                        .await?;
+                    let n: Option<i64> = sql(
+                        "SELECT COUNT(*) FROM postbox_soft_bounces WHERE address = $1 AND at > $2",
+                    )
+                    .bind(key.as_str())
+                    .bind(now_ms - rule.window.as_millis() as i64)
+                    .scalar(&mut *tx)
+                    .await?;
+                    (n.unwrap_or(0) >= i64::from(rule.limit)).then(|| {
+                        (
+                            SuppressionReason::HardBounce,
+                            format!("{} soft bounces; last: {said}", n.unwrap_or(0)),
+                        )
+                    })
+                }
+            };
+            if let Some((reason, detail)) = suppress {
+                suppress_in(tx, &key, reason, source, Some(&detail), None).await?;
+            }
+            if let Some((id, status_now)) = &email {
+                matched += 1;
+                let entry = match kind {
+                    BounceKind::Complaint => "complained",
+                    _ => "bounced",
+                };
+                let detail = format!(
+                    "{} {} from {key}{}",
+                    kind.as_str(),
+                    if *kind == BounceKind::Complaint {
+                        "complaint"
+                    } else {
+                        "bounce"
+                    },
+                    if said.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {said}")
+                    }
+                );
+                sql(
+                    "INSERT INTO postbox_events (email_id, at, kind, status, smtp_text, detail)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(id.as_str())
+                .bind(now_ms)
+                .bind(entry)
+                .bind(status_now.as_str())
+                .bind(status.as_deref())
+                .bind(detail.as_str())
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+    }
+    Ok(matched)
+}
+
+/// A report read from a bounce mailbox, for listings.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct BounceReportRow {
+    pub id: i64,
+    pub mailbox: String,
+    /// hard | soft | complaint
+    pub kind: String,
+    pub recipient: String,
+    pub status: Option<String>,
+    pub diagnostic: Option<String>,
+    /// None: it matched no email (kept, visible).
+    pub email_id: Option<String>,
+    /// dsn | arf | heuristic
+    pub format: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+}
+
+impl Store {
+    /// The latest bounce and complaint reports, newest first.
+    pub async fn bounce_reports(&self, limit: u32) -> Result<Vec<BounceReportRow>, StoreError> {
+        let rows = sql("SELECT * FROM postbox_bounce_reports ORDER BY id DESC LIMIT $1")
+            .bind(limit as i64)
+            .fetch_all(&self.db)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(BounceReportRow {
+                    id: r.get("id")?,
+                    mailbox: r.get("mailbox")?,
+                    kind: r.get("kind")?,
+                    recipient: r.get("recipient")?,
+                    status: r.get("status")?,
+                    diagnostic: r.get("diagnostic")?,
+                    email_id: r.get("email_id")?,
+                    format: r.get("format")?,
+                    created_at: from_ms(r.get("created_at")?),
+                })
+            })
+            .collect()
+    }
+}

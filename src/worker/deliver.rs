@@ -11,7 +11,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::Handler;
 use crate::Shutdown;
-use crate::delivery::{Decision, Mailer, Outcome, RetryPolicy, build_message_for};
+use crate::delivery::{Decision, Mailer, Outcome, Outgoing, RetryPolicy, build_message_for};
 use crate::domain::address::mask;
 use crate::queue::SendJob;
 use crate::render::render;
@@ -27,6 +27,8 @@ use crate::store::{
 /// finish and are recorded. [`Deliverer::drain`] waits for them at shutdown.
 #[derive(Debug)]
 pub struct Deliverer {
+    /// `delivery.return_path` (VERP): the envelope sender, `{id}` filled in.
+    return_path: Option<String>,
     store: Store,
     /// Writes claims and completions, batched with other deliveries'.
     recorder: Recorder,
@@ -75,9 +77,11 @@ impl Deliverer {
         policy: RetryPolicy,
         node: String,
         concurrency: usize,
+        return_path: Option<String>,
         shutdown: Shutdown,
     ) -> Self {
         Self {
+            return_path,
             recorder: Recorder::start(store.clone(), node.clone()),
             store,
             mailer,
@@ -310,7 +314,15 @@ impl Deliverer {
         match render(&claim.email)
             .map_err(|e| e.to_string())
             .and_then(|r| {
-                build_message_for(&claim.email, &r, &claim.message_id, skip)
+                let out = Outgoing {
+                    id: claim.id.as_str(),
+                    except: skip,
+                    return_path: self
+                        .return_path
+                        .as_ref()
+                        .map(|rp| rp.replace("{id}", claim.id.as_str())),
+                };
+                build_message_for(&claim.email, &r, &claim.message_id, &out)
                     .map_err(|e| e.to_string())
             }) {
             Ok(msg) => self.mailer.send(&msg, claim.id.as_str()).await,

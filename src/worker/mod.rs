@@ -45,6 +45,8 @@ pub struct WorkerSettings {
     pub queue: QueueSettings,
     pub retention: RetentionSettings,
     pub idempotency_ttl: Duration,
+    /// `delivery.return_path` (VERP), checked.
+    pub return_path: Option<String>,
 }
 
 /// What runs the jobs of one kind `K`: at most `queue.concurrency + queue.batch_size` jobs

@@ -805,3 +805,145 @@ async fn a_scan_holds_one_message_at_a_time_not_a_whole_batch() {
         "postbox serve peaked at {peak} MiB reading 90 MiB of mail in one batch"
     );
 }
+
+/// A sent-mail bounce in each format, as the MTA writes it (tests/support/bounces/), for the
+/// email `id` to `rcpt`.
+fn bounce(name: &str, id: &str, rcpt: &str, message_id: &str) -> Vec<u8> {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/support/bounces/{name}.eml"));
+    std::fs::read_to_string(path)
+        .unwrap()
+        .replace("{ID}", id)
+        .replace("{RCPT}", rcpt)
+        .replace("{MSGID}", message_id)
+        .replace('\n', "\r\n")
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounces_and_complaints_suppress_the_address_and_raise_the_event() {
+    use postbox::EmailStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let dv = Dovecot::start(&dir.path().join("dovecot"));
+    let smtp = SmtpServer::start().await;
+    let mut mb = mailbox(&dv, "none", true, "", "");
+    mb.purpose = postbox::inbound::Purpose::Bounces;
+    let mut s = common::settings(dir.path(), smtp.port());
+    s.delivery.return_path = Some("bounces+{id}@example.test".into());
+    s.mailboxes = vec![mb];
+    s.validate().unwrap();
+    let app = App::start(s).await;
+    let mut watchers = common::Watchers::start(&app.postbox);
+    dovecot::wait_watcher(&app.postbox, "connected", Duration::from_secs(10)).await;
+
+    // One sent email per format; each report answers one.
+    let formats = [
+        "postfix", "exim", "exchange", "gmail", "qmail", "arf", "delayed",
+    ];
+    let mut sent = Vec::new();
+    for f in formats {
+        let rcpt = format!("{f}-user@example.org");
+        let id = app
+            .submit(postbox::NewEmail::text(&rcpt, "Hi", "Hello"))
+            .await;
+        let r = app
+            .wait_status(&id, EmailStatus::Sent, Duration::from_secs(20))
+            .await;
+        sent.push((f, rcpt, id, r.message_id));
+    }
+    // VERP: the envelope sender names the email; its header too.
+    let got = smtp.received();
+    assert_eq!(
+        got[0].mail_from,
+        format!("bounces+{}@example.test", sent[0].2)
+    );
+    assert_eq!(
+        header(&got[0].data, "X-Postbox-Id").as_deref(),
+        Some(sent[0].2.as_str())
+    );
+
+    let mut c = dv.client().await;
+    c.append("INBOX", b"\x00\xffnot mail at all\r\n\r\n").await;
+    c.append(
+        "INBOX",
+        &dovecot::message("ann@example.com", "lunch?", "see you at 1"),
+    )
+    .await;
+    for (f, rcpt, id, mid) in &sent {
+        c.append("INBOX", &bounce(f, id.as_str(), rcpt, mid)).await;
+    }
+    // A report for no email of ours: kept, visible, and still suppresses.
+    c.append(
+        "INBOX",
+        &bounce(
+            "postfix",
+            "01KAAAAAAAAAAAAAAAAAAAAAAA",
+            "stranger@example.org",
+            "<x@y>",
+        ),
+    )
+    .await;
+
+    let t0 = Instant::now();
+    loop {
+        let n = app
+            .postbox
+            .suppressions(&postbox::store::SuppressionFilter {
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .len();
+        if n >= 7 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{n} suppressions");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let list = app
+        .postbox
+        .suppressions(&postbox::store::SuppressionFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for (f, rcpt, id, _) in &sent {
+        let on = list.iter().find(|s| &s.address == rcpt);
+        let events = app.postbox.email_events(id).await.unwrap().unwrap();
+        let last = events.last().unwrap().kind.as_str();
+        if *f == "delayed" {
+            assert!(on.is_none(), "a delayed DSN suppresses nothing");
+            assert_eq!(last, "email.sent");
+            continue;
+        }
+        let on = on.unwrap_or_else(|| panic!("{f}: {rcpt} not suppressed: {list:#?}"));
+        let (reason, event) = if *f == "arf" {
+            ("complaint", "email.complained")
+        } else {
+            ("hard_bounce", "email.bounced")
+        };
+        assert_eq!(on.reason.as_str(), reason, "{f}");
+        assert_eq!(on.source_email.as_deref(), Some(id.as_str()), "{f}");
+        assert_eq!(last, event, "{f}: {events:#?}");
+    }
+    assert!(
+        list.iter()
+            .any(|s| s.address == "stranger@example.org" && s.source_email.is_none())
+    );
+
+    // A later email to a bounced address is not sent.
+    let before = smtp.count();
+    let again = app
+        .submit(postbox::NewEmail::text(
+            "postfix-user@example.org",
+            "Hi",
+            "again",
+        ))
+        .await;
+    app.wait_status(&again, EmailStatus::Suppressed, Duration::from_secs(20))
+        .await;
+    assert_eq!(smtp.count(), before);
+    watchers.stop().await;
+}
