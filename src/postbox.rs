@@ -388,6 +388,15 @@ impl Postbox {
             .await
     }
 
+    /// The latest bounce and complaint reports read from bounce mailboxes, newest first
+    /// (matched to an email or not).
+    pub async fn bounce_reports(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<crate::store::BounceReportRow>, StoreError> {
+        self.inner.store.bounce_reports(limit).await
+    }
+
     /// Removes a suppression; false if the address was not suppressed.
     pub async fn unsuppress(&self, address: &str) -> Result<bool, StoreError> {
         self.inner.store.unsuppress(address).await

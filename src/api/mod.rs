@@ -149,6 +149,7 @@ fn build(
             suppressions::add_suppression
         ))
         .routes(routes!(suppressions::remove_suppression))
+        .routes(routes!(suppressions::list_bounces))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,

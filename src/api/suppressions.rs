@@ -175,3 +175,46 @@ pub async fn remove_suppression(
         )))
     }
 }
+
+/// Query of `GET /v1/bounces`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct BouncesQuery {
+    /// How many, 1 to 1000 (default 100).
+    pub limit: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BounceList {
+    pub reports: Vec<crate::store::BounceReportRow>,
+}
+
+/// The latest bounce and complaint reports read from bounce mailboxes, newest first; those
+/// that matched no email have no `email_id`.
+#[utoipa::path(get, path = "/v1/bounces", tag = "events", params(BouncesQuery),
+    responses((status = 200, body = BounceList), (status = 400, body = ErrorResponse),
+        (status = 401, body = ErrorResponse)),
+    security(("bearer" = [])))]
+pub async fn list_bounces(
+    State(st): State<ApiState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<BounceList>, ApiError> {
+    let q: BouncesQuery = query(raw.as_deref())?;
+    let limit = match q.limit.as_deref() {
+        None => 100,
+        Some(s) => match s.parse::<u32>() {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    "limit",
+                    format!("`{}` is not a page size from 1 to 1000", s.escape_debug()),
+                ));
+            }
+        },
+    };
+    Ok(Json(BounceList {
+        reports: st.postbox.bounce_reports(limit).await?,
+    }))
+}

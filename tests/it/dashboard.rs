@@ -263,6 +263,28 @@ async fn in_a_real_browser_see_webhook_deliveries_and_redeliver_one() {
         .filter(|r| r["id"] == again["id"])
         .count();
     assert_eq!(first, 2, "the same webhook-id twice: {:#?}", rx.requests());
+
+    // The suppression list: listed, and removed with a click.
+    let r = api
+        .post(
+            "/v1/suppressions",
+            &json!({"address": "gone@example.com", "reason": "hard_bounce", "detail": "5.1.1"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    b.goto(&format!("{}/ui/suppressions", api.base)).await;
+    assert_eq!(b.count("tr.suppression").await, 1);
+    let table = b.find("#suppressions").await.text().await;
+    assert!(
+        table.contains("gone@example.com") && table.contains("hard_bounce"),
+        "{table}"
+    );
+    b.screenshot(&shots().join("09-suppressions.png")).await;
+    b.find("button.remove").await.click().await;
+    assert!(b.find("#flash").await.text().await.contains("removed"));
+    assert_eq!(b.count("tr.suppression").await, 0);
+    let r = api.get("/v1/suppressions").await;
+    assert_eq!(r.json["suppressions"], json!([]), "{}", r.text);
     b.quit().await;
     let _ = stop.send(());
     hooks.await.unwrap();

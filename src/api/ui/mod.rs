@@ -34,6 +34,8 @@ pub fn router() -> Router<ApiState> {
         .route("/ui/dead", get(dead_letters))
         .route("/ui/mailboxes", get(mailboxes))
         .route("/ui/webhooks", get(webhooks))
+        .route("/ui/suppressions", get(suppressions))
+        .route("/ui/suppressions/remove", post(unsuppress))
         .route("/ui/webhooks/{name}/enable", post(enable_webhook))
         .route(
             "/ui/webhooks/{name}/deliveries/{id}/redeliver",
@@ -397,4 +399,79 @@ async fn redeliver(
     };
     st.sessions.set_flash(&me.id, flash).await;
     Redirect::to("/ui/webhooks").into_response()
+}
+
+// ---- suppressions ------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+struct SuppressionQuery {
+    #[serde(default)]
+    q: String,
+}
+
+async fn suppressions(
+    State(st): State<ApiState>,
+    me: Authed,
+    Query(q): Query<SuppressionQuery>,
+) -> Response {
+    let q = q.q.trim().chars().take(254).collect::<String>();
+    let filter = crate::store::SuppressionFilter {
+        prefix: Some(q.clone()).filter(|p| !p.is_empty()),
+        limit: 200,
+        ..Default::default()
+    };
+    let (list, reports) = match (
+        st.postbox.suppressions(&filter).await,
+        st.postbox.bounce_reports(50).await,
+    ) {
+        (Ok(l), Ok(r)) => (l, r),
+        (Err(e), _) | (_, Err(e)) => return store_error(e),
+    };
+    page(SuppressionsPage {
+        nav: nav("suppressions", &me),
+        q,
+        rows: list
+            .into_iter()
+            .map(|s| {
+                let at = when(s.created_at);
+                (s, at)
+            })
+            .collect(),
+        reports: reports
+            .into_iter()
+            .map(|r| {
+                let at = when(r.created_at);
+                (r, at)
+            })
+            .collect(),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct RemoveForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    address: String,
+}
+
+/// `POST /ui/suppressions/remove`.
+async fn unsuppress(
+    State(st): State<ApiState>,
+    me: Authed,
+    UiForm(f): UiForm<RemoveForm>,
+) -> Response {
+    if let Err(r) = me.check_csrf(&f.csrf) {
+        return r.into_response();
+    }
+    let flash = match st.postbox.unsuppress(&f.address).await {
+        Ok(true) => {
+            tracing::info!(token = %me.session.who, "dashboard: suppression removed");
+            Flash::Done(format!("{} removed from the suppression list", f.address))
+        }
+        Ok(false) => Flash::Problem(format!("{} is not on the suppression list", f.address)),
+        Err(e) => Flash::Problem(e.to_string()),
+    };
+    st.sessions.set_flash(&me.id, flash).await;
+    Redirect::to("/ui/suppressions").into_response()
 }

@@ -176,3 +176,12 @@ pub(super) struct WebhooksPage {
     pub(super) nav: Nav,
     pub(super) hooks: Vec<WebhookView>,
 }
+
+#[derive(Template)]
+#[template(path = "ui/suppressions.html")]
+pub(super) struct SuppressionsPage {
+    pub(super) nav: Nav,
+    pub(super) q: String,
+    pub(super) rows: Vec<(crate::store::Suppression, String)>,
+    pub(super) reports: Vec<(crate::store::BounceReportRow, String)>,
+}
