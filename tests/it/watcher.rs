@@ -932,6 +932,18 @@ async fn bounces_and_complaints_suppress_the_address_and_raise_the_event() {
         list.iter()
             .any(|s| s.address == "stranger@example.org" && s.source_email.is_none())
     );
+    let reports = app.postbox.bounce_reports(100).await.unwrap();
+    assert_eq!(
+        reports.len(),
+        7,
+        "one per report, the delayed one not: {reports:#?}"
+    );
+    assert!(
+        reports
+            .iter()
+            .any(|r| r.recipient == "stranger@example.org" && r.email_id.is_none()),
+        "the unmatched report is kept, visible"
+    );
 
     // A later email to a bounced address is not sent.
     let before = smtp.count();
