@@ -564,6 +564,7 @@ fn new_email(a: SendArgs) -> Result<NewEmail, String> {
         priority: Priority::parse(&a.priority).map_err(|e| format!("--priority: {e}"))?,
         idempotency_key: a.idempotency_key,
         ignore_suppression: a.ignore_suppression,
+        one_click_unsubscribe: false,
     })
 }
 

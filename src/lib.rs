@@ -19,7 +19,8 @@
 //!               address.rs; ids.rs (EmailId, Priority, EmailStatus); limits.rs ([limits],
 //!               Senders from delivery.allowed_from); bounded.rs (bounded deserialization);
 //!               lifecycle.rs: THE state machine as one table (Step -> from states, to state,
-//!               timeline entry, EventType), the SQL guards built from it
+//!               timeline entry, EventType), the SQL guards built from it; unsubscribe.rs
+//!               (signed one-click unsubscribe tokens, HMAC-SHA256)
 //! render/       askama templates (templates/emails/<kind>/) -> Rendered { subject, text, html }
 //! metrics.rs    Prometheus names and label sets
 //! queue/        the job queue: every statement on apalis's tables (table.rs: setup, push inside

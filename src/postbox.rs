@@ -221,6 +221,27 @@ impl Postbox {
 
     fn validate(&self, new: NewEmail) -> Result<(EmailId, Email, String), ValidationErrors> {
         let email = Email::parse(new, &self.inner.limits, &self.inner.senders, &Templates)?;
+        if email.one_click_unsubscribe {
+            let why = if self.inner.workers.public_url.is_none() {
+                Some("needs api.public_url (where the link points)")
+            } else if email.recipients().count() != 1 {
+                Some("needs exactly one recipient (the link unsubscribes that recipient)")
+            } else if email
+                .headers
+                .iter()
+                .any(|(n, _)| n.to_ascii_lowercase().starts_with("list-unsubscribe"))
+            {
+                Some("makes the List-Unsubscribe headers: leave them out of `headers`")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(ValidationErrors(vec![crate::domain::FieldError::new(
+                    "one_click_unsubscribe",
+                    why,
+                )]));
+            }
+        }
         let id = EmailId::generate();
         let message_id = message_id_for(id.as_str(), &email);
         Ok((id, email, message_id))
@@ -395,6 +416,37 @@ impl Postbox {
         limit: u32,
     ) -> Result<Vec<crate::store::BounceReportRow>, StoreError> {
         self.inner.store.bounce_reports(limit).await
+    }
+
+    /// Where one-click unsubscribe links point and the key that signs them (None without
+    /// `api.public_url`, or while the key cannot be read: such emails then go without the
+    /// headers, and the log says why).
+    async fn unsubscribe_links(&self) -> Option<(String, Vec<u8>)> {
+        let base = self.inner.workers.public_url.clone()?;
+        match self.inner.store.unsubscribe_key().await {
+            Ok(key) => Some((base.trim_end_matches('/').to_string(), key)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the unsubscribe key; one-click unsubscribe links are left out");
+                None
+            }
+        }
+    }
+
+    /// A one-click unsubscribe (`POST {api.public_url}/u/{token}`): the recipient the token
+    /// names is suppressed and the email records it. None when the token is not ours.
+    pub async fn unsubscribe(&self, token: &str) -> Result<Option<String>, StoreError> {
+        let key = self.inner.store.unsubscribe_key().await?;
+        let Some((id, recipient)) = crate::domain::unsubscribe::verify(&key, token) else {
+            return Ok(None);
+        };
+        self.inner.store.unsubscribe(&id, &recipient).await?;
+        Ok(Some(recipient))
+    }
+
+    /// Whether a token is one of ours (a GET shows a confirmation page, changing nothing).
+    pub async fn unsubscribe_target(&self, token: &str) -> Result<Option<String>, StoreError> {
+        let key = self.inner.store.unsubscribe_key().await?;
+        Ok(crate::domain::unsubscribe::verify(&key, token).map(|(_, r)| r))
     }
 
     /// Removes a suppression; false if the address was not suppressed.
@@ -604,7 +656,10 @@ impl Postbox {
             i.retry.clone(),
             i.node.clone(),
             i.workers.queue.concurrency,
-            i.workers.return_path.clone(),
+            worker::Addressing {
+                return_path: i.workers.return_path.clone(),
+                unsubscribe: self.unsubscribe_links().await,
+            },
             shutdown.clone(),
         ));
         worker::run(

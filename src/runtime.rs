@@ -121,6 +121,7 @@ impl Postbox {
                 retention: s.retention.clone(),
                 idempotency_ttl: Duration::from_secs(s.api.idempotency_ttl_hours * 3600),
                 return_path: s.delivery.return_path.clone(),
+                public_url: s.api.public_url.clone(),
             },
             roles: Arc::new(rt),
         }))

@@ -174,7 +174,9 @@ fn build(
             .map_err(|e| ConfigError::new("(openapi)", e.to_string()))?,
     );
     let open = state.tokens.is_open();
-    let mut router = router.merge(ui::router());
+    let mut router = router
+        .merge(ui::router())
+        .merge(suppressions::unsubscribe_router());
     if open {
         // No token: any local process may call, but no web page may (see `open_guard`).
         router = router.layer(middleware::from_fn(open_guard));

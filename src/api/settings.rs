@@ -50,6 +50,10 @@ pub struct ApiSettings {
     /// until the window ends.
     pub max_failed_logins: u32,
     pub failed_login_window_secs: u64,
+    /// The address recipients reach this API at (`https://mail.example.com`): emails with
+    /// `one_click_unsubscribe` carry a `List-Unsubscribe` link under it (`/u/<token>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
 }
 
 impl Default for ApiSettings {
@@ -70,6 +74,7 @@ impl Default for ApiSettings {
             header_timeout_secs: 30,
             body_timeout_secs: 30,
             max_failed_logins: 10,
+            public_url: None,
             failed_login_window_secs: 600,
         }
     }
@@ -223,6 +228,17 @@ impl ApiSettings {
     /// Checks what types alone cannot (the tokens are checked when they are resolved).
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        if let Some(u) = &self.public_url {
+            let ok = (u.starts_with("https://") || u.starts_with("http://"))
+                && u.parse::<axum::http::Uri>()
+                    .is_ok_and(|x| x.host().is_some_and(|h| !h.is_empty()));
+            if !ok || u.len() > 512 {
+                return Err(ConfigError::new(
+                    "api.public_url",
+                    "must be an http(s) URL with a host, e.g. https://mail.example.com",
+                ));
+            }
+        }
         nonzero(&[
             ("api.max_body_bytes", self.max_body_bytes as u64),
             ("api.max_batch", self.max_batch as u64),

@@ -218,3 +218,64 @@ pub async fn list_bounces(
         reports: st.postbox.bounce_reports(limit).await?,
     }))
 }
+
+/// The one-click unsubscribe endpoint (RFC 8058), outside `/v1` and its tokens: the link in
+/// an email's `List-Unsubscribe` header. A GET (a mail client's prefetch, a person's click)
+/// only shows a page with a button; the POST unsubscribes.
+pub fn unsubscribe_router() -> axum::Router<ApiState> {
+    axum::Router::new().route(
+        "/u/{token}",
+        axum::routing::get(unsubscribe_page).post(unsubscribe_now),
+    )
+}
+
+fn unsubscribe_html(title: &str, text: &str, form: Option<&str>) -> axum::response::Html<String> {
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    };
+    let form = form.map_or(String::new(), |action| {
+        format!(
+            "<form method=\"post\" action=\"{}\"><input type=\"hidden\" name=\"List-Unsubscribe\" value=\"One-Click\"><button id=\"unsubscribe\">Unsubscribe</button></form>",
+            esc(action)
+        )
+    });
+    axum::response::Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title></head><body><h1>{t}</h1><p id=\"text\">{}</p>{form}</body></html>",
+        esc(text),
+        t = esc(title)
+    ))
+}
+
+async fn unsubscribe_page(
+    State(st): State<ApiState>,
+    Path(token): Path<String>,
+) -> Result<axum::response::Html<String>, ApiError> {
+    match st.postbox.unsubscribe_target(&token).await? {
+        Some(r) => Ok(unsubscribe_html(
+            "Unsubscribe",
+            &format!("Stop sending email to {r}?"),
+            Some(&format!("/u/{token}")),
+        )),
+        None => Err(ApiError::not_found("this unsubscribe link is not valid")),
+    }
+}
+
+async fn unsubscribe_now(
+    State(st): State<ApiState>,
+    Path(token): Path<String>,
+) -> Result<axum::response::Html<String>, ApiError> {
+    match st.postbox.unsubscribe(&token).await? {
+        Some(r) => {
+            tracing::info!("one-click unsubscribe");
+            Ok(unsubscribe_html(
+                "Unsubscribed",
+                &format!("{r} will get no more email from this sender."),
+                None,
+            ))
+        }
+        None => Err(ApiError::not_found("this unsubscribe link is not valid")),
+    }
+}

@@ -98,6 +98,8 @@ pub struct Outgoing<'a> {
     pub id: &'a str,
     pub except: &'a [String],
     pub return_path: Option<String>,
+    /// RFC 8058: `List-Unsubscribe: <this>` and `List-Unsubscribe-Post`.
+    pub unsubscribe_url: Option<String>,
 }
 
 /// [`build_message`] for one email postbox sends: see [`Outgoing`].
@@ -131,6 +133,17 @@ pub fn build_message_for(
             HeaderName::new_from_ascii_str("X-Postbox-Id"),
             out.id.to_string(),
         ));
+    }
+    if let Some(url) = &out.unsubscribe_url {
+        b = b
+            .raw_header(HeaderValue::new(
+                HeaderName::new_from_ascii_str("List-Unsubscribe"),
+                format!("<{url}>"),
+            ))
+            .raw_header(HeaderValue::new(
+                HeaderName::new_from_ascii_str("List-Unsubscribe-Post"),
+                "List-Unsubscribe=One-Click".to_string(),
+            ));
     }
     b = headers(b, email, rendered, message_id)?;
     body(b, email, rendered)

@@ -123,6 +123,11 @@ pub struct NewEmail {
     /// reset the user just asked for); recorded on the timeline when it matters.
     #[serde(default)]
     pub ignore_suppression: bool,
+    /// Add RFC 8058 one-click unsubscribe headers (`List-Unsubscribe` with a signed link under
+    /// `api.public_url`, `List-Unsubscribe-Post`): a POST to the link suppresses the
+    /// recipient. Needs `api.public_url` and exactly one recipient.
+    #[serde(default)]
+    pub one_click_unsubscribe: bool,
 }
 
 impl NewEmail {
@@ -192,6 +197,8 @@ pub struct Email {
     pub idempotency_key: Option<String>,
     #[serde(default)]
     pub ignore_suppression: bool,
+    #[serde(default)]
+    pub one_click_unsubscribe: bool,
 }
 
 /// Checks a template name and its variables (implemented by `render`).
@@ -511,6 +518,7 @@ impl Email {
             priority: new.priority,
             idempotency_key: new.idempotency_key,
             ignore_suppression: new.ignore_suppression,
+            one_click_unsubscribe: new.one_click_unsubscribe,
         })
     }
 

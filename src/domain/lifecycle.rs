@@ -41,10 +41,13 @@ pub enum EventType {
     /// A recipient reported it as spam (an ARF feedback report).
     #[serde(rename = "email.complained")]
     Complained,
+    /// A recipient used its one-click unsubscribe link (RFC 8058).
+    #[serde(rename = "email.unsubscribed")]
+    Unsubscribed,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 9] = [
+    pub const ALL: [EventType; 10] = [
         EventType::Queued,
         EventType::Sent,
         EventType::Deferred,
@@ -54,6 +57,7 @@ impl EventType {
         EventType::Suppressed,
         EventType::Bounced,
         EventType::Complained,
+        EventType::Unsubscribed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -67,6 +71,7 @@ impl EventType {
             EventType::Suppressed => "email.suppressed",
             EventType::Bounced => "email.bounced",
             EventType::Complained => "email.complained",
+            EventType::Unsubscribed => "email.unsubscribed",
         }
     }
 
@@ -201,6 +206,7 @@ pub const TABLE: &[Transition] = &[
 pub const NOTES: &[(&str, EventType)] = &[
     ("bounced", EventType::Bounced),
     ("complained", EventType::Complained),
+    ("unsubscribed", EventType::Unsubscribed),
 ];
 
 impl Step {

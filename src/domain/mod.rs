@@ -11,6 +11,7 @@ mod email;
 mod ids;
 pub mod lifecycle;
 mod limits;
+pub mod unsubscribe;
 
 pub use address::EmailAddress;
 pub use email::{

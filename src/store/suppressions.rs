@@ -389,3 +389,64 @@ impl Store {
             .collect()
     }
 }
+
+impl Store {
+    /// The one-click unsubscribe signing key: made (32 random bytes) by the first process that
+    /// asks, then shared by all.
+    pub async fn unsubscribe_key(&self) -> Result<Vec<u8>, StoreError> {
+        let mut fresh = [0u8; 32];
+        rand::fill(&mut fresh[..]);
+        sql(
+            "INSERT INTO postbox_keys (name, value) VALUES ('unsubscribe', $1)
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(hex::encode(fresh))
+        .execute(&self.db)
+        .await?;
+        let v: Option<String> = sql("SELECT value FROM postbox_keys WHERE name = 'unsubscribe'")
+            .scalar(&self.db)
+            .await?;
+        hex::decode(v.unwrap_or_default()).map_err(|e| StoreError::Corrupt {
+            id: "(unsubscribe key)".into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// A recipient's one-click unsubscribe: suppressed (`unsubscribe`), and the email gets an
+    /// `unsubscribed` timeline entry (its event), in one transaction. False when the email is
+    /// gone (retention); the address is suppressed all the same.
+    pub async fn unsubscribe(&self, id: &EmailId, recipient: &str) -> Result<bool, StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        suppress_in(
+            &mut tx,
+            recipient,
+            SuppressionReason::Unsubscribe,
+            Some(id.as_str()),
+            Some("one-click unsubscribe (RFC 8058)"),
+            None,
+        )
+        .await?;
+        let status: Option<String> = sql("SELECT status FROM postbox_emails WHERE id = $1")
+            .bind(id.as_str())
+            .scalar(&mut tx)
+            .await?;
+        if let Some(status) = &status {
+            sql(
+                "INSERT INTO postbox_events (email_id, at, kind, status, detail)
+                 VALUES ($1, $2, 'unsubscribed', $3, $4)",
+            )
+            .bind(id.as_str())
+            .bind(ms(now()))
+            .bind(status.as_str())
+            .bind(format!(
+                "{} unsubscribed (one click)",
+                suppression_key(recipient)
+            ))
+            .execute(&mut tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.wrote_events();
+        Ok(status.is_some())
+    }
+}

@@ -5,7 +5,6 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use sha2::{Digest, Sha256};
 
 /// An endpoint's signing key. Never printed: `Debug` says only that it is there.
 #[derive(Clone, PartialEq, Eq)]
@@ -63,30 +62,12 @@ impl Secret {
     }
 }
 
-/// HMAC-SHA256 (RFC 2104).
-fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
-    const BLOCK: usize = 64;
-    let mut k = [0u8; BLOCK];
-    if key.len() > BLOCK {
-        k[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    let pad = |b: u8| k.map(|x| x ^ b);
-    let inner = Sha256::new()
-        .chain_update(pad(0x36))
-        .chain_update(msg)
-        .finalize();
-    Sha256::new()
-        .chain_update(pad(0x5c))
-        .chain_update(inner)
-        .finalize()
-        .into()
-}
+use crate::domain::unsubscribe::hmac_sha256;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::unsubscribe::hmac_sha256;
 
     /// RFC 4231, test cases 1 and 6 (a key longer than a block).
     #[test]

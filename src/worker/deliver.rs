@@ -29,6 +29,8 @@ use crate::store::{
 pub struct Deliverer {
     /// `delivery.return_path` (VERP): the envelope sender, `{id}` filled in.
     return_path: Option<String>,
+    /// `api.public_url` and the signing key of one-click unsubscribe links.
+    unsubscribe: Option<(String, Vec<u8>)>,
     store: Store,
     /// Writes claims and completions, batched with other deliveries'.
     recorder: Recorder,
@@ -70,6 +72,15 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// How emails are addressed beyond their own fields: the VERP return path
+/// (`delivery.return_path`, `{id}` not yet filled in) and where one-click unsubscribe links
+/// point with the key that signs them (`api.public_url`).
+#[derive(Debug, Clone, Default)]
+pub struct Addressing {
+    pub return_path: Option<String>,
+    pub unsubscribe: Option<(String, Vec<u8>)>,
+}
+
 impl Deliverer {
     pub fn new(
         store: Store,
@@ -77,11 +88,12 @@ impl Deliverer {
         policy: RetryPolicy,
         node: String,
         concurrency: usize,
-        return_path: Option<String>,
+        addressing: Addressing,
         shutdown: Shutdown,
     ) -> Self {
         Self {
-            return_path,
+            return_path: addressing.return_path,
+            unsubscribe: addressing.unsubscribe,
             recorder: Recorder::start(store.clone(), node.clone()),
             store,
             mailer,
@@ -321,6 +333,19 @@ impl Deliverer {
                         .return_path
                         .as_ref()
                         .map(|rp| rp.replace("{id}", claim.id.as_str())),
+                    unsubscribe_url: self
+                        .unsubscribe
+                        .as_ref()
+                        .filter(|_| claim.email.one_click_unsubscribe)
+                        .and_then(|(base, key)| {
+                            let to = claim.email.recipients().next()?;
+                            let t = crate::domain::unsubscribe::token(
+                                key,
+                                claim.id.as_str(),
+                                to.address(),
+                            );
+                            Some(format!("{base}/u/{t}"))
+                        }),
                 };
                 build_message_for(&claim.email, &r, &claim.message_id, &out)
                     .map_err(|e| e.to_string())

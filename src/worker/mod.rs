@@ -36,7 +36,7 @@ use crate::queue::{JobKind, QueueSettings, SendJob};
 use crate::store::{Db, JanitorReport, RetentionSettings, Store, StoreError};
 
 mod deliver;
-pub use deliver::Deliverer;
+pub use deliver::{Addressing, Deliverer};
 
 /// What the workers and their janitor read: the queue's section, retention, and how long
 /// idempotency records are kept.
@@ -47,6 +47,8 @@ pub struct WorkerSettings {
     pub idempotency_ttl: Duration,
     /// `delivery.return_path` (VERP), checked.
     pub return_path: Option<String>,
+    /// `api.public_url`: where one-click unsubscribe links point.
+    pub public_url: Option<String>,
 }
 
 /// What runs the jobs of one kind `K`: at most `queue.concurrency + queue.batch_size` jobs

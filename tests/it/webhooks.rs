@@ -481,3 +481,93 @@ async fn the_suppression_list_over_the_api_adds_lists_and_removes_and_names_bad_
         .await;
     assert_eq!(r.status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_click_unsubscribe_suppresses_the_recipient_on_post_only() {
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), smtp.port());
+    s.api.public_url = Some("https://mail.example.test".into());
+    let app = TestApp::start(s, true).await;
+    let r = app
+        .submit(
+            &json!({"to": ["a@example.com", "b@example.com"], "subject": "News", "text": "x",
+                        "one_click_unsubscribe": true}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.error().1.as_deref(), Some("one_click_unsubscribe"));
+
+    let r = app
+        .submit(
+            &json!({"to": ["Reader@Example.com"], "subject": "News", "text": "x",
+                        "one_click_unsubscribe": true}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let id = r.json["id"].as_str().unwrap().to_string();
+    app.wait_status(&id, "sent").await;
+    let data = &smtp.received()[0].data;
+    let link = common::smtp::header(data, "List-Unsubscribe").expect("List-Unsubscribe");
+    assert_eq!(
+        common::smtp::header(data, "List-Unsubscribe-Post").as_deref(),
+        Some("List-Unsubscribe=One-Click")
+    );
+    let path = link
+        .trim_start_matches("<https://mail.example.test")
+        .trim_end_matches('>')
+        .to_string();
+    assert!(path.starts_with("/u/"), "{link}");
+
+    // A GET (a client's prefetch) changes nothing.
+    let r = app.raw(reqwest::Method::GET, &path, None, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(r.text.contains("reader@example.com"), "{}", r.text);
+    assert_eq!(
+        app.get("/v1/suppressions").await.json["suppressions"],
+        json!([])
+    );
+    // A forged or damaged link does nothing.
+    let bad = format!("{}x", &path[..path.len() - 1]);
+    let r = app
+        .raw(
+            reqwest::Method::POST,
+            &bad,
+            Some(b"List-Unsubscribe=One-Click".to_vec()),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    // The POST unsubscribes: suppressed with the email as source, and the email's event.
+    let r = app
+        .raw(
+            reqwest::Method::POST,
+            &path,
+            Some(b"List-Unsubscribe=One-Click".to_vec()),
+            &[("content-type", "application/x-www-form-urlencoded")],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let list = app.get("/v1/suppressions").await.json;
+    assert_eq!(
+        list["suppressions"][0]["address"], "reader@example.com",
+        "{list}"
+    );
+    assert_eq!(list["suppressions"][0]["reason"], "unsubscribe");
+    assert_eq!(list["suppressions"][0]["source_email"], id.as_str());
+    let ev = app.get(&format!("/v1/emails/{id}/events")).await.json;
+    let types: Vec<&str> = ev["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["email.queued", "email.sent", "email.unsubscribed"]);
+    // And the next newsletter to that reader is not sent.
+    let r = app
+        .submit(&json!({"to": ["reader@example.com"], "subject": "More news", "text": "x"}))
+        .await;
+    app.wait_status(r.json["id"].as_str().unwrap(), "suppressed")
+        .await;
+    assert_eq!(smtp.count(), 1);
+}
