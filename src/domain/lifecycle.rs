@@ -44,10 +44,19 @@ pub enum EventType {
     /// A recipient used its one-click unsubscribe link (RFC 8058).
     #[serde(rename = "email.unsubscribed")]
     Unsubscribed,
+    /// A watched mailbox's watcher lost its connection (or could not make one).
+    #[serde(rename = "mailbox.down")]
+    MailboxDown,
+    /// ... and has it again.
+    #[serde(rename = "mailbox.up")]
+    MailboxUp,
+    /// A watched mailbox's rule raised an alert (its email is `data.email_id`).
+    #[serde(rename = "alert.raised")]
+    AlertRaised,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 10] = [
+    pub const ALL: [EventType; 13] = [
         EventType::Queued,
         EventType::Sent,
         EventType::Deferred,
@@ -58,6 +67,9 @@ impl EventType {
         EventType::Bounced,
         EventType::Complained,
         EventType::Unsubscribed,
+        EventType::MailboxDown,
+        EventType::MailboxUp,
+        EventType::AlertRaised,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -72,6 +84,9 @@ impl EventType {
             EventType::Bounced => "email.bounced",
             EventType::Complained => "email.complained",
             EventType::Unsubscribed => "email.unsubscribed",
+            EventType::MailboxDown => "mailbox.down",
+            EventType::MailboxUp => "mailbox.up",
+            EventType::AlertRaised => "alert.raised",
         }
     }
 
@@ -207,6 +222,9 @@ pub const NOTES: &[(&str, EventType)] = &[
     ("bounced", EventType::Bounced),
     ("complained", EventType::Complained),
     ("unsubscribed", EventType::Unsubscribed),
+    ("mailbox_down", EventType::MailboxDown),
+    ("mailbox_up", EventType::MailboxUp),
+    ("alert_raised", EventType::AlertRaised),
 ];
 
 impl Step {
@@ -246,6 +264,9 @@ pub fn allowed(from: EmailStatus, to: EmailStatus) -> bool {
 
 /// The event a timeline entry (its `kind` and the status it left) stands for, if any.
 pub fn event_of(kind: &str, status: &str) -> Option<EventType> {
+    if let Some((_, e)) = NOTES.iter().find(|(k, _)| *k == kind) {
+        return Some(*e);
+    }
     let status = EmailStatus::parse(status)?;
     TABLE
         .iter()
@@ -257,7 +278,6 @@ pub fn event_of(kind: &str, status: &str) -> Option<EventType> {
             ("failed", Failed) => Some(EventType::Failed),
             _ => None,
         })
-        .or_else(|| NOTES.iter().find(|(k, _)| *k == kind).map(|(_, e)| *e))
 }
 
 /// The diagram the README shows, one line per row: `from | from -> to  event  why`.
@@ -366,6 +386,11 @@ mod tests {
         );
         assert_eq!(event_of("bounced", "sent"), Some(EventType::Bounced));
         assert_eq!(event_of("complained", "sent"), Some(EventType::Complained));
+        assert_eq!(event_of("mailbox_down", ""), Some(EventType::MailboxDown));
+        assert_eq!(
+            event_of("alert_raised", "queued"),
+            Some(EventType::AlertRaised)
+        );
         for t in EventType::ALL {
             assert_eq!(EventType::parse(t.as_str()), Some(t));
         }

@@ -70,7 +70,12 @@ pub struct Event {
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct EventData {
-    pub email_id: String,
+    /// The email (absent for mailbox.down / mailbox.up).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email_id: Option<String>,
+    /// The watched mailbox (mailbox.* and alert.raised events).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mailbox: Option<String>,
     /// Every recipient (to, cc, bcc).
     pub recipients: Vec<String>,
     pub tags: Vec<String>,
@@ -112,7 +117,7 @@ fn settled(kind: Kind) -> &'static str {
 }
 
 const EVENT_COLUMNS: &str = "ev.seq, ev.tx, ev.email_id, ev.at, ev.kind, ev.status, ev.attempt,
-    ev.smtp_code, ev.smtp_text, ev.detail, e.recipients, e.tags, e.spec, e.request_id";
+    ev.smtp_code, ev.smtp_text, ev.detail, ev.mailbox, e.recipients, e.tags, e.spec, e.request_id";
 
 /// The part of a stored email an event carries that has no column of its own.
 #[derive(Deserialize)]
@@ -152,7 +157,13 @@ fn event_from(row: &DbRow) -> Result<Option<(Cursor, Event)>, StoreError> {
             timestamp: from_ms(row.get("at")?),
             seq: cursor.seq,
             data: EventData {
-                email_id: row.get("email_id")?,
+                email_id: Some(row.get::<String>("email_id")?).filter(|e| !e.is_empty()),
+                mailbox: row.get::<Option<String>>("mailbox")?.or_else(|| {
+                    metadata
+                        .get("mailbox")
+                        .filter(|_| ty == EventType::AlertRaised)
+                        .cloned()
+                }),
                 recipients: words("recipients")?,
                 tags: words("tags")?,
                 metadata,

@@ -255,6 +255,35 @@ impl Store {
         health: Health<'_>,
     ) -> Result<(), StoreError> {
         let now = ms(now());
+        let mut tx = self.db.begin_write().await?;
+        let before: Option<String> = sql("SELECT state FROM postbox_mailboxes WHERE name = $1")
+            .bind(mailbox)
+            .scalar(&mut tx)
+            .await?;
+        let (after, detail) = match &health {
+            Health::Connected { .. } => ("connected", format!("mailbox {mailbox} is connected")),
+            Health::Down { error, .. } => (
+                "down",
+                format!("mailbox {mailbox} is not connected: {error}"),
+            ),
+        };
+        // mailbox.down / mailbox.up on each change (and up on the first connection).
+        if before.as_deref() != Some(after) {
+            sql(
+                "INSERT INTO postbox_events (email_id, at, kind, status, detail, mailbox)
+                 VALUES ('', $1, $2, '', $3, $4)",
+            )
+            .bind(now)
+            .bind(if after == "down" {
+                "mailbox_down"
+            } else {
+                "mailbox_up"
+            })
+            .bind(detail.chars().take(500).collect::<String>())
+            .bind(mailbox)
+            .execute(&mut tx)
+            .await?;
+        }
         let q = match health {
             Health::Connected { idle } => sql(
                 "INSERT INTO postbox_mailboxes (name, state, idle, connected_since, updated_at)
@@ -276,7 +305,11 @@ impl Store {
             .bind(error)
             .bind(now),
         };
-        q.execute(&self.db).await?;
+        q.execute(&mut tx).await?;
+        tx.commit().await?;
+        if before.as_deref() != Some(after) {
+            self.wrote_events();
+        }
         Ok(())
     }
 
@@ -515,6 +548,19 @@ impl Store {
                 Some(row) => {
                     let ids = self.insert_rows(tx, &[(&row, None)], now_ms).await?;
                     let id = ids[0].0.clone();
+                    sql(
+                        "INSERT INTO postbox_events (email_id, at, kind, status, detail, mailbox)
+                         VALUES ($1, $2, 'alert_raised', 'queued', $3, $4)",
+                    )
+                    .bind(id.as_str())
+                    .bind(now_ms)
+                    .bind(format!(
+                        "rule {}: {} matching message(s)",
+                        group.rule, group.count
+                    ))
+                    .bind(&group.mailbox)
+                    .execute(&mut *tx)
+                    .await?;
                     out.push((group.mailbox.clone(), id.clone()));
                     id.to_string()
                 }

@@ -161,6 +161,11 @@ impl Store {
                 .bind(cutoff)
                 .execute(&mut tx)
                 .await?;
+            // Events about mailboxes themselves (no email) age out alike.
+            sql("DELETE FROM postbox_events WHERE email_id = '' AND at < $1")
+                .bind(cutoff)
+                .execute(&mut tx)
+                .await?;
             // Webhook deliveries that are over (delivered, or retries spent) age out alike.
             sql("DELETE FROM postbox_webhook_deliveries WHERE state <> 'retrying' AND updated_at < $1")
                 .bind(cutoff)

@@ -400,6 +400,31 @@ async fn dovecot_down_then_back_reconnects_alerts_and_raises_a_down_alert() {
     assert_eq!(incident_numbers(&got[1..]), vec![42]);
     // One down alert per repeat interval (an hour here): no second one.
     assert_stays(&smtp, 2, Duration::from_millis(1500)).await;
+    // The events feed tells apps and ops tools: up, down, the alerts raised, up again.
+    let page = w
+        .app
+        .postbox
+        .events(Default::default(), 1000)
+        .await
+        .unwrap();
+    let mailbox_events: Vec<(&str, Option<&str>)> = page
+        .events
+        .iter()
+        .filter(|e| !e.kind.as_str().starts_with("email."))
+        .map(|e| (e.kind.as_str(), e.data.mailbox.as_deref()))
+        .collect();
+    assert_eq!(
+        mailbox_events,
+        [
+            ("mailbox.up", Some("mon")),
+            ("mailbox.down", Some("mon")),
+            ("alert.raised", Some("mon")),
+            ("mailbox.up", Some("mon")),
+            ("alert.raised", Some("mon")),
+        ],
+        "{:#?}",
+        page.events
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,7 +52,7 @@ class Handler(BaseHTTPRequestHandler):
         }
         try:
             payload = HOOK.verify(body, dict(self.headers.items()))
-            rec.update(verified=True, type=payload["type"], email_id=payload["data"]["email_id"],
+            rec.update(verified=True, type=payload["type"], email_id=payload["data"].get("email_id"),
                        payload=payload)
         except (WebhookVerificationError, ValueError, KeyError) as e:
             rec.update(verified=False, error=str(e))
