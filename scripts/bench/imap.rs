@@ -3,7 +3,9 @@
 //!
 //! 1. Latency with IDLE: a matching message APPENDed -> its alert accepted by the SMTP server,
 //!    one message at a time (N = 50 by default), p50 / p90 / max.
-//! 2. Backlog scan: M messages (10,000 by default; 1 in 10 matches) already in the folder, a first
+//! 2. Bounce latency with IDLE: a DSN APPENDed to a `purpose = "bounces"` mailbox -> its
+//!    recipient's suppression committed, one at a time (N), p50 / p90 / max.
+//! 3. Backlog scan: M messages (10,000 by default; 1 in 10 matches) already in the folder, a first
 //!    start with `from_start = true`: messages/s until the stored position reaches the last UID,
 //!    and the time until the one grouped alert is accepted.
 //!
@@ -173,7 +175,61 @@ repeat_interval_secs = 0
         );
     }
 
-    // 2. Backlog scan.
+    // 2. Bounce latency with IDLE: a DSN (Postfix's format) APPENDed to a bounces mailbox ->
+    //    its recipient's suppression committed.
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let dv = dovecot::Dovecot::start(&dir.path().join("dovecot"));
+        let sink = smtp::SmtpServer::start().await;
+        let mut mb = mailbox(&dv, false, "");
+        mb.purpose = postbox::inbound::Purpose::Bounces;
+        let run = start(settings(dir.path(), sink.port(), mb)).await;
+        run.wait_connected().await;
+        let fixture = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/support/bounces/postfix.eml"
+        ))
+        .unwrap();
+        let mut c = dv.client().await;
+        let mut lat = Vec::with_capacity(n);
+        for i in 0..n {
+            let rcpt = format!("gone{i}@example.org");
+            let msg = fixture
+                .replace("{ID}", "01KZZZZZZZZZZZZZZZZZZZZZZZ")
+                .replace("{RCPT}", &rcpt)
+                .replace("{MSGID}", "<none@example.test>")
+                .replace('\n', "\r\n");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let t0 = Instant::now();
+            c.append("INBOX", msg.as_bytes()).await;
+            let filter = postbox::store::SuppressionFilter {
+                prefix: Some(rcpt.clone()),
+                limit: 1,
+                ..Default::default()
+            };
+            loop {
+                if !run.pb.suppressions(&filter).await.unwrap().is_empty() {
+                    break;
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "bounce {i} not recorded"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            lat.push(t0.elapsed());
+        }
+        lat.sort();
+        println!(
+            "latency bounce appended -> suppression committed (IDLE, {n} DSNs): p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms",
+            pct(&lat, 0.5).as_secs_f64() * 1e3,
+            pct(&lat, 0.9).as_secs_f64() * 1e3,
+            lat[lat.len() - 1].as_secs_f64() * 1e3,
+        );
+        run.stop().await;
+    }
+
+    // 3. Backlog scan.
     {
         let dir = tempfile::tempdir().unwrap();
         let dv = dovecot::Dovecot::start(&dir.path().join("dovecot"));
