@@ -215,7 +215,30 @@ async fn endpoint(ctx: Arc<Ctx>, ep: Arc<Ep>) {
                 }
             }
         }
-        match round(&ctx, &ep, &client).await {
+        // The lease is renewed while a round runs (a slow endpoint can hold one for minutes);
+        // a round whose lease is lost is dropped unrecorded: the new holder sends its events.
+        let work = round(&ctx, &ep, &client);
+        tokio::pin!(work);
+        let result = loop {
+            tokio::select! {
+                r = &mut work => break Some(r),
+                _ = tokio::time::sleep(ctx.lease_ttl / 3) => {
+                    match ctx.store.acquire_lease(&lease, &ctx.node, ctx.lease_ttl).await {
+                        Ok(true) => lease_until = Instant::now() + ctx.lease_ttl,
+                        _ => {
+                            warn!(webhook = %name, "lost the webhook's lease mid-round; \
+                                its holder sends what this round did not record");
+                            break None;
+                        }
+                    }
+                }
+            }
+        };
+        let Some(result) = result else {
+            lease_until = Instant::now();
+            continue;
+        };
+        match result {
             Ok(Round::Worked { full }) => {
                 // A round that found fewer events than it could take lets more gather
                 // before the next: each round is a transaction (and a sync to disk), so

@@ -479,3 +479,60 @@ async fn a_paused_holder_writes_nothing_after_a_takeover_and_a_clean_stop_hands_
     a.child.start_kill().unwrap();
     let _ = a.child.wait().await;
 }
+
+/// Two worker processes on one database, one webhook endpoint: one process at a time sends
+/// for it (its lease), so without a crash every event arrives exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_send_each_webhook_event_once() {
+    use common::webhook::{Receiver, SECRET};
+    const N: usize = 60;
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_pg_database();
+    let rx = Receiver::start(dir.path()).await;
+    let conf = dir.path().join("postbox.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[webhook]\npoll_interval_ms = 100\n[[webhooks]]\nname = \"app\"\nurl = \"{}\"\nsecret_env = \"HOOK_SECRET\"\n",
+            rx.url()
+        ),
+    )
+    .unwrap();
+    let conf = conf.to_str().unwrap();
+    let env = [
+        ("POSTBOX_DATABASE__URL", url.as_str()),
+        ("POSTBOX_CONFIG", conf),
+        ("HOOK_SECRET", SECRET),
+    ];
+    let api = spawn_postbox("api", dir.path(), smtp.port(), &env);
+    let port = api_port(&api).await;
+    let _workers: Vec<Serve> = (0..2)
+        .map(|_| spawn_postbox("worker", dir.path(), smtp.port(), &env))
+        .collect();
+    let http = reqwest::Client::new();
+    let emails: Vec<_> = (0..N)
+        .map(|i| json!({"to": [format!("w{i}@example.com")], "subject": "x", "text": "y"}))
+        .collect();
+    let r = http
+        .post(format!("http://127.0.0.1:{port}/v1/emails/batch"))
+        .json(&json!({ "emails": emails }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    wait_for(
+        "every queued and sent event",
+        Duration::from_secs(60),
+        || rx.delivered().len() >= 2 * N,
+    )
+    .await;
+    // A moment more for any second sender to show itself.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let all = rx.requests();
+    let ids: Vec<&str> = all.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    let unique: HashSet<&str> = ids.iter().copied().collect();
+    assert_eq!(ids.len(), 2 * N, "each event once: {} requests", ids.len());
+    assert_eq!(unique.len(), 2 * N);
+    assert!(all.iter().all(|r| r["verified"] == true));
+}
