@@ -145,6 +145,9 @@ subject = '(?P<host>db\d+) disk full'
         0,
         "dismissed"
     );
+    // A fresh page, without the flash of the cancel: the next #flash found is the retry's
+    // (else the old page's could be found just before the browser leaves it).
+    b.goto(&format!("{}/ui/dead", api.base)).await;
     b.find(&format!("button.retry[data-id=\"{dead}\"]"))
         .await
         .click()
