@@ -48,7 +48,7 @@ pub struct Deliverer {
     stopping: AtomicBool,
     /// `queue.concurrency`: attempts (render + SMTP transaction) at once. More jobs than this
     /// are in flight (see `worker::window`): they claim together, in one batch, and wait here.
-    sends: tokio::sync::Semaphore,
+    sends: SendGate,
 }
 
 /// How long a known outcome is retried into the database once the process is stopping.
@@ -103,7 +103,7 @@ impl Deliverer {
             tasks: tokio_util::task::TaskTracker::new(),
             shutdown,
             stopping: AtomicBool::new(false),
-            sends: tokio::sync::Semaphore::new(concurrency.max(1)),
+            sends: SendGate::new(concurrency.max(1)),
         }
     }
 
@@ -210,7 +210,10 @@ impl Deliverer {
                 }
                 return Ok(());
             }
-            let permit = self.sends.acquire().await.expect("never closed");
+            let permit = self
+                .sends
+                .acquire(claim.priority.job_priority(), claim.id.as_str())
+                .await;
             let started_at = OffsetDateTime::now_utc();
             let t0 = Instant::now();
             // A panic (a bug in rendering, MIME building or a transport) fails this email with
@@ -432,4 +435,92 @@ fn suppression_plan(claim: &Claim) -> (Vec<String>, Option<String>) {
         claim.suppressed.clone(),
         Some(format!("not sent to {list}: on the suppression list")),
     )
+}
+
+/// The send slots (`queue.concurrency`). Claimed emails wait here, and a freed slot goes to
+/// the waiting email of the highest priority, the oldest first (ids are time-ordered): the
+/// order the queue fetched them in, whatever order their tasks reach the gate in. (A plain
+/// semaphore serves whoever asked first, and emails claimed in one batch ask in any order.)
+#[derive(Debug)]
+struct SendGate {
+    state: std::sync::Mutex<GateState>,
+}
+
+#[derive(Debug)]
+struct GateState {
+    free: usize,
+    /// (priority, Reverse(id)) -> who waits: the greatest key is served first.
+    waiting: std::collections::BTreeMap<
+        (usize, std::cmp::Reverse<String>),
+        tokio::sync::oneshot::Sender<()>,
+    >,
+}
+
+/// A send slot; given to the next waiter when dropped.
+struct SendPermit<'a>(&'a SendGate);
+
+impl SendGate {
+    fn new(slots: usize) -> SendGate {
+        SendGate {
+            state: std::sync::Mutex::new(GateState {
+                free: slots,
+                waiting: Default::default(),
+            }),
+        }
+    }
+
+    async fn acquire(&self, priority: usize, id: &str) -> SendPermit<'_> {
+        let rx = {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if s.free > 0 && s.waiting.is_empty() {
+                s.free -= 1;
+                return SendPermit(self);
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            s.waiting
+                .insert((priority, std::cmp::Reverse(id.to_string())), tx);
+            rx
+        };
+        // Dropped while waiting (the delivery cancelled): the sender fails and the slot goes
+        // on to the next waiter (see `release`); dropped just after it was handed the slot:
+        // the guard gives it back.
+        struct Waiting<'a> {
+            gate: &'a SendGate,
+            rx: Option<tokio::sync::oneshot::Receiver<()>>,
+        }
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                if let Some(mut rx) = self.rx.take() {
+                    rx.close();
+                    if rx.try_recv().is_ok() {
+                        self.gate.release();
+                    }
+                }
+            }
+        }
+        let mut w = Waiting {
+            gate: self,
+            rx: Some(rx),
+        };
+        let rx = w.rx.as_mut().expect("set above");
+        let _ = rx.await;
+        w.rx = None;
+        SendPermit(self)
+    }
+
+    fn release(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((_, tx)) = s.waiting.pop_last() {
+            if tx.send(()).is_ok() {
+                return;
+            }
+        }
+        s.free += 1;
+    }
+}
+
+impl Drop for SendPermit<'_> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
 }

@@ -248,8 +248,11 @@ async fn high_priority_jumps_the_queue() {
     let smtp = SmtpServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path(), smtp.port());
-    // Priority decides which jobs a fetch takes; within one fetched batch, jobs start in insertion
-    // order. With one job per fetch the order is strict.
+    // Priority decides which jobs a fetch takes, and a free send slot goes to the waiting
+    // email of the highest priority. One batch more than `concurrency` is claimed ahead
+    // (worker::window): an email claimed just before a more urgent one reaches the slot may
+    // still go first, so with one job per fetch and one send at a time, neighbours at a
+    // priority boundary may swap, no more.
     s.queue.concurrency = 1;
     s.queue.batch_size = 1;
     let mut app = App::open(s).await;
@@ -274,12 +277,23 @@ async fn high_priority_jumps_the_queue() {
         .iter()
         .map(|r| common::smtp::header(&r.data, "Subject").unwrap())
         .collect();
-    assert_eq!(order[0], "high", "{order:?}");
+    let pos = |p: &str| -> Vec<usize> {
+        order
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.starts_with(p))
+            .map(|(i, _)| i)
+            .collect()
+    };
+    // Submitted last, sent first (or second, after the one claimed with it).
+    assert!(pos("high")[0] <= 1, "{order:?}");
+    // Every normal before every low, but for one swap at the boundary.
+    assert!(*pos("normal").iter().max().unwrap() <= 6, "{order:?}");
+    assert!(*pos("low").iter().min().unwrap() >= 5, "{order:?}");
     assert!(
-        order[1..6].iter().all(|s| s.starts_with("normal")),
+        pos("low").iter().filter(|&&p| p < 6).count() <= 1,
         "{order:?}"
     );
-    assert!(order[6..].iter().all(|s| s.starts_with("low")), "{order:?}");
     common::assert_store_consistent(dir.path()).await;
 }
 
