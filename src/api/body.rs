@@ -261,6 +261,21 @@ fn canonical(v: &Value, h: &mut Sha256) {
     }
 }
 
+/// A `limit` query parameter: `default` when absent, else 1 to `max` (400 naming `limit`).
+pub fn page_size(raw: Option<&str>, default: u32, max: u32) -> Result<u32, ApiError> {
+    match raw {
+        None => Ok(default),
+        Some(s) => match s.parse::<u32>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad_request(
+                "invalid_query",
+                "limit",
+                format!("`{}` is not a page size from 1 to {max}", s.escape_debug()),
+            )),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -315,19 +315,7 @@ pub async fn list_emails(
             })
         })
         .transpose()?;
-    let limit = match q.limit.as_deref() {
-        None => 50,
-        Some(s) => match s.parse::<u32>() {
-            Ok(n) if (1..=500).contains(&n) => n,
-            _ => {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
-                    "limit",
-                    format!("`{s}` is not a page size from 1 to 500"),
-                ));
-            }
-        },
-    };
+    let limit = super::body::page_size(q.limit.as_deref(), 50, 500)?;
     let before_id = q
         .cursor
         .as_deref()

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::ApiState;
-use super::body::{JsonBody, parse, query};
+use super::body::{JsonBody, page_size, parse, query};
 use super::error::{ApiError, ErrorResponse};
 use crate::domain::EmailId;
 use crate::store::{Cursor, DeliveryRecord, Event, WebhookRow, WebhookSpec};
@@ -105,20 +105,6 @@ pub struct Done {
     pub ok: bool,
 }
 
-fn limit(raw: Option<&str>, default: u32, max: u32) -> Result<u32, ApiError> {
-    match raw {
-        None => Ok(default),
-        Some(s) => match s.parse::<u32>() {
-            Ok(n) if (1..=max).contains(&n) => Ok(n),
-            _ => Err(ApiError::bad_request(
-                "invalid_query",
-                "limit",
-                format!("`{}` is not a page size from 1 to {max}", s.escape_debug()),
-            )),
-        },
-    }
-}
-
 /// The events feed: every email event, oldest first, from a cursor. A consumer that prefers
 /// pulling to webhooks keeps `next` and asks again.
 #[utoipa::path(get, path = "/v1/events", tag = "events", params(EventsQuery),
@@ -136,7 +122,7 @@ pub async fn list_events(
         .unwrap_or("")
         .parse()
         .map_err(|m: &str| ApiError::bad_request("invalid_query", "after", m))?;
-    let limit = limit(q.limit.as_deref(), 100, 1000)?;
+    let limit = page_size(q.limit.as_deref(), 100, 1000)?;
     let page = st.postbox.events(after, limit).await?;
     Ok(Json(EventFeed {
         events: page.events,
@@ -322,7 +308,7 @@ pub async fn list_deliveries(
     RawQuery(raw): RawQuery,
 ) -> Result<Json<DeliveryList>, ApiError> {
     let q: DeliveriesQuery = query(raw.as_deref())?;
-    let limit = limit(q.limit.as_deref(), 50, 500)?;
+    let limit = page_size(q.limit.as_deref(), 50, 500)?;
     if st.postbox.webhook(&name).await?.is_none() {
         return Err(ApiError::not_found(format!(
             "no webhook named {}",

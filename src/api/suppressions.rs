@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::ApiState;
-use super::body::{JsonBody, parse, query};
+use super::body::{JsonBody, page_size, parse, query};
 use super::error::{ApiError, ErrorResponse};
 use crate::domain::EmailAddress;
 use crate::store::{Suppression, SuppressionFilter, SuppressionReason};
@@ -78,19 +78,7 @@ pub async fn list_suppressions(
     RawQuery(raw): RawQuery,
 ) -> Result<Json<SuppressionPage>, ApiError> {
     let q: SuppressionsQuery = query(raw.as_deref())?;
-    let limit = match q.limit.as_deref() {
-        None => 100,
-        Some(s) => match s.parse::<u32>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
-            _ => {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
-                    "limit",
-                    format!("`{}` is not a page size from 1 to 1000", s.escape_debug()),
-                ));
-            }
-        },
-    };
+    let limit = page_size(q.limit.as_deref(), 100, 1000)?;
     let f = SuppressionFilter {
         reason: q
             .reason
@@ -201,19 +189,7 @@ pub async fn list_bounces(
     RawQuery(raw): RawQuery,
 ) -> Result<Json<BounceList>, ApiError> {
     let q: BouncesQuery = query(raw.as_deref())?;
-    let limit = match q.limit.as_deref() {
-        None => 100,
-        Some(s) => match s.parse::<u32>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
-            _ => {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
-                    "limit",
-                    format!("`{}` is not a page size from 1 to 1000", s.escape_debug()),
-                ));
-            }
-        },
-    };
+    let limit = page_size(q.limit.as_deref(), 100, 1000)?;
     Ok(Json(BounceList {
         reports: st.postbox.bounce_reports(limit).await?,
     }))
