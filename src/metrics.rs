@@ -14,6 +14,7 @@
 //! | `postbox_interrupted_sends_total` | counter (resends of an attempt a crash cut off) | |
 //! | `postbox_write_batch_size` | histogram (claims / completions per transaction) | kind |
 //! | `postbox_webhook_deliveries_total` | counter (POSTs: delivered, retry, failed, gone) | webhook, result |
+//! | `postbox_webhook_lag_seconds` | gauge (age of the oldest event an endpoint has not read; every 2 s) | webhook |
 //! | `postbox_mailbox_connected` | gauge | mailbox |
 //! | `postbox_mailbox_messages_scanned_total` | counter | mailbox |
 //! | `postbox_mailbox_rule_matches_total` | counter | mailbox, rule |
@@ -73,6 +74,10 @@ fn describe() {
     describe_counter!(
         "postbox_emails_submitted_total",
         "Emails accepted into the queue."
+    );
+    describe_gauge!(
+        "postbox_webhook_lag_seconds",
+        "How long the oldest event a webhook endpoint has not read yet has waited (0: caught up)."
     );
     describe_counter!(
         "postbox_webhook_deliveries_total",

@@ -655,6 +655,17 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// How long the oldest timeline entry `name` has not read yet has waited (zero when it is
+    /// caught up): one index probe, so it can be read every few seconds at any backlog.
+    pub async fn webhook_lag_seconds(&self, name: &str) -> Result<f64, StoreError> {
+        let at: Option<i64> = sql("SELECT ev.at FROM postbox_events ev, postbox_webhooks w
+              WHERE w.name = $1 AND ev.seq > w.after_seq ORDER BY ev.seq LIMIT 1")
+        .bind(name)
+        .scalar(&self.db)
+        .await?;
+        Ok(at.map_or(0.0, |at| ((ms(now()) - at).max(0) as f64) / 1e3))
+    }
+
     /// How many events `name` is behind the end of the feed (its outbox lag).
     pub async fn webhook_lag(&self, name: &str) -> Result<i64, StoreError> {
         let n: Option<i64> = sql(format!(

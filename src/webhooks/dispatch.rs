@@ -79,6 +79,13 @@ pub async fn run(
     loop {
         match ctx.store.webhooks().await {
             Ok(rows) => {
+                // Disabled endpoints too: theirs is the lag that grows.
+                for r in &rows {
+                    if let Ok(lag) = ctx.store.webhook_lag_seconds(&r.name).await {
+                        metrics::gauge!("postbox_webhook_lag_seconds", "webhook" => r.name.clone())
+                            .set(lag);
+                    }
+                }
                 let mut wanted: HashMap<String, (Key, Arc<Ep>)> = HashMap::new();
                 for row in rows.into_iter().filter(|r| r.disabled_at.is_none()) {
                     let secret = match (&row.secret, secrets.get(&row.name)) {

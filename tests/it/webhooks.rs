@@ -268,6 +268,31 @@ async fn every_event_reaches_the_webhook_signed_and_retries_follow_the_schedule(
         "{hooks}"
     );
     assert!(w.get("secret").is_none(), "a secret is never listed");
+    // While it is disabled, the events it has not read age, and /metrics shows it.
+    api.submit("fifth@example.com").await;
+    let metrics = format!("{}/metrics", api.base);
+    let t0 = std::time::Instant::now();
+    loop {
+        let text = api
+            .http
+            .get(&metrics)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let lag = text
+            .lines()
+            .find(|l| l.starts_with("postbox_webhook_lag_seconds{webhook=\"app\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok());
+        if lag.is_some_and(|l| l > 0.0) {
+            break;
+        }
+        assert!(t0.elapsed() < LIMIT, "no lag reported: {lag:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Enabled again, it catches up with what happened meanwhile; the events that met the 410
     // are failed deliveries, sent again on request.
     rx.mode("ok").await;
