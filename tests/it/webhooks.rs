@@ -250,6 +250,32 @@ async fn every_event_reaches_the_webhook_signed_and_retries_follow_the_schedule(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // A receiver that does not answer: the POST times out (webhook.timeout_secs = 2 here),
+    // is recorded as such, and is retried until it is taken.
+    rx.mode("hang").await;
+    let slow = api.submit("slow@example.com").await;
+    let t0 = std::time::Instant::now();
+    loop {
+        let d = api.get("/v1/webhooks/app/deliveries").await;
+        if d["deliveries"].as_array().unwrap().iter().any(|d| {
+            d["state"] == "retrying"
+                && d["response"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("no answer within 2 s"))
+        }) {
+            break;
+        }
+        assert!(t0.elapsed() < LIMIT, "{d}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    rx.mode("ok").await;
+    wait_for("the slow email's events delivered", LIMIT, || {
+        types_by_email(&rx.delivered())
+            .get(&slow)
+            .is_some_and(|t| t.len() == 2)
+    })
+    .await;
+
     // 410 Gone disables the endpoint, and it says why.
     rx.mode("410").await;
     api.submit("fourth@example.com").await;
