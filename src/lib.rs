@@ -48,7 +48,8 @@
 //!               answers); dispatch.rs (one dispatcher per endpoint, under a lease: due
 //!               retries + events after its place, signed POSTs, ONE transaction per round)
 //! postbox.rs    Postbox, the facade every entry point calls: submit, status, list, cancel,
-//!               retry, stats, run_workers; run / run_watchers / serve_api delegate to Roles
+//!               retry, stats, events, webhooks, suppressions, unsubscribe, run_workers; run /
+//!               run_watchers / run_webhooks / serve_api delegate to Roles
 //! api/          HTTP (axum over our hyper server.rs: timeouts, connection cap): routes and
 //!               OpenAPI from one declaration, auth.rs (tokens, rate limits, failed logins,
 //!               open-mode Host/Origin checks), body.rs (JSON bodies, bounded), events.rs (the
@@ -72,18 +73,22 @@
 //! ```
 //!
 //! Public to embedders: the facade and its types at the crate root, `config` (every section's
-//! type), `domain`, `delivery`, `render`, `store` (reports, listings, stats), `api`, `inbound`,
-//! `metrics` and `cli` (for `main.rs`); `faults` is hidden (tests arm it). Crate-private: `db`,
+//! type), `domain`, `delivery`, `render`, `store` (reports, listings, stats, events,
+//! suppressions), `api`, `inbound`, `webhooks`, `metrics` and `cli` (for `main.rs`); `faults` is hidden (tests arm it). Crate-private: `db`,
 //! `net`, `postbox`, `queue`, `runtime`, `settings`, `shutdown`, `telemetry`, `worker`.
 //!
 //! ## One email's path
 //! `Postbox::submit` -> `Email::parse` (every rule, every field named) -> `GroupCommitter` ->
 //! `Store::insert_group` (idempotency, depth cap, then email rows + `queue::table::push` of job
-//! `<id>:0`, in ONE transaction) -> worker `Deliverer::deliver`: `Recorder::claim` (row ->
-//! `sending`, attempt n, `claimed_by` this process; one UPDATE for every claim waiting) -> a
-//! send slot (`queue.concurrency`) -> `render` -> `build_message` -> `Mailer::send` ->
-//! `Outcome` -> `Recorder::complete` (attempt + new status, and for a retry the next job with
-//! its `run_at`; with the other claims and completions waiting, in ONE transaction).
+//! `<id>:0`, and its `submitted` timeline entry, in ONE transaction) -> worker
+//! `Deliverer::deliver`: `Recorder::claim` (row -> `sending`, attempt n, `claimed_by` this
+//! process; one UPDATE for every claim waiting, one read of their recipients against the
+//! suppression list) -> a send slot (`queue.concurrency`, highest priority first) -> `render`
+//! -> `build_message_for` (X-Postbox-Id, VERP return path, suppressed recipients out of the
+//! envelope, List-Unsubscribe) -> `Mailer::send` -> `Outcome` -> `Recorder::complete`
+//! (attempt + new status + timeline entry, and for a retry the next job with its `run_at`;
+//! with the other claims and completions waiting, in ONE transaction) -> its event is read
+//! from the timeline by the feed and the webhook dispatchers.
 //!
 //! ## Invariants, and where each is kept
 //! - Nothing accepted is lost: an email row and its job commit in one transaction
