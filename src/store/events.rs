@@ -499,20 +499,23 @@ impl Store {
     /// Records what one round of dispatch to `name` did, in ONE transaction: each attempt's
     /// delivery row, the endpoint's new place in the feed (`after`, when new events were
     /// read), and its health: a success clears `failing_since`; failures since longer than
-    /// `disable_after` (or a 410) disable it, with the reason.
+    /// `disable_after` (or a 410) disable it, with the reason. `dropped` are deliveries that
+    /// were not posted (their event is gone): recorded, but they say nothing of the endpoint.
     pub async fn record_webhook_round(
         &self,
         name: &str,
         after: Option<Cursor>,
         attempts: &[DeliveryAttempt],
+        dropped: &[DeliveryAttempt],
         disable_after: std::time::Duration,
     ) -> Result<(), StoreError> {
+        let all: Vec<&DeliveryAttempt> = attempts.iter().chain(dropped).collect();
         let now_t = now();
         let now = ms(now_t);
         let mut tx = self.db.begin_write().await?;
         // Many rows per statement: one round trip for a whole round (10 columns a row: 200
         // rows stay far below SQLite's parameter limit).
-        for chunk in attempts.chunks(200) {
+        for chunk in all.chunks(200) {
             let mut q = sql(format!(
                 "INSERT INTO postbox_webhook_deliveries (webhook, event_seq, attempts, state,
                      next_at, response_code, response, duration_ms, created_at, updated_at)

@@ -310,6 +310,20 @@ async fn round(ctx: &Ctx, ep: &Ep, client: &Client) -> Result<Round, crate::stor
     let retries = ctx.store.due_webhook_retries(name, t.batch).await?;
     let seqs: Vec<i64> = retries.iter().map(|(s, _)| *s).collect();
     let again = ctx.store.events_by_seq(&seqs).await?;
+    // A retry whose event is gone (its email aged out by retention) cannot be sent: it ends
+    // failed, with the reason, instead of coming due again and again.
+    let gone: Vec<DeliveryAttempt> = retries
+        .iter()
+        .filter(|(s, _)| !again.iter().any(|e| e.seq == *s))
+        .map(|(s, n)| DeliveryAttempt {
+            event_seq: *s,
+            attempts: *n,
+            outcome: DeliveryOutcome::Failed,
+            response_code: None,
+            response: Some("the event is no longer kept (retention); not sent again".into()),
+            duration_ms: 0,
+        })
+        .collect();
     let page = ctx.store.events_after(row.after, t.batch).await?;
     let mut jobs: Vec<(Event, u32)> = Vec::new();
     for ev in again {
@@ -326,7 +340,7 @@ async fn round(ctx: &Ctx, ep: &Ep, client: &Client) -> Result<Round, crate::stor
         }
     }
     let moved = (page.next != row.after).then_some(page.next);
-    if jobs.is_empty() && moved.is_none() {
+    if jobs.is_empty() && moved.is_none() && gone.is_empty() {
         return Ok(Round::Idle);
     }
     let plan = schedule(t);
@@ -351,6 +365,7 @@ async fn round(ctx: &Ctx, ep: &Ep, client: &Client) -> Result<Round, crate::stor
             name,
             moved,
             &attempts,
+            &gone,
             Duration::from_secs(t.disable_after_hours * 3600),
         )
         .await?;

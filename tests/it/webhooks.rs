@@ -633,3 +633,69 @@ async fn one_click_unsubscribe_suppresses_the_recipient_on_post_only() {
         .await;
     assert_eq!(smtp.count(), 1);
 }
+
+/// A retry whose event retention deleted ends `failed` with the reason (it is not sent, and
+/// does not come due again and again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_whose_event_is_gone_ends_failed() {
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start(dir.path()).await;
+    rx.mode("500").await;
+    let mut s = settings(dir.path(), smtp.port());
+    s.webhooks = vec![
+        toml::from_str(&format!(
+            "name = \"app\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\nevents = [\"email.sent\"]",
+            rx.url()
+        ))
+        .unwrap(),
+    ];
+    s.webhook.retry_schedule_secs = vec![1, 1, 1, 1, 1, 1];
+    let app = TestApp::start(s, true).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let hooks = tokio::spawn({
+        let pb = app.app.postbox.clone();
+        async move {
+            pb.run_webhooks(postbox::shutdown_signal(async move {
+                let _ = stopped.await;
+            }))
+            .await
+        }
+    });
+    let r = app
+        .submit(&json!({"to": ["a@example.com"], "subject": "x", "text": "y"}))
+        .await;
+    let id = r.json["id"].as_str().unwrap().to_string();
+    let deliveries = || async { app.get("/v1/webhooks/app/deliveries").await.json };
+    let t0 = std::time::Instant::now();
+    while deliveries().await["deliveries"][0]["state"] != "retrying" {
+        assert!(t0.elapsed() < LIMIT, "{}", deliveries().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Retention takes the email's timeline (the events) away.
+    let del = format!("DELETE FROM postbox_events WHERE email_id = '{id}'");
+    common::db_exec(dir.path(), &del, &del).await;
+    rx.mode("ok").await;
+    let t0 = std::time::Instant::now();
+    loop {
+        let d = deliveries().await;
+        let d = &d["deliveries"][0];
+        if d["state"] == "failed" {
+            assert!(
+                d["response"].as_str().unwrap().contains("no longer kept"),
+                "{d}"
+            );
+            break;
+        }
+        assert!(t0.elapsed() < LIMIT, "{d}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(rx.delivered().is_empty(), "nothing was sent");
+    let hooks_state = app.get("/v1/webhooks").await.json;
+    assert!(
+        hooks_state["webhooks"][0]["disabled_at"].is_null(),
+        "{hooks_state}"
+    );
+    let _ = stop.send(());
+    hooks.await.unwrap();
+}
