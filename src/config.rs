@@ -445,6 +445,36 @@ mod tests {
                 vec![],
                 "api.tokens[0].token_env",
             ),
+            (
+                "[delivery]\nreturn_path = \"bounces@example.com\"\n",
+                vec![],
+                "delivery.return_path",
+            ),
+            (
+                "[delivery]\nreturn_path = \"Bounces <bounces+{id}@example.com>\"\n",
+                vec![],
+                "delivery.return_path",
+            ),
+            (
+                "[api]\npublic_url = \"ftp://x\"\n",
+                vec![],
+                "api.public_url",
+            ),
+            (
+                "[webhook]\nconcurrency = 0\n",
+                vec![],
+                "webhook.concurrency",
+            ),
+            (
+                "[[mailboxes]]\nname = \"b\"\nhost = \"h\"\nusername = \"u\"\npassword = \"p\"\nalert_to = [\"a@example.com\"]\npurpose = \"bounces\"\n[[mailboxes.rules]]\nname = \"r\"\nsubject = \"x\"\n",
+                vec![],
+                "mailboxes[0].rules",
+            ),
+            (
+                "[[mailboxes]]\nname = \"b\"\nhost = \"h\"\nusername = \"u\"\npassword = \"p\"\nalert_to = [\"a@example.com\"]\npurpose = \"bounces\"\nsoft_bounce_limit = 0\n",
+                vec![],
+                "mailboxes[0].soft_bounce_limit",
+            ),
         ];
         for (text, e, key) in cases {
             let err = check(text, &e).unwrap_err();

@@ -16,6 +16,8 @@
 
 use mail_parser::{MessageParser, MimeHeaders, PartType};
 
+use super::message::clip;
+
 /// What a report says about one recipient.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -71,8 +73,9 @@ pub struct Report {
     pub message_id: Option<String>,
 }
 
-/// Bounded outside text: at most this many characters of a diagnostic are kept.
-const DIAGNOSTIC_CHARS: usize = 500;
+/// Bounded outside text: at most this many bytes of a diagnostic are kept (`message::clip`:
+/// control characters become spaces).
+const DIAGNOSTIC_BYTES: usize = 500;
 /// At most this many recipients are read from one report.
 const MAX_RECIPIENTS: usize = 100;
 
@@ -144,7 +147,7 @@ pub fn parse(raw: &[u8]) -> Option<Report> {
                     address,
                     kind: Kind::Complaint,
                     status: None,
-                    diagnostic: Some(clip(&format!("feedback-type: {kind}"))),
+                    diagnostic: Some(clip(&format!("feedback-type: {kind}"), DIAGNOSTIC_BYTES)),
                 })
                 .collect(),
         )
@@ -171,7 +174,7 @@ pub fn parse(raw: &[u8]) -> Option<Report> {
         format,
         recipients,
         email_id,
-        message_id: message_id.map(|m| clip(&m)),
+        message_id: message_id.map(|m| clip(&m, DIAGNOSTIC_BYTES)),
     })
 }
 
@@ -201,8 +204,12 @@ fn dsn_recipients(body: &str) -> Vec<Bounced> {
             continue;
         }
         let status = field(&b, "status").and_then(enhanced_code);
-        let diagnostic = field(&b, "diagnostic-code")
-            .map(|d| clip(d.split_once(';').map_or(d, |(_, text)| text).trim()));
+        let diagnostic = field(&b, "diagnostic-code").map(|d| {
+            clip(
+                d.split_once(';').map_or(d, |(_, text)| text).trim(),
+                DIAGNOSTIC_BYTES,
+            )
+        });
         let kind = match status.as_deref().and_then(|s| s.chars().next()) {
             Some('4') => Kind::Soft,
             Some('5') => Kind::Hard,
@@ -277,7 +284,7 @@ fn heuristic(msg: &mail_parser::Message, raw: &[u8]) -> Vec<Bounced> {
             let code = near
                 .split(|c: char| !c.is_ascii_digit())
                 .find(|w| w.len() == 3 && (w.starts_with('4') || w.starts_with('5')));
-            let diagnostic = Some(clip(near.trim()));
+            let diagnostic = Some(clip(near.trim(), DIAGNOSTIC_BYTES));
             let kind = match status
                 .as_deref()
                 .and_then(|s| s.chars().next())
@@ -472,13 +479,6 @@ fn verp_id(raw: &[u8]) -> Option<String> {
         }
     }
     None
-}
-
-fn clip(s: &str) -> String {
-    s.chars()
-        .filter(|c| !c.is_control() || *c == ' ')
-        .take(DIAGNOSTIC_CHARS)
-        .collect()
 }
 
 impl Report {

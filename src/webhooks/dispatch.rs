@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use rand::Rng;
 use time::OffsetDateTime;
 use tokio::task::JoinHandle;
@@ -195,7 +195,7 @@ async fn endpoint(ctx: Arc<Ctx>, ep: Arc<Ep>) {
     let mut written = ctx.store.events_written();
     let mut lease_until = Instant::now();
     loop {
-        if ctx.shutdown.clone().now_or_never_done() {
+        if ctx.shutdown.clone().now_or_never().is_some() {
             break;
         }
         // The lease, renewed every third of its life.
@@ -426,16 +426,6 @@ fn kept(s: &str) -> String {
         .filter(|c| !c.is_control() || *c == '\n' || *c == '\t')
         .take(KEPT)
         .collect()
-}
-
-trait DoneNow {
-    fn now_or_never_done(self) -> bool;
-}
-
-impl DoneNow for Shutdown {
-    fn now_or_never_done(self) -> bool {
-        futures::FutureExt::now_or_never(self).is_some()
-    }
 }
 
 #[cfg(test)]
