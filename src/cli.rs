@@ -62,6 +62,9 @@ pub struct SendArgs {
     /// Send even to addresses on the suppression list (recorded on the timeline).
     #[arg(long)]
     ignore_suppression: bool,
+    /// Send through this relay only (a `[[relays]]` name).
+    #[arg(long)]
+    relay: Option<String>,
 }
 
 /// `postbox config check`: validates and resolves the settings (secrets from the environment,
@@ -564,6 +567,7 @@ fn new_email(a: SendArgs) -> Result<NewEmail, String> {
         priority: Priority::parse(&a.priority).map_err(|e| format!("--priority: {e}"))?,
         idempotency_key: a.idempotency_key,
         ignore_suppression: a.ignore_suppression,
+        relay: a.relay.clone(),
         one_click_unsubscribe: false,
     })
 }

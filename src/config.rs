@@ -13,7 +13,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use crate::api::{ApiSettings, ApiToken, ResolvedToken};
-pub use crate::delivery::{DeliverySettings, RetryPolicy, SmtpSettings, TlsMode, Transport};
+pub use crate::delivery::{
+    DeliverySettings, DkimSettings, DomainLimit, RelaySetup, RetryPolicy, RouteSettings,
+    SmtpSettings, ThrottleSettings, TlsMode, Transport,
+};
 use crate::domain::Limits;
 pub use crate::inbound::{ClusterSettings, MailboxSettings};
 pub use crate::queue::QueueSettings;
@@ -31,7 +34,22 @@ pub struct Settings {
     pub retry: RetryPolicy,
     pub retention: RetentionSettings,
     pub delivery: DeliverySettings,
+    /// The one relay, when `[[relays]]` is not used.
     pub smtp: SmtpSettings,
+    /// Several relays (`[[relays]]`: a `name` plus `[smtp]`'s keys); none: `[smtp]` is the one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub relays: Vec<SmtpSettings>,
+    /// Which relays take which emails (`[[routes]]`), first match wins.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteSettings>,
+    /// Rate limits per recipient domain (`[[domain_limits]]`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub domain_limits: Vec<DomainLimit>,
+    /// Adaptive throttling (`[throttle]`).
+    pub throttle: ThrottleSettings,
+    /// DKIM keys per From domain (`[[dkim]]`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dkim: Vec<DkimSettings>,
     pub limits: Limits,
     pub log: LogSettings,
     pub api: ApiSettings,
@@ -99,7 +117,16 @@ fn secret_env_names(table: &toml::Table) -> Vec<String> {
     };
     collect(table.get("mailboxes"), "password_env");
     collect(table.get("webhooks"), "secret_env");
+    collect(table.get("relays"), "password_env");
+    collect(table.get("dkim"), "key_env");
     collect(table.get("api").and_then(|a| a.get("tokens")), "token_env");
+    if let Some(name) = table
+        .get("smtp")
+        .and_then(|s| s.get("password_env"))
+        .and_then(|v| v.as_str())
+    {
+        out.push(name.to_string());
+    }
     out
 }
 
@@ -194,20 +221,38 @@ impl Settings {
         self.retry.validate()?;
         self.delivery.senders()?;
         self.delivery.return_path()?;
-        self.smtp
-            .validate(self.delivery.transport == Transport::Smtp)?;
+        let relays = self.relay_setup()?;
         self.limits.validate()?;
         self.log.validate()?;
         self.api.validate()?;
         self.cluster.validate()?;
         self.webhook.validate()?;
-        if self.queue.stuck_after_secs <= self.smtp.command_timeout_secs * 4 {
+        let command_timeout = relays
+            .relays
+            .iter()
+            .map(|r| r.command_timeout_secs)
+            .max()
+            .unwrap_or(0);
+        if self.queue.stuck_after_secs <= command_timeout * 4 {
             return Err(ConfigError::new(
                 "queue.stuck_after_secs",
                 "must be longer than 4 x smtp.command_timeout_secs, or live sends look stuck",
             ));
         }
         Ok(())
+    }
+
+    /// The relay sections, checked and resolved (see [`RelaySetup::build`]).
+    pub fn relay_setup(&self) -> Result<RelaySetup, ConfigError> {
+        RelaySetup::build(
+            &self.delivery,
+            &self.smtp,
+            &self.relays,
+            &self.routes,
+            &self.domain_limits,
+            &self.throttle,
+            self.delivery.transport == Transport::Smtp,
+        )
     }
 
     /// The effective settings as TOML, secrets masked (for `postbox config check`).

@@ -151,7 +151,8 @@ mod worker;
 pub use config::Settings;
 pub use domain::{EmailId, EmailStatus, NewAttachment, NewEmail, Priority};
 pub use postbox::{
-    OpenError, Postbox, Role, RunError, SubmitError, SubmitOptions, SubmitOutcome, Submitted,
+    BulkAction, BulkFilter, BulkReport, MAX_BULK, OpenError, Postbox, RelaysReport, Role, RunError,
+    SubmitError, SubmitOptions, SubmitOutcome, Submitted,
 };
 pub use runtime::Runtime;
 pub use shutdown::{Shutdown, shutdown_signal};

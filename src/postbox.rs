@@ -93,6 +93,10 @@ pub(crate) trait Roles: Send + Sync + 'static {
 pub(crate) struct Parts {
     pub store: Store,
     pub mailer: Mailer,
+    /// Every relay's name (an email's `relay` field must be one).
+    pub relay_names: Vec<String>,
+    pub limiter: Arc<crate::delivery::Limiter>,
+    pub dkim: crate::delivery::DkimSigner,
     pub limits: Limits,
     pub senders: Senders,
     pub retry: RetryPolicy,
@@ -118,6 +122,55 @@ pub enum SubmitError {
     #[error(transparent)]
     Store(#[from] StoreError),
 }
+
+/// Relays, rate limits and pauses: `GET /v1/relays`, `postbox relays`, the dashboard.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct RelaysReport {
+    /// Every relay (empty unless `delivery.transport = "smtp"`), with its cool-down.
+    pub relays: Vec<crate::delivery::RelayView>,
+    /// Every rate limit key (`relay:<name>`, `domain:<domain>`): configured and effective
+    /// rates, adaptive throttling. Figures are this process's (on PostgreSQL the slots are
+    /// shared; the adaptive rate and the observed rate are per process).
+    pub limits: Vec<crate::delivery::LimitView>,
+    pub pauses: Vec<crate::store::Pause>,
+}
+
+/// What a bulk action does to each email its filter matches.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum BulkAction {
+    /// Re-drive dead letters (status failed).
+    Retry,
+    /// Cancel queued or retrying emails, or dismiss dead letters.
+    Cancel,
+}
+
+/// Which emails a bulk action takes: every condition given must hold; `status` is required.
+#[derive(Debug, Clone, Default)]
+pub struct BulkFilter {
+    pub status: Option<crate::domain::EmailStatus>,
+    pub tag: Option<String>,
+    /// A recipient at this domain.
+    pub domain: Option<String>,
+    /// Created at least this long ago.
+    pub older_than: Option<std::time::Duration>,
+}
+
+/// What a bulk action did.
+#[derive(Debug, Clone, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct BulkReport {
+    /// Emails the filter matched (at most `MAX_BULK`).
+    pub matched: u64,
+    /// Emails changed (the others changed state meanwhile).
+    pub changed: u64,
+    /// More emails match: run it again.
+    pub more: bool,
+}
+
+/// Emails one bulk call takes at most.
+pub const MAX_BULK: u64 = 10_000;
 
 /// Options of [`Postbox::submit_with`] and [`Postbox::submit_many_with`].
 #[derive(Debug, Clone, Default)]
@@ -155,6 +208,11 @@ struct Inner {
     store: Store,
     wake: Arc<Wake>,
     mailer: Mailer,
+    relay_names: Vec<String>,
+    limiter: Arc<crate::delivery::Limiter>,
+    dkim: crate::delivery::DkimSigner,
+    /// The pauses as workers see them (re-read every few seconds, and after a change here).
+    pauses: Arc<worker::PauseCache>,
     writer: GroupCommitter,
     workers_running: AtomicUsize,
     /// This process in the cluster (`host-pid-ulid`): the holder of its leases and claims.
@@ -202,6 +260,10 @@ impl Postbox {
                 store: parts.store,
                 wake: Arc::new(Wake::default()),
                 mailer: parts.mailer,
+                relay_names: parts.relay_names,
+                limiter: parts.limiter,
+                dkim: parts.dkim,
+                pauses: Arc::new(worker::PauseCache::default()),
                 writer,
                 workers_running: AtomicUsize::new(0),
                 node: worker::node_name(),
@@ -221,6 +283,17 @@ impl Postbox {
 
     fn validate(&self, new: NewEmail) -> Result<(EmailId, Email, String), ValidationErrors> {
         let email = Email::parse(new, &self.inner.limits, &self.inner.senders, &Templates)?;
+        if let Some(r) = &email.relay
+            && !self.inner.relay_names.contains(r)
+        {
+            return Err(ValidationErrors(vec![crate::domain::FieldError::new(
+                "relay",
+                format!(
+                    "\"{r}\" is not a relay (relays: {})",
+                    self.inner.relay_names.join(", ")
+                ),
+            )]));
+        }
         if email.one_click_unsubscribe {
             let why = if self.inner.workers.public_url.is_none() {
                 Some("needs api.public_url (where the link points)")
@@ -622,6 +695,105 @@ impl Postbox {
         Ok(())
     }
 
+    /// The relays, rate limits and pauses, as this process sees them.
+    pub async fn relays(&self) -> Result<RelaysReport, StoreError> {
+        Ok(RelaysReport {
+            relays: self
+                .inner
+                .mailer
+                .relays()
+                .map(|r| r.views())
+                .unwrap_or_default(),
+            limits: self.inner.limiter.views(),
+            pauses: self.inner.store.pauses().await?,
+        })
+    }
+
+    /// Every relay's name.
+    pub fn relay_names(&self) -> &[String] {
+        &self.inner.relay_names
+    }
+
+    /// Pauses sending through a relay, to a recipient domain or with a tag (every worker
+    /// process sees it within a few seconds). False: it was paused already.
+    pub async fn pause(
+        &self,
+        kind: crate::store::PauseKind,
+        value: &str,
+        reason: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let changed = self.inner.store.pause(kind, value, reason).await?;
+        self.inner.pauses.invalidate();
+        Ok(changed)
+    }
+
+    /// Ends a pause and queues the emails it held at once. None: there was no such pause;
+    /// else how many emails it released.
+    pub async fn resume(
+        &self,
+        kind: crate::store::PauseKind,
+        value: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let n = self.inner.store.resume(kind, value).await?;
+        self.inner.pauses.invalidate();
+        self.inner.wake.notify();
+        Ok(n)
+    }
+
+    /// Retries or cancels every email `filter` matches (up to [`MAX_BULK`] per call), each
+    /// through the same step as one by one, its timeline noting `origin`.
+    pub async fn bulk(
+        &self,
+        action: BulkAction,
+        filter: &BulkFilter,
+        origin: &str,
+    ) -> Result<BulkReport, StoreError> {
+        let mut report = BulkReport::default();
+        let created_before = filter
+            .older_than
+            .map(|d| time::OffsetDateTime::now_utc() - d);
+        let mut before: Option<EmailId> = None;
+        loop {
+            let page = self
+                .inner
+                .store
+                .list(&crate::store::ListFilter {
+                    status: filter.status,
+                    tag: filter.tag.clone(),
+                    domain: filter.domain.clone(),
+                    created_before,
+                    before_id: before.clone(),
+                    limit: 500,
+                    ..Default::default()
+                })
+                .await?;
+            for e in &page.emails {
+                if report.matched == MAX_BULK {
+                    report.more = true;
+                    break;
+                }
+                report.matched += 1;
+                let r = match action {
+                    BulkAction::Retry => self.inner.store.retry(&e.id, Some(origin)).await,
+                    BulkAction::Cancel => self.inner.store.cancel(&e.id, Some(origin)).await,
+                };
+                match r {
+                    Ok(()) => report.changed += 1,
+                    Err(TransitionError::Store(e)) => return Err(e),
+                    Err(_) => {}
+                }
+            }
+            match (page.emails.last(), report.more) {
+                (Some(last), false) if page.next_cursor.is_some() => before = Some(last.id.clone()),
+                _ => break,
+            }
+        }
+        if action == BulkAction::Retry && report.changed > 0 {
+            self.inner.wake.notify();
+        }
+        Ok(report)
+    }
+
     /// Emails by status.
     pub async fn counts(&self) -> Result<Counts, StoreError> {
         self.inner.store.counts().await
@@ -655,10 +827,15 @@ impl Postbox {
             i.mailer.clone(),
             i.retry.clone(),
             i.node.clone(),
-            i.workers.queue.concurrency,
             worker::Addressing {
                 return_path: i.workers.return_path.clone(),
                 unsubscribe: self.unsubscribe_links().await,
+            },
+            worker::Shaping {
+                concurrency: i.workers.queue.concurrency,
+                limiter: i.limiter.clone(),
+                dkim: i.dkim.clone(),
+                pauses: i.pauses.clone(),
             },
             shutdown.clone(),
         ));

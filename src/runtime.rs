@@ -32,6 +32,10 @@ pub struct Runtime {
     pub mailboxes: Vec<Arc<Mailbox>>,
     /// The config's webhook endpoints, secrets resolved.
     pub webhooks: Vec<crate::webhooks::Endpoint>,
+    /// The relays (passwords resolved), routes, domain limits and throttling.
+    pub relays: crate::delivery::RelaySetup,
+    /// DKIM keys by From domain.
+    pub dkim: crate::delivery::DkimSigner,
 }
 
 impl Runtime {
@@ -56,6 +60,22 @@ impl Runtime {
         let tokens = settings.api.resolve_tokens(env)?;
         let mailboxes = crate::inbound::compile(&settings.mailboxes, env)?;
         let webhooks = crate::webhooks::compile(&settings.webhooks, env)?;
+        let mut relays = settings.relay_setup()?;
+        let from_file = !settings.relays.is_empty();
+        for (i, r) in relays.relays.iter_mut().enumerate() {
+            if let Some(var) = &r.password_env {
+                let key = if from_file {
+                    format!("relays[{i}].password_env")
+                } else {
+                    "smtp.password_env".to_string()
+                };
+                let value = env(var).ok_or_else(|| {
+                    ConfigError::new(key, format!("environment variable {var} is not set"))
+                })?;
+                r.password = Some(value.into());
+            }
+        }
+        let dkim = crate::delivery::DkimSigner::load(&settings.dkim, env)?;
         // An alert is an ordinary email: recipients past the limit would fail it at send time.
         let max = settings.limits.max_recipients;
         for (i, mb) in mailboxes.iter().enumerate() {
@@ -91,6 +111,8 @@ impl Runtime {
             tokens,
             mailboxes,
             webhooks,
+            relays,
+            dkim,
         })
     }
 }
@@ -109,8 +131,13 @@ impl Postbox {
         crate::metrics::init();
         let s = &rt.settings;
         let store = Store::open(&s.database, &s.queue.name).await?;
-        let mailer = Mailer::from_settings(&s.delivery, &s.smtp)?;
+        let mailer = Mailer::from_settings(&s.delivery, &rt.relays)?;
+        let shared = (store.kind() == crate::store::Kind::Postgres).then(|| store.clone());
+        let limiter = Arc::new(crate::delivery::Limiter::new(&rt.relays, shared));
         Ok(Postbox::assemble(Parts {
+            relay_names: rt.relays.relays.iter().map(|r| r.name.clone()).collect(),
+            limiter,
+            dkim: rt.dkim.clone(),
             store,
             mailer,
             limits: s.limits.clone(),

@@ -329,6 +329,7 @@ pub async fn list_emails(
         status,
         tag: q.tag.filter(|t| !t.is_empty()),
         recipient: q.recipient.filter(|r| !r.is_empty()),
+        domain: None,
         created_after: time_param("created_after", q.created_after.as_deref())?,
         created_before: time_param("created_before", q.created_before.as_deref())?,
         before_id,

@@ -12,6 +12,7 @@ mod emails;
 mod error;
 mod events;
 mod meta;
+mod relays;
 mod server;
 mod settings;
 mod suppressions;
@@ -78,7 +79,7 @@ pub struct ApiState {
         (name = "emails", description = "Submit and follow emails"),
         (name = "templates", description = "Built-in templates"),
         (name = "events", description = "What became of each email: the events feed and signed webhooks"),
-        (name = "operations", description = "Stats, health and this document")
+        (name = "operations", description = "Stats, health, relays and rate limits, pauses, bulk actions, and this document")
     )
 )]
 struct ApiDoc;
@@ -150,6 +151,10 @@ fn build(
         ))
         .routes(routes!(suppressions::remove_suppression))
         .routes(routes!(suppressions::list_bounces))
+        .routes(routes!(relays::relays))
+        .routes(routes!(relays::add_pause))
+        .routes(routes!(relays::remove_pause))
+        .routes(routes!(relays::bulk))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,

@@ -1,20 +1,29 @@
 //! Delivery: MIME building (lettre), the transports (SMTP, pooled; file, for development), and
 //! the one place where an SMTP reply becomes an [`Outcome`].
 
+mod dkim;
 mod policy;
 mod pool;
+mod relays;
 mod settings;
+pub mod throttle;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use lettre::Message;
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Attachment as MimeAttachment, MultiPart, SinglePart};
 
+pub use dkim::{DkimError, DkimSigner};
 pub use policy::{Decision, RetryPolicy};
-pub use settings::{DeliverySettings, SmtpSettings, TlsMode, Transport};
+pub use pool::Sent;
+pub use relays::{Pick, RelayView, Relays};
+pub use settings::{
+    DeliverySettings, DkimAlgorithm, DkimSettings, DomainLimit, RelaySetup, RouteSettings,
+    SmtpSettings, ThrottleSettings, TlsMode, Transport, rate_of,
+};
+pub use throttle::{LimitView, Limiter, Turn};
 
 use crate::domain::Email;
 use crate::render::Rendered;
@@ -229,12 +238,9 @@ pub struct MailerError(String);
 /// Where messages go.
 #[derive(Clone)]
 pub enum Mailer {
-    /// The relay in `[smtp]`, over our pool (plaintext, STARTTLS or implicit TLS; see `pool.rs`).
-    Smtp {
-        pool: Arc<pool::SmtpPool>,
-        /// Cap on one whole transaction (connecting included), beyond the per-command timeout.
-        deadline: Duration,
-    },
+    /// The relays (`[smtp]` or `[[relays]]`), each over our pool (plaintext, STARTTLS or
+    /// implicit TLS; see `pool.rs`).
+    Smtp(Arc<Relays>),
     /// One `<email id>.eml` per email in this folder (development default).
     File(PathBuf),
     /// Every message kept in memory, in the order sent.
@@ -255,7 +261,7 @@ pub struct SentMessage {
 impl std::fmt::Debug for Mailer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Mailer::Smtp { .. } => f.write_str("Mailer::Smtp"),
+            Mailer::Smtp(r) => write!(f, "Mailer::Smtp({r:?})"),
             Mailer::File(p) => write!(f, "Mailer::File({})", p.display()),
             Mailer::Memory(m) => write!(
                 f,
@@ -269,20 +275,20 @@ impl std::fmt::Debug for Mailer {
 impl Mailer {
     pub fn from_settings(
         delivery: &DeliverySettings,
-        smtp: &SmtpSettings,
+        relays: &RelaySetup,
     ) -> Result<Mailer, MailerError> {
         match delivery.transport {
             Transport::File => Ok(Mailer::File(delivery.outbox_dir.clone())),
             Transport::Memory => Ok(Mailer::Memory(Default::default())),
-            Transport::Smtp => {
-                let s = smtp;
-                Ok(Mailer::Smtp {
-                    pool: Arc::new(pool::SmtpPool::new(s)?),
-                    deadline: Duration::from_secs(
-                        s.connect_timeout_secs + 3 * s.command_timeout_secs,
-                    ),
-                })
-            }
+            Transport::Smtp => Ok(Mailer::Smtp(Arc::new(Relays::new(relays)?))),
+        }
+    }
+
+    /// The relays, when mail goes over SMTP.
+    pub fn relays(&self) -> Option<&Arc<Relays>> {
+        match self {
+            Mailer::Smtp(r) => Some(r),
+            _ => None,
         }
     }
 
@@ -294,10 +300,11 @@ impl Mailer {
         }
     }
 
-    /// Sends one message; never panics, never hangs past the deadline.
-    pub async fn send(&self, message: &Message, email_id: &str) -> Outcome {
-        match self {
-            Mailer::Smtp { pool, deadline } => pool.send(message, *deadline).await,
+    /// Sends one message (over SMTP: through relay `relay`, or the first relay); never
+    /// panics, never hangs past the deadline.
+    pub async fn send(&self, message: &Message, email_id: &str, relay: Option<usize>) -> Sent {
+        let outcome = match self {
+            Mailer::Smtp(relays) => return relays.send(relay.unwrap_or(0), message).await,
             Mailer::Memory(sent) => {
                 let envelope = message.envelope();
                 sent.lock()
@@ -334,6 +341,10 @@ impl Mailer {
                     },
                 }
             }
+        };
+        Sent {
+            outcome,
+            reached: true,
         }
     }
 }

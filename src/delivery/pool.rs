@@ -41,8 +41,20 @@ pub struct SmtpPool {
     credentials: Option<Credentials>,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
+    /// Idle connections: when each was last used, and how many messages it carried.
+    idle: Mutex<Vec<(AsyncSmtpConnection, Instant, u32)>>,
     permits: Semaphore,
+    /// `max_messages_per_connection` (0: no limit).
+    per_connection: u32,
+}
+
+/// What [`SmtpPool::send`] got: the outcome, and whether the relay was reached (a session
+/// was greeted, secured and authenticated). A failure before that says the relay is down or
+/// refuses us, not the message: the caller may try another relay.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub outcome: Outcome,
+    pub reached: bool,
 }
 
 impl SmtpPool {
@@ -83,6 +95,7 @@ impl SmtpPool {
             idle_timeout: Duration::from_secs(s.pool_idle_secs),
             idle: Mutex::new(Vec::new()),
             permits: Semaphore::new((s.pool_max as usize).max(1)),
+            per_connection: s.max_messages_per_connection,
         })
     }
 
@@ -122,21 +135,21 @@ impl SmtpPool {
     /// than [`NOOP_AFTER`] must answer NOOP first; one used moments ago is taken as it is (a
     /// NOOP per message was a round trip per message) and its MAIL FROM proves it instead
     /// (see [`SmtpPool::send`]).
-    async fn checkout(&self) -> Result<(AsyncSmtpConnection, bool), Outcome> {
+    async fn checkout(&self) -> Result<(AsyncSmtpConnection, bool, u32), Outcome> {
         loop {
             let next = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             match next {
-                Some((c, since)) if since.elapsed() < NOOP_AFTER.min(self.idle_timeout) => {
-                    return Ok((c, true));
+                Some((c, since, n)) if since.elapsed() < NOOP_AFTER.min(self.idle_timeout) => {
+                    return Ok((c, true, n));
                 }
-                Some((mut c, since)) if since.elapsed() < self.idle_timeout => {
+                Some((mut c, since, n)) if since.elapsed() < self.idle_timeout => {
                     if c.test_connected().await {
-                        return Ok((c, false));
+                        return Ok((c, false, n));
                     }
                     c.abort().await;
                 }
-                Some((mut c, _)) => c.abort().await,
-                None => return Ok((self.connect().await?, false)),
+                Some((mut c, _, _)) => c.abort().await,
+                None => return Ok((self.connect().await?, false, 0)),
             }
         }
     }
@@ -144,17 +157,23 @@ impl SmtpPool {
     /// Sends one message. The `deadline` bounds the whole transaction, connecting included,
     /// and starts once a connection slot is free: waiting for the pool (concurrency above
     /// `pool_max`) is not counted against the relay.
-    pub async fn send(&self, message: &Message, deadline: Duration) -> Outcome {
+    pub async fn send(&self, message: &Message, deadline: Duration) -> Sent {
         let _permit = self
             .permits
             .acquire()
             .await
             .expect("semaphore never closed");
+        let reached = std::sync::atomic::AtomicBool::new(false);
         let attempt = async {
-            let (mut conn, unproven) = match self.checkout().await {
-                Ok(c) => c,
-                Err(outcome) => return outcome,
+            let unreached = |outcome| Sent {
+                outcome,
+                reached: false,
             };
+            let (mut conn, unproven, mut carried) = match self.checkout().await {
+                Ok(c) => c,
+                Err(outcome) => return unreached(outcome),
+            };
+            reached.store(true, std::sync::atomic::Ordering::Relaxed);
             let mut res = transact(&mut conn, message).await;
             // A pooled connection the relay closed meanwhile fails at MAIL FROM without a
             // reply: nothing was sent, so the message goes on a new connection at once
@@ -162,29 +181,41 @@ impl SmtpPool {
             if unproven && matches!(&res, Err(Stage::MailFrom(e)) if e.status().is_none()) {
                 conn = match self.connect().await {
                     Ok(c) => c,
-                    Err(outcome) => return outcome,
+                    Err(outcome) => return unreached(outcome),
                 };
+                carried = 0;
                 res = transact(&mut conn, message).await;
             }
+            carried += 1;
             if conn.has_broken() {
                 conn.abort().await;
+            } else if self.per_connection > 0 && carried >= self.per_connection {
+                let _ = conn.quit().await;
             } else {
-                self.idle
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((conn, Instant::now()));
+                self.idle.lock().unwrap_or_else(|p| p.into_inner()).push((
+                    conn,
+                    Instant::now(),
+                    carried,
+                ));
             }
-            match res {
+            let outcome = match res {
                 Ok(r) => classify(Ok(r)),
                 Err(Stage::MailFrom(e) | Stage::Later(e)) => classify(Err(e)),
                 Err(Stage::Unsupported(text)) => Outcome::Permanent { code: None, text },
+            };
+            Sent {
+                outcome,
+                reached: true,
             }
         };
         match tokio::time::timeout(deadline, attempt).await {
             Ok(o) => o,
-            Err(_) => Outcome::Temporary {
-                code: None,
-                text: format!("no answer within {} s", deadline.as_secs()),
+            Err(_) => Sent {
+                outcome: Outcome::Temporary {
+                    code: None,
+                    text: format!("no answer within {} s", deadline.as_secs()),
+                },
+                reached: reached.load(std::sync::atomic::Ordering::Relaxed),
             },
         }
     }

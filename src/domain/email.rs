@@ -128,6 +128,9 @@ pub struct NewEmail {
     /// recipient. Needs `api.public_url` and exactly one recipient.
     #[serde(default)]
     pub one_click_unsubscribe: bool,
+    /// Send through this relay only (a `[[relays]]` name), whatever the routes say.
+    #[serde(default)]
+    pub relay: Option<String>,
 }
 
 impl NewEmail {
@@ -199,6 +202,8 @@ pub struct Email {
     pub ignore_suppression: bool,
     #[serde(default)]
     pub one_click_unsubscribe: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
 }
 
 /// Checks a template name and its variables (implemented by `render`).
@@ -490,6 +495,19 @@ impl Email {
             ));
         }
 
+        if let Some(r) = &new.relay
+            && (r.is_empty()
+                || r.len() > 64
+                || !r
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+        {
+            errs.push(FieldError::new(
+                "relay",
+                "must be a relay's name (1-64 characters of A-Z a-z 0-9 - _ .)",
+            ));
+        }
+
         if !errs.is_empty() {
             if errs.len() > MAX_FIELD_ERRORS {
                 let more = errs.len() - MAX_FIELD_ERRORS;
@@ -519,6 +537,7 @@ impl Email {
             idempotency_key: new.idempotency_key,
             ignore_suppression: new.ignore_suppression,
             one_click_unsubscribe: new.one_click_unsubscribe,
+            relay: new.relay,
         })
     }
 

@@ -123,6 +123,9 @@ pub enum Step {
     Requeue,
     /// Every recipient is on the suppression list: not sent.
     Suppress,
+    /// A rate limit, a pause or every relay cooling down: it waits for its turn. Not an
+    /// attempt (the claim's count is taken back), no timeline entry, no event.
+    Hold,
 }
 
 /// A row of the table.
@@ -213,6 +216,14 @@ pub const TABLE: &[Transition] = &[
         entry: Some("suppressed"),
         event: Some(EventType::Suppressed),
         why: "every recipient is on the suppression list",
+    },
+    Transition {
+        step: Step::Hold,
+        from: &[Sending],
+        to: Queued,
+        entry: None,
+        event: None,
+        why: "rate limit, pause, relays cooling down: waits, not an attempt",
     },
 ];
 
@@ -321,7 +332,7 @@ mod tests {
         let want: [[bool; 8]; 8] = [
             //             queued sending sent  retrying failed cancelled expired suppressed
             /* queued */   [false, true,  false, false,  false, true,     true,   false],
-            /* sending */  [false, true,  true,  true,   true,  false,    true,   true ],
+            /* sending */  [true,  true,  true,  true,   true,  false,    true,   true ],
             /* sent */     [false, false, false, false,  false, false,    false,  false],
             /* retrying */ [false, true,  false, false,  false, true,     true,   false],
             /* failed */   [true,  false, false, false,  false, true,     false,  false],
@@ -355,7 +366,13 @@ mod tests {
     /// The completions' one statement guards with Deliver's states for all three outcomes.
     #[test]
     fn an_attempts_outcomes_all_leave_sending() {
-        for s in [Step::Deliver, Step::Defer, Step::Fail, Step::Suppress] {
+        for s in [
+            Step::Deliver,
+            Step::Defer,
+            Step::Fail,
+            Step::Suppress,
+            Step::Hold,
+        ] {
             assert_eq!(s.row().from, &[Sending]);
         }
     }

@@ -224,10 +224,7 @@ impl Store {
         }
         tx.commit().await?;
         self.wrote_events();
-        if completions
-            .iter()
-            .any(|c| matches!(c.finish, Finish::Retry { .. }))
-        {
+        if completions.iter().any(|c| c.finish.next_run().is_some()) {
             self.scheduled.notify_one();
         }
         Ok((claimed, recorded))
@@ -398,18 +395,20 @@ impl Store {
         items: &[Completion],
     ) -> Result<Vec<bool>, StoreError> {
         let now = now();
-        const COLS: usize = 7;
+        const COLS: usize = 8;
         let mut q = sql(format!(
-            "WITH v(vid, vseq, vstatus, vnext, verr, vsent, vbump) AS (VALUES {})
+            "WITH v(vid, vseq, vstatus, vnext, verr, vsent, vbump, vuncount) AS (VALUES {})
              UPDATE postbox_emails
                 SET status = v.vstatus, next_attempt_at = v.vnext, last_error = v.verr,
-                    sent_at = v.vsent, updated_at = $1, job_seq = postbox_emails.job_seq + v.vbump
+                    sent_at = v.vsent, updated_at = $1, job_seq = postbox_emails.job_seq + v.vbump,
+                    attempts = postbox_emails.attempts - v.vuncount
                FROM v
               WHERE postbox_emails.id = v.vid AND postbox_emails.job_seq = v.vseq
                 AND {}
           RETURNING postbox_emails.id",
             values(items.len(), COLS, 2),
-            // Deliver, Defer and Fail all leave `sending` (the table says so; a test checks).
+            // Deliver, Defer, Fail, Suppress and Hold all leave `sending` (the table says so;
+            // a test checks).
             Step::Deliver.guard("postbox_emails.status")
         ));
         q.add(ms(now));
@@ -421,7 +420,11 @@ impl Store {
                 .add(next_at)
                 .add(last_error)
                 .add(sent_at)
-                .add(bump);
+                .add(bump)
+                .add(i64::from(matches!(
+                    c.finish,
+                    Finish::Wait { .. } | Finish::Throttled { .. }
+                )));
         }
         let updated: std::collections::HashSet<String> =
             q.column::<String>(&mut *tx).await?.into_iter().collect();
@@ -429,19 +432,27 @@ impl Store {
             .iter()
             .filter(|c| updated.contains(c.id.as_str()))
             .collect();
-        if !done.is_empty() {
+        // A wait is no attempt: no timeline entry.
+        let entries: Vec<&&Completion> = done
+            .iter()
+            .filter(|c| !matches!(c.finish, Finish::Wait { .. }))
+            .collect();
+        if !entries.is_empty() {
             let mut ev = sql(format!(
                 "INSERT INTO postbox_events (email_id, at, kind, status, attempt, smtp_code,
                      smtp_text, duration_ms, detail) VALUES {}",
-                values(done.len(), 9, 1)
+                values(entries.len(), 9, 1)
             ));
-            for c in &done {
+            for c in &entries {
                 let detail = match &c.finish {
                     Finish::Sent => None,
                     Finish::Retry { at } => Some(format!("retry at {}", rfc3339(*at))),
-                    Finish::Failed { reason } | Finish::Suppressed { reason } => {
-                        Some(reason.clone())
+                    Finish::Throttled { at, reason } => {
+                        Some(format!("{reason}; retry at {}", rfc3339(*at)))
                     }
+                    Finish::Failed { reason }
+                    | Finish::Suppressed { reason }
+                    | Finish::Wait { reason, .. } => Some(reason.clone()),
                 };
                 let detail = match (detail, &c.rec.note) {
                     (Some(d), Some(n)) => Some(format!("{d}; {n}")),
@@ -464,13 +475,15 @@ impl Store {
                     .add(detail);
             }
             ev.execute(&mut *tx).await?;
-            let retries: Vec<_> = done
-                .iter()
-                .filter_map(|c| match c.finish {
-                    Finish::Retry { at } => Some((c.id.as_str(), c.seq + 1, c.priority, Some(at))),
-                    _ => None,
-                })
-                .collect();
+        }
+        let retries: Vec<_> = done
+            .iter()
+            .filter_map(|c| {
+                let at = c.finish.next_run()?;
+                Some((c.id.as_str(), c.seq + 1, c.priority, Some(at)))
+            })
+            .collect();
+        if !retries.is_empty() {
             push_jobs(tx, &self.queue, &retries).await?;
         }
         // Every job ends here, recorded or superseded.
@@ -494,6 +507,20 @@ fn columns(
             Step::Defer.to().as_str(),
             Some(ms(*at)),
             Some(c.rec.smtp_text.clone()),
+            None,
+            1,
+        ),
+        Finish::Throttled { at, reason } => (
+            Step::Defer.to().as_str(),
+            Some(ms(*at)),
+            Some(reason.clone()),
+            None,
+            1,
+        ),
+        Finish::Wait { at, reason } => (
+            Step::Hold.to().as_str(),
+            Some(ms(*at)),
+            Some(reason.clone()),
             None,
             1,
         ),

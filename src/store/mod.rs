@@ -20,6 +20,7 @@ mod sessions;
 mod settings;
 mod submit;
 mod suppressions;
+mod throttle;
 
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -43,6 +44,7 @@ pub use suppressions::{
     BounceKind, BounceRecord, BounceReportRow, SoftBounceRule, Suppression, SuppressionFilter,
     SuppressionReason, suppression_key,
 };
+pub use throttle::{Pause, PauseKind};
 
 use crate::domain::{Email, EmailId, EmailStatus, Priority};
 
@@ -162,6 +164,31 @@ pub enum Finish {
     Suppressed {
         reason: String,
     },
+    /// Not tried: a rate limit, a pause or relays cooling down. Back to `queued` until `at`,
+    /// the claim's attempt taken back; no timeline entry, no event (`reason` is its
+    /// `last_error` meanwhile).
+    Wait {
+        at: OffsetDateTime,
+        reason: String,
+    },
+    /// The relay said "slow down" (`[throttle]` patterns): retried at `at` like a temporary
+    /// failure (timeline, `email.deferred` with the reason) without spending the retry budget.
+    Throttled {
+        at: OffsetDateTime,
+        reason: String,
+    },
+}
+
+impl Finish {
+    /// Whether the email gets a new job (`Some(its run time)`).
+    pub fn next_run(&self) -> Option<OffsetDateTime> {
+        match self {
+            Finish::Retry { at } | Finish::Wait { at, .. } | Finish::Throttled { at, .. } => {
+                Some(*at)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// One attempt's facts for the timeline.
@@ -317,6 +344,8 @@ pub struct ListFilter {
     pub tag: Option<String>,
     /// Any envelope recipient equal to this address (case-insensitive).
     pub recipient: Option<String>,
+    /// Any envelope recipient at this domain (case-insensitive).
+    pub domain: Option<String>,
     pub created_after: Option<OffsetDateTime>,
     pub created_before: Option<OffsetDateTime>,
     pub before_id: Option<EmailId>,

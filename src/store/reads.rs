@@ -113,6 +113,13 @@ impl Store {
             .push_bind(format!(" {} ", r.to_lowercase()))
             .push(") > 0");
         }
+        if let Some(d) = &f.domain {
+            q.push(&format!(
+                " AND {contains}(' ' || lower(recipients) || ' ', "
+            ))
+            .push_bind(format!("@{} ", d.to_lowercase()))
+            .push(") > 0");
+        }
         if let Some(t) = f.created_after {
             q.push(" AND created_at >= ").push_bind(ms(t));
         }

@@ -3,7 +3,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::FutureExt;
 use time::OffsetDateTime;
@@ -11,13 +11,17 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::Handler;
 use crate::Shutdown;
-use crate::delivery::{Decision, Mailer, Outcome, Outgoing, RetryPolicy, build_message_for};
+use crate::delivery::{
+    Decision, DkimSigner, Limiter, Mailer, Outcome, Outgoing, Pick, RetryPolicy, Sent, Turn,
+    build_message_for,
+};
+use crate::domain::Email;
 use crate::domain::address::mask;
 use crate::queue::SendJob;
 use crate::render::render;
 use crate::store::{
-    AttemptRecord, Claim, ClaimResult, Completion, Finish, Recorder, Store, StoreError,
-    suppression_key,
+    AttemptRecord, Claim, ClaimResult, Completion, Finish, Pause, PauseKind, Recorder, Store,
+    StoreError, suppression_key,
 };
 
 /// Everything a delivery needs; shared by all concurrent handler calls.
@@ -49,6 +53,88 @@ pub struct Deliverer {
     /// `queue.concurrency`: attempts (render + SMTP transaction) at once. More jobs than this
     /// are in flight (see `worker::window`): they claim together, in one batch, and wait here.
     sends: SendGate,
+    shaping: Shaping,
+}
+
+/// What shapes the traffic beyond the send slots: rate limits and throttling, DKIM keys,
+/// operator pauses.
+#[derive(Debug, Clone)]
+pub struct Shaping {
+    /// `queue.concurrency`: attempts at once in this process.
+    pub concurrency: usize,
+    pub limiter: Arc<Limiter>,
+    pub dkim: DkimSigner,
+    pub pauses: Arc<PauseCache>,
+}
+
+/// The pauses as this process's deliveries see them: read from the database at most every
+/// [`PAUSES_FRESH`], and at once after a pause or resume made in this process.
+#[derive(Debug, Default)]
+pub struct PauseCache {
+    read: std::sync::Mutex<Option<(Instant, Arc<Vec<Pause>>)>>,
+    /// One read of the database at a time.
+    refresh: tokio::sync::Mutex<()>,
+}
+
+const PAUSES_FRESH: Duration = Duration::from_secs(2);
+/// How long a paused email waits before it looks again (resuming releases it at once).
+const PAUSE_HOLD: Duration = Duration::from_secs(600);
+
+fn far_hold() -> SystemTime {
+    SystemTime::now() + PAUSE_HOLD
+}
+
+impl PauseCache {
+    fn fresh(&self) -> Option<Arc<Vec<Pause>>> {
+        let r = self.read.lock().unwrap_or_else(|p| p.into_inner());
+        r.as_ref()
+            .filter(|(at, _)| at.elapsed() < PAUSES_FRESH)
+            .map(|(_, l)| l.clone())
+    }
+
+    /// Forgets what was read: the next delivery reads the pauses again.
+    pub fn invalidate(&self) {
+        *self.read.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    async fn current(&self, store: &Store) -> Arc<Vec<Pause>> {
+        if let Some(l) = self.fresh() {
+            return l;
+        }
+        let _one = self.refresh.lock().await;
+        if let Some(l) = self.fresh() {
+            return l;
+        }
+        match store.pauses().await {
+            Ok(list) => {
+                let list = Arc::new(list);
+                *self.read.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((Instant::now(), list.clone()));
+                list
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the pauses; using the last ones read");
+                let r = self.read.lock().unwrap_or_else(|p| p.into_inner());
+                r.as_ref().map(|(_, l)| l.clone()).unwrap_or_default()
+            }
+        }
+    }
+}
+
+/// The note of the first pause (by recipient domain or tag) that holds `email`.
+fn held_by(pauses: &[Pause], email: &Email) -> Option<String> {
+    pauses.iter().find_map(|p| {
+        let hit = match p.kind {
+            PauseKind::Relay => false,
+            PauseKind::Tag => email.tags.contains(&p.value),
+            PauseKind::Domain => email.recipients().any(|a| {
+                a.address()
+                    .rsplit_once('@')
+                    .is_some_and(|(_, d)| d.eq_ignore_ascii_case(&p.value))
+            }),
+        };
+        hit.then(|| Pause::hold_note(p.kind, &p.value))
+    })
 }
 
 /// How long a known outcome is retried into the database once the process is stopping.
@@ -87,8 +173,8 @@ impl Deliverer {
         mailer: Mailer,
         policy: RetryPolicy,
         node: String,
-        concurrency: usize,
         addressing: Addressing,
+        shaping: Shaping,
         shutdown: Shutdown,
     ) -> Self {
         Self {
@@ -103,7 +189,8 @@ impl Deliverer {
             tasks: tokio_util::task::TaskTracker::new(),
             shutdown,
             stopping: AtomicBool::new(false),
-            sends: SendGate::new(concurrency.max(1)),
+            sends: SendGate::new(shaping.concurrency.max(1)),
+            shaping,
         }
     }
 
@@ -210,26 +297,146 @@ impl Deliverer {
                 }
                 return Ok(());
             }
-            let permit = self
-                .sends
-                .acquire(claim.priority.job_priority(), claim.id.as_str())
-                .await;
+            // Pauses (by recipient domain or tag) hold the email until they end.
+            let pauses = self.shaping.pauses.current(&self.store).await;
+            if let Some(note) = held_by(&pauses, &claim.email) {
+                return self.hold(&claim, far_hold(), note, &task).await;
+            }
+            let relays = self.mailer.relays().cloned();
+            let route = relays.as_ref().map(|r| r.route(&claim.email)).unwrap_or_default();
+            // A paused relay is skipped like one cooling down; the route's next one is used.
+            let mut tried: Vec<usize> = route
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    let name = relays.as_ref().map_or("", |r| r.name(i));
+                    pauses.iter().any(|p| p.kind == PauseKind::Relay && p.value == name)
+                })
+                .collect();
+            let limiter = &self.shaping.limiter;
+            let domain_keys = limiter.domain_keys(
+                claim
+                    .email
+                    .recipients()
+                    .filter_map(|a| a.address().rsplit_once('@').map(|(_, d)| d)),
+            );
             let started_at = OffsetDateTime::now_utc();
             let t0 = Instant::now();
-            // A panic (a bug in rendering, MIME building or a transport) fails this email with
-            // the reason; nothing else stops.
-            let outcome = match AssertUnwindSafe(self.attempt(&claim, &skip)).catch_unwind().await {
-                Ok(o) => o,
-                Err(panic) => {
-                    let what = crate::telemetry::panic_message(&*panic, "a panic");
-                    error!(panic = %what, "the delivery panicked; failing this email");
-                    Outcome::Permanent {
-                        code: None,
-                        text: format!("internal error: the delivery panicked ({what})"),
+            let mut path: Vec<String> = Vec::new();
+            let mut last: Option<(Outcome, Option<usize>)> = None;
+            let (outcome, used) = loop {
+                let relay = match &relays {
+                    None => None,
+                    Some(r) => match r.pick(&route, &tried) {
+                        Pick::Use(i) => Some(i),
+                        other => {
+                            if let Some(done) = last.take() {
+                                break done;
+                            }
+                            let (at, reason) = match other {
+                                Pick::Cooling { until, reason } => (
+                                    SystemTime::now() + until.saturating_duration_since(Instant::now()),
+                                    reason,
+                                ),
+                                // Every relay of the route is paused.
+                                _ => (
+                                    far_hold(),
+                                    route
+                                        .first()
+                                        .map(|&i| Pause::hold_note(PauseKind::Relay, r.name(i)))
+                                        .unwrap_or_else(|| "no relay for this email".into()),
+                                ),
+                            };
+                            return self.hold(&claim, at, reason, &task).await;
+                        }
+                    },
+                };
+                let mut keys = domain_keys.clone();
+                if let (Some(r), Some(i)) = (&relays, relay) {
+                    keys.push(format!("relay:{}", r.name(i)));
+                }
+                if !keys.is_empty() {
+                    match limiter.take(&keys).await {
+                        Ok(Turn::Go) => {}
+                        Ok(Turn::Later { at, reason }) => {
+                            if let Some(done) = last.take() {
+                                break done;
+                            }
+                            metrics::counter!("postbox_emails_held_total").increment(1);
+                            return self.hold(&claim, at, reason, &task).await;
+                        }
+                        Err(e) => {
+                            // The shared slots cannot be read: wait a little, not an attempt.
+                            warn!(error = %e, "cannot reserve a rate limit slot; waiting");
+                            if let Some(done) = last.take() {
+                                break done;
+                            }
+                            let at = SystemTime::now() + Duration::from_secs(1);
+                            return self
+                                .hold(&claim, at, "waiting: rate limits unreadable".into(), &task)
+                                .await;
+                        }
                     }
                 }
+                let permit = self
+                    .sends
+                    .acquire(claim.priority.job_priority(), claim.id.as_str())
+                    .await;
+                // A panic (a bug in rendering, MIME building or a transport) fails this email
+                // with the reason; nothing else stops.
+                let sent = match AssertUnwindSafe(self.attempt(&claim, &skip, relay))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(o) => o,
+                    Err(panic) => {
+                        let what = crate::telemetry::panic_message(&*panic, "a panic");
+                        error!(panic = %what, "the delivery panicked; failing this email");
+                        Sent {
+                            outcome: Outcome::Permanent {
+                                code: None,
+                                text: format!("internal error: the delivery panicked ({what})"),
+                            },
+                            reached: true,
+                        }
+                    }
+                };
+                drop(permit);
+                let (Some(r), Some(i)) = (&relays, relay) else {
+                    break (sent.outcome, None);
+                };
+                limiter.sent(&format!("relay:{}", r.name(i)));
+                let failover = match &sent.outcome {
+                    Outcome::Sent { .. } => false,
+                    _ if !sent.reached => {
+                        r.cool(i, sent.outcome.text());
+                        true
+                    }
+                    Outcome::Temporary { code, text } => {
+                        r.failover_on_temporary && !limiter.is_slow_down(*code, text)
+                    }
+                    Outcome::Permanent { .. } => false,
+                };
+                if !failover {
+                    break (sent.outcome, Some(i));
+                }
+                path.push(format!(
+                    "relay \"{}\": {}",
+                    r.name(i),
+                    sent.outcome.text().chars().take(200).collect::<String>()
+                ));
+                tried.push(i);
+                last = Some((sent.outcome, Some(i)));
             };
-            drop(permit);
+            let relay_name = used.and_then(|i| relays.as_ref().map(|r| r.name(i).to_string()));
+            if let Some(name) = &relay_name {
+                path.push(format!("via relay \"{name}\""));
+            }
+            let note = match (note, path.is_empty()) {
+                (n, true) => n,
+                (None, false) => Some(path.join("; ")),
+                (Some(n), false) => Some(format!("{n}; {}", path.join("; "))),
+            };
             let rec = AttemptRecord {
                 started_at,
                 duration_ms: t0.elapsed().as_millis() as i64,
@@ -242,6 +449,26 @@ impl Deliverer {
                 Outcome::Permanent { text, .. } => Finish::Failed {
                     reason: format!("permanent failure: {text}"),
                 },
+                Outcome::Temporary { code, text }
+                    if relay_name.is_some() && limiter.is_slow_down(*code, text) =>
+                {
+                    let name = relay_name.clone().unwrap_or_default();
+                    let rate = limiter.slow_down(&format!("relay:{name}"), &format!(
+                        "{} {}",
+                        code.map_or_else(String::new, |c| c.to_string()),
+                        text.chars().take(200).collect::<String>()
+                    ));
+                    metrics::counter!("postbox_throttle_replies_total", "relay" => name.clone())
+                        .increment(1);
+                    let wait = Duration::from_secs_f64((1.0 / rate).clamp(1.0, 60.0));
+                    Finish::Throttled {
+                        at: OffsetDateTime::now_utc() + wait,
+                        reason: format!(
+                            "relay \"{name}\" asked to slow down; its rate is now {rate:.2}/s \
+                             (not counted against the retry budget)"
+                        ),
+                    }
+                }
                 Outcome::Temporary { text, .. } => {
                     let age = (OffsetDateTime::now_utc() - claim.age_from)
                         .try_into()
@@ -272,6 +499,8 @@ impl Deliverer {
                     Finish::Retry { .. } => "postbox_emails_retried_total",
                     Finish::Failed { .. } => "postbox_emails_failed_total",
                     Finish::Suppressed { .. } => "postbox_emails_suppressed_total",
+                    Finish::Throttled { .. } => "postbox_emails_throttled_total",
+                    Finish::Wait { .. } => "postbox_emails_held_total",
                 };
                 metrics::counter!(name, "priority" => priority, "template" => template).increment(1);
             }
@@ -282,6 +511,8 @@ impl Deliverer {
                 (Finish::Retry { at }, _) => warn!(code = ?rec.smtp_code, reply = %rec.smtp_text, retry_at = %at, "temporary failure; will retry"),
                 (Finish::Failed { reason }, _) => warn!(code = ?rec.smtp_code, %reason, to = ?rcpts, "failed; moved to dead letters"),
                 (Finish::Suppressed { .. }, _) => info!("suppressed; not sent"),
+                (Finish::Throttled { reason, .. }, _) => warn!(code = ?rec.smtp_code, reply = %rec.smtp_text, %reason, "throttled"),
+                (Finish::Wait { .. }, _) => {}
             }
             Ok(())
         }
@@ -312,6 +543,30 @@ impl Deliverer {
         }
     }
 
+    /// Puts a claimed email back to wait until `at` (a limit, a pause, relays cooling down):
+    /// not an attempt, no timeline entry; `reason` is its `last_error` meanwhile.
+    async fn hold(
+        &self,
+        claim: &Claim,
+        at: SystemTime,
+        reason: String,
+        task: &str,
+    ) -> Result<(), StoreError> {
+        debug!(%reason, "waiting; not an attempt");
+        let rec = AttemptRecord {
+            started_at: OffsetDateTime::now_utc(),
+            duration_ms: 0,
+            smtp_code: None,
+            smtp_text: String::new(),
+            note: None,
+        };
+        let finish = Finish::Wait {
+            at: at.into(),
+            reason,
+        };
+        self.record(claim, &rec, &finish, task).await.map(|_| ())
+    }
+
     /// Acks a job that has nothing to do (one try: a job left taken is handed back by the
     /// janitor once this worker is gone, and then does nothing again).
     async fn discard(&self, task: String) {
@@ -320,8 +575,9 @@ impl Deliverer {
         }
     }
 
-    /// Render, build the MIME message, send (to every recipient but those in `skip`).
-    async fn attempt(&self, claim: &Claim, skip: &[String]) -> Outcome {
+    /// Render, build the MIME message, sign it, send it (to every recipient but those in
+    /// `skip`; over SMTP through relay `relay`).
+    async fn attempt(&self, claim: &Claim, skip: &[String], relay: Option<usize>) -> Sent {
         let first = claim.email.to.first().map_or("", |a| a.address());
         if crate::faults::hit(crate::faults::DELIVERY_PANIC, first) {
             panic!("injected fault: the delivery of {} panics", claim.id);
@@ -353,8 +609,16 @@ impl Deliverer {
                 build_message_for(&claim.email, &r, &claim.message_id, &out)
                     .map_err(|e| e.to_string())
             }) {
-            Ok(msg) => self.mailer.send(&msg, claim.id.as_str()).await,
-            Err(text) => Outcome::Permanent { code: None, text },
+            Ok(mut msg) => {
+                if let Some((_, domain)) = claim.email.from.address().rsplit_once('@') {
+                    self.shaping.dkim.sign(&mut msg, domain);
+                }
+                self.mailer.send(&msg, claim.id.as_str(), relay).await
+            }
+            Err(text) => Sent {
+                outcome: Outcome::Permanent { code: None, text },
+                reached: true,
+            },
         }
     }
 

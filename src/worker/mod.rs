@@ -36,7 +36,7 @@ use crate::queue::{JobKind, QueueSettings, SendJob};
 use crate::store::{Db, JanitorReport, RetentionSettings, Store, StoreError};
 
 mod deliver;
-pub use deliver::{Addressing, Deliverer};
+pub use deliver::{Addressing, Deliverer, PauseCache, Shaping};
 
 /// What the workers and their janitor read: the queue's section, retention, and how long
 /// idempotency records are kept.
