@@ -7,9 +7,10 @@
 #   - Debian's postgresql (server binaries only: a throwaway cluster is made with initdb and
 #     pg_ctl in a temp dir on a random 127.0.0.1 port, and removed at exit).
 #   - a Python venv (target/test-venv) with the Standard Webhooks reference library from PyPI,
-#     which the webhook tests' receiver verifies every signature with.
+#     which the webhook tests' receiver verifies every signature with, and dkimpy (+ PyNaCl for
+#     Ed25519), the independent verifier of postbox's DKIM signatures.
 # Two passes: every test on SQLite (the cluster tests always use PostgreSQL), then the delivery,
-# API and watcher tests (modules of the one integration binary, tests/it/) again with
+# API, watcher, webhook and relay tests (modules of the one integration binary, tests/it/) again with
 # TEST_DB_BACKEND=postgres.
 # The delivery tests themselves run a real SMTP server inside the test harness on 127.0.0.1.
 set -euo pipefail
@@ -40,19 +41,20 @@ export "$(echo "$pg" | sed -n 1p)"
 pg_dir=$(echo "$pg" | sed -n 2p | cut -d= -f2)
 trap 'scripts/pg-throwaway.sh stop "$pg_dir"' EXIT
 
-# The webhook tests verify signatures with the Standard Webhooks reference library (PyPI).
+# The webhook tests verify signatures with the Standard Webhooks reference library (PyPI); the
+# DKIM test verifies postbox's signatures with dkimpy.
 venv=target/test-venv
-if ! "$venv/bin/python" -c 'import standardwebhooks' >/dev/null 2>&1; then
-  python3 -m venv "$venv" >/dev/null 2>&1 || {
+if ! "$venv/bin/python" -c 'import standardwebhooks, dkim, nacl' >/dev/null 2>&1; then
+  [ -x "$venv/bin/pip" ] || python3 -m venv "$venv" >/dev/null 2>&1 || {
     # Debian splits venv out of python3.
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
     python3 -m venv "$venv"
   }
-  "$venv/bin/pip" install -q 'standardwebhooks==1.1.0'
+  "$venv/bin/pip" install -q 'standardwebhooks==1.1.0' 'dkimpy==1.1.8' 'PyNaCl==1.5.0'
 fi
 export TEST_PYTHON="$PWD/$venv/bin/python"
 
 cargo test --locked "$@"
-echo "== again on PostgreSQL: delivery, API and watcher tests =="
-TEST_DB_BACKEND=postgres cargo test --locked --test it "$@" -- delivery:: api:: watcher:: webhooks::
+echo "== again on PostgreSQL: delivery, API, watcher, webhook and relay tests =="
+TEST_DB_BACKEND=postgres cargo test --locked --test it "$@" -- delivery:: api:: watcher:: webhooks:: relays::

@@ -18,8 +18,9 @@ use super::settings::{DkimAlgorithm, DkimSettings};
 use crate::settings::ConfigError;
 
 /// The headers signed (those present; a listed header that is absent is signed as empty, so
-/// that it cannot be added later).
-const SIGNED: [&str; 13] = [
+/// that it cannot be added later). Not Content-Type: lettre writes a multipart message's
+/// Content-Type with the body, after the headers it signs, so it cannot be covered.
+const SIGNED: [&str; 12] = [
     "From",
     "Reply-To",
     "Subject",
@@ -28,7 +29,6 @@ const SIGNED: [&str; 13] = [
     "Cc",
     "Message-ID",
     "MIME-Version",
-    "Content-Type",
     "In-Reply-To",
     "References",
     "List-Unsubscribe",

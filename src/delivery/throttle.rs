@@ -66,7 +66,9 @@ struct KeyState {
     tat: i64,
     /// Shared book: slots reserved and not used yet (ms since the epoch).
     reserved: VecDeque<i64>,
-    /// Sends in the current and the previous whole second (the observed rate).
+    /// Messages the relay accepted in the current and the previous whole second (the
+    /// observed rate: a "slow down" cuts the rate from what the relay took, not from what
+    /// was tried).
     second: i64,
     this_second: u32,
     last_second: u32,
@@ -131,7 +133,7 @@ pub struct LimitView {
     pub configured_per_second: Option<f64>,
     /// The rate in force now (None: unlimited).
     pub effective_per_second: Option<f64>,
-    /// Messages sent through this key in the last whole second (this process).
+    /// Messages accepted through this key in the last whole second (this process).
     pub observed_per_second: f64,
     /// Why the rate is lowered (the relay's reply), while it is.
     pub throttled_reason: Option<String>,
@@ -278,8 +280,8 @@ impl Limiter {
         Ok(Ok(first))
     }
 
-    /// Counts a message sent through `key` (the observed rate).
-    pub fn sent(&self, key: &str) {
+    /// Counts a message `key`'s relay accepted (the observed rate).
+    pub fn accepted(&self, key: &str) {
         let mut map = self.lock();
         let st = map.entry(key.to_string()).or_default();
         st.roll(now_ms());
@@ -301,7 +303,7 @@ impl Limiter {
         let st = map.entry(key.to_string()).or_default();
         st.throttled_total += 1;
         let now = now_ms();
-        let observed = st.observed(now).max(1.0);
+        let observed = st.observed(now).max(t.min_per_second);
         let current = st.rate(t);
         if let Some(a) = &mut st.adaptive
             && a.changed.elapsed() < Duration::from_secs(1)
@@ -309,7 +311,7 @@ impl Limiter {
             a.reason = reason.to_string();
             return a.rate;
         }
-        let from = current.map_or(observed, |c| c.min(observed.max(t.min_per_second)));
+        let from = current.map_or(observed, |c| c.min(observed));
         let rate = (from * t.decrease).max(t.min_per_second);
         let ceiling = st
             .adaptive

@@ -405,7 +405,9 @@ impl Deliverer {
                 let (Some(r), Some(i)) = (&relays, relay) else {
                     break (sent.outcome, None);
                 };
-                limiter.sent(&format!("relay:{}", r.name(i)));
+                if matches!(sent.outcome, Outcome::Sent { .. }) {
+                    limiter.accepted(&format!("relay:{}", r.name(i)));
+                }
                 let failover = match &sent.outcome {
                     Outcome::Sent { .. } => false,
                     _ if !sent.reached => {

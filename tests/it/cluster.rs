@@ -536,3 +536,81 @@ async fn two_workers_send_each_webhook_event_once() {
     assert_eq!(unique.len(), 2 * N);
     assert!(all.iter().all(|r| r["verified"] == true));
 }
+
+/// A relay limited to 25 messages a second, three worker processes on one PostgreSQL: the
+/// relay sees at most the limit (+10%) over 10 s, and no email spends a retry attempt on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_rate_limit_holds_across_three_worker_processes() {
+    const RATE: f64 = 25.0;
+    const N: usize = 400;
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_pg_database();
+    let conf = dir.path().join("postbox.toml");
+    std::fs::write(&conf, format!("[smtp]\nper_second = {RATE}\n")).unwrap();
+    let conf = conf.to_str().unwrap();
+    let env = [
+        ("POSTBOX_DATABASE__URL", url.as_str()),
+        ("POSTBOX_CONFIG", conf),
+    ];
+    let api = spawn_postbox("api", dir.path(), smtp.port(), &env);
+    let port = api_port(&api).await;
+    let http = reqwest::Client::new();
+    let emails: Vec<_> = (0..N)
+        .map(|i| json!({"to": [format!("r{i}@example.com")], "subject": "x", "text": "y"}))
+        .collect();
+    let r = http
+        .post(format!("http://127.0.0.1:{port}/v1/emails/batch"))
+        .json(&json!({ "emails": emails }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let _workers: Vec<Serve> = (0..3)
+        .map(|_| spawn_postbox("worker", dir.path(), smtp.port(), &env))
+        .collect();
+    wait_for("every email at the relay", Duration::from_secs(60), || {
+        smtp.count() >= N
+    })
+    .await;
+    let mut at: Vec<std::time::SystemTime> = smtp.received().iter().map(|r| r.at).collect();
+    at.sort();
+    assert_eq!(at.len(), N, "each email once");
+    // Any 10 s window: at most the limit + 10%.
+    let window = Duration::from_secs(10);
+    let most = (0..at.len())
+        .map(|i| {
+            at[i..]
+                .iter()
+                .take_while(|t| t.duration_since(at[i]).unwrap() < window)
+                .count()
+        })
+        .max()
+        .unwrap();
+    eprintln!("{most} messages in the busiest 10 s (limit {RATE}/s)");
+    assert!(
+        most as f64 <= RATE * 10.0 * 1.1,
+        "{most} messages in 10 s against a limit of {RATE}/s"
+    );
+    // ... and not far below it: the three processes share the rate, they do not waste it.
+    assert!(
+        most as f64 >= RATE * 10.0 * 0.7,
+        "only {most} messages in 10 s"
+    );
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM postbox_emails WHERE status = 'sent' AND attempts = 1"
+        ),
+        N as i64,
+        "waiting for the limit is not an attempt"
+    );
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM postbox_events WHERE status = 'retrying'"
+        ),
+        0
+    );
+    drop(api);
+}

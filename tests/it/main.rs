@@ -12,5 +12,6 @@ mod cluster;
 mod dashboard;
 mod delivery;
 mod process;
+mod relays;
 mod watcher;
 mod webhooks;

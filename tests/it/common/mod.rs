@@ -163,6 +163,14 @@ impl App {
         }
     }
 
+    /// Postbox opened by the caller, without workers.
+    pub fn with(postbox: Postbox) -> App {
+        App {
+            postbox,
+            workers: None,
+        }
+    }
+
     /// Opens postbox and starts its workers.
     pub async fn start(settings: Settings) -> App {
         let mut app = App::open(settings).await;

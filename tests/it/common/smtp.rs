@@ -68,6 +68,9 @@ struct Behaviour {
     greeting: Option<String>,
     /// Replaces the 235 reply to AUTH.
     auth_reply: Option<String>,
+    /// Accept at most this many messages in any trailing second; answer the rest with the
+    /// reply (a relay's sending rate limit, like SES's `454 Throttling failure`).
+    rate_limit: Option<(usize, String)>,
 }
 
 /// Reads the next line into `line`; false when the client hung up or the server went down.
@@ -90,6 +93,8 @@ type Listening = (JoinHandle<()>, watch::Sender<bool>);
 pub struct SmtpServer {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
+    /// When each end of DATA was refused (any non-2xx reply).
+    refused: Arc<Mutex<Vec<SystemTime>>>,
     behaviour: Arc<Mutex<Behaviour>>,
     auth_seen: Arc<Mutex<Vec<String>>>,
     state: Arc<Mutex<Option<Listening>>>,
@@ -106,6 +111,7 @@ impl SmtpServer {
         let s = SmtpServer {
             addr: listener.local_addr().unwrap(),
             received: Default::default(),
+            refused: Default::default(),
             behaviour: Default::default(),
             auth_seen: Default::default(),
             state: Default::default(),
@@ -199,6 +205,17 @@ impl SmtpServer {
     /// Forgets every `reply_to_rcpt` rule: all recipients are accepted again.
     pub fn clear_rcpt_replies(&self) {
         self.behaviour.lock().unwrap().rcpt_replies.clear();
+    }
+
+    /// Accepts at most `per_second` messages in any trailing second, refusing the rest with
+    /// `reply`; None: no limit.
+    pub fn set_rate_limit(&self, limit: Option<(usize, &str)>) {
+        self.behaviour.lock().unwrap().rate_limit = limit.map(|(n, r)| (n, r.to_string()));
+    }
+
+    /// When each end of DATA was refused.
+    pub fn refused(&self) -> Vec<SystemTime> {
+        self.refused.lock().unwrap().clone()
     }
 
     pub fn set_delay(&self, d: Duration) {
@@ -322,14 +339,14 @@ impl SmtpServer {
                     let l = line.strip_prefix('.').unwrap_or(&line);
                     data.extend_from_slice(l.as_bytes());
                 }
-                let (delay, reply) = {
+                let (delay, mut reply, limit) = {
                     let mut b = self.behaviour.lock().unwrap();
                     let reply = b
                         .data_reply_always
                         .clone()
                         .or_else(|| b.data_replies.pop_front())
                         .unwrap_or_else(|| "250 2.0.0 OK queued".into());
-                    (b.delay, reply)
+                    (b.delay, reply, b.rate_limit.clone())
                 };
                 if !delay.is_zero() {
                     tokio::select! {
@@ -337,8 +354,27 @@ impl SmtpServer {
                         _ = down.changed() => return Ok(()),
                     }
                 }
+                let mut received = self.received.lock().unwrap();
+                if let Some((max, refusal)) = limit
+                    && reply.starts_with('2')
+                {
+                    let now = SystemTime::now();
+                    let recent = received
+                        .iter()
+                        .rev()
+                        .take_while(|r| {
+                            now.duration_since(r.at).unwrap_or_default() < Duration::from_secs(1)
+                        })
+                        .count();
+                    if recent >= max {
+                        reply = refusal;
+                    }
+                }
+                if !reply.starts_with('2') {
+                    self.refused.lock().unwrap().push(SystemTime::now());
+                }
                 if reply.starts_with('2') {
-                    self.received.lock().unwrap().push(Received {
+                    received.push(Received {
                         mail_from: from.clone(),
                         rcpt_to: rcpts.clone(),
                         data,
@@ -346,6 +382,7 @@ impl SmtpServer {
                         tls,
                     });
                 }
+                drop(received);
                 reply
             } else if upper == "RSET" {
                 rcpts.clear();
