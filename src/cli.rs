@@ -342,6 +342,136 @@ pub async fn transition(settings: Settings, id: &str, cancel: bool) -> anyhow::R
     }
 }
 
+/// `postbox relays`: the relays, rate limits and pauses. Run from the CLI, the limits are the
+/// configured ones (live rates, throttling and cool-downs belong to the serving processes:
+/// `GET /v1/relays`, the dashboard, metrics); pauses are the cluster's.
+pub async fn relays(settings: Settings, json: bool) -> anyhow::Result<ExitCode> {
+    let pb = open(settings).await?;
+    let r = pb.relays().await;
+    pb.close().await;
+    let r = r?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("relays:");
+    for v in &r.relays {
+        let order = v
+            .default_position
+            .map_or_else(|| "-".to_string(), |p| (p + 1).to_string());
+        println!("  {}\t{}\tdefault order {order}", v.name, v.address);
+    }
+    println!("rate limits (messages per second):");
+    for l in &r.limits {
+        let f = |v: Option<f64>| v.map_or_else(|| "none".to_string(), |v| format!("{v:.2}"));
+        println!(
+            "  {}\tconfigured {}\teffective {}{}",
+            l.key,
+            f(l.configured_per_second),
+            f(l.effective_per_second),
+            l.throttled_reason
+                .as_deref()
+                .map(|w| format!("\tthrottled: {w}"))
+                .unwrap_or_default()
+        );
+    }
+    println!("pauses:");
+    for p in &r.pauses {
+        println!(
+            "  {} {}\tsince {}\t{}",
+            p.kind.as_str(),
+            p.value,
+            crate::inbound::rfc3339(p.created_at),
+            p.reason.as_deref().unwrap_or("")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `postbox pause KIND VALUE` / `postbox resume KIND VALUE`.
+pub async fn pause(
+    settings: Settings,
+    kind: &str,
+    value: &str,
+    reason: Option<&str>,
+    resume: bool,
+) -> anyhow::Result<ExitCode> {
+    let pb = open(settings).await?;
+    let res = async {
+        let (k, v) = match pb.pause_target(kind, value) {
+            Ok(t) => t,
+            Err((field, m)) => {
+                let arg = if field == "kind" { "KIND" } else { "VALUE" };
+                eprintln!("error: {arg}: {m}");
+                return Ok(ExitCode::from(2));
+            }
+        };
+        if resume {
+            match pb.resume(k, &v).await? {
+                Some(n) => println!("{} {v} resumed; {n} held emails queued again", k.as_str()),
+                None => {
+                    eprintln!("error: {} {v} is not paused", k.as_str());
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        } else if pb.pause(k, &v, reason).await? {
+            println!("{} {v} paused", k.as_str());
+        } else {
+            println!("{} {v} was paused already", k.as_str());
+        }
+        anyhow::Ok(ExitCode::SUCCESS)
+    }
+    .await;
+    pb.close().await;
+    res
+}
+
+/// `postbox bulk ACTION --status S [--tag T] [--domain D] [--older-than SECS]`.
+pub async fn bulk(
+    settings: Settings,
+    action: &str,
+    status: &str,
+    tag: Option<&str>,
+    domain: Option<&str>,
+    older_than_secs: Option<u64>,
+) -> anyhow::Result<ExitCode> {
+    let (action_v, filter) =
+        match crate::postbox::bulk_request(action, status, tag, domain, older_than_secs) {
+            Ok(r) => r,
+            Err((field, m)) => {
+                let arg = if field == "action" {
+                    "ACTION".to_string()
+                } else {
+                    format!("--{field}")
+                };
+                eprintln!("error: {arg}: {m}");
+                return Ok(ExitCode::from(2));
+            }
+        };
+    let pb = open(settings).await?;
+    let r = pb
+        .bulk(action_v, &filter, &format!("bulk {action} from the CLI"))
+        .await;
+    pb.close().await;
+    let r = r?;
+    println!(
+        "{} matched, {} {}{}",
+        r.matched,
+        r.changed,
+        if action == "retry" {
+            "re-queued"
+        } else {
+            "cancelled"
+        },
+        if r.more {
+            "; more match: run it again"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `postbox suppressions ...`.
 #[derive(clap::Subcommand)]
 pub enum SuppressionsCommand {

@@ -57,6 +57,42 @@ enum Command {
         #[command(subcommand)]
         command: cli::SuppressionsCommand,
     },
+    /// The relays, their rate limits and the pauses.
+    Relays {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause sending through a relay, to a recipient domain, or with a tag.
+    Pause {
+        /// relay, domain or tag
+        kind: String,
+        value: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// End a pause: the emails it held are queued again at once.
+    Resume {
+        /// relay, domain or tag
+        kind: String,
+        value: String,
+    },
+    /// Retry (dead letters) or cancel every email a filter matches, 10,000 per run.
+    Bulk {
+        /// retry or cancel
+        action: String,
+        /// Required: failed for retry; queued, retrying or failed for cancel.
+        #[arg(long)]
+        status: String,
+        #[arg(long)]
+        tag: Option<String>,
+        /// A recipient at this domain.
+        #[arg(long)]
+        domain: Option<String>,
+        /// Created at least this many seconds ago.
+        #[arg(long)]
+        older_than: Option<u64>,
+    },
     /// Create or upgrade the database schema, then exit.
     Migrate,
     /// Configuration commands.
@@ -102,6 +138,32 @@ fn main() -> ExitCode {
             Command::Cancel { id } => cli::transition(settings, &id, true).await,
             Command::Retry { id } => cli::transition(settings, &id, false).await,
             Command::Suppressions { command } => cli::suppressions(settings, command).await,
+            Command::Relays { json } => cli::relays(settings, json).await,
+            Command::Pause {
+                kind,
+                value,
+                reason,
+            } => cli::pause(settings, &kind, &value, reason.as_deref(), false).await,
+            Command::Resume { kind, value } => {
+                cli::pause(settings, &kind, &value, None, true).await
+            }
+            Command::Bulk {
+                action,
+                status,
+                tag,
+                domain,
+                older_than,
+            } => {
+                cli::bulk(
+                    settings,
+                    &action,
+                    &status,
+                    tag.as_deref(),
+                    domain.as_deref(),
+                    older_than,
+                )
+                .await
+            }
         }
     });
     match res {

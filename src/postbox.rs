@@ -172,6 +172,72 @@ pub struct BulkReport {
 /// Emails one bulk call takes at most.
 pub const MAX_BULK: u64 = 10_000;
 
+/// A relay name, domain or tag as pauses and bulk filters take it.
+fn target_word(field: &'static str, v: &str) -> Result<String, (&'static str, String)> {
+    let ok = !v.is_empty()
+        && v.len() <= 253
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if ok {
+        Ok(v.to_string())
+    } else {
+        Err((
+            field,
+            "must be 1-253 characters of A-Z a-z 0-9 - _ . :".into(),
+        ))
+    }
+}
+
+/// A bulk action and its filter, checked (the API and the CLI take the same words). An error
+/// names the field: action, status, tag or domain.
+pub fn bulk_request(
+    action: &str,
+    status: &str,
+    tag: Option<&str>,
+    domain: Option<&str>,
+    older_than_secs: Option<u64>,
+) -> Result<(BulkAction, BulkFilter), (&'static str, String)> {
+    let action = match action {
+        "retry" => BulkAction::Retry,
+        "cancel" => BulkAction::Cancel,
+        other => {
+            return Err((
+                "action",
+                format!("`{}` is not retry or cancel", other.escape_debug()),
+            ));
+        }
+    };
+    let st = crate::domain::EmailStatus::parse(status).ok_or_else(|| {
+        (
+            "status",
+            format!("`{}` is not a status", status.escape_debug()),
+        )
+    })?;
+    use crate::domain::EmailStatus::{Failed, Queued, Retrying};
+    let allowed: &[crate::domain::EmailStatus] = match action {
+        BulkAction::Retry => &[Failed],
+        BulkAction::Cancel => &[Queued, Retrying, Failed],
+    };
+    if !allowed.contains(&st) {
+        let names: Vec<&str> = allowed.iter().map(|s| s.as_str()).collect();
+        return Err((
+            "status",
+            format!("{action:?} applies to {}", names.join(", ")).to_lowercase(),
+        ));
+    }
+    Ok((
+        action,
+        BulkFilter {
+            status: Some(st),
+            tag: tag.map(|t| target_word("tag", t)).transpose()?,
+            domain: domain
+                .map(|d| target_word("domain", d).map(|d| d.to_ascii_lowercase()))
+                .transpose()?,
+            older_than: older_than_secs.map(std::time::Duration::from_secs),
+        },
+    ))
+}
+
 /// Options of [`Postbox::submit_with`] and [`Postbox::submit_many_with`].
 #[derive(Debug, Clone, Default)]
 pub struct SubmitOptions {
@@ -712,6 +778,34 @@ impl Postbox {
     /// Every relay's name.
     pub fn relay_names(&self) -> &[String] {
         &self.inner.relay_names
+    }
+
+    /// A pause's kind (relay, domain, tag) and value, checked: a relay must exist. An error
+    /// names the field: kind or value.
+    pub fn pause_target(
+        &self,
+        kind: &str,
+        value: &str,
+    ) -> Result<(crate::store::PauseKind, String), (&'static str, String)> {
+        use crate::store::PauseKind;
+        let k = PauseKind::parse(kind).ok_or_else(|| {
+            (
+                "kind",
+                format!("`{}` is not relay, domain or tag", kind.escape_debug()),
+            )
+        })?;
+        let v = target_word("value", value.trim())?;
+        match k {
+            PauseKind::Relay if !self.inner.relay_names.contains(&v) => Err((
+                "value",
+                format!(
+                    "\"{v}\" is not a relay (relays: {})",
+                    self.inner.relay_names.join(", ")
+                ),
+            )),
+            PauseKind::Domain => Ok((k, v.to_ascii_lowercase())),
+            _ => Ok((k, v)),
+        }
     }
 
     /// Pauses sending through a relay, to a recipient domain or with a tag (every worker

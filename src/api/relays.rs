@@ -8,9 +8,8 @@ use serde::{Deserialize, Serialize};
 use super::ApiState;
 use super::body::{JsonBody, parse};
 use super::error::{ApiError, ErrorResponse, current_request_id};
-use crate::domain::EmailStatus;
 use crate::store::{Pause, PauseKind};
-use crate::{BulkAction, BulkFilter, BulkReport, Postbox, RelaysReport};
+use crate::{BulkReport, RelaysReport};
 
 /// The relays (cool-downs), every rate limit (configured, effective, why it is lowered) and
 /// the pauses.
@@ -38,48 +37,8 @@ pub struct Resumed {
     pub released: u64,
 }
 
-/// A pause's kind and value, checked; errors name `field_kind` / `field_value`.
-pub fn pause_target(
-    pb: &Postbox,
-    kind: &str,
-    value: &str,
-    (field_kind, field_value): (&str, &str),
-) -> Result<(PauseKind, String), ApiError> {
-    let bad = |field: &str, m: String| ApiError::bad_request("invalid_pause", field, m);
-    let k = PauseKind::parse(kind).ok_or_else(|| {
-        bad(
-            field_kind,
-            format!("`{}` is not relay, domain or tag", kind.escape_debug()),
-        )
-    })?;
-    let v = value.trim();
-    let ok_chars = !v.is_empty()
-        && v.len() <= 253
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
-    if !ok_chars {
-        return Err(bad(
-            field_value,
-            "must be 1-253 characters of A-Z a-z 0-9 - _ . :".into(),
-        ));
-    }
-    let v = match k {
-        PauseKind::Relay => {
-            if !pb.relay_names().iter().any(|n| n == v) {
-                return Err(bad(
-                    field_value,
-                    format!(
-                        "\"{v}\" is not a relay (relays: {})",
-                        pb.relay_names().join(", ")
-                    ),
-                ));
-            }
-            v.to_string()
-        }
-        PauseKind::Domain => v.to_ascii_lowercase(),
-        PauseKind::Tag => v.to_string(),
-    };
-    Ok((k, v))
+fn invalid(kind: &str, (field, message): (&'static str, String)) -> ApiError {
+    ApiError::bad_request(kind, field, message)
 }
 
 /// Pause sending through a relay (its emails fail over to the route's next relay, or wait),
@@ -94,7 +53,10 @@ pub async fn add_pause(
     JsonBody(body): JsonBody,
 ) -> Result<(StatusCode, Json<Pause>), ApiError> {
     let new: NewPause = parse(&body)?;
-    let (kind, value) = pause_target(&st.postbox, &new.kind, &new.value, ("kind", "value"))?;
+    let (kind, value) = st
+        .postbox
+        .pause_target(&new.kind, &new.value)
+        .map_err(|e| invalid("invalid_pause", e))?;
     if let Some(r) = &new.reason
         && (r.chars().count() > 500 || r.chars().any(char::is_control))
     {
@@ -172,75 +134,6 @@ pub struct BulkRequest {
     pub older_than_secs: Option<u64>,
 }
 
-/// The bulk filter and action, checked; errors name the field.
-pub fn bulk_request(b: &BulkRequest) -> Result<(BulkAction, BulkFilter), ApiError> {
-    let bad = |field: &str, m: String| ApiError::bad_request("invalid_bulk", field, m);
-    let action = match b.action.as_str() {
-        "retry" => BulkAction::Retry,
-        "cancel" => BulkAction::Cancel,
-        other => {
-            return Err(bad(
-                "action",
-                format!("`{}` is not retry or cancel", other.escape_debug()),
-            ));
-        }
-    };
-    let status = EmailStatus::parse(&b.status).ok_or_else(|| {
-        bad(
-            "status",
-            format!("`{}` is not a status", b.status.escape_debug()),
-        )
-    })?;
-    let allowed: &[EmailStatus] = match action {
-        BulkAction::Retry => &[EmailStatus::Failed],
-        BulkAction::Cancel => &[
-            EmailStatus::Queued,
-            EmailStatus::Retrying,
-            EmailStatus::Failed,
-        ],
-    };
-    if !allowed.contains(&status) {
-        return Err(bad(
-            "status",
-            format!(
-                "{} applies to {}",
-                b.action,
-                allowed
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        ));
-    }
-    let word = |field: &str, v: &Option<String>| -> Result<Option<String>, ApiError> {
-        match v {
-            Some(v)
-                if v.is_empty()
-                    || v.len() > 253
-                    || !v
-                        .bytes()
-                        .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(&c)) =>
-            {
-                Err(bad(
-                    field,
-                    "must be 1-253 characters of A-Z a-z 0-9 - _ . :".into(),
-                ))
-            }
-            v => Ok(v.clone()),
-        }
-    };
-    Ok((
-        action,
-        BulkFilter {
-            status: Some(status),
-            tag: word("tag", &b.tag)?,
-            domain: word("domain", &b.domain)?.map(|d| d.to_ascii_lowercase()),
-            older_than: b.older_than_secs.map(std::time::Duration::from_secs),
-        },
-    ))
-}
-
 /// Retry or cancel every email matching a filter (up to 10,000 per call; `more` says to call
 /// again). Each email goes through the same step as one by one, its timeline naming the
 /// request.
@@ -254,7 +147,14 @@ pub async fn bulk(
     JsonBody(body): JsonBody,
 ) -> Result<Json<BulkReport>, ApiError> {
     let req: BulkRequest = parse(&body)?;
-    let (action, filter) = bulk_request(&req)?;
+    let (action, filter) = crate::postbox::bulk_request(
+        &req.action,
+        &req.status,
+        req.tag.as_deref(),
+        req.domain.as_deref(),
+        req.older_than_secs,
+    )
+    .map_err(|e| invalid("invalid_bulk", e))?;
     let origin = format!("bulk {}, request {}", req.action, current_request_id());
     Ok(Json(st.postbox.bulk(action, &filter, &origin).await?))
 }

@@ -294,7 +294,7 @@ fn config_errors_name_the_key_and_exit_2() {
         format!("{MAILBOX}[[mailboxes.rules]]\nname = \"disk full\"\nsubject = \"(?P<host>\"\n");
     let unknown_field =
         format!("{MAILBOX}[[mailboxes.rules]]\nname = \"disk full\"\nsubjcet = \"x\"\n");
-    let cases: [Case; 6] = [
+    let cases: [Case; 10] = [
         (&[("POSTBOX_SMTP__PORT", "abc")], "", "smtp.port"),
         (
             &[("POSTBOX_TEST_IMAP_PASSWORD", "p")],
@@ -308,6 +308,26 @@ fn config_errors_name_the_key_and_exit_2() {
         ),
         (&[], MAILBOX, "mailboxes[0].password_env"),
         (&[], "[queue]\nconcurency = 3\n", "concurency"),
+        (
+            &[],
+            "[[relays]]\nname = \"a\"\nhost = \"127.0.0.1\"\ntls = \"none\"\n[[routes]]\ntag = \"x\"\nrelays = [\"b\"]\n",
+            "routes[0].relays",
+        ),
+        (
+            &[],
+            "[[relays]]\nname = \"a\"\nhost = \"127.0.0.1\"\ntls = \"none\"\nper_second = -1\n",
+            "relays[0].per_second",
+        ),
+        (
+            &[("DKIM_KEY", "not a key")],
+            "[[dkim]]\ndomain = \"example.com\"\nselector = \"s1\"\nkey_env = \"DKIM_KEY\"\n",
+            "dkim[0].key_env",
+        ),
+        (
+            &[("DKIM_KEY", "AAAA")],
+            "[[dkim]]\ndomain = \"example.com\"\nselector = \"bad selector\"\nalgorithm = \"ed25519\"\nkey_env = \"DKIM_KEY\"\n",
+            "dkim[0].selector",
+        ),
         (
             &[],
             "[delivery]\ntransport = \"carrier-pigeon\"\n",

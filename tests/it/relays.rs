@@ -597,3 +597,161 @@ async fn dkim_signatures_verify_with_an_independent_verifier_for_rsa_and_ed25519
     );
     assert!(common::smtp::header(&find("unsigned"), "DKIM-Signature").is_none());
 }
+
+/// The operator controls over HTTP: every mistake a 400 naming the field (nothing changes),
+/// `GET /v1/relays` reporting relays, limits and pauses, and the bulk endpoint's report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_pauses_and_bulk_over_http_name_every_bad_field() {
+    use common::http::TestApp;
+    use reqwest::{Method, StatusCode};
+    use serde_json::json;
+    let (a, b) = (SmtpServer::start().await, SmtpServer::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = two_relays(dir.path(), &a, &b);
+    s.relays[1].per_second = Some(50.0);
+    let api = TestApp::start(s, true).await;
+
+    let bad: [(serde_json::Value, &str); 5] = [
+        (json!({"kind": "planet", "value": "x"}), "kind"),
+        (json!({"kind": "relay", "value": "nowhere"}), "value"),
+        (json!({"kind": "domain", "value": "has space"}), "value"),
+        (
+            json!({"kind": "tag", "value": "t", "reason": "a\u{0}b"}),
+            "reason",
+        ),
+        (json!({"kind": "tag", "value": "t", "extra": 1}), "extra"),
+    ];
+    for (body, field) in bad {
+        let r = api.post("/v1/pauses", &body).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text);
+        let (_, f) = r.error();
+        assert!(
+            f.as_deref().is_some_and(|f| f.contains(field)),
+            "{body}: {}",
+            r.text
+        );
+    }
+    let r = api.get("/v1/relays").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json["pauses"], json!([]), "bad requests changed nothing");
+    let names: Vec<&str> = r.json["relays"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+    let limit_b = r.json["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["key"] == "relay:b")
+        .cloned()
+        .unwrap();
+    assert_eq!(limit_b["configured_per_second"], 50.0);
+
+    let r = api
+        .post(
+            "/v1/pauses",
+            &json!({"kind": "relay", "value": "a", "reason": "maintenance"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let r = api
+        .post("/v1/pauses", &json!({"kind": "relay", "value": "a"}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "pausing twice is not an error");
+    let r = api.get("/v1/relays").await;
+    assert_eq!(r.json["pauses"][0]["value"], "a");
+    assert_eq!(r.json["pauses"][0]["reason"], "maintenance");
+    let r = api
+        .raw(Method::DELETE, "/v1/pauses/relay/a", None, &[])
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = api
+        .raw(Method::DELETE, "/v1/pauses/relay/a", None, &[])
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+
+    let bad: [(serde_json::Value, &str); 5] = [
+        (json!({"action": "explode", "status": "failed"}), "action"),
+        (json!({"action": "retry", "status": "queued"}), "status"),
+        (json!({"action": "cancel", "status": "sent"}), "status"),
+        (
+            json!({"action": "cancel", "status": "queued", "tag": ""}),
+            "tag",
+        ),
+        (
+            json!({"action": "cancel", "status": "queued", "domain": "a b"}),
+            "domain",
+        ),
+    ];
+    for (body, field) in bad {
+        let r = api.post("/v1/emails/bulk", &body).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text);
+        assert_eq!(r.error().1.as_deref(), Some(field), "{body}");
+    }
+    let r = api
+        .post(
+            "/v1/emails/bulk",
+            &json!({"action": "retry", "status": "failed", "tag": "none-such"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json, json!({"matched": 0, "changed": 0, "more": false}));
+    api.stop().await;
+}
+
+/// The CLI's operator commands: pause, relays, resume, bulk; bad arguments named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_pauses_resumes_lists_and_runs_bulk_actions() {
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(common::bin())
+            .args(args)
+            .current_dir(dir.path())
+            .env_clear()
+            .envs(common::child_env(dir.path(), smtp.port()))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, out, err) = run(&["pause", "domain", "Example.ORG", "--reason", "spam trap"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("domain example.org paused"), "{out}");
+    let (code, out, _) = run(&["relays", "--json"]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["pauses"][0]["value"], "example.org");
+    assert_eq!(v["relays"][0]["name"], "default");
+    let (code, _, err) = run(&["pause", "relay", "nowhere"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("VALUE") && err.contains("nowhere"), "{err}");
+    let (code, _, err) = run(&["bulk", "explode", "--status", "failed"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("ACTION"), "{err}");
+    let (code, _, err) = run(&["bulk", "retry", "--status", "queued"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--status"), "{err}");
+    let (code, out, err) = run(&[
+        "bulk",
+        "cancel",
+        "--status",
+        "queued",
+        "--domain",
+        "example.org",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("0 matched"), "{out}");
+    let (code, out, _) = run(&["resume", "domain", "example.org"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("resumed"), "{out}");
+    let (code, _, err) = run(&["resume", "domain", "example.org"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("not paused"), "{err}");
+}
