@@ -293,6 +293,88 @@ async fn in_a_real_browser_see_webhook_deliveries_and_redeliver_one() {
     hooks.await.unwrap();
 }
 
+/// The Relays page: relays and limits listed; a tag paused, its queued email cancelled in
+/// bulk, the pause resumed, each by a click.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_real_browser_pause_a_tag_cancel_its_mail_in_bulk_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = SmtpServer::start().await;
+    let mut s = dashboard_settings(dir.path(), &smtp, vec![]);
+    s.smtp.per_second = Some(40.0);
+    let api = TestApp::start(s, true).await.with_token(TOKEN);
+    let b = Browser::start().await;
+    b.goto(&format!("{}/ui/login", api.base)).await;
+    b.find("#token").await.type_text(TOKEN).await;
+    b.find("#login").await.click().await;
+    b.wait_url("/ui").await;
+    b.goto(&format!("{}/ui/relays", api.base)).await;
+    let relays = b.find("#relays").await.text().await;
+    assert!(
+        relays.contains("default") && relays.contains("127.0.0.1"),
+        "{relays}"
+    );
+    let limits = b.find("#limits").await.text().await;
+    assert!(
+        limits.contains("relay:default") && limits.contains("40.00/s"),
+        "{limits}"
+    );
+    b.find("#pause-kind option[value=tag]").await.click().await;
+    b.find("#pause-value").await.type_text("promo").await;
+    b.find("#pause-reason")
+        .await
+        .type_text("campaign on hold")
+        .await;
+    b.find("#pause").await.click().await;
+    assert!(
+        b.find("#flash")
+            .await
+            .text()
+            .await
+            .contains("tag promo paused")
+    );
+    assert_eq!(b.count("tr.pause").await, 1);
+    b.screenshot(&shots().join("10-relays.png")).await;
+
+    let r = api
+        .post(
+            "/v1/emails",
+            &json!({"to": ["p@example.com"], "subject": "promo", "text": "t", "tags": ["promo"]}),
+        )
+        .await;
+    let id = r.json["id"].as_str().unwrap().to_string();
+    let t0 = std::time::Instant::now();
+    while api.email(&id).await.json["last_error"] != "paused: tag \"promo\"" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{}",
+            api.email(&id).await.text
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.goto(&format!("{}/ui/relays", api.base)).await;
+    b.find("#bulk-action option[value=cancel]")
+        .await
+        .click()
+        .await;
+    b.find("#bulk-status option[value=queued]")
+        .await
+        .click()
+        .await;
+    b.find("#bulk-tag").await.type_text("promo").await;
+    b.find("#bulk").await.click().await;
+    let flash = b.find("#flash").await.text().await;
+    assert!(flash.contains("1 matched, 1 changed"), "{flash}");
+    assert_eq!(api.email(&id).await.json["status"], "cancelled");
+
+    b.goto(&format!("{}/ui/relays", api.base)).await;
+    b.find("button.resume").await.click().await;
+    assert!(b.find("#flash").await.text().await.contains("resumed"));
+    assert_eq!(b.count("tr.pause").await, 0);
+    assert_eq!(api.get("/v1/relays").await.json["pauses"], json!([]));
+    assert_eq!(smtp.count(), 0, "nothing was sent");
+    b.quit().await;
+}
+
 async fn get_as(api: &TestApp, token: &str, path: &str) -> common::http::Reply {
     let auth = format!("Bearer {token}");
     api.raw(

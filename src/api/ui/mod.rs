@@ -36,6 +36,10 @@ pub fn router() -> Router<ApiState> {
         .route("/ui/webhooks", get(webhooks))
         .route("/ui/suppressions", get(suppressions))
         .route("/ui/suppressions/remove", post(unsuppress))
+        .route("/ui/relays", get(relays))
+        .route("/ui/relays/pause", post(pause))
+        .route("/ui/relays/resume", post(resume))
+        .route("/ui/relays/bulk", post(bulk))
         .route("/ui/webhooks/{name}/enable", post(enable_webhook))
         .route(
             "/ui/webhooks/{name}/deliveries/{id}/redeliver",
@@ -474,4 +478,173 @@ async fn unsuppress(
     };
     st.sessions.set_flash(&me.id, flash).await;
     Redirect::to("/ui/suppressions").into_response()
+}
+
+// ---- relays, pauses, bulk actions --------------------------------------------------------
+
+async fn relays(State(st): State<ApiState>, me: Authed) -> Response {
+    let r = match st.postbox.relays().await {
+        Ok(r) => r,
+        Err(e) => return store_error(e),
+    };
+    let rate = |v: Option<f64>| v.map_or_else(|| "none".to_string(), |v| format!("{v:.2}/s"));
+    page(RelaysPage {
+        nav: nav("relays", &me),
+        relays: r
+            .relays
+            .into_iter()
+            .map(|v| {
+                let until = when_opt(v.cooling_until);
+                (v, until)
+            })
+            .collect(),
+        limits: r
+            .limits
+            .into_iter()
+            .map(|l| {
+                let (c, e) = (rate(l.configured_per_second), rate(l.effective_per_second));
+                let since = when_opt(l.throttled_since);
+                (l, c, e, since)
+            })
+            .collect(),
+        pauses: r
+            .pauses
+            .into_iter()
+            .map(|p| {
+                let at = when(p.created_at);
+                (p, at)
+            })
+            .collect(),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct PauseForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    value: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /ui/relays/pause`.
+async fn pause(State(st): State<ApiState>, me: Authed, UiForm(f): UiForm<PauseForm>) -> Response {
+    if let Err(r) = me.check_csrf(&f.csrf) {
+        return r.into_response();
+    }
+    let reason = f.reason.trim();
+    let flash = match st.postbox.pause_target(&f.kind, &f.value) {
+        Err((field, m)) => Flash::Problem(format!("{field}: {m}")),
+        Ok(_) if reason.chars().count() > 500 || reason.chars().any(char::is_control) => {
+            Flash::Problem("reason: at most 500 characters without control characters".into())
+        }
+        Ok((k, v)) => {
+            let reason = Some(reason).filter(|r| !r.is_empty());
+            match st.postbox.pause(k, &v, reason).await {
+                Ok(_) => {
+                    tracing::info!(token = %me.session.who, kind = k.as_str(), value = %v,
+                        "dashboard: paused");
+                    Flash::Done(format!("{} {v} paused", k.as_str()))
+                }
+                Err(e) => Flash::Problem(e.to_string()),
+            }
+        }
+    };
+    st.sessions.set_flash(&me.id, flash).await;
+    Redirect::to("/ui/relays").into_response()
+}
+
+/// `POST /ui/relays/resume`.
+async fn resume(State(st): State<ApiState>, me: Authed, UiForm(f): UiForm<PauseForm>) -> Response {
+    if let Err(r) = me.check_csrf(&f.csrf) {
+        return r.into_response();
+    }
+    let flash = match crate::store::PauseKind::parse(&f.kind) {
+        None => Flash::Problem(format!("kind: `{}` is not relay, domain or tag", f.kind)),
+        Some(k) => match st.postbox.resume(k, &f.value).await {
+            Ok(Some(n)) => {
+                tracing::info!(token = %me.session.who, kind = k.as_str(), value = %f.value,
+                    "dashboard: resumed");
+                Flash::Done(format!(
+                    "{} {} resumed; {n} held emails queued again",
+                    k.as_str(),
+                    f.value
+                ))
+            }
+            Ok(None) => Flash::Problem(format!("{} {} is not paused", k.as_str(), f.value)),
+            Err(e) => Flash::Problem(e.to_string()),
+        },
+    };
+    st.sessions.set_flash(&me.id, flash).await;
+    Redirect::to("/ui/relays").into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct BulkForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    action: String,
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    tag: String,
+    #[serde(default)]
+    domain: String,
+    #[serde(default)]
+    older_than_secs: String,
+}
+
+/// `POST /ui/relays/bulk`.
+async fn bulk(State(st): State<ApiState>, me: Authed, UiForm(f): UiForm<BulkForm>) -> Response {
+    if let Err(r) = me.check_csrf(&f.csrf) {
+        return r.into_response();
+    }
+    let opt = |s: &str| Some(s.trim().to_string()).filter(|s| !s.is_empty());
+    let older = match opt(&f.older_than_secs).map(|s| s.parse::<u64>()) {
+        None => Ok(None),
+        Some(Ok(n)) => Ok(Some(n)),
+        Some(Err(_)) => Err((
+            "older_than_secs",
+            "must be a whole number of seconds".into(),
+        )),
+    };
+    let (tag, domain) = (opt(&f.tag), opt(&f.domain));
+    let checked = older.and_then(|older| {
+        crate::postbox::bulk_request(
+            &f.action,
+            &f.status,
+            tag.as_deref(),
+            domain.as_deref(),
+            older,
+        )
+    });
+    let flash = match checked {
+        Err((field, m)) => Flash::Problem(format!("{field}: {m}")),
+        Ok((action, filter)) => {
+            let origin = format!("bulk {} from the dashboard by {}", f.action, me.session.who);
+            match st.postbox.bulk(action, &filter, &origin).await {
+                Ok(r) => {
+                    tracing::info!(token = %me.session.who, action = %f.action,
+                        matched = r.matched, changed = r.changed, "dashboard: bulk action");
+                    Flash::Done(format!(
+                        "{} matched, {} changed{}",
+                        r.matched,
+                        r.changed,
+                        if r.more {
+                            "; more match: run it again"
+                        } else {
+                            ""
+                        }
+                    ))
+                }
+                Err(e) => Flash::Problem(e.to_string()),
+            }
+        }
+    };
+    st.sessions.set_flash(&me.id, flash).await;
+    Redirect::to("/ui/relays").into_response()
 }

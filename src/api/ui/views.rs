@@ -185,3 +185,13 @@ pub(super) struct SuppressionsPage {
     pub(super) rows: Vec<(crate::store::Suppression, String)>,
     pub(super) reports: Vec<(crate::store::BounceReportRow, String)>,
 }
+
+#[derive(Template)]
+#[template(path = "ui/relays.html")]
+pub(super) struct RelaysPage {
+    pub(super) nav: Nav,
+    pub(super) relays: Vec<(crate::delivery::RelayView, String)>,
+    /// The limit, its configured and effective rates, throttled since.
+    pub(super) limits: Vec<(crate::delivery::LimitView, String, String, String)>,
+    pub(super) pauses: Vec<(crate::store::Pause, String)>,
+}
