@@ -520,6 +520,42 @@ mod tests {
                 vec![],
                 "mailboxes[0].soft_bounce_limit",
             ),
+            (
+                "[smtp]\nport = 25\n[[relays]]\nname = \"a\"\nhost = \"127.0.0.1\"\ntls = \"none\"\n",
+                vec![],
+                "smtp",
+            ),
+            (
+                "[[relays]]\nname = \"a\"\nhost = \"127.0.0.1\"\ntls = \"none\"\n[[relays]]\nname = \"a\"\nhost = \"127.0.0.1\"\ntls = \"none\"\n",
+                vec![],
+                "relays[1].name",
+            ),
+            (
+                "[[relays]]\nname = \"a\"\nhost = \"127.0.0.1\"\ntls = \"none\"\n[delivery]\nrelays = [\"a\", \"z\"]\n",
+                vec![],
+                "delivery.relays",
+            ),
+            (
+                "[[relays]]\nname = \"a\"\nhost = \"127.0.0.1\"\ntls = \"none\"\n[[routes]]\ntag = \"x\"\nrcpt_domain = \"y\"\nrelays = [\"a\"]\n",
+                vec![],
+                "routes[0]",
+            ),
+            (
+                "[[domain_limits]]\ndomain = \"gmail.com\"\n",
+                vec![],
+                "domain_limits[0].per_second",
+            ),
+            (
+                "[throttle]\npatterns = [\"(\"]\n",
+                vec![],
+                "throttle.patterns[0]",
+            ),
+            ("[throttle]\ndecrease = 1.5\n", vec![], "throttle.decrease"),
+            (
+                "[[relays]]\nname = \"a\"\nhost = \"127.0.0.1\"\ntls = \"none\"\npassword_env = \"NOT_SET_ANYWHERE\"\nusername = \"u\"\n",
+                vec![],
+                "relays[0].password_env",
+            ),
         ];
         for (text, e, key) in cases {
             let err = check(text, &e).unwrap_err();

@@ -33,30 +33,41 @@
 //!               (reports, listings, stats), janitor.rs, group.rs (the group committer),
 //!               events.rs (the events feed read from the timeline by Cursor; webhook
 //!               endpoints, their place in the feed and their deliveries), suppressions.rs
-//!               (the suppression list, read by each claim batch),
+//!               (the suppression list, read by each claim batch), throttle.rs (rate limit
+//!               slots shared on PostgreSQL, GCRA; operator pauses and the resume that
+//!               releases what they held),
 //!               inbound.rs (watcher positions, hits, alert groups, leases);
 //!               [database] and [retention] sections; StoreError::fault() decides Busy / Full /
 //!               Unavailable from the drivers' codes, once
-//! delivery/     MIME building, Mailer { Smtp (our pool: pool.rs), File }, classify() of SMTP
-//!               replies, RetryPolicy (policy.rs); [delivery], [smtp], [retry] sections
+//! delivery/     MIME building, Mailer { Smtp (Relays), File, Memory }, classify() of SMTP
+//!               replies, RetryPolicy (policy.rs); relays.rs (named relays, each over our pool
+//!               pool.rs; routing by field / tag / From / recipient domain; failover order and
+//!               cool-downs); throttle.rs (Limiter: rate limits per relay and recipient domain,
+//!               GCRA slots in memory or shared through store/, adaptive throttling on
+//!               slow-down replies); dkim.rs (DkimSigner, keys per From domain); settings.rs:
+//!               [delivery], [smtp], [[relays]], [[routes]], [[domain_limits]], [throttle],
+//!               [[dkim]] -> RelaySetup; [retry]
 //! worker/       one supervised apalis worker per job kind (Handler); this process's liveness
 //!               lease; wake-ups: on submit, by PostgreSQL LISTEN, and the due timer for
 //!               delayed jobs (wake_when_due); the janitor loop;
-//!               deliver.rs: Deliverer, the handler of SendJob
+//!               deliver.rs: Deliverer, the handler of SendJob, with its Shaping (Limiter,
+//!               DKIM keys, the PauseCache read every 2 s)
 //! webhooks/     [[webhooks]] and [webhook] sections; sign.rs (Standard Webhooks signatures,
 //!               whsec_ secrets); client.rs (HTTP/1.1 POSTs over hyper, keep-alive, bounded
 //!               answers); dispatch.rs (one dispatcher per endpoint, under a lease: due
 //!               retries + events after its place, signed POSTs, ONE transaction per round)
 //! postbox.rs    Postbox, the facade every entry point calls: submit, status, list, cancel,
-//!               retry, stats, events, webhooks, suppressions, unsubscribe, run_workers; run /
+//!               retry, bulk, stats, events, webhooks, suppressions, unsubscribe, relays,
+//!               pause / resume, run_workers; run /
 //!               run_watchers / run_webhooks / serve_api delegate to Roles
 //! api/          HTTP (axum over our hyper server.rs: timeouts, connection cap): routes and
 //!               OpenAPI from one declaration, auth.rs (tokens, rate limits, failed logins,
 //!               open-mode Host/Origin checks), body.rs (JSON bodies, bounded), events.rs (the
-//!               events feed, webhook endpoints and deliveries), suppressions.rs, wire.rs (every
+//!               events feed, webhook endpoints and deliveries), suppressions.rs, relays.rs
+//!               (relays and limits, pauses, bulk actions), wire.rs (every
 //!               request and response body), error.rs (errors as JSON); ui/ the /ui dashboard:
 //!               pages in mod.rs, views.rs (templates), session.rs (sessions, CSRF, Authed);
-//!               [api] section
+//!               [api] section; ui/ adds the Relays page (pauses, bulk actions)
 //! inbound/      IMAP watchers (async-imap): watcher.rs (IDLE/poll, scans, the lease),
 //!               message.rs (parsing), rules.rs (pure matching), bounce.rs (DSN / ARF / text
 //!               bounces -> reports, pure) for purpose = "bounces", alert grouping; [[mailboxes]]
@@ -68,7 +79,8 @@
 //!               own section; Runtime runs the API, the watchers and (where workers run) the
 //!               webhook dispatchers for the facade (Roles)
 //! cli.rs        every CLI command's work (serve | api | worker | send | stats | status |
-//!               cancel | retry | suppressions | migrate | config check); main.rs only parses
+//!               cancel | retry | suppressions | relays | pause | resume | bulk | migrate |
+//!               config check); main.rs only parses
 //!               and dispatches
 //! ```
 //!
@@ -78,14 +90,19 @@
 //! `net`, `postbox`, `queue`, `runtime`, `settings`, `shutdown`, `telemetry`, `worker`.
 //!
 //! ## One email's path
-//! `Postbox::submit` -> `Email::parse` (every rule, every field named) -> `GroupCommitter` ->
+//! `Postbox::submit` -> `Email::parse` (every rule, every field named; `relay` must exist) -> `GroupCommitter` ->
 //! `Store::insert_group` (idempotency, depth cap, then email rows + `queue::table::push` of job
 //! `<id>:0`, and its `submitted` timeline entry, in ONE transaction) -> worker
 //! `Deliverer::deliver`: `Recorder::claim` (row -> `sending`, attempt n, `claimed_by` this
 //! process; one UPDATE for every claim waiting, one read of their recipients against the
-//! suppression list) -> a send slot (`queue.concurrency`, highest priority first) -> `render`
-//! -> `build_message_for` (X-Postbox-Id, VERP return path, suppressed recipients out of the
-//! envelope, List-Unsubscribe) -> `Mailer::send` -> `Outcome` -> `Recorder::complete`
+//! suppression list) -> pauses (`PauseCache`) -> `Relays::route` and `pick` (the first relay
+//! of its route not cooling down or paused) -> `Limiter::take` (a slot of every limit key:
+//! waited for within 2 s, else `Finish::Wait`, back to `queued`, not an attempt) -> a send
+//! slot (`queue.concurrency`, highest priority first) -> `render` -> `build_message_for`
+//! (X-Postbox-Id, VERP return path, suppressed recipients out of the envelope,
+//! List-Unsubscribe) -> DKIM -> `Mailer::send` through that relay (unreached: it cools down,
+//! the next relay is tried) -> `Outcome` (a slow-down reply: `Limiter::slow_down`,
+//! `Finish::Throttled`) -> `Recorder::complete`
 //! (attempt + new status + timeline entry, and for a retry the next job with its `run_at`;
 //! with the other claims and completions waiting, in ONE transaction) -> its event is read
 //! from the timeline by the feed and the webhook dispatchers.
@@ -111,6 +128,10 @@
 //! - The timeline is the events outbox: an event exists exactly when its change committed; a
 //!   webhook endpoint's place in the feed advances in the transaction that records what its
 //!   POSTs got (`store/events.rs`), so a crash resends, never skips (same `webhook-id`).
+//! - A wait for a rate limit, a pause or a cooling relay is never an attempt: `Finish::Wait`
+//!   takes the claim's count back in the completion's statement (`store/batch.rs`), and a
+//!   slow-down reply (`Finish::Throttled`) does too; rate limits only ever under-use (unused
+//!   reserved slots are dropped, never spent late in a burst: `delivery/throttle.rs`).
 //! - Retry or fail: an SMTP reply is classified only by `delivery::classify`; a connection or
 //!   TLS failure before any reply is temporary (`delivery/pool.rs`); a render error or a panic
 //!   is permanent (`worker/deliver.rs`); when retries stop is `RetryPolicy`'s alone. Backoff is

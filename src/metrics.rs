@@ -5,7 +5,11 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `postbox_emails_submitted_total` | counter | priority, template |
-//! | `postbox_emails_sent_total` / `_failed_total` / `_retried_total` / `_suppressed_total` | counter | priority, template |
+//! | `postbox_emails_sent_total` / `_failed_total` / `_retried_total` / `_suppressed_total` / `_throttled_total` | counter | priority, template |
+//! | `postbox_emails_held_total` | counter (claims put back to wait: a rate limit, a pause, relays cooling down; not attempts) | |
+//! | `postbox_rate_limit_per_second` | gauge (effective rate of a limit key; 0: unlimited) | key (`relay:<name>`, `domain:<domain>`) |
+//! | `postbox_throttle_replies_total` | counter ("slow down" replies) | relay |
+//! | `postbox_relay_cooling` | gauge (1 while a relay is skipped after failing to connect) | relay |
 //! | `postbox_queue_depth` | gauge | state (queued, retrying, sending) |
 //! | `postbox_queue_oldest_age_seconds` | gauge | |
 //! | `postbox_submit_seconds` | histogram (submit -> committed) | |
@@ -86,6 +90,26 @@ fn describe() {
     describe_counter!(
         "postbox_emails_sent_total",
         "Emails accepted by the SMTP server."
+    );
+    describe_counter!(
+        "postbox_emails_throttled_total",
+        "Attempts a relay answered with a slow-down reply: retried without spending the retry budget."
+    );
+    describe_counter!(
+        "postbox_emails_held_total",
+        "Claimed emails put back to wait (a rate limit, a pause, relays cooling down): not attempts."
+    );
+    describe_gauge!(
+        "postbox_rate_limit_per_second",
+        "The rate in force for a limit key (relay:<name>, domain:<domain>); 0: unlimited."
+    );
+    describe_counter!(
+        "postbox_throttle_replies_total",
+        "Slow-down replies ([throttle] patterns) per relay."
+    );
+    describe_gauge!(
+        "postbox_relay_cooling",
+        "1 while a relay is skipped for its cool-down after it could not be reached."
     );
     describe_counter!(
         "postbox_emails_failed_total",

@@ -775,6 +775,11 @@ impl Postbox {
         })
     }
 
+    /// Sets `postbox_rate_limit_per_second` for every limit key (scrapes call this).
+    pub fn refresh_limit_gauges(&self) {
+        let _ = self.inner.limiter.views();
+    }
+
     /// Every relay's name.
     pub fn relay_names(&self) -> &[String] {
         &self.inner.relay_names

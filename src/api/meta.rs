@@ -228,6 +228,8 @@ impl Gauges {
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(State(st): State<ApiState>) -> Result<Response, ApiError> {
     st.gauges.refresh(&st.postbox).await;
+    // The rate limit gauges: set from this process's limiter (no database read).
+    st.postbox.refresh_limit_gauges();
     match crate::metrics::render() {
         Some(text) => Ok((
             [(

@@ -362,7 +362,6 @@ impl Deliverer {
                             if let Some(done) = last.take() {
                                 break done;
                             }
-                            metrics::counter!("postbox_emails_held_total").increment(1);
                             return self.hold(&claim, at, reason, &task).await;
                         }
                         Err(e) => {
@@ -555,6 +554,7 @@ impl Deliverer {
         task: &str,
     ) -> Result<(), StoreError> {
         debug!(%reason, "waiting; not an attempt");
+        metrics::counter!("postbox_emails_held_total").increment(1);
         let rec = AttemptRecord {
             started_at: OffsetDateTime::now_utc(),
             duration_ms: 0,
