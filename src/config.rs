@@ -47,6 +47,8 @@ pub struct Settings {
     pub domain_limits: Vec<DomainLimit>,
     /// Adaptive throttling (`[throttle]`).
     pub throttle: ThrottleSettings,
+    /// The stall alert (`[stall_alert]`); off until `alert_to` is set.
+    pub stall_alert: crate::stall::StallAlertSettings,
     /// DKIM keys per From domain (`[[dkim]]`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dkim: Vec<DkimSettings>,
@@ -227,6 +229,7 @@ impl Settings {
         self.api.validate()?;
         self.cluster.validate()?;
         self.webhook.validate()?;
+        self.stall_alert.validate()?;
         let command_timeout = relays
             .relays
             .iter()
@@ -551,6 +554,16 @@ mod tests {
                 "throttle.patterns[0]",
             ),
             ("[throttle]\ndecrease = 1.5\n", vec![], "throttle.decrease"),
+            (
+                "[stall_alert]\nalert_to = [\"not an address\"]\n",
+                vec![],
+                "stall_alert.alert_to[0]",
+            ),
+            (
+                "[stall_alert]\nfailure_ratio = 2.0\n",
+                vec![],
+                "stall_alert.failure_ratio",
+            ),
             (
                 "[[relays]]\nname = \"a\"\nhost = \"127.0.0.1\"\ntls = \"none\"\npassword_env = \"NOT_SET_ANYWHERE\"\nusername = \"u\"\n",
                 vec![],

@@ -74,6 +74,9 @@
 //!               and [cluster] sections (config.rs)
 //! config.rs     Settings: defaults <- TOML file <- POSTBOX_* env, the sections above merged;
 //!               errors name the key
+//! stall.rs      the stall alert ([stall_alert]): under the lease `stall-alert`, checks the
+//!               oldest due email and the recent failure ratio; raises, repeats and clears
+//!               alert emails through the facade, its state in the database
 //! runtime.rs    the composition root: Runtime::build resolves secrets, tokens, senders and
 //!               mailboxes and webhook secrets once; Postbox::open/start hand each layer its
 //!               own section; Runtime runs the API, the watchers and (where workers run) the
@@ -164,6 +167,7 @@ pub mod render;
 mod runtime;
 pub(crate) mod settings;
 mod shutdown;
+pub mod stall;
 pub mod store;
 pub(crate) mod telemetry;
 pub mod webhooks;

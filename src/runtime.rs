@@ -216,6 +216,20 @@ impl Roles for Runtime {
                     }
                 }
             });
+            let stall = tokio::spawn({
+                let (me, pb, sd) = (self.clone(), pb.clone(), shutdown.clone());
+                async move {
+                    if workers {
+                        crate::stall::run(
+                            pb,
+                            me.settings.stall_alert.clone(),
+                            Duration::from_secs(me.settings.cluster.lease_secs),
+                            sd,
+                        )
+                        .await;
+                    }
+                }
+            });
             // Every role records the config's endpoints (so an endpoint sees the events of
             // emails submitted from its first start on); they are sent where deliveries run.
             let hooks = tokio::spawn({
@@ -230,8 +244,8 @@ impl Roles for Runtime {
                     }
                 }
             });
-            let (http, work, watch, hooks) = tokio::join!(http, work, watch, hooks);
-            for r in [work, watch, hooks] {
+            let (http, work, watch, hooks, stall) = tokio::join!(http, work, watch, hooks, stall);
+            for r in [work, watch, hooks, stall] {
                 if let Err(e) = r {
                     tracing::error!(error = %e, "a role's task failed");
                 }

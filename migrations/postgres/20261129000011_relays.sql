@@ -1,5 +1,5 @@
 -- Rate limits shared by every worker process: the theoretical arrival time (GCRA) of the next
--- message per limit key (`relay:<name>`, `domain:<domain>`), in ms since the epoch.
+-- message per limit key (`relay:<name>`, `domain:<domain>`), in µs since the epoch.
 CREATE TABLE postbox_rate_slots (
     key TEXT PRIMARY KEY,
     tat BIGINT NOT NULL
@@ -12,4 +12,12 @@ CREATE TABLE postbox_pauses (
     reason TEXT,
     created_at BIGINT NOT NULL,
     PRIMARY KEY (kind, value)
+);
+
+-- The stall alert's state: raised (since when, why) and when it was last sent.
+CREATE TABLE postbox_alert_state (
+    name TEXT PRIMARY KEY,
+    raised_at BIGINT NOT NULL,
+    last_sent_at BIGINT NOT NULL,
+    reason TEXT NOT NULL
 );

@@ -7,3 +7,11 @@ CREATE TABLE postbox_pauses (
     created_at INTEGER NOT NULL,
     PRIMARY KEY (kind, value)
 );
+
+-- The stall alert's state: raised (since when, why) and when it was last sent.
+CREATE TABLE postbox_alert_state (
+    name TEXT PRIMARY KEY,
+    raised_at INTEGER NOT NULL,
+    last_sent_at INTEGER NOT NULL,
+    reason TEXT NOT NULL
+);

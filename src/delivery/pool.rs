@@ -48,7 +48,7 @@ pub struct SmtpPool {
     per_connection: u32,
 }
 
-/// What [`SmtpPool::send`] got: the outcome, and whether the relay was reached (a session
+/// What an SMTP send got: the outcome, and whether the relay was reached (a session
 /// was greeted, secured and authenticated). A failure before that says the relay is down or
 /// refuses us, not the message: the caller may try another relay.
 #[derive(Debug, Clone)]

@@ -12,7 +12,7 @@
 //!
 //! Where slots are kept: in this process's memory on SQLite (one process); on PostgreSQL in
 //! `postbox_rate_slots`, shared by every worker process, reserved a few at a time (100 ms of
-//! the rate, at most [`MAX_CHUNK`]) so that a limit far above the real rate costs one write per
+//! the rate, at most `MAX_CHUNK`) so that a limit far above the real rate costs one write per
 //! chunk, not per message. A chunk's slots that go unused are lost: a process may send less
 //! than the limit, never more.
 
@@ -30,12 +30,13 @@ pub const HOLD: Duration = Duration::from_secs(2);
 /// Slots reserved at once from the shared table, at most.
 const MAX_CHUNK: u32 = 32;
 /// Reserved slots older than this are not used (they would make a burst).
-const STALE_MS: i64 = 250;
+const STALE_US: i64 = 250_000;
 
-fn now_ms() -> i64 {
+/// Slots are kept in microseconds since the epoch: milliseconds would cap a limit at 1,000/s.
+fn now_us() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// Where a key's slots come from.
@@ -62,9 +63,9 @@ struct KeyState {
     /// The configured limit (messages per second).
     base: Option<f64>,
     adaptive: Option<Adaptive>,
-    /// Memory book: the TAT (ms since the epoch).
+    /// Memory book: the TAT (µs since the epoch).
     tat: i64,
-    /// Shared book: slots reserved and not used yet (ms since the epoch).
+    /// Shared book: slots reserved and not used yet (µs since the epoch).
     reserved: VecDeque<i64>,
     /// Messages the relay accepted in the current and the previous whole second (the
     /// observed rate: a "slow down" cuts the rate from what the relay took, not from what
@@ -83,7 +84,7 @@ impl KeyState {
     }
 
     fn roll(&mut self, now: i64) {
-        let sec = now / 1000;
+        let sec = now / 1_000_000;
         if sec != self.second {
             self.last_second = if sec == self.second + 1 {
                 self.this_second
@@ -209,14 +210,14 @@ impl Limiter {
                 map.entry(key.clone()).or_default().rate(&self.tuning)
             };
             let Some(rate) = rate else { continue };
-            let interval = (1000.0 / rate).round().max(1.0) as i64;
+            let interval = (1e6 / rate).round().max(1.0) as i64;
             let slot = match &self.book {
                 Book::Memory => {
                     let mut map = self.lock();
                     let st = map.entry(key.clone()).or_default();
-                    let now = now_ms();
+                    let now = now_us();
                     let start = st.tat.max(now);
-                    if start - now > HOLD.as_millis() as i64 {
+                    if start - now > HOLD.as_micros() as i64 {
                         st.waits_total += 1;
                         return Ok(later(key, rate, start));
                     }
@@ -233,9 +234,9 @@ impl Limiter {
             };
             latest = latest.max(slot);
         }
-        let wait = latest - now_ms();
+        let wait = latest - now_us();
         if wait > 0 {
-            tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+            tokio::time::sleep(Duration::from_micros(wait as u64)).await;
         }
         Ok(Turn::Go)
     }
@@ -251,9 +252,9 @@ impl Limiter {
         let pop = |this: &Self| {
             let mut map = this.lock();
             let st = map.entry(key.to_string()).or_default();
-            let now = now_ms();
+            let now = now_us();
             while let Some(s) = st.reserved.pop_front() {
-                if s >= now - STALE_MS {
+                if s >= now - STALE_US {
                     return Some(s);
                 }
             }
@@ -268,7 +269,7 @@ impl Limiter {
         }
         let n = ((rate / 10.0).ceil() as u32).clamp(1, MAX_CHUNK);
         let first = match store
-            .reserve_slots(key, interval, n, HOLD.as_millis() as i64)
+            .reserve_slots(key, interval, n, HOLD.as_micros() as i64)
             .await?
         {
             Ok(first) => first,
@@ -284,7 +285,7 @@ impl Limiter {
     pub fn accepted(&self, key: &str) {
         let mut map = self.lock();
         let st = map.entry(key.to_string()).or_default();
-        st.roll(now_ms());
+        st.roll(now_us());
         st.this_second += 1;
     }
 
@@ -302,7 +303,7 @@ impl Limiter {
         let mut map = self.lock();
         let st = map.entry(key.to_string()).or_default();
         st.throttled_total += 1;
-        let now = now_ms();
+        let now = now_us();
         let observed = st.observed(now).max(t.min_per_second);
         let current = st.rate(t);
         if let Some(a) = &mut st.adaptive
@@ -337,7 +338,7 @@ impl Limiter {
     /// Every key's state (keys with a limit, a throttle or traffic), sorted by key.
     pub fn views(&self) -> Vec<LimitView> {
         let mut map = self.lock();
-        let now = now_ms();
+        let now = now_us();
         let mut out: Vec<LimitView> = map
             .iter_mut()
             .map(|(k, st)| {
@@ -363,9 +364,9 @@ impl Limiter {
     }
 }
 
-fn later(key: &str, rate: f64, at_ms: i64) -> Turn {
+fn later(key: &str, rate: f64, at_us: i64) -> Turn {
     Turn::Later {
-        at: SystemTime::UNIX_EPOCH + Duration::from_millis(at_ms.max(0) as u64),
+        at: SystemTime::UNIX_EPOCH + Duration::from_micros(at_us.max(0) as u64),
         reason: format!("waiting for {key} (limited to {rate:.2}/s)"),
     }
 }
@@ -411,7 +412,7 @@ mod tests {
         // Reserve past HOLD without waiting: a later slot is refused, not slept on.
         {
             let mut map = l.lock();
-            map.get_mut("relay:default").unwrap().tat = now_ms() + 5_000;
+            map.get_mut("relay:default").unwrap().tat = now_us() + 5_000_000;
         }
         match l.take(&key).await.unwrap() {
             Turn::Later { reason, .. } => assert!(reason.contains("relay:default"), "{reason}"),
@@ -439,7 +440,7 @@ mod tests {
         {
             let mut map = l.lock();
             let st = map.get_mut("relay:default").unwrap();
-            (st.second, st.this_second, st.last_second) = (now_ms() / 1000, 40, 40);
+            (st.second, st.this_second, st.last_second) = (now_us() / 1_000_000, 40, 40);
         }
         let r = l.slow_down("relay:default", "454 Throttling failure");
         assert_eq!(r, 20.0);

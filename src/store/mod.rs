@@ -18,6 +18,7 @@ mod open;
 mod reads;
 mod sessions;
 mod settings;
+mod stall;
 mod submit;
 mod suppressions;
 mod throttle;
@@ -40,6 +41,7 @@ pub use inbound::{MAX_LISTED, MAX_SENDERS};
 pub use open::Store;
 pub use sessions::StoredSession;
 pub use settings::{DatabaseSettings, RetentionSettings, Synchronous, is_postgres_url, redact_url};
+pub use stall::{AlertState, StallFigures};
 pub use suppressions::{
     BounceKind, BounceRecord, BounceReportRow, SoftBounceRule, Suppression, SuppressionFilter,
     SuppressionReason, suppression_key,

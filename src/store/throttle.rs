@@ -56,19 +56,19 @@ impl Pause {
 }
 
 impl Store {
-    /// Reserves `n` consecutive send slots `interval_ms` apart for `key` (GCRA), if the first
-    /// is no later than `hold_ms` from now: Ok(first slot, ms since the epoch). Otherwise
+    /// Reserves `n` consecutive send slots `interval_us` apart for `key` (GCRA), if the first
+    /// is no later than `hold_us` from now: Ok(first slot, µs since the epoch). Otherwise
     /// reserves nothing: Err(when the next slot is free). PostgreSQL only (shared by every
     /// process); on SQLite the limiter keeps its slots in memory.
     pub async fn reserve_slots(
         &self,
         key: &str,
-        interval_ms: i64,
+        interval_us: i64,
         n: u32,
-        hold_ms: i64,
+        hold_us: i64,
     ) -> Result<Result<i64, i64>, StoreError> {
-        let now = ms(now());
-        let span = interval_ms * i64::from(n);
+        let now = (now().unix_timestamp_nanos() / 1000) as i64;
+        let span = interval_us * i64::from(n);
         let tat: Option<i64> = sql(
             "INSERT INTO postbox_rate_slots (key, tat) VALUES ($1, $2 + $3)
              ON CONFLICT (key) DO UPDATE
@@ -79,7 +79,7 @@ impl Store {
         .bind(key)
         .bind(now)
         .bind(span)
-        .bind(hold_ms)
+        .bind(hold_us)
         .fetch_optional(&self.db)
         .await?
         .map(|r| r.get::<i64>("tat"))

@@ -755,3 +755,79 @@ async fn the_cli_pauses_resumes_lists_and_runs_bulk_actions() {
     assert_eq!(code, Some(1));
     assert!(err.contains("not paused"), "{err}");
 }
+
+/// The stall alert: mail held too long (here by a pause) raises ONE alert email to
+/// `alert_to` while it lasts; once the queue recovers, one "recovered" email follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_queue_raises_one_alert_and_its_recovery_clears_it() {
+    use serde_json::json;
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("postbox.toml");
+    std::fs::write(
+        &conf,
+        "[stall_alert]\nalert_to = [\"ops@example.com\"]\noldest_due_secs = 2\ncheck_secs = 1\n",
+    )
+    .unwrap();
+    let serve = common::spawn_serve(
+        dir.path(),
+        smtp.port(),
+        &[("POSTBOX_CONFIG", conf.to_str().unwrap())],
+    );
+    let port = common::api_port(&serve).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    let r = http
+        .post(format!("{base}/v1/pauses"))
+        .json(&json!({"kind": "domain", "value": "held.example"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = http
+        .post(format!("{base}/v1/emails"))
+        .json(&json!({"to": ["x@held.example"], "subject": "held", "text": "t"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let alerts = |s: &SmtpServer, what: &str| -> Vec<String> {
+        s.received()
+            .iter()
+            .filter(|r| r.rcpt_to == ["ops@example.com"])
+            .map(|r| String::from_utf8_lossy(&r.data).to_string())
+            .filter(|d| d.contains(what))
+            .collect()
+    };
+    common::wait_for("the stall alert", LIMIT, || {
+        !alerts(&smtp, "[postbox] delivery stalled").is_empty()
+    })
+    .await;
+    let raised = alerts(&smtp, "[postbox] delivery stalled");
+    assert!(
+        raised[0].contains("the oldest due email has waited"),
+        "{}",
+        raised[0]
+    );
+    // Checked every second, sent once: the repeat comes after repeat_minutes (60).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(alerts(&smtp, "[postbox] delivery stalled").len(), 1);
+    assert!(alerts(&smtp, "recovered").is_empty());
+    let r = http
+        .delete(format!("{base}/v1/pauses/domain/held.example"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    common::wait_for("the recovery email", LIMIT, || {
+        !alerts(&smtp, "[postbox] delivery recovered").is_empty()
+    })
+    .await;
+    assert!(
+        smtp.received()
+            .iter()
+            .any(|r| r.rcpt_to == ["x@held.example"])
+    );
+    assert_eq!(alerts(&smtp, "[postbox] delivery stalled").len(), 1);
+    drop(serve);
+}
