@@ -99,7 +99,7 @@
 //! `Deliverer::deliver`: `Recorder::claim` (row -> `sending`, attempt n, `claimed_by` this
 //! process; one UPDATE for every claim waiting, one read of their recipients against the
 //! suppression list) -> pauses (`PauseCache`) -> `Relays::route` and `pick` (the first relay
-//! of its route not cooling down or paused) -> `Limiter::take` (a slot of every limit key:
+//! of its route not paused, not cooling down unless all are) -> `Limiter::take` (a slot of every limit key:
 //! waited for within 2 s, else `Finish::Wait`, back to `queued`, not an attempt) -> a send
 //! slot (`queue.concurrency`, highest priority first) -> `render` -> `build_message_for`
 //! (X-Postbox-Id, VERP return path, suppressed recipients out of the envelope,

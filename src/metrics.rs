@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `postbox_emails_submitted_total` | counter | priority, template |
 //! | `postbox_emails_sent_total` / `_failed_total` / `_retried_total` / `_suppressed_total` / `_throttled_total` | counter | priority, template |
-//! | `postbox_emails_held_total` | counter (claims put back to wait: a rate limit, a pause, relays cooling down; not attempts) | |
+//! | `postbox_emails_held_total` | counter (claims put back to wait: a rate limit or a pause; not attempts) | |
 //! | `postbox_rate_limit_per_second` | gauge (effective rate of a limit key; 0: unlimited) | key (`relay:<name>`, `domain:<domain>`) |
 //! | `postbox_throttle_replies_total` | counter ("slow down" replies) | relay |
 //! | `postbox_relay_cooling` | gauge (1 while a relay is skipped after failing to connect) | relay |
@@ -97,7 +97,7 @@ fn describe() {
     );
     describe_counter!(
         "postbox_emails_held_total",
-        "Claimed emails put back to wait (a rate limit, a pause, relays cooling down): not attempts."
+        "Claimed emails put back to wait (a rate limit or a pause): not attempts."
     );
     describe_gauge!(
         "postbox_rate_limit_per_second",

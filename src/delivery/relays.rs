@@ -44,12 +44,7 @@ impl std::fmt::Debug for Relays {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Pick {
     Use(usize),
-    /// Every relay of the route not tried yet is cooling down; the first is back then.
-    Cooling {
-        until: Instant,
-        reason: String,
-    },
-    /// Every relay of the route was tried.
+    /// Every relay of the route was tried (or is paused).
     Exhausted,
 }
 
@@ -121,22 +116,22 @@ impl Relays {
         self.default_order.clone()
     }
 
-    /// The first relay of `route` not in `tried` and not cooling down.
+    /// The first relay of `route` not in `tried` and not cooling down. When every one left
+    /// is cooling down, the one back soonest: cool-downs order the relays, they never hold
+    /// mail back (with one relay, a relay that is down costs attempts and ends in the dead
+    /// letters after `[retry]`'s budget, as it always did).
     pub fn pick(&self, route: &[usize], tried: &[usize]) -> Pick {
         let now = Instant::now();
-        let mut soonest: Option<(Instant, String)> = None;
+        let mut soonest: Option<(Instant, usize)> = None;
         for &i in route.iter().filter(|i| !tried.contains(i)) {
             let mut c = self.list[i]
                 .cooling
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             match &*c {
-                Some((until, why, _)) if *until > now => {
-                    if soonest.as_ref().is_none_or(|(s, _)| until < s) {
-                        soonest = Some((
-                            *until,
-                            format!("relay \"{}\" is cooling down: {why}", self.list[i].name),
-                        ));
+                Some((until, _, _)) if *until > now => {
+                    if soonest.is_none_or(|(s, _)| *until < s) {
+                        soonest = Some((*until, i));
                     }
                 }
                 Some(_) => {
@@ -149,7 +144,7 @@ impl Relays {
             }
         }
         match soonest {
-            Some((until, reason)) => Pick::Cooling { until, reason },
+            Some((_, i)) => Pick::Use(i),
             None => Pick::Exhausted,
         }
     }

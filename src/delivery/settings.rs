@@ -332,7 +332,7 @@ pub struct DomainLimit {
 /// `"<code> <text>"`) means "slow down": that relay's rate is cut to `decrease` x its current
 /// rate (at most once per second, never below `min_per_second`), then raised by `increase` x
 /// every `step_secs` without such a reply, until it is back at the configured limit (or, for a
-/// relay without one, at the rate it had when it was first slowed). The email that got the
+/// relay without one, at 4x the rate it was first cut from). The email that got the
 /// reply is tried again without spending its retry budget.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -314,12 +314,15 @@ impl Limiter {
         }
         let from = current.map_or(observed, |c| c.min(observed));
         let rate = (from * t.decrease).max(t.min_per_second);
+        // Back at the configured limit, the throttle ends; a relay without one keeps its
+        // adaptive rate until it has grown to 4x the rate it was first cut from (ending it
+        // at 1x would let the next burst hit the relay's limit at full speed).
         let ceiling = st
             .adaptive
             .as_ref()
             .map(|a| a.ceiling)
             .or(st.base)
-            .unwrap_or(from);
+            .unwrap_or(from * 4.0);
         let since = st
             .adaptive
             .as_ref()

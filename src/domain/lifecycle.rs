@@ -123,8 +123,8 @@ pub enum Step {
     Requeue,
     /// Every recipient is on the suppression list: not sent.
     Suppress,
-    /// A rate limit, a pause or every relay cooling down: it waits for its turn. Not an
-    /// attempt (the claim's count is taken back), no timeline entry, no event.
+    /// A rate limit or a pause: it waits for its turn. Not an attempt (the claim's count is
+    /// taken back), no timeline entry, no event.
     Hold,
 }
 
@@ -223,7 +223,7 @@ pub const TABLE: &[Transition] = &[
         to: Queued,
         entry: None,
         event: None,
-        why: "rate limit, pause, relays cooling down: waits, not an attempt",
+        why: "a rate limit or a pause: waits, not an attempt",
     },
 ];
 

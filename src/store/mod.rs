@@ -166,7 +166,7 @@ pub enum Finish {
     Suppressed {
         reason: String,
     },
-    /// Not tried: a rate limit, a pause or relays cooling down. Back to `queued` until `at`,
+    /// Not tried: a rate limit or a pause. Back to `queued` until `at`,
     /// the claim's attempt taken back; no timeline entry, no event (`reason` is its
     /// `last_error` meanwhile).
     Wait {

@@ -329,25 +329,16 @@ impl Deliverer {
                     None => None,
                     Some(r) => match r.pick(&route, &tried) {
                         Pick::Use(i) => Some(i),
-                        other => {
+                        Pick::Exhausted => {
                             if let Some(done) = last.take() {
                                 break done;
                             }
-                            let (at, reason) = match other {
-                                Pick::Cooling { until, reason } => (
-                                    SystemTime::now() + until.saturating_duration_since(Instant::now()),
-                                    reason,
-                                ),
-                                // Every relay of the route is paused.
-                                _ => (
-                                    far_hold(),
-                                    route
-                                        .first()
-                                        .map(|&i| Pause::hold_note(PauseKind::Relay, r.name(i)))
-                                        .unwrap_or_else(|| "no relay for this email".into()),
-                                ),
-                            };
-                            return self.hold(&claim, at, reason, &task).await;
+                            // Every relay of the route is paused.
+                            let note = route
+                                .first()
+                                .map(|&i| Pause::hold_note(PauseKind::Relay, r.name(i)))
+                                .unwrap_or_else(|| "no relay for this email".into());
+                            return self.hold(&claim, far_hold(), note, &task).await;
                         }
                     },
                 };
@@ -544,7 +535,7 @@ impl Deliverer {
         }
     }
 
-    /// Puts a claimed email back to wait until `at` (a limit, a pause, relays cooling down):
+    /// Puts a claimed email back to wait until `at` (a rate limit, a pause):
     /// not an attempt, no timeline entry; `reason` is its `last_error` meanwhile.
     async fn hold(
         &self,

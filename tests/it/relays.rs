@@ -86,18 +86,24 @@ async fn a_refusing_relay_is_skipped_for_its_cooldown_and_the_next_one_takes_the
         let r = app.status(id).await;
         assert_eq!(r.attempts, 1, "{r:#?}");
     }
-    let first = app.status(&ids[0]).await;
-    let attempt = first
-        .timeline
-        .iter()
-        .find(|t| t.kind == "attempt")
-        .and_then(|t| t.detail.clone())
-        .unwrap_or_default();
-    assert!(
-        attempt.contains("relay \"a\"") && attempt.contains("421"),
-        "{attempt}"
-    );
-    assert!(attempt.contains("via relay \"b\""), "{attempt}");
+    // The emails that tried relay a before it cooled down say what it answered; every
+    // timeline names the relay that took the message.
+    let mut tried_a = 0;
+    for id in &ids {
+        let r = app.status(id).await;
+        let attempt = r
+            .timeline
+            .iter()
+            .find(|t| t.kind == "attempt")
+            .and_then(|t| t.detail.clone())
+            .unwrap_or_default();
+        assert!(attempt.contains("via relay \"b\""), "{attempt}");
+        if attempt.contains("relay \"a\"") {
+            assert!(attempt.contains("421"), "{attempt}");
+            tried_a += 1;
+        }
+    }
+    assert!(tried_a >= 1, "the first email tried relay a first");
 
     // The first relay recovers: after its cool-down it is used again.
     a.set_greeting(None);
@@ -242,6 +248,10 @@ async fn throttling_replies_slow_postbox_below_the_relays_rate_without_spending_
     let settle = t0 + Duration::from_secs(4);
     let late_refused = smtp.refused().iter().filter(|t| **t > settle).count();
     let late_accepted = smtp.received().iter().filter(|r| r.at > settle).count();
+    eprintln!(
+        "refused {} in all; after 4 s: {late_refused} refused, {late_accepted} accepted",
+        smtp.refused().len()
+    );
     assert!(
         late_refused * 4 < late_accepted,
         "still hammering the relay: {late_refused} refused, {late_accepted} accepted after 4 s"
