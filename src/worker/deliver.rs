@@ -121,6 +121,14 @@ impl PauseCache {
     }
 }
 
+/// How long the email has been due (its retry age: `[retry] max_age_secs` ends it, throttled
+/// or not).
+fn age_of(claim: &Claim) -> Duration {
+    (OffsetDateTime::now_utc() - claim.age_from)
+        .try_into()
+        .unwrap_or(Duration::ZERO)
+}
+
 /// The note of the first pause (by recipient domain or tag) that holds `email`.
 fn held_by(pauses: &[Pause], email: &Email) -> Option<String> {
     pauses.iter().find_map(|p| {
@@ -442,7 +450,9 @@ impl Deliverer {
                     reason: format!("permanent failure: {text}"),
                 },
                 Outcome::Temporary { code, text }
-                    if relay_name.is_some() && limiter.is_slow_down(*code, text) =>
+                    if relay_name.is_some()
+                        && limiter.is_slow_down(*code, text)
+                        && age_of(&claim) < Duration::from_secs(self.policy.max_age_secs) =>
                 {
                     let name = relay_name.clone().unwrap_or_default();
                     let rate = limiter.slow_down(&format!("relay:{name}"), &format!(
@@ -462,12 +472,11 @@ impl Deliverer {
                     }
                 }
                 Outcome::Temporary { text, .. } => {
-                    let age = (OffsetDateTime::now_utc() - claim.age_from)
-                        .try_into()
-                        .unwrap_or(Duration::ZERO);
-                    match self
-                        .policy
-                        .after_temporary_failure(claim.attempt, age, rand::random::<f64>())
+                    match self.policy.after_temporary_failure(
+                        claim.attempt,
+                        age_of(&claim),
+                        rand::random::<f64>(),
+                    )
                     {
                         Decision::RetryAfter(d) => Finish::Retry {
                             at: OffsetDateTime::now_utc() + d,
