@@ -28,7 +28,7 @@ use crate::store::Store;
 /// A slot at most this far ahead is waited for in memory; a later one puts the email back.
 pub const HOLD: Duration = Duration::from_secs(2);
 /// Slots reserved at once from the shared table, at most.
-const MAX_CHUNK: u32 = 32;
+const MAX_CHUNK: u32 = 256;
 /// Reserved slots older than this are not used (they would make a burst).
 const STALE_US: i64 = 250_000;
 
@@ -154,7 +154,7 @@ pub struct Limiter {
     patterns: Vec<regex::Regex>,
     keys: Mutex<HashMap<String, KeyState>>,
     /// One reservation at a time per key from the shared book.
-    reserving: tokio::sync::Mutex<()>,
+    reserving: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -180,7 +180,7 @@ impl Limiter {
             patterns: setup.throttle.compile().unwrap_or_default(),
             tuning: setup.throttle.clone(),
             keys: Mutex::new(keys),
-            reserving: tokio::sync::Mutex::new(()),
+            reserving: Mutex::new(HashMap::new()),
         }
     }
 
@@ -263,7 +263,14 @@ impl Limiter {
         if let Some(s) = pop(self) {
             return Ok(Ok(s));
         }
-        let _one = self.reserving.lock().await;
+        let lock = self
+            .reserving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        let _one = lock.lock().await;
         if let Some(s) = pop(self) {
             return Ok(Ok(s));
         }
