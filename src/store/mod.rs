@@ -204,6 +204,19 @@ pub struct AttemptRecord {
     pub note: Option<String>,
 }
 
+impl AttemptRecord {
+    /// The record of an email that was not tried (suppressed, waiting): now, no reply.
+    pub fn untried() -> AttemptRecord {
+        AttemptRecord {
+            started_at: OffsetDateTime::now_utc(),
+            duration_ms: 0,
+            smtp_code: None,
+            smtp_text: String::new(),
+            note: None,
+        }
+    }
+}
+
 /// One timeline entry.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TimelineEntry {

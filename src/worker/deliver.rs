@@ -283,13 +283,7 @@ impl Deliverer {
                     .recipients()
                     .all(|a| skip.contains(&suppression_key(a.address())))
             {
-                let rec = AttemptRecord {
-                    started_at: OffsetDateTime::now_utc(),
-                    duration_ms: 0,
-                    smtp_code: None,
-                    smtp_text: String::new(),
-                    note: None,
-                };
+                let rec = AttemptRecord::untried();
                 let finish = Finish::Suppressed {
                     reason: format!(
                         "not sent: every recipient is on the suppression list ({})",
@@ -305,22 +299,39 @@ impl Deliverer {
                 }
                 return Ok(());
             }
-            // Pauses (by recipient domain or tag) hold the email until they end.
-            let pauses = self.shaping.pauses.current(&self.store).await;
+            // Pauses (by recipient domain or tag) hold the email until they end. Before an
+            // email is held, the pauses are read again: a resume in another process since the
+            // last read must not hold it (resuming releases only the emails held before it).
+            let mut pauses = self.shaping.pauses.current(&self.store).await;
+            if held_by(&pauses, &claim.email).is_some() {
+                self.shaping.pauses.invalidate();
+                pauses = self.shaping.pauses.current(&self.store).await;
+            }
             if let Some(note) = held_by(&pauses, &claim.email) {
                 return self.hold(&claim, far_hold(), note, &task).await;
             }
             let relays = self.mailer.relays().cloned();
             let route = relays.as_ref().map(|r| r.route(&claim.email)).unwrap_or_default();
-            // A paused relay is skipped like one cooling down; the route's next one is used.
-            let mut tried: Vec<usize> = route
-                .iter()
-                .copied()
-                .filter(|&i| {
-                    let name = relays.as_ref().map_or("", |r| r.name(i));
-                    pauses.iter().any(|p| p.kind == PauseKind::Relay && p.value == name)
-                })
-                .collect();
+            // A paused relay is skipped; the route's next one is used. When all are paused,
+            // the pauses are read again before the email is held (as above).
+            let paused_relays = |pauses: &[Pause]| -> Vec<usize> {
+                route
+                    .iter()
+                    .copied()
+                    .filter(|&i| {
+                        let name = relays.as_ref().map_or("", |r| r.name(i));
+                        pauses
+                            .iter()
+                            .any(|p| p.kind == PauseKind::Relay && p.value == name)
+                    })
+                    .collect()
+            };
+            let mut tried = paused_relays(&pauses);
+            if !route.is_empty() && tried.len() == route.len() {
+                self.shaping.pauses.invalidate();
+                pauses = self.shaping.pauses.current(&self.store).await;
+                tried = paused_relays(&pauses);
+            }
             let limiter = &self.shaping.limiter;
             let domain_keys = limiter.domain_keys(
                 claim
@@ -555,13 +566,7 @@ impl Deliverer {
     ) -> Result<(), StoreError> {
         debug!(%reason, "waiting; not an attempt");
         metrics::counter!("postbox_emails_held_total").increment(1);
-        let rec = AttemptRecord {
-            started_at: OffsetDateTime::now_utc(),
-            duration_ms: 0,
-            smtp_code: None,
-            smtp_text: String::new(),
-            note: None,
-        };
+        let rec = AttemptRecord::untried();
         let finish = Finish::Wait {
             at: at.into(),
             reason,
