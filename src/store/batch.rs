@@ -395,6 +395,26 @@ impl Store {
         items: &[Completion],
     ) -> Result<Vec<bool>, StoreError> {
         let now = now();
+        // An email a pause holds gets one timeline entry when that pause first holds it (not
+        // at every re-check): written before the UPDATE below changes its `last_error`.
+        for c in items {
+            if let Finish::Wait { reason, .. } = &c.finish
+                && reason.starts_with("paused: ")
+            {
+                sql(
+                    "INSERT INTO postbox_events (email_id, at, kind, status, detail)
+                     SELECT id, $1, 'held', 'queued', $2 FROM postbox_emails
+                      WHERE id = $3 AND job_seq = $4 AND status = 'sending'
+                        AND (last_error IS NULL OR last_error <> $2)",
+                )
+                .bind(ms(now))
+                .bind(reason.as_str())
+                .bind(c.id.as_str())
+                .bind(c.seq)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
         const COLS: usize = 8;
         let mut q = sql(format!(
             "WITH v(vid, vseq, vstatus, vnext, verr, vsent, vbump, vuncount) AS (VALUES {})

@@ -168,6 +168,22 @@ impl Store {
             let p: String = r.get("priority")?;
             jobs.push((id, seq, Priority::parse(&p).unwrap_or_default()));
         }
+        // Each released email's timeline says so.
+        let detail = format!("{} \"{value}\" resumed", kind.as_str());
+        for chunk in jobs.chunks(200) {
+            let mut q = sql(format!(
+                "INSERT INTO postbox_events (email_id, at, kind, status, detail) VALUES {}",
+                crate::db::values(chunk.len(), 5, 1)
+            ));
+            for (id, _, _) in chunk {
+                q.add(id.as_str())
+                    .add(ms(now()))
+                    .add("released")
+                    .add("queued")
+                    .add(detail.as_str());
+            }
+            q.execute(&mut tx).await?;
+        }
         let refs: Vec<_> = jobs
             .iter()
             .map(|(id, seq, p)| (id.as_str(), *seq, *p, None))

@@ -344,7 +344,14 @@ async fn pauses_hold_mail_until_resumed_and_bulk_actions_retry_and_cancel_by_fil
         pb.resume(PauseKind::Domain, "hold.example").await.unwrap(),
         Some(1)
     );
-    app.wait_status(&held, EmailStatus::Sent, LIMIT).await;
+    let r = app.wait_status(&held, EmailStatus::Sent, LIMIT).await;
+    let kinds: Vec<&str> = r.timeline.iter().map(|t| t.kind.as_str()).collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "held").count(),
+        1,
+        "one entry when the pause first held it: {kinds:?}"
+    );
+    assert!(kinds.contains(&"released"), "{kinds:?}");
     assert_eq!(
         pb.resume(PauseKind::Domain, "hold.example").await.unwrap(),
         None
