@@ -19,7 +19,7 @@ use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
 use secrecy::ExposeSecret;
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
 use tokio_rustls::rustls::ClientConfig;
 
 use super::settings::{SmtpSettings, TlsMode};
@@ -43,7 +43,10 @@ pub struct SmtpPool {
     idle_timeout: Duration,
     /// Idle connections: when each was last used, and how many messages it carried.
     idle: Mutex<Vec<(AsyncSmtpConnection, Instant, u32)>>,
-    permits: Semaphore,
+    /// Connections open (in use or idle) at most: `pool_max`, or this process's share of
+    /// `max_connections`.
+    gate: Gate,
+    pool_max: usize,
     /// `max_messages_per_connection` (0: no limit).
     per_connection: u32,
 }
@@ -94,7 +97,8 @@ impl SmtpPool {
             connect_timeout: Duration::from_secs(s.connect_timeout_secs),
             idle_timeout: Duration::from_secs(s.pool_idle_secs),
             idle: Mutex::new(Vec::new()),
-            permits: Semaphore::new((s.pool_max as usize).max(1)),
+            gate: Gate::new((s.pool_max as usize).max(1)),
+            pool_max: (s.pool_max as usize).max(1),
             per_connection: s.max_messages_per_connection,
         })
     }
@@ -158,11 +162,7 @@ impl SmtpPool {
     /// and starts once a connection slot is free: waiting for the pool (concurrency above
     /// `pool_max`) is not counted against the relay.
     pub async fn send(&self, message: &Message, deadline: Duration) -> Sent {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .expect("semaphore never closed");
+        let _permit = self.gate.acquire().await;
         let reached = std::sync::atomic::AtomicBool::new(false);
         let attempt = async {
             let unreached = |outcome| Sent {
@@ -189,7 +189,12 @@ impl SmtpPool {
             carried += 1;
             if conn.has_broken() {
                 conn.abort().await;
-            } else if self.per_connection > 0 && carried >= self.per_connection {
+            } else if (self.per_connection > 0 && carried >= self.per_connection)
+                || self.idle.lock().unwrap_or_else(|p| p.into_inner()).len() + self.gate.used()
+                    > self.gate.cap()
+            {
+                // Past its message count, or past this process's share of connections (the
+                // share shrank): closed, not pooled.
                 let _ = conn.quit().await;
             } else {
                 self.idle.lock().unwrap_or_else(|p| p.into_inner()).push((
@@ -217,6 +222,74 @@ impl SmtpPool {
                 },
                 reached: reached.load(std::sync::atomic::Ordering::Relaxed),
             },
+        }
+    }
+}
+
+impl SmtpPool {
+    /// This process's connections to the relay at most: `share`, within 1..=`pool_max`.
+    pub fn set_cap(&self, share: usize) {
+        self.gate.set_cap(share.clamp(1, self.pool_max));
+    }
+}
+
+/// A counting gate whose size can change (a semaphore cannot shrink while permits are out).
+struct Gate {
+    /// (cap, used)
+    state: Mutex<(usize, usize)>,
+    freed: Notify,
+}
+
+struct GatePermit<'a>(&'a Gate);
+
+impl Drop for GatePermit<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().unwrap_or_else(|p| p.into_inner()).1 -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
+impl Gate {
+    fn new(cap: usize) -> Gate {
+        Gate {
+            state: Mutex::new((cap, 0)),
+            freed: Notify::new(),
+        }
+    }
+
+    fn cap(&self) -> usize {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    fn used(&self) -> usize {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+
+    fn set_cap(&self, cap: usize) {
+        let grew = {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let grew = cap > s.0;
+            s.0 = cap;
+            grew
+        };
+        if grew {
+            self.freed.notify_waiters();
+        }
+    }
+
+    async fn acquire(&self) -> GatePermit<'_> {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                if s.1 < s.0 {
+                    s.1 += 1;
+                    return GatePermit(self);
+                }
+            }
+            freed.await;
         }
     }
 }

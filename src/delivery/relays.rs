@@ -20,6 +20,8 @@ pub struct Relay {
     /// Cap on one whole transaction (connecting included), beyond the per-command timeout.
     deadline: Duration,
     cooldown: Duration,
+    /// `max_connections`: shared by the live worker processes.
+    max_connections: Option<u32>,
     /// Until when it is skipped, why, and since when (wall clock, for people).
     cooling: Mutex<Option<(Instant, String, SystemTime)>>,
 }
@@ -73,8 +75,14 @@ impl Relays {
                 pool: SmtpPool::new(s)?,
                 deadline: Duration::from_secs(s.connect_timeout_secs + 3 * s.command_timeout_secs),
                 cooldown: Duration::from_secs(s.cooldown_secs),
+                max_connections: s.max_connections,
                 cooling: Mutex::new(None),
             });
+        }
+        for r in &list {
+            if let Some(max) = r.max_connections {
+                r.pool.set_cap(max as usize);
+            }
         }
         Ok(Relays {
             list,
@@ -160,6 +168,21 @@ impl Relays {
         metrics::gauge!("postbox_relay_cooling", "relay" => r.name.clone()).set(1.0);
         tracing::warn!(relay = %r.name, reason = %why, cooldown_secs = r.cooldown.as_secs(),
             "relay unreachable; skipped for its cool-down");
+    }
+
+    /// Whether a relay has a `max_connections` to share.
+    pub fn shares_connections(&self) -> bool {
+        self.list.iter().any(|r| r.max_connections.is_some())
+    }
+
+    /// `live` worker processes share each relay's `max_connections`: this one takes an equal
+    /// share (at least one).
+    pub fn share_connections(&self, live: usize) {
+        for r in &self.list {
+            if let Some(max) = r.max_connections {
+                r.pool.set_cap((max as usize) / live.max(1));
+            }
+        }
     }
 
     /// Sends one message through relay `i`.

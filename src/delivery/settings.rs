@@ -146,6 +146,11 @@ pub struct SmtpSettings {
     pub pool_idle_secs: u64,
     /// A connection is closed (QUIT) after this many messages; 0: no limit.
     pub max_messages_per_connection: u32,
+    /// Connections open to this relay at once across every worker process: each live worker
+    /// process takes an equal share (at least one, at most `pool_max`), recomputed every
+    /// heartbeat. Unset: `pool_max` per process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
     /// Sending rate limits, across every worker process sharing the database on PostgreSQL
     /// (within this process on SQLite). Messages are spread evenly: `per_minute = 600` is one
     /// every 100 ms. Unset: no limit.
@@ -209,6 +214,7 @@ impl Default for SmtpSettings {
             pool_max: 10,
             pool_idle_secs: 60,
             max_messages_per_connection: 0,
+            max_connections: None,
             per_second: None,
             per_minute: None,
             per_hour: None,
@@ -236,6 +242,10 @@ impl SmtpSettings {
             (&key("command_timeout_secs"), self.command_timeout_secs),
             (&key("pool_max"), u64::from(self.pool_max)),
             (&key("cooldown_secs"), self.cooldown_secs),
+            (
+                &key("max_connections"),
+                self.max_connections.map_or(1, u64::from),
+            ),
         ])?;
         check_rates(
             prefix,

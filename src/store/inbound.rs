@@ -172,6 +172,17 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// Worker processes alive now (their `node:` leases run).
+    pub async fn live_nodes(&self) -> Result<u64, StoreError> {
+        let n = sql(
+            "SELECT COUNT(*) FROM postbox_leases WHERE name LIKE 'node:%' AND expires_at >= $1",
+        )
+        .bind(ms(now()))
+        .scalar::<i64>(&self.db)
+        .await?;
+        Ok(n.unwrap_or(0).max(0) as u64)
+    }
+
     /// Gives the lease up (a clean shutdown), so a standby takes over at once.
     pub async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
         sql("DELETE FROM postbox_leases WHERE name = $1 AND holder = $2")

@@ -555,6 +555,18 @@ impl Deliverer {
         }
     }
 
+    /// Takes this process's share of each relay's `max_connections`, from the live worker
+    /// processes (called every heartbeat).
+    pub(super) async fn share_connections(&self) {
+        let Some(relays) = self.mailer.relays().filter(|r| r.shares_connections()) else {
+            return;
+        };
+        match self.store.live_nodes().await {
+            Ok(n) => relays.share_connections(n as usize),
+            Err(e) => warn!(error = %e, "cannot count the worker processes; shares unchanged"),
+        }
+    }
+
     /// Puts a claimed email back to wait until `at` (a rate limit, a pause):
     /// not an attempt, no timeline entry; `reason` is its `last_error` meanwhile.
     async fn hold(

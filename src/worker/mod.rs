@@ -159,9 +159,17 @@ pub async fn run(
     if let Err(e) = store.acquire_lease(&lease, &node, heartbeat * 3).await {
         warn!(error = %e, "cannot record this process's liveness; will try again");
     }
+    // Relays' `max_connections` are shared by the live processes: this one's share, before
+    // it sends, then at every heartbeat.
+    deliverer.share_connections().await;
     let liveness = tokio::spawn({
-        let (store, lease, node, shutdown) =
-            (store.clone(), lease.clone(), node.clone(), shutdown.clone());
+        let (store, lease, node, shutdown, deliverer) = (
+            store.clone(),
+            lease.clone(),
+            node.clone(),
+            shutdown.clone(),
+            deliverer.clone(),
+        );
         async move {
             loop {
                 tokio::select! {
@@ -171,6 +179,7 @@ pub async fn run(
                 if let Err(e) = store.acquire_lease(&lease, &node, heartbeat * 3).await {
                     warn!(error = %e, "cannot renew this process's liveness; will try again");
                 }
+                deliverer.share_connections().await;
             }
         }
     });

@@ -614,3 +614,60 @@ async fn a_relay_rate_limit_holds_across_three_worker_processes() {
     );
     drop(api);
 }
+
+/// A relay's `max_connections = 3` shared by three worker processes (pool_max 10 each): the
+/// relay never sees more than three connections at once, and every email arrives once.
+/// (Without the cap this test sees 30.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relays_connection_cap_is_shared_by_three_worker_processes() {
+    const N: usize = 300;
+    let smtp = SmtpServer::start().await;
+    // Slow answers: without the cap, each process would open all ten of its connections.
+    smtp.set_delay(Duration::from_millis(20));
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_pg_database();
+    let conf = dir.path().join("postbox.toml");
+    std::fs::write(&conf, "[smtp]\nmax_connections = 3\npool_max = 10\n").unwrap();
+    let conf = conf.to_str().unwrap();
+    let env = [
+        ("POSTBOX_DATABASE__URL", url.as_str()),
+        ("POSTBOX_CONFIG", conf),
+    ];
+    let api = spawn_postbox("api", dir.path(), smtp.port(), &env);
+    let port = api_port(&api).await;
+    let workers: Vec<Serve> = (0..3)
+        .map(|_| spawn_postbox("worker", dir.path(), smtp.port(), &env))
+        .collect();
+    // Each process takes its share at its next heartbeat (1 s here) once all three are live.
+    wait_for("three live workers", Duration::from_secs(30), || {
+        count(
+            &url,
+            "SELECT count(*) FROM postbox_leases WHERE name LIKE 'node:%'",
+        ) == 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let http = reqwest::Client::new();
+    let emails: Vec<_> = (0..N)
+        .map(|i| json!({"to": [format!("c{i}@example.com")], "subject": "x", "text": "y"}))
+        .collect();
+    let r = http
+        .post(format!("http://127.0.0.1:{port}/v1/emails/batch"))
+        .json(&json!({ "emails": emails }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    wait_for("every email at the relay", Duration::from_secs(60), || {
+        smtp.count() >= N
+    })
+    .await;
+    assert_eq!(smtp.count(), N);
+    eprintln!("at most {} connections at once", smtp.max_sessions());
+    assert!(
+        smtp.max_sessions() <= 3,
+        "{} connections at once",
+        smtp.max_sessions()
+    );
+    drop((api, workers));
+}

@@ -95,6 +95,8 @@ pub struct SmtpServer {
     received: Arc<Mutex<Vec<Received>>>,
     /// When each end of DATA was refused (any non-2xx reply).
     refused: Arc<Mutex<Vec<SystemTime>>>,
+    /// Sessions open now, and the most ever open at once.
+    sessions: Arc<Mutex<(usize, usize)>>,
     behaviour: Arc<Mutex<Behaviour>>,
     auth_seen: Arc<Mutex<Vec<String>>>,
     state: Arc<Mutex<Option<Listening>>>,
@@ -112,6 +114,7 @@ impl SmtpServer {
             addr: listener.local_addr().unwrap(),
             received: Default::default(),
             refused: Default::default(),
+            sessions: Default::default(),
             behaviour: Default::default(),
             auth_seen: Default::default(),
             state: Default::default(),
@@ -146,8 +149,14 @@ impl SmtpServer {
                 let _ = sock.set_nodelay(true);
                 let me2 = me.clone();
                 let rx2 = rx.clone();
+                {
+                    let mut n = me.sessions.lock().unwrap();
+                    n.0 += 1;
+                    n.1 = n.1.max(n.0);
+                }
                 tokio::spawn(async move {
                     let _ = me2.session(sock, rx2).await;
+                    me2.sessions.lock().unwrap().0 -= 1;
                 });
             }
         });
@@ -211,6 +220,11 @@ impl SmtpServer {
     /// `reply`; None: no limit.
     pub fn set_rate_limit(&self, limit: Option<(usize, &str)>) {
         self.behaviour.lock().unwrap().rate_limit = limit.map(|(n, r)| (n, r.to_string()));
+    }
+
+    /// The most sessions (connections) ever open at once.
+    pub fn max_sessions(&self) -> usize {
+        self.sessions.lock().unwrap().1
     }
 
     /// When each end of DATA was refused.
