@@ -439,10 +439,10 @@ pub async fn bulk(
         match crate::postbox::bulk_request(action, status, tag, domain, older_than_secs) {
             Ok(r) => r,
             Err((field, m)) => {
-                let arg = if field == "action" {
-                    "ACTION".to_string()
-                } else {
-                    format!("--{field}")
+                let arg = match field {
+                    "action" => "ACTION".to_string(),
+                    "older_than_secs" => "--older-than".to_string(),
+                    f => format!("--{f}"),
                 };
                 eprintln!("error: {arg}: {m}");
                 return Ok(ExitCode::from(2));

@@ -172,6 +172,9 @@ pub struct BulkReport {
 /// Emails one bulk call takes at most.
 pub const MAX_BULK: u64 = 10_000;
 
+/// The oldest a bulk filter's `older_than_secs` may reach back (10 years).
+const MAX_OLDER_THAN_SECS: u64 = 10 * 365 * 24 * 3600;
+
 /// A relay name, domain or tag as pauses and bulk filters take it.
 fn target_word(field: &'static str, v: &str) -> Result<String, (&'static str, String)> {
     let ok = !v.is_empty()
@@ -223,6 +226,12 @@ pub fn bulk_request(
         return Err((
             "status",
             format!("{action:?} applies to {}", names.join(", ")).to_lowercase(),
+        ));
+    }
+    if older_than_secs.is_some_and(|s| s > MAX_OLDER_THAN_SECS) {
+        return Err((
+            "older_than_secs",
+            format!("must be at most {MAX_OLDER_THAN_SECS} (10 years)"),
         ));
     }
     Ok((

@@ -210,7 +210,8 @@ impl Limiter {
                 map.entry(key.clone()).or_default().rate(&self.tuning)
             };
             let Some(rate) = rate else { continue };
-            let interval = (1e6 / rate).round().max(1.0) as i64;
+            // At most one a day apart (a lower configured rate counts as one a day).
+            let interval = (1e6 / rate).round().clamp(1.0, 86_400e6) as i64;
             let slot = match &self.book {
                 Book::Memory => {
                     let mut map = self.lock();
@@ -221,7 +222,7 @@ impl Limiter {
                         st.waits_total += 1;
                         return Ok(later(key, rate, start));
                     }
-                    st.tat = start + interval;
+                    st.tat = start.saturating_add(interval);
                     start
                 }
                 Book::Shared(store) => match self.shared_slot(store, key, rate, interval).await? {

@@ -690,7 +690,15 @@ async fn relays_pauses_and_bulk_over_http_name_every_bad_field() {
         .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 
-    let bad: [(serde_json::Value, &str); 5] = [
+    let bad: [(serde_json::Value, &str); 7] = [
+        (
+            json!({"action": "cancel", "status": "queued", "older_than_secs": u64::MAX}),
+            "older_than_secs",
+        ),
+        (
+            json!({"action": "cancel", "status": "queued", "older_than_secs": -1}),
+            "older_than_secs",
+        ),
         (json!({"action": "explode", "status": "failed"}), "action"),
         (json!({"action": "retry", "status": "queued"}), "status"),
         (json!({"action": "cancel", "status": "sent"}), "status"),
