@@ -259,6 +259,11 @@ async fn supervise<K: JobKind, H: Handler<K>>(
             }
         };
         info!(worker = %name, concurrency = q.concurrency, "worker started");
+        // A new worker looks for work at once: a wake-up the worker before it consumed (a
+        // fetch that failed and ended it, or one made before it was registered) is not lost
+        // until the next poll (`queue.poll_interval_ms`, long when the due timer and NOTIFY
+        // do the waking).
+        wake.notify();
         let res = match db {
             Db::Sqlite { write: pool, .. } => {
                 let config = apalis_sqlite::Config::default()
