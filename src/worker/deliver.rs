@@ -372,6 +372,12 @@ impl Deliverer {
                             if let Some(done) = last.take() {
                                 break done;
                             }
+                            // Back half a hold before the free slot: claimed again by then, it
+                            // takes that slot in memory. Back AT the slot, the claim's latency
+                            // would leave the slot unused (GCRA does not save it).
+                            let at = at
+                                .checked_sub(crate::delivery::throttle::HOLD / 2)
+                                .unwrap_or(at);
                             return self.hold(&claim, at, reason, &task).await;
                         }
                         Err(e) => {
