@@ -177,11 +177,7 @@ const MAX_OLDER_THAN_SECS: u64 = 10 * 365 * 24 * 3600;
 
 /// A relay name, domain or tag as pauses and bulk filters take it.
 fn target_word(field: &'static str, v: &str) -> Result<String, (&'static str, String)> {
-    let ok = !v.is_empty()
-        && v.len() <= 253
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
-    if ok {
+    if crate::domain::plain_name(v, 253, b"-_.:") {
         Ok(v.to_string())
     } else {
         Err((
@@ -787,6 +783,11 @@ impl Postbox {
     /// Sets `postbox_rate_limit_per_second` for every limit key (scrapes call this).
     pub fn refresh_limit_gauges(&self) {
         let _ = self.inner.limiter.views();
+    }
+
+    /// Every pause, oldest first.
+    pub async fn pauses(&self) -> Result<Vec<crate::store::Pause>, StoreError> {
+        self.inner.store.pauses().await
     }
 
     /// Every relay's name.

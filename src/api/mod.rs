@@ -206,11 +206,7 @@ fn build(
 /// A client's `x-request-id` is kept when it is short and plain; otherwise a new one is made.
 fn incoming_request_id(req: &Request) -> Option<String> {
     let v = req.headers().get(REQUEST_ID_HEADER)?.to_str().ok()?;
-    let ok = !v.is_empty()
-        && v.len() <= 64
-        && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
-    ok.then(|| v.to_string())
+    crate::domain::plain_name(v, 64, b"-_.:").then(|| v.to_string())
 }
 
 /// Is a `Host` (or an `Origin`'s host) this machine: `localhost`, 127.0.0.0/8 or `[::1]`, with

@@ -72,9 +72,8 @@ pub async fn add_pause(
         .await?;
     let pause = st
         .postbox
-        .relays()
+        .pauses()
         .await?
-        .pauses
         .into_iter()
         .find(|p| p.kind == kind && p.value == value)
         .ok_or_else(|| ApiError::not_found("the pause was removed meanwhile"))?;

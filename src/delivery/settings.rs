@@ -255,13 +255,7 @@ impl SmtpSettings {
                 ("per_hour", self.per_hour),
             ],
         )?;
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= 64
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-        if !name_ok {
+        if !crate::domain::plain_name(&self.name, 64, b"-_.") {
             return Err(ConfigError::new(
                 key("name"),
                 "must be 1-64 characters of A-Z a-z 0-9 - _ .",

@@ -413,11 +413,7 @@ impl Email {
             ));
         }
         for (i, t) in new.tags.iter().enumerate() {
-            let ok = !t.is_empty()
-                && t.len() <= 64
-                && t.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
-            if !ok {
+            if !super::plain_name(t, 64, b"-_.:") {
                 errs.push(FieldError::new(
                     format!("tags[{i}]"),
                     "must be 1-64 characters of A-Z a-z 0-9 - _ . :",
@@ -496,11 +492,7 @@ impl Email {
         }
 
         if let Some(r) = &new.relay
-            && (r.is_empty()
-                || r.len() > 64
-                || !r
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+            && !super::plain_name(r, 64, b"-_.")
         {
             errs.push(FieldError::new(
                 "relay",

@@ -24,6 +24,15 @@ pub use limits::{Limits, Senders};
 
 use serde::Serialize;
 
+/// A plain name: 1 to `max` bytes of ASCII letters, digits and the bytes in `punct` (names of
+/// relays, mailboxes, webhooks; tags; request ids).
+pub fn plain_name(s: &str, max: usize, punct: &[u8]) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || punct.contains(&b))
+}
+
 /// One broken rule: which field, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FieldError {

@@ -374,13 +374,7 @@ pub fn compile(
         let err = |field: &str, msg: String| {
             ConfigError::new(at(field), format!("(mailbox \"{}\") {msg}", m.name))
         };
-        if m.name.is_empty()
-            || m.name.len() > 48
-            || !m
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
+        if !crate::domain::plain_name(&m.name, 48, b"-_.") {
             return Err(err(
                 "name",
                 "must be 1-48 characters of A-Z a-z 0-9 - _ .".into(),

@@ -134,12 +134,7 @@ pub fn check_spec(
     tags: &[String],
     allow_plaintext: bool,
 ) -> Result<(), (&'static str, String)> {
-    if name.is_empty()
-        || name.len() > 48
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    {
+    if !crate::domain::plain_name(name, 48, b"-_.") {
         return Err((
             "name",
             "must be 1-48 characters of A-Z a-z 0-9 - _ .".into(),
