@@ -526,9 +526,13 @@ impl Postbox {
         self.inner.store.redeliver(name, id).await
     }
 
-    /// How many events an endpoint has still to read.
-    pub async fn webhook_lag(&self, name: &str) -> Result<i64, StoreError> {
-        self.inner.store.webhook_lag(name).await
+    /// How many events an endpoint has still to read, counted up to
+    /// [`crate::store::LAG_COUNT_MAX`] (`true`: at least that many), and how long the oldest
+    /// of them has waited, in seconds.
+    pub async fn webhook_lag(&self, name: &str) -> Result<(i64, bool, f64), StoreError> {
+        let (n, more) = self.inner.store.webhook_lag(name).await?;
+        let secs = self.inner.store.webhook_lag_seconds(name).await?;
+        Ok((n, more, secs))
     }
 
     /// Suppressed addresses, in address order.

@@ -54,8 +54,12 @@ pub struct WebhookView {
     pub tags: Vec<String>,
     /// `config` or `api` (only `api` endpoints can be changed here).
     pub source: String,
-    /// Events not yet read by its dispatcher.
+    /// Events not yet read by its dispatcher, counted up to 10,000 (see `lag_capped`).
     pub lag: i64,
+    /// True when there are more than `lag` (the count stops at 10,000).
+    pub lag_capped: bool,
+    /// How long the oldest event not yet read has waited, in seconds (0 when caught up).
+    pub lag_seconds: f64,
     #[serde(with = "time::serde::rfc3339::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub failing_since: Option<OffsetDateTime>,
@@ -151,7 +155,7 @@ pub async fn email_events(
 }
 
 async fn view(st: &ApiState, w: WebhookRow) -> Result<WebhookView, ApiError> {
-    let lag = st.postbox.webhook_lag(&w.name).await?;
+    let (lag, lag_capped, lag_seconds) = st.postbox.webhook_lag(&w.name).await?;
     Ok(WebhookView {
         name: w.name,
         url: w.url,
@@ -159,6 +163,8 @@ async fn view(st: &ApiState, w: WebhookRow) -> Result<WebhookView, ApiError> {
         tags: w.tags,
         source: w.source,
         lag,
+        lag_capped,
+        lag_seconds,
         failing_since: w.failing_since,
         last_error: w.last_error,
         disabled_at: w.disabled_at,

@@ -669,20 +669,27 @@ impl Store {
         Ok(at.map_or(0.0, |at| ((ms(now()) - at).max(0) as f64) / 1e3))
     }
 
-    /// How many events `name` is behind the end of the feed (its outbox lag).
-    pub async fn webhook_lag(&self, name: &str) -> Result<i64, StoreError> {
+    /// How many events `name` is behind the end of the feed (its outbox lag), counted up to
+    /// [`LAG_COUNT_MAX`]: `(count, true)` means at least that many. Bounded, so listing an
+    /// endpoint disabled behind a large backlog reads at most that many index entries.
+    pub async fn webhook_lag(&self, name: &str) -> Result<(i64, bool), StoreError> {
         let n: Option<i64> = sql(format!(
-            "SELECT COUNT(*) FROM postbox_events ev, postbox_webhooks w
+            "SELECT COUNT(*) FROM (SELECT 1 FROM postbox_events ev, postbox_webhooks w
               WHERE w.name = $1 AND (ev.tx > w.after_tx OR (ev.tx = w.after_tx AND ev.seq > w.after_seq))
-                AND {}",
+                AND {} LIMIT $2) behind",
             event_kinds()
         ))
         .bind(name)
+        .bind(LAG_COUNT_MAX + 1)
         .scalar(&self.db)
         .await?;
-        Ok(n.unwrap_or(0))
+        let n = n.unwrap_or(0);
+        Ok((n.min(LAG_COUNT_MAX), n > LAG_COUNT_MAX))
     }
 }
+
+/// The most events [`Store::webhook_lag`] counts.
+pub const LAG_COUNT_MAX: i64 = 10_000;
 
 async fn upsert_webhook_in(
     tx: &mut Tx,

@@ -452,6 +452,43 @@ async fn webhooks_made_over_the_api_are_checked_and_their_secret_shown_once() {
         !list.text.contains(&secret[6..]),
         "the secret is not listed"
     );
+    assert_eq!(
+        (
+            &list.json["webhooks"][0]["lag"],
+            &list.json["webhooks"][0]["lag_capped"]
+        ),
+        (&json!(0), &json!(false)),
+        "a new endpoint starts at the end of the feed: {}",
+        list.text
+    );
+    // No dispatcher runs here: every email.queued event stays unread. The listing counts at
+    // most 10,000 of them (a bounded read, however far behind an endpoint is) and says so.
+    let emails: Vec<Value> = (0..1_000)
+        .map(|i| json!({"to": [format!("lag{i}@example.com")], "subject": "s", "text": "t"}))
+        .collect();
+    let r = app
+        .post("/v1/emails/batch", &json!({"emails": emails}))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let w = &app.get("/v1/webhooks").await.json["webhooks"][0];
+    assert_eq!(
+        (&w["lag"], &w["lag_capped"]),
+        (&json!(1_000), &json!(false)),
+        "{w}"
+    );
+    // 10,000 more unread events, written directly (11,000 submits take 40 s in a debug build).
+    let copies = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 10)
+        INSERT INTO postbox_events (email_id, at, kind, status, detail)
+        SELECT e.email_id, e.at, e.kind, e.status, e.detail FROM postbox_events e, n
+         WHERE e.kind = 'submitted'";
+    common::db_exec(dir.path(), copies, copies).await;
+    let w = &app.get("/v1/webhooks").await.json["webhooks"][0];
+    assert_eq!(
+        (&w["lag"], &w["lag_capped"]),
+        (&json!(10_000), &json!(true)),
+        "{w}"
+    );
+    assert!(w["lag_seconds"].as_f64().is_some_and(|s| s >= 0.0), "{w}");
     let r = app.get("/v1/events?after=junk").await;
     assert_eq!(
         (r.status.as_u16(), r.error().1.as_deref()),

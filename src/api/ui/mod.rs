@@ -341,8 +341,13 @@ async fn webhooks(State(st): State<ApiState>, me: Authed) -> Response {
             (Ok(l), Ok(d)) => (l, d),
             (Err(e), _) | (_, Err(e)) => return store_error(e),
         };
+        let (n, more, secs) = lag;
         hooks.push(WebhookView {
-            lag,
+            lag: match (n, more) {
+                (0, _) => "none".to_string(),
+                (n, false) => format!("{n}, the oldest waiting {secs:.1} s"),
+                (n, true) => format!("more than {n}, the oldest waiting {secs:.1} s"),
+            },
             failing_since: when_opt(w.failing_since),
             disabled_at: when_opt(w.disabled_at),
             deliveries: deliveries

@@ -164,7 +164,8 @@ pub(super) struct MailboxesPage {
 
 pub(super) struct WebhookView {
     pub(super) w: crate::store::WebhookRow,
-    pub(super) lag: i64,
+    /// Events not yet read, and how long the oldest has waited.
+    pub(super) lag: String,
     pub(super) failing_since: String,
     pub(super) disabled_at: String,
     pub(super) deliveries: Vec<(crate::store::DeliveryRecord, String)>,
