@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test postbox has, installing what they need first.
-#   - Debian's postfix (for smtp-sink, used by scripts/bench.sh and as a reference SMTP peer);
+#   - Debian's postfix (for smtp-sink, used by scripts/bench.sh and as a reference SMTP peer,
+#     and a real Postfix, started with its own config in a temp dir, that writes a bounce);
 #   - Debian's dovecot-imapd (the watcher tests start their own Dovecot on random loopback ports)
 #     and openssl (their throwaway CA and certificate);
 #   - Debian's chromium and chromium-driver (the dashboard test drives a real headless Chromium);

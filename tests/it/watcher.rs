@@ -984,3 +984,90 @@ async fn bounces_and_complaints_suppress_the_address_and_raise_the_event() {
     assert_eq!(smtp.count(), before);
     watchers.stop().await;
 }
+
+/// The whole loop with a real MTA: postbox sends through a real Postfix; the next hop refuses
+/// the recipient; Postfix writes its own DSN (not a sample) to the VERP return path; that DSN,
+/// put in the bounce mailbox, suppresses the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dsn_written_by_a_real_postfix_suppresses_the_recipient() {
+    use postbox::EmailStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let dv = Dovecot::start(&dir.path().join("dovecot"));
+    // The next hop behind Postfix: refuses one recipient for good, takes everything else
+    // (including the bounce Postfix sends back to the return path).
+    let next_hop = SmtpServer::start().await;
+    next_hop.reply_to_rcpt(
+        "doomed",
+        "550 5.1.1 <doomed@example.org>: Recipient address rejected: User unknown",
+    );
+    let postfix = common::postfix::Postfix::start(&dir.path().join("postfix"), next_hop.port());
+    let mut mb = mailbox(&dv, "none", true, "", "");
+    mb.purpose = postbox::inbound::Purpose::Bounces;
+    let mut s = common::settings(dir.path(), postfix.port);
+    s.delivery.return_path = Some("bounces+{id}@example.test".into());
+    s.mailboxes = vec![mb];
+    s.validate().unwrap();
+    let app = App::start(s).await;
+    let mut watchers = common::Watchers::start(&app.postbox);
+    dovecot::wait_watcher(&app.postbox, "connected", Duration::from_secs(10)).await;
+
+    let id = app
+        .submit(postbox::NewEmail::text("doomed@example.org", "Hi", "Hello"))
+        .await;
+    // Postfix took it (250 queued): for postbox it is sent.
+    app.wait_status(&id, EmailStatus::Sent, Duration::from_secs(20))
+        .await;
+    let verp = format!("bounces+{id}@example.test");
+    let t0 = Instant::now();
+    let dsn = loop {
+        if let Some(m) = next_hop
+            .received()
+            .into_iter()
+            .find(|m| m.mail_from.is_empty() && m.rcpt_to.contains(&verp))
+        {
+            break m.data;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no bounce from Postfix to {verp}; its log:\n{}",
+            postfix.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let text = String::from_utf8_lossy(&dsn);
+    assert!(
+        text.contains("report-type=delivery-status") && text.contains("Status: 5.1.1"),
+        "Postfix's DSN: {text}"
+    );
+
+    let mut c = dv.client().await;
+    c.append("INBOX", &dsn).await;
+    let t0 = Instant::now();
+    let on = loop {
+        let list = app
+            .postbox
+            .suppressions(&postbox::store::SuppressionFilter {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if let Some(s) = list.into_iter().find(|s| s.address == "doomed@example.org") {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "Postfix's DSN suppressed nothing: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(on.reason.as_str(), "hard_bounce");
+    assert_eq!(on.source_email.as_deref(), Some(id.as_str()));
+    let events = app.postbox.email_events(&id).await.unwrap().unwrap();
+    assert_eq!(
+        events.last().unwrap().kind.as_str(),
+        "email.bounced",
+        "{events:#?}"
+    );
+    watchers.stop().await;
+}

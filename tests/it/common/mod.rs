@@ -3,6 +3,7 @@
 pub mod dovecot;
 pub mod http;
 pub mod ports;
+pub mod postfix;
 pub mod smtp;
 pub mod tls;
 pub mod webdriver;

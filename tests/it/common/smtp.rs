@@ -303,11 +303,8 @@ impl SmtpServer {
                 let scripted = self.behaviour.lock().unwrap().auth_reply.clone();
                 scripted.unwrap_or_else(|| "235 2.7.0 Authentication successful".into())
             } else if upper.starts_with("MAIL FROM:") {
+                // The path, then parameters: "<a@b> SIZE=1", or "<> SIZE=1" for a bounce.
                 from = cmd[10..]
-                    .trim()
-                    .trim_matches(|c| c == '<' || c == '>')
-                    .to_string();
-                from = from
                     .split_whitespace()
                     .next()
                     .unwrap_or("")
