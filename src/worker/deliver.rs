@@ -51,7 +51,7 @@ pub struct Deliverer {
     /// Set once the process is stopping: jobs handed over from then on are deferred, not run.
     stopping: AtomicBool,
     /// `queue.concurrency`: attempts (render + SMTP transaction) at once. More jobs than this
-    /// are in flight (see `worker::window`): they claim together, in one batch, and wait here.
+    /// are in flight (see `worker::window`): they claim together, in batches, and wait here.
     sends: SendGate,
     shaping: Shaping,
 }

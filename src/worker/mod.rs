@@ -51,7 +51,7 @@ pub struct WorkerSettings {
     pub public_url: Option<String>,
 }
 
-/// What runs the jobs of one kind `K`: at most `queue.concurrency + queue.batch_size` jobs
+/// What runs the jobs of one kind `K`: at most twice `queue.concurrency + queue.batch_size` jobs
 /// per process at once (see [`window`]; a handler limits its own work within that). A job
 /// its worker did not ack before dying is handed back by the janitor and runs again, so
 /// handlers are idempotent.
@@ -305,15 +305,21 @@ async fn supervise<K: JobKind, H: Handler<K>>(
     }
 }
 
-/// Jobs in flight at once: `queue.concurrency` attempts, plus one fetch batch more, claimed
-/// and waiting for a slot or recording their outcome (both batched: `store::Recorder`), so
-/// that a slot freed by one attempt is taken at once by an email already claimed instead of
-/// waiting for the database. Measured with 8 attempts at once and batches of 8
-/// (`POSTBOX_QUEUE__CONCURRENCY=8 POSTBOX_QUEUE__BATCH_SIZE=8 POSTBOX_SMTP__POOL_MAX=8
-/// scripts/bench.sh`): a drain went from 1,335 to ~1,940/s; twice or four times the window
-/// did no better.
+/// Jobs in flight at once: twice `queue.concurrency + queue.batch_size`. A job holds its place
+/// from its fetch to the commit of its outcome, and every write between (fetch, claim,
+/// outcome) waits its turn on the one writer: `concurrency` places for the attempts, as many
+/// again for outcomes waiting for their batch commit, and two fetch batches claimed ahead so a
+/// freed send slot is taken at once instead of waiting for the database. Each is also what a
+/// crash can leave `sending` (README, "Duplicates").
+///
+/// Measured on 2 cores with `synchronous = FULL` (`scripts/bench.sh 5000` at the defaults, 32
+/// and 32, the old window alternated with this one in one sitting): drain 2,180 / 2,478 ->
+/// 2,867 / 3,095 delivered/s, end to end 1,866 / 2,242 -> 2,584 / 2,910; with 8 and 8 (the peer
+/// harness's settings; 5,000 emails in batches of 500 to `postbox serve`, three runs each),
+/// 1,264 / 1,207 / 1,095 -> 1,510 / 1,468 / 1,200 delivered/s. Four times the old window did
+/// no better than twice.
 fn window(q: &QueueSettings) -> usize {
-    q.concurrency + q.batch_size
+    2 * (q.concurrency + q.batch_size)
 }
 
 /// How long the due timer trusts what it read: it reads again this often even when this

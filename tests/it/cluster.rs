@@ -116,9 +116,9 @@ async fn one_api_and_three_workers_deliver_10k_emails_through_a_kill_9() {
          {extra} duplicate sends; {} sends interrupted by the kill",
         interrupted_ids.len()
     );
-    // In flight in one worker: `concurrency` sends plus one fetch batch claimed and waiting
-    // for a slot (batch_size = CONCURRENCY here).
-    let in_flight = 2 * CONCURRENCY;
+    // In flight in one worker (worker::window): twice concurrency + batch_size (= CONCURRENCY
+    // here): sends, outcomes not yet committed, and emails claimed and waiting for a slot.
+    let in_flight = 4 * CONCURRENCY;
     assert!(
         interrupted_ids.len() <= in_flight,
         "more interrupted sends ({}) than the killed worker could have in flight ({in_flight})",

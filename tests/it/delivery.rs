@@ -249,7 +249,7 @@ async fn high_priority_jumps_the_queue() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path(), smtp.port());
     // Priority decides which jobs a fetch takes, and a free send slot goes to the waiting
-    // email of the highest priority. One batch more than `concurrency` is claimed ahead
+    // email of the highest priority. Emails are claimed ahead of the send slots
     // (worker::window): an email claimed just before a more urgent one reaches the slot may
     // still go first, so with one job per fetch and one send at a time, neighbours at a
     // priority boundary may swap, no more.

@@ -86,9 +86,9 @@ async fn kill_9_mid_batch_then_restart_delivers_every_email_with_bounded_duplica
     }
     let duplicates = received.len() - N;
     eprintln!("kill -9 at {at_kill} delivered; duplicates after restart: {duplicates}");
-    // In flight: `concurrency` sends plus one fetch batch claimed and waiting for a slot
-    // (batch_size = CONCURRENCY here); outcomes not yet committed are among them.
-    const IN_FLIGHT: usize = 2 * CONCURRENCY;
+    // In flight (worker::window): twice concurrency + batch_size (= CONCURRENCY here): sends,
+    // outcomes not yet committed, and emails claimed and waiting for a slot.
+    const IN_FLIGHT: usize = 4 * CONCURRENCY;
     assert!(
         duplicates <= IN_FLIGHT,
         "{duplicates} duplicates exceed the {IN_FLIGHT} jobs in flight"
