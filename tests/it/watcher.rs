@@ -845,21 +845,39 @@ fn bounce(name: &str, id: &str, rcpt: &str, message_id: &str) -> Vec<u8> {
         .into_bytes()
 }
 
+/// postbox sending through `relay_port` with a VERP return path, watching Dovecot's INBOX
+/// as its bounce mailbox (connected when this returns).
+async fn bounce_watcher(dir: &Path, dv: &Dovecot, relay_port: u16) -> (App, common::Watchers) {
+    let mut mb = mailbox(dv, "none", true, "", "");
+    mb.purpose = postbox::inbound::Purpose::Bounces;
+    let mut s = common::settings(dir, relay_port);
+    s.delivery.return_path = Some("bounces+{id}@example.test".into());
+    s.mailboxes = vec![mb];
+    s.validate().unwrap();
+    let app = App::start(s).await;
+    let watchers = common::Watchers::start(&app.postbox);
+    dovecot::wait_watcher(&app.postbox, "connected", Duration::from_secs(10)).await;
+    (app, watchers)
+}
+
+/// The suppression list (its first 100 addresses).
+async fn suppressed(app: &App) -> Vec<postbox::store::Suppression> {
+    app.postbox
+        .suppressions(&postbox::store::SuppressionFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bounces_and_complaints_suppress_the_address_and_raise_the_event() {
     use postbox::EmailStatus;
     let dir = tempfile::tempdir().unwrap();
     let dv = Dovecot::start(&dir.path().join("dovecot"));
     let smtp = SmtpServer::start().await;
-    let mut mb = mailbox(&dv, "none", true, "", "");
-    mb.purpose = postbox::inbound::Purpose::Bounces;
-    let mut s = common::settings(dir.path(), smtp.port());
-    s.delivery.return_path = Some("bounces+{id}@example.test".into());
-    s.mailboxes = vec![mb];
-    s.validate().unwrap();
-    let app = App::start(s).await;
-    let mut watchers = common::Watchers::start(&app.postbox);
-    dovecot::wait_watcher(&app.postbox, "connected", Duration::from_secs(10)).await;
+    let (app, mut watchers) = bounce_watcher(dir.path(), &dv, smtp.port()).await;
 
     // One sent email per format; each report answers one.
     let formats = [
@@ -911,29 +929,14 @@ async fn bounces_and_complaints_suppress_the_address_and_raise_the_event() {
 
     let t0 = Instant::now();
     loop {
-        let n = app
-            .postbox
-            .suppressions(&postbox::store::SuppressionFilter {
-                limit: 100,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .len();
+        let n = suppressed(&app).await.len();
         if n >= 7 {
             break;
         }
         assert!(t0.elapsed() < Duration::from_secs(20), "{n} suppressions");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let list = app
-        .postbox
-        .suppressions(&postbox::store::SuppressionFilter {
-            limit: 100,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let list = suppressed(&app).await;
     for (f, rcpt, id, _) in &sent {
         let on = list.iter().find(|s| &s.address == rcpt);
         let events = app.postbox.email_events(id).await.unwrap().unwrap();
@@ -1001,15 +1004,7 @@ async fn a_dsn_written_by_a_real_postfix_suppresses_the_recipient() {
         "550 5.1.1 <doomed@example.org>: Recipient address rejected: User unknown",
     );
     let postfix = common::postfix::Postfix::start(&dir.path().join("postfix"), next_hop.port());
-    let mut mb = mailbox(&dv, "none", true, "", "");
-    mb.purpose = postbox::inbound::Purpose::Bounces;
-    let mut s = common::settings(dir.path(), postfix.port);
-    s.delivery.return_path = Some("bounces+{id}@example.test".into());
-    s.mailboxes = vec![mb];
-    s.validate().unwrap();
-    let app = App::start(s).await;
-    let mut watchers = common::Watchers::start(&app.postbox);
-    dovecot::wait_watcher(&app.postbox, "connected", Duration::from_secs(10)).await;
+    let (app, mut watchers) = bounce_watcher(dir.path(), &dv, postfix.port).await;
 
     let id = app
         .submit(postbox::NewEmail::text("doomed@example.org", "Hi", "Hello"))
@@ -1044,15 +1039,11 @@ async fn a_dsn_written_by_a_real_postfix_suppresses_the_recipient() {
     c.append("INBOX", &dsn).await;
     let t0 = Instant::now();
     let on = loop {
-        let list = app
-            .postbox
-            .suppressions(&postbox::store::SuppressionFilter {
-                limit: 10,
-                ..Default::default()
-            })
+        if let Some(s) = suppressed(&app)
             .await
-            .unwrap();
-        if let Some(s) = list.into_iter().find(|s| s.address == "doomed@example.org") {
+            .into_iter()
+            .find(|s| s.address == "doomed@example.org")
+        {
             break s;
         }
         assert!(
