@@ -11,6 +11,11 @@ use postbox::config::{TlsMode, Transport};
 use postbox::{EmailId, EmailStatus, NewEmail, Postbox, Settings};
 use serde_json::json;
 
+/// The allocator the `postbox` binary uses (src/main.rs), so that the peak RSS printed here is
+/// the binary's, not glibc's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Sink(Child);
 
 impl Drop for Sink {
