@@ -661,8 +661,12 @@ impl Store {
     /// How long the oldest timeline entry `name` has not read yet has waited (zero when it is
     /// caught up): one index probe, so it can be read every few seconds at any backlog.
     pub async fn webhook_lag_seconds(&self, name: &str) -> Result<f64, StoreError> {
+        // In feed order, (tx, seq), as the dispatcher reads: by seq alone, a row an earlier
+        // transaction committed after a later one (PostgreSQL) counts as unread once read.
         let at: Option<i64> = sql("SELECT ev.at FROM postbox_events ev, postbox_webhooks w
-              WHERE w.name = $1 AND ev.seq > w.after_seq ORDER BY ev.seq LIMIT 1")
+              WHERE w.name = $1
+                AND (ev.tx > w.after_tx OR (ev.tx = w.after_tx AND ev.seq > w.after_seq))
+              ORDER BY ev.tx, ev.seq LIMIT 1")
         .bind(name)
         .scalar(&self.db)
         .await?;

@@ -461,6 +461,17 @@ async fn webhooks_made_over_the_api_are_checked_and_their_secret_shown_once() {
         "a new endpoint starts at the end of the feed: {}",
         list.text
     );
+    // A row already behind the endpoint's place in feed order (tx, seq), though its seq is
+    // newer (on PostgreSQL: an older transaction that committed later) is not lag.
+    let old_tx = "INSERT INTO postbox_events (email_id, at, kind, status, tx)
+        VALUES ('01KAAAAAAAAAAAAAAAAAAAAAAA', 1, 'submitted', 'queued', -1)";
+    common::db_exec(dir.path(), old_tx, old_tx).await;
+    let w = &app.get("/v1/webhooks").await.json["webhooks"][0];
+    assert_eq!(
+        (&w["lag"], &w["lag_seconds"]),
+        (&json!(0), &json!(0.0)),
+        "{w}"
+    );
     // No dispatcher runs here: every email.queued event stays unread. The listing counts at
     // most 10,000 of them (a bounded read, however far behind an endpoint is) and says so.
     let emails: Vec<Value> = (0..1_000)
