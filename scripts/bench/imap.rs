@@ -16,6 +16,9 @@
 mod dovecot;
 #[path = "../../tests/it/common/ports.rs"]
 mod ports;
+#[path = "../../tests/it/common/root.rs"]
+#[allow(dead_code)]
+mod root;
 #[path = "../../tests/it/common/smtp.rs"]
 #[allow(dead_code)]
 mod smtp;

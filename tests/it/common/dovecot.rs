@@ -50,14 +50,6 @@ fn dovecot_binary() -> &'static str {
     );
 }
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
 impl Dovecot {
     /// Starts a Dovecot in `dir` (created). Panics with a how-to if Dovecot is missing.
     pub fn start(dir: &Path) -> Dovecot {
@@ -69,7 +61,7 @@ impl Dovecot {
         super::tls::TestCa::create(dir);
         std::fs::write(dir.join("users"), format!("{USER}:{{PLAIN}}{PASSWORD}\n")).unwrap();
         // As root, Dovecot drops to its own users; mail is owned by `dovecot`.
-        let (internal, login, mail_uid) = if is_root() {
+        let (internal, login, mail_uid) = if super::root::is_root() {
             run(Command::new("chown")
                 .args(["-R", "dovecot:dovecot"])
                 .arg(dir.join("mail")));

@@ -4,6 +4,7 @@ pub mod dovecot;
 pub mod http;
 pub mod ports;
 pub mod postfix;
+pub mod root;
 pub mod smtp;
 pub mod tls;
 pub mod webdriver;
@@ -522,19 +523,10 @@ pub struct TmpFs {
 }
 
 fn as_root(args: &[&str]) -> std::process::Output {
-    let root = std::process::Command::new("id")
-        .arg("-u")
+    root::command(args[0])
+        .args(&args[1..])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
-    let mut cmd = if root {
-        std::process::Command::new(args[0])
-    } else {
-        let mut c = std::process::Command::new("sudo");
-        c.arg("-n").arg(args[0]);
-        c
-    };
-    cmd.args(&args[1..]).output().expect("run mount/umount")
+        .expect("run mount/umount")
 }
 
 impl TmpFs {

@@ -21,24 +21,8 @@ pub struct Postfix {
     child: Option<Child>,
 }
 
-/// `program` as root: directly when the tests run as root, else through `sudo -n`.
-fn privileged(program: &str) -> Command {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
-    if root {
-        Command::new(program)
-    } else {
-        let mut c = Command::new("sudo");
-        c.args(["-n", program]);
-        c
-    }
-}
-
 fn postfix_command() -> Command {
-    privileged("/usr/sbin/postfix")
+    super::root::command("/usr/sbin/postfix")
 }
 
 impl Postfix {
@@ -63,7 +47,7 @@ impl Postfix {
             std::fs::set_permissions(d, perm).unwrap();
             p = d.parent();
         }
-        let chown = privileged("chown")
+        let chown = super::root::command("chown")
             .arg("postfix")
             .arg(&data)
             .status()
