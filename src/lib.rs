@@ -24,12 +24,14 @@
 //! render/       askama templates (templates/emails/<kind>/) -> Rendered { subject, text, html }
 //! metrics.rs    Prometheus names and label sets
 //! queue/        the job queue: every statement on apalis's tables (table.rs: setup, push inside
-//!               a caller's transaction, acks, janitor repairs); JobKind (name, versioned
+//!               a caller's transaction, acks, janitor repairs; backend.rs: the SQLite apalis
+//!               backend, apalis's Persisted over its own statements, whose fetch runs in the
+//!               one writer's transaction, batches fetched ahead); JobKind (name, versioned
 //!               id-only payload, idempotency key); SendJob; [queue] section
 //! store/        everything else postbox keeps: open.rs (pools: on SQLite one writer
 //!               connection and a reader pool; migrations, WAL checkpointer, health), submit.rs
 //!               (group commit), batch.rs (Recorder: claims and completions of deliveries,
-//!               batched into one transaction), lifecycle.rs (defer, cancel, retry), reads.rs
+//!               and on SQLite the workers' fetches, batched into one transaction), lifecycle.rs (defer, cancel, retry), reads.rs
 //!               (reports, listings, stats), janitor.rs, group.rs (the group committer),
 //!               events.rs (the events feed read from the timeline by Cursor; webhook
 //!               endpoints, their place in the feed and their deliveries), suppressions.rs

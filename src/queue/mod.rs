@@ -13,6 +13,7 @@
 //!   idempotency key unique per kind (a second push of one key does nothing);
 //! - `run_at` is rounded up to apalis's whole seconds, so no job runs before its time.
 
+pub(crate) mod backend;
 mod settings;
 pub(crate) mod table;
 

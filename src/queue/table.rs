@@ -1,6 +1,7 @@
 //! Every statement postbox runs on apalis's tables (`Jobs`/`Workers` on SQLite,
 //! `apalis.jobs`/`apalis.workers` on PostgreSQL): setup, pushes, and the janitor's repairs.
-//! apalis's own fetch/ack/heartbeat statements run inside its storage backends (`worker`).
+//! apalis's own fetch and heartbeat statements run in its storage backends: `backend`
+//! (SQLite: the fetch inside the one writer's transactions) and apalis-postgres's.
 
 use time::OffsetDateTime;
 

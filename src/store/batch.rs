@@ -12,6 +12,10 @@
 //! themselves while the previous commit runs (River's completer and Oban's bundled acks work
 //! the same way).
 //!
+//! On SQLite the workers' fetches ride along (`queue::backend`): apalis's fetch statement for
+//! the next batch of due jobs runs in the same transaction, so it costs a statement, not a
+//! commit of its own.
+//!
 //! A failed batch (one row the database refuses) is retried one operation per transaction,
 //! so one bad operation never sinks the others. A completion that cannot be committed is
 //! retried from memory by its delivery (`worker::deliver`), never by sending again.
@@ -27,6 +31,7 @@ use super::suppressions::suppressed_among;
 use super::*;
 use crate::db::{DbRow, Tx, sql, values};
 use crate::domain::lifecycle::Step;
+use crate::queue::backend::{FetchRequest, Fetched, fetch_in};
 use crate::queue::table;
 
 /// Operations per transaction at most.
@@ -55,6 +60,11 @@ enum Op {
     Complete {
         done: Box<Completion>,
         reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
+    /// apalis's fetch of the next due jobs (SQLite: `queue::backend`).
+    Fetch {
+        req: Box<FetchRequest>,
+        reply: oneshot::Sender<Result<Fetched, StoreError>>,
     },
 }
 
@@ -100,6 +110,18 @@ impl Recorder {
         answer.await.map_err(|_| stopped())?
     }
 
+    /// Runs apalis's fetch for a worker in the next transaction, with the claims and
+    /// completions waiting: on SQLite a fetch then costs a statement, not a commit of its own.
+    pub(crate) async fn fetch(&self, req: FetchRequest) -> Result<Fetched, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Op::Fetch {
+            req: Box::new(req),
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| stopped())?
+    }
+
     async fn send(&self, op: Op) -> Result<(), StoreError> {
         self.tx.send(op).await.map_err(|_| stopped())
     }
@@ -122,6 +144,8 @@ async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>) {
         let mut claim_replies = Vec::new();
         let mut dones = Vec::new();
         let mut done_replies = Vec::new();
+        let mut fetches = Vec::new();
+        let mut fetch_replies = Vec::new();
         for op in ops {
             match op {
                 Op::Claim {
@@ -137,27 +161,38 @@ async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>) {
                     dones.push(*done);
                     done_replies.push(reply);
                 }
+                Op::Fetch { req, reply } => {
+                    fetches.push(*req);
+                    fetch_replies.push(reply);
+                }
             }
         }
         metrics::histogram!("postbox_write_batch_size", "kind" => "claims")
             .record(claims.len() as f64);
         metrics::histogram!("postbox_write_batch_size", "kind" => "completions")
             .record(dones.len() as f64);
-        match store.record_batch(&claims, &dones, &node).await {
-            Ok((claimed, recorded)) => {
+        metrics::histogram!("postbox_write_batch_size", "kind" => "fetches")
+            .record(fetches.len() as f64);
+        match store.record_batch(&claims, &dones, &fetches, &node).await {
+            Ok((claimed, recorded, fetched)) => {
                 for (reply, r) in claim_replies.into_iter().zip(claimed) {
                     let _ = reply.send(Ok(r));
                 }
                 for (reply, r) in done_replies.into_iter().zip(recorded) {
                     let _ = reply.send(Ok(r));
                 }
+                for (reply, r) in fetch_replies.into_iter().zip(fetched) {
+                    let _ = reply.send(Ok(r));
+                }
             }
             Err(e) => {
                 store.saw(&e);
-                if claims.len() + dones.len() == 1 {
+                if claims.len() + dones.len() + fetches.len() == 1 {
                     if let Some(reply) = done_replies.pop() {
                         let _ = reply.send(Err(e));
                     } else if let Some(reply) = claim_replies.pop() {
+                        let _ = reply.send(Err(e));
+                    } else if let Some(reply) = fetch_replies.pop() {
                         let _ = reply.send(Err(e));
                     }
                     continue;
@@ -167,9 +202,9 @@ async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>) {
                 // Completions first: they free what claims may need.
                 for (done, reply) in dones.iter().zip(done_replies) {
                     let r = store
-                        .record_batch(&[], std::slice::from_ref(done), &node)
+                        .record_batch(&[], std::slice::from_ref(done), &[], &node)
                         .await
-                        .map(|(_, mut v)| v.pop().unwrap_or(false));
+                        .map(|(_, mut v, _)| v.pop().unwrap_or(false));
                     if let Err(e) = &r {
                         store.saw(e);
                     }
@@ -177,9 +212,19 @@ async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>) {
                 }
                 for (claim, reply) in claims.iter().zip(claim_replies) {
                     let r = store
-                        .record_batch(std::slice::from_ref(claim), &[], &node)
+                        .record_batch(std::slice::from_ref(claim), &[], &[], &node)
                         .await
-                        .map(|(mut v, _)| v.pop().expect("one claim, one answer"));
+                        .map(|(mut v, _, _)| v.pop().expect("one claim, one answer"));
+                    if let Err(e) = &r {
+                        store.saw(e);
+                    }
+                    let _ = reply.send(r);
+                }
+                for (req, reply) in fetches.iter().zip(fetch_replies) {
+                    let r = store
+                        .record_batch(&[], &[], std::slice::from_ref(req), &node)
+                        .await
+                        .map(|(_, _, mut v)| v.pop().expect("one fetch, one answer"));
                     if let Err(e) = &r {
                         store.saw(e);
                     }
@@ -191,14 +236,15 @@ async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>) {
 }
 
 impl Store {
-    /// Writes `claims` and `completions` in ONE transaction: completions first, then claims.
-    /// One answer per operation, in order.
+    /// Writes `claims` and `completions` in ONE transaction: completions first, then claims,
+    /// then apalis's `fetches`. One answer per operation, in order.
     async fn record_batch(
         &self,
         claims: &[(String, i64, String)],
         completions: &[Completion],
+        fetches: &[FetchRequest],
         node: &str,
-    ) -> Result<(Vec<ClaimResult>, Vec<bool>), StoreError> {
+    ) -> Result<(Vec<ClaimResult>, Vec<bool>, Vec<Fetched>), StoreError> {
         let mut tx = self.db.begin().await?;
         let recorded = if completions.is_empty() {
             Vec::new()
@@ -210,6 +256,10 @@ impl Store {
         } else {
             self.claim_in(&mut tx, claims, node).await?
         };
+        let mut fetched = Vec::with_capacity(fetches.len());
+        for req in fetches {
+            fetched.push(fetch_in(&mut tx, req).await?);
+        }
         if completions
             .iter()
             .any(|c| crate::faults::hit(crate::faults::RECORD_COMMIT_FAIL, c.id.as_str()))
@@ -227,7 +277,7 @@ impl Store {
         if completions.iter().any(|c| c.finish.next_run().is_some()) {
             self.scheduled.notify_one();
         }
-        Ok((claimed, recorded))
+        Ok((claimed, recorded, fetched))
     }
 
     /// Claims emails for one attempt each, in one statement: those whose job `(id, seq)` still

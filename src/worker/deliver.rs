@@ -36,8 +36,9 @@ pub struct Deliverer {
     /// `api.public_url` and the signing key of one-click unsubscribe links.
     unsubscribe: Option<(String, Vec<u8>)>,
     store: Store,
-    /// Writes claims and completions, batched with other deliveries'.
-    recorder: Recorder,
+    /// Writes claims and completions, batched with other deliveries' (and, on SQLite, the
+    /// workers' fetches: `queue::backend`).
+    pub(super) recorder: Recorder,
     mailer: Mailer,
     policy: RetryPolicy,
     /// This process, as recorded in its claims.

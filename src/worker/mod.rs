@@ -7,6 +7,8 @@
 //! - a handler returns `Ok` for every outcome of its work; a retry (an SMTP 4xx) is a NEW job
 //!   with a later `run_at`, pushed in the transaction that records the attempt (apalis has no
 //!   backoff in the database); a write the database refuses is retried from memory;
+//! - on SQLite the backend is `queue::backend::WriterStorage`: apalis's own state machine and
+//!   statements, its fetch run in the one writer's transactions and fetched ahead;
 //! - apalis's per-task lock and ack statements are off: the handler acks its job in the
 //!   transaction that records what the job did (`queue::table::ack`), batched with others;
 //! - the payload is read as raw JSON and parsed here, so a payload we cannot read is logged and
@@ -25,13 +27,13 @@ use std::time::Duration;
 
 use apalis::prelude::*;
 use apalis_postgres::PostgresStorage;
-use apalis_sqlite::SqliteStorage;
 use futures::FutureExt;
 use futures::task::AtomicWaker;
 use serde_json::Value;
 use tracing::{debug, error, info, warn};
 
 use crate::Shutdown;
+use crate::queue::backend::{Fetcher, WriterStorage};
 use crate::queue::{JobKind, QueueSettings, SendJob};
 use crate::store::{Db, JanitorReport, RetentionSettings, Store, StoreError};
 
@@ -202,7 +204,23 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
-    supervise::<SendJob, _>(&q, store.db(), &node, deliverer.clone(), &wake, &shutdown).await;
+    let fetch: Fetcher = {
+        let recorder = deliverer.recorder.clone();
+        Arc::new(move |req| {
+            let recorder = recorder.clone();
+            async move { recorder.fetch(req).await.map_err(|e| e.to_string()) }.boxed()
+        })
+    };
+    supervise::<SendJob, _>(
+        &q,
+        store.db(),
+        &node,
+        deliverer.clone(),
+        &fetch,
+        &wake,
+        &shutdown,
+    )
+    .await;
     // Sends started by a worker that died are still running: let them finish and record.
     deliverer.drain().await;
     let _ = janitor.await;
@@ -214,12 +232,14 @@ pub async fn run(
 
 /// Runs an apalis worker for the jobs of kind `K` until `shutdown`, restarting it (after
 /// `queue.restart_delay_ms`) when it dies: apalis 1.0 ends a worker on one failed heartbeat or
-/// fetch. The handler's jobs in flight are drained before apalis is told to stop.
+/// fetch. The handler's jobs in flight are drained before apalis is told to stop. On SQLite
+/// its fetches run in the one writer's transactions (`fetch`, see `queue::backend`).
 async fn supervise<K: JobKind, H: Handler<K>>(
     q: &QueueSettings,
     db: &Db,
     node: &str,
     handler: Arc<H>,
+    fetch: &Fetcher,
     wake: &Arc<Wake>,
     shutdown: &Shutdown,
 ) {
@@ -272,7 +292,7 @@ async fn supervise<K: JobKind, H: Handler<K>>(
                     .heartbeat_interval(heartbeat)
                     .lock_tasks(false)
                     .persist_results(false);
-                worker!(SqliteStorage::<Value>::new(pool).with_config(config))
+                worker!(WriterStorage::new(pool, config, fetch.clone()))
                     .run_until(stop)
                     .await
                     .map_err(|e| e.to_string())

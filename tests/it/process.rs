@@ -147,6 +147,20 @@ async fn sigterm_finishes_in_flight_sends_and_exits_zero() {
         "every message the server accepted is recorded as sent"
     );
     assert!(sent < N as u64, "stopped before the end of the batch");
+    // Jobs the stopped worker had taken (buffered by apalis, or fetched ahead by the writer)
+    // are back in the queue, not left to a dead worker until its heartbeat runs out.
+    let taken = common::db_scalar(
+        dir.path(),
+        &format!(
+            "SELECT count(*) FROM {} WHERE status IN ('Queued', 'Running')",
+            common::jobs_table()
+        ),
+    )
+    .await;
+    assert_eq!(
+        taken, 0,
+        "jobs left taken after a clean stop; the child's log:\n{logs}"
+    );
 
     let mut serve = spawn_serve(dir.path(), smtp.port(), &env);
     let t0 = std::time::Instant::now();
