@@ -91,7 +91,8 @@ pub(crate) struct WriterPersistence {
     pool: SqlitePool,
     config: Arc<Config>,
     fetch: Fetcher,
-    /// The next batch, fetched while the worker takes the last one (see `fetch_next`).
+    /// Fetches running ahead of the worker's requests, oldest first: at most [`FETCH_AHEAD`]
+    /// (see `fetch_next`).
     ahead: Arc<std::sync::Mutex<std::collections::VecDeque<Ahead>>>,
 }
 
