@@ -144,15 +144,23 @@ impl Persistence for WriterPersistence {
             config: self.config.clone(),
             worker: worker.clone(),
         };
-        let ahead = self.ahead.lock().expect("not poisoned").pop_front();
-        let batch = match ahead {
-            Some(h) => h
+        let batch = loop {
+            let ahead = self.ahead.lock().expect("not poisoned").pop_front();
+            let Some(h) = ahead else {
+                break (self.fetch)(req.clone())
+                    .await
+                    .map_err(BackendError::Fetch)?;
+            };
+            let batch = h
                 .await
                 .map_err(|e| BackendError::Fetch(e.to_string()))?
-                .map_err(BackendError::Fetch)?,
-            None => (self.fetch)(req.clone())
-                .await
-                .map_err(BackendError::Fetch)?,
+                .map_err(BackendError::Fetch)?;
+            // An empty batch fetched ahead is stale: apalis asks again after a wake-up (a
+            // submit), and answering it with what was due before would park the worker with
+            // the new job waiting for the next poll. The next one ahead, or a fetch now.
+            if !batch.is_empty() {
+                break batch;
+            }
         };
         if batch.len() >= self.config.batch_size {
             let mut ahead = self.ahead.lock().expect("not poisoned");
@@ -304,5 +312,57 @@ impl WireFormatBackend for WriterStorage {
 
     fn codec(&self) -> &Self::Codec {
         &self.codec
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use apalis_core::task::builder::TaskBuilder;
+    use futures::FutureExt;
+
+    use super::*;
+
+    /// A worker woken by a submit after a burst must get the new job, not the empty answer a
+    /// fetch ahead got before the submit (which parked it until the next poll).
+    #[tokio::test]
+    async fn an_empty_batch_fetched_ahead_is_not_the_answer_after_a_wake_up() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fetch: Fetcher = {
+            let calls = calls.clone();
+            Arc::new(move |_req| {
+                // 1: a full batch (of 1); 2 and 3 (the two fetched ahead): the queue is empty;
+                // from 4 on: a job submitted since.
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                async move {
+                    Ok(if n == 2 || n == 3 {
+                        Vec::new()
+                    } else {
+                        vec![TaskBuilder::new(Vec::new()).build()]
+                    })
+                }
+                .boxed()
+            })
+        };
+        let pool = SqlitePool::connect_lazy("sqlite::memory:").unwrap();
+        let mut p = WriterPersistence {
+            pool,
+            config: Arc::new(Config::default().batch_size(1)),
+            fetch,
+            ahead: Default::default(),
+        };
+        let worker = WorkerContext::new("w");
+        assert_eq!(p.fetch_next(&worker).await.unwrap().len(), 1);
+        // Let both fetches ahead finish (empty) before the worker asks again.
+        while calls.load(Ordering::SeqCst) < 3 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            p.fetch_next(&worker).await.unwrap().len(),
+            1,
+            "the job submitted after the fetches ahead"
+        );
+        assert!(calls.load(Ordering::SeqCst) >= 4);
     }
 }
