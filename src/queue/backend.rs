@@ -210,7 +210,7 @@ impl Persistence for WriterPersistence {
 pub(crate) struct WriterStorage {
     persistence: Persisted<WriterPersistence>,
     codec: JsonCodec<Vec<u8>>,
-    /// At close: the batch fetched ahead, handed back to the queue.
+    /// At close: the batches fetched ahead, handed back to the queue.
     closing: Option<BoxFuture<'static, Result<(), BackendError>>>,
 }
 
@@ -252,7 +252,7 @@ impl Backend for WriterStorage {
         self.persistence.poll_next(cx, worker)
     }
 
-    /// apalis hands back the jobs it buffered; the batch fetched ahead goes back first.
+    /// apalis hands back the jobs it buffered; the batches fetched ahead go back first.
     fn poll_close(
         &mut self,
         cx: &mut Context<'_>,

@@ -87,43 +87,44 @@ impl Recorder {
     /// Claims an email for one attempt, if job `seq` still owns it and it is not final.
     /// A claim that finds nothing to do acks the job (`task`) in the same transaction.
     pub async fn claim(&self, id: &str, seq: i64, task: &str) -> Result<ClaimResult, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Op::Claim {
+        self.ask(|reply| Op::Claim {
             id: id.to_string(),
             seq,
             task: task.to_string(),
             reply,
         })
-        .await?;
-        answer.await.map_err(|_| stopped())?
+        .await
     }
 
     /// Records a finished attempt; false when the claim was superseded meanwhile (nothing
     /// written). Returns once the transaction holding it has committed.
     pub async fn complete(&self, done: Completion) -> Result<bool, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Op::Complete {
+        self.ask(|reply| Op::Complete {
             done: Box::new(done),
             reply,
         })
-        .await?;
-        answer.await.map_err(|_| stopped())?
+        .await
     }
 
     /// Runs apalis's fetch for a worker in the next transaction, with the claims and
     /// completions waiting: on SQLite a fetch then costs a statement, not a commit of its own.
     pub(crate) async fn fetch(&self, req: FetchRequest) -> Result<Fetched, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Op::Fetch {
+        self.ask(|reply| Op::Fetch {
             req: Box::new(req),
             reply,
         })
-        .await?;
-        answer.await.map_err(|_| stopped())?
+        .await
     }
 
-    async fn send(&self, op: Op) -> Result<(), StoreError> {
-        self.tx.send(op).await.map_err(|_| stopped())
+    /// Hands the task one operation (`op`, given where to answer) and waits for its answer,
+    /// which comes once the transaction holding it has committed (or failed).
+    async fn ask<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(op(reply)).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 }
 
