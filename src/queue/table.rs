@@ -234,12 +234,14 @@ pub(crate) async fn requeue_abandoned(
         .await
 }
 
-/// Deletes the finished jobs of `job_type` done before `before` (unix seconds); then the
-/// workers not seen for a day that hold no job. Returns how many jobs.
+/// Deletes up to `limit` finished jobs of `job_type` done before `before` (unix seconds), in
+/// one statement of its own (the janitor calls it until fewer come back, so a large backlog
+/// never holds the writer for long). Returns how many.
 pub(crate) async fn delete_finished(
     db: &Db,
     job_type: &str,
     before: i64,
+    limit: i64,
 ) -> Result<u64, sqlx::Error> {
     // SQLite: through apalis's index of finished jobs, named (see `requeue_abandoned`; the
     // idempotency index on `job_type` read every job: 210 ms with a million, none due, 0.9 ms
@@ -250,18 +252,28 @@ pub(crate) async fn delete_finished(
                 SELECT rowid FROM Jobs INDEXED BY idx_jobs_completed_done_at
                  WHERE status IN ('Done', 'Failed', 'Killed') AND done_at IS NOT NULL
                    AND done_at < $2 AND job_type = $1
-                   AND (status <> 'Failed' OR attempts >= max_attempts))"
+                   AND (status <> 'Failed' OR attempts >= max_attempts)
+                 LIMIT $3)"
         }
         Kind::Postgres => {
-            "DELETE FROM {jobs} WHERE job_type = $1 AND done_at IS NOT NULL AND done_at < {t2}
-                AND (status IN ('Done', 'Killed') OR (status = 'Failed' AND attempts >= max_attempts))"
+            "DELETE FROM {jobs} WHERE id IN (
+                SELECT id FROM {jobs} WHERE job_type = $1 AND done_at IS NOT NULL
+                   AND done_at < {t2}
+                   AND (status IN ('Done', 'Killed')
+                        OR (status = 'Failed' AND attempts >= max_attempts))
+                 LIMIT $3)"
         }
     };
-    let deleted = jobs_sql(db.kind(), text)
+    jobs_sql(db.kind(), text)
         .bind(job_type)
         .bind(before)
+        .bind(limit)
         .execute(db)
-        .await?;
+        .await
+}
+
+/// Deletes the workers of `job_type` not seen for a day that hold no job.
+pub(crate) async fn delete_gone_workers(db: &Db, job_type: &str) -> Result<u64, sqlx::Error> {
     jobs_sql(
         db.kind(),
         "DELETE FROM {workers} WHERE worker_type = $1 AND last_seen < {t2}
@@ -270,8 +282,7 @@ pub(crate) async fn delete_finished(
     .bind(job_type)
     .bind(OffsetDateTime::now_utc().unix_timestamp() - 24 * 3600)
     .execute(db)
-    .await?;
-    Ok(deleted)
+    .await
 }
 
 /// The earliest run time (unix seconds) after `after` of a pending job of `job_type`: when the

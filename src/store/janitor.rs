@@ -1,7 +1,7 @@
 //! The janitor: repairs what apalis 1.0 can leave stuck, rescues emails whose job was lost,
 //! expires mail and applies retention.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::lifecycle::insert_event;
 use super::lifecycle::insert_expired;
@@ -13,7 +13,54 @@ use crate::domain::lifecycle::Step;
 use crate::queue::table;
 use crate::queue::{JobKind, SendJob};
 
+/// Rows deleted per retention statement (emails: with their timelines).
+const CHUNK: i64 = 2_000;
+/// How long one janitor pass spends on retention at most; the rest waits for the next pass.
+const RETENTION_BUDGET: Duration = Duration::from_secs(2);
+
 impl Store {
+    /// Deletes up to [`CHUNK`] final emails last changed before `cutoff` (unix ms) with their
+    /// timelines, in one transaction. Returns how many.
+    async fn delete_old_emails(&self, cutoff: i64) -> Result<u64, StoreError> {
+        use EmailStatus::*;
+        let finals: Vec<String> = [
+            Queued, Sending, Sent, Retrying, Failed, Cancelled, Expired, Suppressed,
+        ]
+        .into_iter()
+        .filter(|s| s.is_final())
+        .map(|s| format!("'{s}'"))
+        .collect();
+        let mut tx = self.db.begin_write().await?;
+        let ids: Vec<String> = sql(format!(
+            "SELECT id FROM postbox_emails WHERE status IN ({}) AND updated_at < $1 LIMIT $2",
+            finals.join(", ")
+        ))
+        .bind(cutoff)
+        .bind(CHUNK)
+        .fetch_all(&mut tx)
+        .await?
+        .iter()
+        .map(|row| row.get::<String>("id"))
+        .collect::<Result<_, _>>()?;
+        if ids.is_empty() {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        let list = (1..=ids.len())
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        for table in ["postbox_events WHERE email_id", "postbox_emails WHERE id"] {
+            let mut q = sql(format!("DELETE FROM {table} IN ({list})"));
+            for id in &ids {
+                q.add(id.as_str());
+            }
+            q.execute(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(ids.len() as u64)
+    }
+
     /// One janitor pass: repairs what apalis 1.0 can leave stuck, expires mail, applies retention.
     ///
     /// `me` is the process running it: its own claims are never taken for a dead process's
@@ -136,25 +183,58 @@ impl Store {
         tx.commit().await?;
         r.emails_expired = expired.len() as u64;
 
-        // 4. Retention.
-        r.jobs_deleted =
-            table::delete_finished(&self.db, &job_type, now_s - finished_jobs.as_secs() as i64)
-                .await?;
-        if let Some(keep) = emails_after {
+        // 4. Retention, in chunks: each a short transaction of its own, so that a pass with
+        //    a lot to delete (retention first turned on, or a backlog after an outage) never
+        //    holds SQLite's one writer for long: submits, claims and outcomes get it between
+        //    chunks. A pass stops after RETENTION_BUDGET; the next one comes soon.
+        let deadline = Instant::now() + RETENTION_BUDGET;
+        let finished_before = now_s - finished_jobs.as_secs() as i64;
+        loop {
+            let n = table::delete_finished(&self.db, &job_type, finished_before, CHUNK).await?;
+            r.jobs_deleted += n;
+            if n < CHUNK as u64 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                r.retention_left = true;
+                break;
+            }
+        }
+        table::delete_gone_workers(&self.db, &job_type).await?;
+        if let Some(keep) = emails_after.filter(|_| !r.retention_left) {
             let cutoff = ms(now) - keep.as_millis() as i64;
+            loop {
+                let n = self.delete_old_emails(cutoff).await?;
+                r.emails_deleted += n;
+                if n < CHUNK as u64 {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    r.retention_left = true;
+                    break;
+                }
+            }
+            // Webhook deliveries that are over (delivered, or retries spent) age out alike.
+            let key = match self.db.kind() {
+                Kind::Sqlite => "rowid",
+                Kind::Postgres => "id",
+            };
+            while !r.retention_left {
+                let n = sql(format!(
+                    "DELETE FROM postbox_webhook_deliveries WHERE {key} IN (
+                        SELECT {key} FROM postbox_webhook_deliveries
+                         WHERE state <> 'retrying' AND updated_at < $1 LIMIT $2)"
+                ))
+                .bind(cutoff)
+                .bind(CHUNK)
+                .execute(&self.db)
+                .await?;
+                if n < CHUNK as u64 {
+                    break;
+                }
+                r.retention_left = Instant::now() >= deadline;
+            }
             let mut tx = self.db.begin().await?;
-            sql(
-                "DELETE FROM postbox_events WHERE email_id IN (SELECT id FROM postbox_emails
-                  WHERE status IN ('sent', 'failed', 'cancelled', 'expired') AND updated_at < $1)",
-            )
-            .bind(cutoff)
-            .execute(&mut tx)
-            .await?;
-            r.emails_deleted = sql("DELETE FROM postbox_emails
-                  WHERE status IN ('sent', 'failed', 'cancelled', 'expired') AND updated_at < $1")
-            .bind(cutoff)
-            .execute(&mut tx)
-            .await?;
             // Alerted rule matches age out with the emails (a UIDVALIDITY resync recognises
             // messages by these rows, so only this window is protected from re-alerting).
             sql("DELETE FROM postbox_alert_hits WHERE alert_id IS NOT NULL AND seen_at < $1")
@@ -163,11 +243,6 @@ impl Store {
                 .await?;
             // Events about mailboxes themselves (no email) age out alike.
             sql("DELETE FROM postbox_events WHERE email_id = '' AND at < $1")
-                .bind(cutoff)
-                .execute(&mut tx)
-                .await?;
-            // Webhook deliveries that are over (delivered, or retries spent) age out alike.
-            sql("DELETE FROM postbox_webhook_deliveries WHERE state <> 'retrying' AND updated_at < $1")
                 .bind(cutoff)
                 .execute(&mut tx)
                 .await?;

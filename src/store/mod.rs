@@ -292,6 +292,9 @@ pub struct JanitorReport {
     pub emails_expired: u64,
     pub jobs_deleted: u64,
     pub emails_deleted: u64,
+    /// Retention stopped at its time budget with more to delete: the next pass comes soon
+    /// (each pass spends at most `RETENTION_BUDGET`, two seconds, on it).
+    pub retention_left: bool,
 }
 
 /// Emails by status (and the queue's oldest waiting email).

@@ -470,6 +470,75 @@ async fn a_job_lost_from_the_queue_is_rescued_by_the_janitor() {
     common::assert_store_consistent(dir.path()).await;
 }
 
+/// Retention deletes final emails past the window with their timelines and finished jobs, in
+/// chunks (more than one chunk here), and nothing else: not a recent final email, not an old
+/// one still waiting. The status counters stay exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_old_final_emails_with_their_timelines_in_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::open(common::memory_settings(dir.path())).await;
+    let old: Vec<NewEmail> = (0..4_500)
+        .map(|i| NewEmail::text(&format!("u{i}@example.com"), "old", "x"))
+        .collect();
+    let old = app.postbox.submit_many(old).await.unwrap();
+    let recent = app
+        .submit(NewEmail::text("recent@example.com", "s", "x"))
+        .await;
+    let waiting = app
+        .submit(NewEmail::text("waiting@example.com", "s", "x"))
+        .await;
+    let (r, w, sup) = (recent.as_str(), waiting.as_str(), old[0].id.as_str());
+    // Every final status ages out: one of the old ones ended suppressed.
+    let age = format!(
+        "UPDATE postbox_emails SET status = CASE WHEN id = '{w}' THEN 'queued'
+                    WHEN id = '{sup}' THEN 'suppressed' ELSE 'sent' END,
+                updated_at = CASE WHEN id = '{r}' THEN updated_at ELSE 0 END"
+    );
+    db_exec(dir.path(), &age, &age).await;
+    db_exec(
+        dir.path(),
+        "UPDATE Jobs SET status = 'Done', done_at = 1, lock_by = NULL",
+        "UPDATE apalis.jobs SET status = 'Done', done_at = to_timestamp(1), lock_by = NULL",
+    )
+    .await;
+    let (mut emails, mut jobs, mut passes) = (0, 0, 0);
+    loop {
+        let report = app.postbox.janitor().await.unwrap();
+        emails += report.emails_deleted;
+        jobs += report.jobs_deleted;
+        passes += 1;
+        if !report.retention_left {
+            break;
+        }
+        assert!(passes < 100, "retention never ends: {report:?}");
+    }
+    assert_eq!(emails, 4_500, "every old final email, and no other");
+    assert_eq!(jobs, 4_502, "every finished job");
+    let left = common::db_scalar(dir.path(), "SELECT COUNT(*) FROM postbox_emails").await;
+    assert_eq!(left, 2);
+    assert_eq!(
+        app.postbox.status(&recent).await.unwrap().unwrap().status,
+        EmailStatus::Sent
+    );
+    // The old email still waiting is kept (the janitor gives it a new job: its own was done).
+    assert_eq!(
+        app.postbox.status(&waiting).await.unwrap().unwrap().status,
+        EmailStatus::Queued
+    );
+    let orphans = common::db_scalar(
+        dir.path(),
+        "SELECT COUNT(*) FROM postbox_events
+          WHERE email_id <> '' AND email_id NOT IN (SELECT id FROM postbox_emails)",
+    )
+    .await;
+    assert_eq!(orphans, 0, "timelines go with their emails");
+    let counts = app.postbox.counts().await.unwrap();
+    assert_eq!(counts.get(EmailStatus::Sent), 1, "{counts:?}");
+    assert_eq!(counts.get(EmailStatus::Queued), 1, "{counts:?}");
+    assert_eq!(counts.get(EmailStatus::Suppressed), 0, "{counts:?}");
+    common::assert_store_consistent(dir.path()).await;
+}
+
 /// The timeline after its first entry, which is always the submission.
 fn events(r: &postbox::EmailReport) -> Vec<postbox::TimelineEntry> {
     assert_eq!(r.timeline[0].kind, "submitted", "{:#?}", r.timeline);
