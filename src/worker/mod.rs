@@ -189,6 +189,7 @@ pub async fn run(
         settings.clone(),
         store.clone(),
         deliverer.node.clone(),
+        wake.clone(),
         shutdown.clone(),
     ));
     tokio::spawn(wake_when_due(
@@ -442,7 +443,13 @@ pub async fn janitor_pass(
         .await
 }
 
-async fn janitor_loop(settings: WorkerSettings, store: Store, me: String, shutdown: Shutdown) {
+async fn janitor_loop(
+    settings: WorkerSettings,
+    store: Store,
+    me: String,
+    wake: Arc<Wake>,
+    shutdown: Shutdown,
+) {
     let interval = Duration::from_secs(settings.queue.janitor_interval_secs);
     let mut failures = 0u32;
     loop {
@@ -452,6 +459,11 @@ async fn janitor_loop(settings: WorkerSettings, store: Store, me: String, shutdo
                 failures = 0;
                 if r != Default::default() {
                     info!(report = ?r, "janitor pass");
+                }
+                // Jobs it handed back (a dead worker's, a lost one's) are taken now, not at
+                // the next poll: the workers are woken as by a submit.
+                if r.jobs_requeued > 0 || r.emails_rescued > 0 {
+                    wake.notify();
                 }
                 // Retention has more to delete: the next pass after a breath, not a whole
                 // interval (each pass spends at most RETENTION_BUDGET on it).
