@@ -106,6 +106,18 @@ pub enum EmailStatus {
 }
 
 impl EmailStatus {
+    /// Every status, in the order of the lifecycle.
+    pub const ALL: [EmailStatus; 8] = [
+        EmailStatus::Queued,
+        EmailStatus::Sending,
+        EmailStatus::Sent,
+        EmailStatus::Retrying,
+        EmailStatus::Failed,
+        EmailStatus::Cancelled,
+        EmailStatus::Expired,
+        EmailStatus::Suppressed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             EmailStatus::Queued => "queued",

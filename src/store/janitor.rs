@@ -18,18 +18,35 @@ const CHUNK: i64 = 2_000;
 /// How long one janitor pass spends on retention at most; the rest waits for the next pass.
 const RETENTION_BUDGET: Duration = Duration::from_secs(2);
 
+/// Runs `chunk` (one retention statement or transaction, deleting at most [`CHUNK`] rows)
+/// until it deletes fewer, or `deadline` has passed: (rows deleted, whether some are left).
+async fn in_chunks<F, Fut>(deadline: Instant, mut chunk: F) -> Result<(u64, bool), StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, StoreError>>,
+{
+    let mut total = 0;
+    loop {
+        let n = chunk().await?;
+        total += n;
+        if n < CHUNK as u64 {
+            return Ok((total, false));
+        }
+        if Instant::now() >= deadline {
+            return Ok((total, true));
+        }
+    }
+}
+
 impl Store {
     /// Deletes up to [`CHUNK`] final emails last changed before `cutoff` (unix ms) with their
     /// timelines, in one transaction. Returns how many.
     async fn delete_old_emails(&self, cutoff: i64) -> Result<u64, StoreError> {
-        use EmailStatus::*;
-        let finals: Vec<String> = [
-            Queued, Sending, Sent, Retrying, Failed, Cancelled, Expired, Suppressed,
-        ]
-        .into_iter()
-        .filter(|s| s.is_final())
-        .map(|s| format!("'{s}'"))
-        .collect();
+        let finals: Vec<String> = EmailStatus::ALL
+            .into_iter()
+            .filter(|s| s.is_final())
+            .map(|s| format!("'{s}'"))
+            .collect();
         let mut tx = self.db.begin_write().await?;
         let ids: Vec<String> = sql(format!(
             "SELECT id FROM postbox_emails WHERE status IN ({}) AND updated_at < $1 LIMIT $2",
@@ -189,50 +206,30 @@ impl Store {
         //    chunks. A pass stops after RETENTION_BUDGET; the next one comes soon.
         let deadline = Instant::now() + RETENTION_BUDGET;
         let finished_before = now_s - finished_jobs.as_secs() as i64;
-        loop {
-            let n = table::delete_finished(&self.db, &job_type, finished_before, CHUNK).await?;
-            r.jobs_deleted += n;
-            if n < CHUNK as u64 {
-                break;
-            }
-            if Instant::now() >= deadline {
-                r.retention_left = true;
-                break;
-            }
-        }
+        (r.jobs_deleted, r.retention_left) = in_chunks(deadline, || async {
+            Ok(table::delete_finished(&self.db, &job_type, finished_before, CHUNK).await?)
+        })
+        .await?;
         table::delete_gone_workers(&self.db, &job_type).await?;
         if let Some(keep) = emails_after.filter(|_| !r.retention_left) {
             let cutoff = ms(now) - keep.as_millis() as i64;
-            loop {
-                let n = self.delete_old_emails(cutoff).await?;
-                r.emails_deleted += n;
-                if n < CHUNK as u64 {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    r.retention_left = true;
-                    break;
-                }
-            }
+            (r.emails_deleted, r.retention_left) =
+                in_chunks(deadline, || self.delete_old_emails(cutoff)).await?;
             // Webhook deliveries that are over (delivered, or retries spent) age out alike.
-            let key = match self.db.kind() {
-                Kind::Sqlite => "rowid",
-                Kind::Postgres => "id",
-            };
-            while !r.retention_left {
-                let n = sql(format!(
+            if !r.retention_left {
+                let key = match self.db.kind() {
+                    Kind::Sqlite => "rowid",
+                    Kind::Postgres => "id",
+                };
+                let delete = sql(format!(
                     "DELETE FROM postbox_webhook_deliveries WHERE {key} IN (
                         SELECT {key} FROM postbox_webhook_deliveries
                          WHERE state <> 'retrying' AND updated_at < $1 LIMIT $2)"
                 ))
                 .bind(cutoff)
-                .bind(CHUNK)
-                .execute(&self.db)
-                .await?;
-                if n < CHUNK as u64 {
-                    break;
-                }
-                r.retention_left = Instant::now() >= deadline;
+                .bind(CHUNK);
+                (_, r.retention_left) =
+                    in_chunks(deadline, || async { Ok(delete.execute(&self.db).await?) }).await?;
             }
             let mut tx = self.db.begin().await?;
             // Alerted rule matches age out with the emails (a UIDVALIDITY resync recognises
