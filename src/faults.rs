@@ -59,3 +59,6 @@ pub const RECORD_COMMIT_FAIL: &str = "store.record.commit_fail";
 /// The commit of a batch holding this email's claim fails, the transaction rolled back (key:
 /// the email's id).
 pub const CLAIM_COMMIT_FAIL: &str = "store.claim.commit_fail";
+/// The commit of a batch holding a worker's fetch fails, the transaction rolled back (key: the
+/// queue's job type, e.g. `default`).
+pub const FETCH_COMMIT_FAIL: &str = "store.fetch.commit_fail";

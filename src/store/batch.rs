@@ -267,6 +267,9 @@ impl Store {
             || claims
                 .iter()
                 .any(|c| crate::faults::hit(crate::faults::CLAIM_COMMIT_FAIL, &c.0))
+            || fetches.iter().any(|f| {
+                crate::faults::hit(crate::faults::FETCH_COMMIT_FAIL, f.config.queue.as_ref())
+            })
         {
             tx.rollback().await?;
             return Err(StoreError::Queue(

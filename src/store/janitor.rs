@@ -252,3 +252,33 @@ impl Store {
         Ok(r)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chunk that deletes fewer than CHUNK rows ends the work; full chunks go on until the
+    /// deadline, and a pass stopped by it says that rows are left (the next pass resumes).
+    #[tokio::test]
+    async fn retention_chunks_stop_at_the_budget_and_say_what_is_left() {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let mut left = [CHUNK as u64, CHUNK as u64, 7].into_iter();
+        let r = in_chunks(far, || {
+            let n = left.next().expect("no chunk after a short one");
+            async move { Ok(n) }
+        })
+        .await
+        .unwrap();
+        assert_eq!(r, (2 * CHUNK as u64 + 7, false));
+
+        // Out of budget: one full chunk, then stop, with rows left.
+        let mut calls = 0;
+        let r = in_chunks(Instant::now(), || {
+            calls += 1;
+            async { Ok(CHUNK as u64) }
+        })
+        .await
+        .unwrap();
+        assert_eq!((r, calls), ((CHUNK as u64, true), 1));
+    }
+}

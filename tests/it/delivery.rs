@@ -860,3 +860,87 @@ async fn suppressed_recipients_are_left_out_and_an_email_with_none_left_is_not_s
     app.wait_status(&again, EmailStatus::Sent, LIMIT).await;
     common::assert_store_consistent(dir.path()).await;
 }
+
+/// A fetch whose commit fails ends the apalis worker (apalis 1.0 ends a worker on a failed
+/// fetch); its successor delivers every email, once, including those the dead worker had
+/// fetched ahead (handed back by the janitor). On SQLite the fetches ride in the one writer's
+/// transactions (`queue::backend`), where the fault is injected: twice before the first send
+/// (the batch, then the fetch retried alone) and twice after. PostgreSQL's fetches are
+/// apalis-postgres's own; there the fault never fires and this is a plain delivery test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_whose_commit_fails_ends_the_worker_and_its_successor_delivers_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = common::memory_settings(dir.path());
+    let key = "fetchfault";
+    s.queue.name = key.into();
+    s.queue.batch_size = 2;
+    let mut app = App::open(s).await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let e = NewEmail::text(&format!("r{i}@example.com"), "s", "x");
+        ids.push(app.submit(e).await);
+    }
+    postbox::faults::arm(postbox::faults::FETCH_COMMIT_FAIL, key, 2);
+    app.start_workers();
+    wait_for("a first email sent", LIMIT, || !app.sent().is_empty()).await;
+    postbox::faults::arm(postbox::faults::FETCH_COMMIT_FAIL, key, 2);
+    for id in &ids {
+        app.wait_status(id, EmailStatus::Sent, LIMIT).await;
+    }
+    if !common::on_postgres() {
+        assert_eq!(
+            postbox::faults::left(postbox::faults::FETCH_COMMIT_FAIL, key),
+            0,
+            "the fetches' commits never failed"
+        );
+    }
+    let mut to: Vec<String> = app.sent().iter().flat_map(|m| m.to.clone()).collect();
+    to.sort();
+    to.dedup();
+    assert_eq!(
+        (app.sent().len(), to.len()),
+        (40, 40),
+        "each email sent once"
+    );
+    common::assert_store_consistent(dir.path()).await;
+}
+
+/// A job a dead worker held is handed back by the janitor and taken at once: the janitor
+/// wakes the workers (here nothing else would before a minute: no poll, no heartbeat, no due
+/// timer for a job already due).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_workers_job_is_taken_as_soon_as_the_janitor_hands_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = common::memory_settings(dir.path());
+    s.queue.poll_interval_ms = 600_000;
+    s.queue.heartbeat_secs = 60; // apalis fetches after each heartbeat too
+    let queue = s.queue.name.clone();
+    let mut app = App::open(s).await;
+    let id = app.submit(NewEmail::text("a@example.com", "s", "x")).await;
+    // Taken by a worker last seen 118 s ago: dead for the janitor (two heartbeats) two
+    // seconds from now, once this process's worker has looked for work and found none.
+    db_exec(
+        dir.path(),
+        &format!(
+            "INSERT INTO Workers (id, worker_type, storage_name, layers, last_seen, started_at)
+             VALUES ('ghost', '{queue}', 'SqliteStorage', '', strftime('%s', 'now') - 118,
+                     strftime('%s', 'now') - 118)"
+        ),
+        &format!(
+            "INSERT INTO apalis.workers (id, worker_type, storage_name, layers, last_seen)
+             VALUES ('ghost', '{queue}', 'PostgresStorage', '', now() - interval '118 seconds')"
+        ),
+    )
+    .await;
+    db_exec(
+        dir.path(),
+        "UPDATE Jobs SET status = 'Queued', lock_by = 'ghost', lock_at = strftime('%s', 'now')",
+        "UPDATE apalis.jobs SET status = 'Queued', lock_by = 'ghost', lock_at = now()",
+    )
+    .await;
+    app.start_workers();
+    let r = app.wait_status(&id, EmailStatus::Sent, LIMIT).await;
+    assert_eq!(r.attempts, 1);
+    assert_eq!(app.sent().len(), 1);
+    common::assert_store_consistent(dir.path()).await;
+}
