@@ -2,6 +2,8 @@
 //! heartbeat, fetch, buffer, close) over apalis-sqlite's own statements, with one difference
 //! from `apalis_sqlite::SqliteStorage`: the fetch statement runs inside the transaction of the
 //! one writer (`store::Recorder`), beside the claims and completions it is committing anyway.
+//! (That statement is apalis's, copied into `queue::table` with its LIMIT written in, so that
+//! SQLite does not compile it again at every fetch.)
 //!
 //! Why: on SQLite every write waits its turn on one connection, and each commit pays an fsync
 //! (`synchronous = FULL`). A delivery's writes were three commits in a row (apalis's fetch,
@@ -45,19 +47,14 @@ pub(crate) type Fetcher =
     Arc<dyn Fn(FetchRequest) -> BoxFuture<'static, Result<Fetched, String>> + Send + Sync>;
 
 /// apalis's fetch statement (up to `batch_size` due jobs of the queue, highest priority first,
-/// marked taken by the worker), inside the caller's SQLite transaction.
+/// marked taken by the worker; `table::fetch_sqlite`), inside the caller's SQLite transaction.
 pub(crate) async fn fetch_in(tx: &mut Tx, req: &FetchRequest) -> Result<Fetched, sqlx::Error> {
     let Tx::Sqlite(t) = tx else {
         return Err(sqlx::Error::Protocol(
             "the writer's fetch runs on SQLite only".into(),
         ));
     };
-    queries::fetch_next(&mut **t, &req.config, &req.worker)
-        .await
-        .map_err(|e| match e {
-            apalis_sqlite::Error::Database(e) => e,
-            other => sqlx::Error::Decode(Box::new(other)),
-        })
+    super::table::fetch_sqlite(t, &req.config, req.worker.name()).await
 }
 
 #[derive(Debug, thiserror::Error)]
