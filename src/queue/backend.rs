@@ -362,4 +362,73 @@ mod tests {
         );
         assert!(calls.load(Ordering::SeqCst) >= 4);
     }
+
+    /// At a clean stop the batches fetched ahead (taken by this worker, never handed to
+    /// apalis) go back to the queue; the batch apalis already has is apalis's to hand back.
+    #[tokio::test]
+    async fn batches_fetched_ahead_go_back_to_the_queue_when_the_worker_closes() {
+        use apalis_core::task::task_id::TaskId;
+        let pool = apalis_sqlite::SqlitePool::connect("sqlite::memory:")
+            .await
+            .unwrap();
+        apalis_sqlite::SqliteStorage::setup(&pool).await.unwrap();
+        let ids: Vec<Ulid> = (0..3u64)
+            .map(|i| Ulid::from_parts(1_700_000_000_000 + i, u128::from(i)))
+            .collect();
+        sqlx::query(
+            "INSERT INTO Workers (id, worker_type, storage_name, layers, last_seen)
+             VALUES ('w', 'default', 'SqliteStorage', '', strftime('%s', 'now'))",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        for id in &ids {
+            sqlx::query(
+                "INSERT INTO Jobs (job, id, job_type, status, lock_by, lock_at)
+                 VALUES (x'00', ?1, 'default', 'Queued', 'w', strftime('%s', 'now'))",
+            )
+            .bind(id.to_string())
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        // The first fetch: a full batch (of 1), the first job; the two fetched ahead: the others.
+        let calls = Arc::new(AtomicUsize::new(0));
+        let fetch: Fetcher = {
+            let (calls, ids) = (calls.clone(), ids.clone());
+            Arc::new(move |_req| {
+                let id = ids[calls.fetch_add(1, Ordering::SeqCst).min(2)];
+                async move {
+                    Ok(vec![
+                        TaskBuilder::new(Vec::new())
+                            .task_id(TaskId::from_ulid(id))
+                            .build(),
+                    ])
+                }
+                .boxed()
+            })
+        };
+        let mut storage = WriterStorage::new(&pool, Config::default().batch_size(1), fetch);
+        let worker = WorkerContext::new("w");
+        assert_eq!(
+            storage.persistence.fetch_next(&worker).await.unwrap().len(),
+            1
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 3, "two batches fetched ahead");
+        futures::future::poll_fn(|cx| storage.poll_close(cx, &worker))
+            .await
+            .unwrap();
+        let pending: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM Jobs WHERE status = 'Pending' AND lock_by IS NULL ORDER BY id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let mut back = vec![ids[1].to_string(), ids[2].to_string()];
+        back.sort();
+        assert_eq!(
+            pending, back,
+            "the two batches fetched ahead, and only those"
+        );
+    }
 }
