@@ -865,7 +865,8 @@ async fn suppressed_recipients_are_left_out_and_an_email_with_none_left_is_not_s
 /// fetch); its successor delivers every email, once, including those the dead worker had
 /// fetched ahead (handed back by the janitor). On SQLite the fetches ride in the one writer's
 /// transactions (`queue::backend`), where the fault is injected: twice before the first send
-/// (the batch, then the fetch retried alone) and twice after. PostgreSQL's fetches are
+/// and twice while it delivers (a fetch alone fails at once; one riding with claims and
+/// outcomes fails its batch, then again when retried alone). PostgreSQL's fetches are
 /// apalis-postgres's own; there the fault never fires and this is a plain delivery test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_whose_commit_fails_ends_the_worker_and_its_successor_delivers_everything() {
@@ -876,14 +877,20 @@ async fn a_fetch_whose_commit_fails_ends_the_worker_and_its_successor_delivers_e
     s.queue.batch_size = 2;
     let mut app = App::open(s).await;
     let mut ids = Vec::new();
-    for i in 0..40 {
+    for i in 0..20 {
         let e = NewEmail::text(&format!("r{i}@example.com"), "s", "x");
         ids.push(app.submit(e).await);
     }
     postbox::faults::arm(postbox::faults::FETCH_COMMIT_FAIL, key, 2);
     app.start_workers();
     wait_for("a first email sent", LIMIT, || !app.sent().is_empty()).await;
+    // Armed again while the workers deliver; the emails submitted after it are fetched after
+    // it, so it fires whether or not the first 20 are all out by now.
     postbox::faults::arm(postbox::faults::FETCH_COMMIT_FAIL, key, 2);
+    for i in 20..40 {
+        let e = NewEmail::text(&format!("r{i}@example.com"), "s", "x");
+        ids.push(app.submit(e).await);
+    }
     for id in &ids {
         app.wait_status(id, EmailStatus::Sent, LIMIT).await;
     }
