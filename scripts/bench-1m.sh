@@ -12,11 +12,8 @@ cd "$(dirname "$0")/.."
 N=${1:-1000000}
 cargo build --release --locked --quiet
 bin=$PWD/target/release/postbox
-# A status's count in `postbox stats --json` totals, read with awk: a Python start per poll
-# (pyenv's shims included) took ~20% of this box's CPU in the PostgreSQL runs.
-total() { "$bin" stats --json | awk -v k="\"$1\"" '/"totals"/ { t = 1 } t && index($0, k) { gsub(/[^0-9]/, ""); n = $0 } t && /}/ { exit } END { print n + 0 }'; }
+. scripts/bench-lib.sh
 work=$(mktemp -d /tmp/postbox-bench1m.XXXXXX)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 sink_port=$(free_port)
 api_port=$(free_port)
 sink=$(command -v smtp-sink || echo /usr/sbin/smtp-sink)

@@ -15,15 +15,8 @@ cd "$(dirname "$0")/.."
 N="${1:-20000}"
 BACKEND="${2:-sqlite}"
 cargo build --locked --release --quiet
-WORK="$(mktemp -d)"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-SINK_PORT=$(free_port)
-SINK=$(command -v smtp-sink || echo /usr/sbin/smtp-sink)
-"$SINK" -u nobody -c "127.0.0.1:$SINK_PORT" 1000 >/dev/null 2>&1 &
-PIDS+=($!)
+. scripts/bench-lib.sh
+start_work_and_sink
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
 TOKEN="bench-token-0123456789abcdef"
 

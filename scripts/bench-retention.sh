@@ -17,15 +17,8 @@ if [ -z "${BINS:-}" ]; then
 fi
 set -- $BINS
 FIRST=$1
-WORK=$(mktemp -d /tmp/postbox-retention.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-SINK_PORT=$(free_port)
-SINK=$(command -v smtp-sink || echo /usr/sbin/smtp-sink)
-"$SINK" -u nobody -c "127.0.0.1:$SINK_PORT" 1000 >/dev/null 2>&1 &
-PIDS+=($!)
+. scripts/bench-lib.sh
+start_work_and_sink /tmp/postbox-retention.XXXXXX
 TOKEN="bench-token-0123456789abcdef"
 config() { # dir port
     cat >"$1/postbox.toml" <<TOML
