@@ -6,12 +6,17 @@
 #   - with one endpoint subscribed to every event (a minimal keep-alive HTTP receiver on
 #     127.0.0.1 answering 204): delivered/s, and events/s reaching the receiver (2 per email:
 #     email.queued, email.sent), counted from the worker's start until the last one arrives.
-# Usage: scripts/bench-webhooks.sh [N=20000]. Needs smtp-sink (Debian's postfix; scripts/test.sh
-# installs it). Prints figures; asserts none.
+# Usage: scripts/bench-webhooks.sh [N=20000] [PAIRS=2]: PAIRS pairs of runs (without, with),
+# alternated; the ratio of each pair and their median. This box drifts within seconds, so use
+# several pairs. BENCH_POSTBOX_BIN=<binary> measures another build (an old commit's) without
+# building. Needs smtp-sink (Debian's postfix; scripts/test.sh installs it). Prints figures;
+# asserts none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-20000}"
-cargo build --locked --release --quiet
+PAIRS="${2:-2}"
+BIN="${BENCH_POSTBOX_BIN:-target/release/postbox}"
+[ -n "${BENCH_POSTBOX_BIN:-}" ] || cargo build --locked --release --quiet
 . scripts/bench-lib.sh
 start_work_and_sink
 
@@ -84,7 +89,7 @@ run() { # label hooks(0|1)
             echo 'secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"'
         fi
     } >"$dir/postbox.toml"
-    POSTBOX_API__TOKEN=$TOKEN target/release/postbox --config "$dir/postbox.toml" api 2>>"$dir/log" &
+    POSTBOX_API__TOKEN=$TOKEN "$BIN" --config "$dir/postbox.toml" api 2>>"$dir/log" &
     api=$!
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
     for _ in $(seq $((N / 1000))); do
@@ -95,7 +100,7 @@ run() { # label hooks(0|1)
     before=$(received)
     local rcpu0; rcpu0=$(cpu "$RECEIVER")
     t0=$(date +%s.%N)
-    target/release/postbox --config "$dir/postbox.toml" worker 2>>"$dir/log" &
+    "$BIN" --config "$dir/postbox.toml" worker 2>>"$dir/log" &
     worker=$!
     wait_sent "$dir/postbox.db" "$N"
     t1=$(date +%s.%N)
@@ -105,10 +110,11 @@ run() { # label hooks(0|1)
     fi
     local wcpu rcpu; wcpu=$(cpu "$worker"); rcpu=$(cpu "$RECEIVER")
     kill "$worker"; wait "$worker" 2>/dev/null || true
-    python3 - "$1" "$N" "$t0" "$t1" "${t2:-}" "$wcpu" "$rcpu0" "$rcpu" <<'PY'
+    python3 - "$1" "$N" "$t0" "$t1" "${t2:-}" "$wcpu" "$rcpu0" "$rcpu" "$WORK/$1.rate" <<'PY'
 import sys
 label, n, t0, t1, t2 = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
 wcpu, rcpu = float(sys.argv[6]), float(sys.argv[8]) - float(sys.argv[7])
+open(sys.argv[9], "w").write(f"{n / (t1 - t0)}\n")
 line = f"{label:22} delivered/s {n / (t1 - t0):7.0f}   worker CPU {wcpu:5.1f} s"
 if t2:
     line += f"   webhook events/s {2 * n / (float(t2) - t0):7.0f} ({2 * n} events; receiver CPU {rcpu:4.1f} s)"
@@ -116,8 +122,13 @@ print(line)
 PY
 }
 
-echo "N = $N emails (queued first, then one worker process delivers)"
-run "without-webhooks-1" 0
-run "with-1-webhook-1" 1
-run "without-webhooks-2" 0
-run "with-1-webhook-2" 1
+echo "N = $N emails (queued first, then one worker process delivers), $PAIRS pairs"
+for i in $(seq "$PAIRS"); do
+    run "without-webhooks-$i" 0
+    run "with-1-webhook-$i" 1
+    echo "$(cat "$WORK/with-1-webhook-$i.rate") $(cat "$WORK/without-webhooks-$i.rate")" |
+        awk '{ printf "%.4f\n", $1 / $2 }' >>"$WORK/ratios"
+done
+awk '{ printf "pair %d: with / without webhooks %.2f\n", NR, $1 }' "$WORK/ratios"
+sort -n "$WORK/ratios" | awk '{ r[NR] = $1 } END { m = (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2
+    printf "median ratio, with / without webhooks: %.2f over %d pairs\n", m, NR }'

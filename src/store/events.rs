@@ -116,6 +116,51 @@ fn settled(kind: Kind) -> &'static str {
     }
 }
 
+/// The feed's rows after the cursor (`tx`, `seq`: SQL expressions), as a range the index
+/// `postbox_events_feed (tx, seq)` answers with one seek. (`tx > t OR (tx = t AND seq > s)`
+/// made SQLite scan that index from its start at every read: every round of a webhook
+/// dispatcher, and its lag every few seconds, cost a pass over the whole timeline.)
+fn feed_after(kind: Kind, tx: &str, seq: &str) -> String {
+    match kind {
+        // One writer commits in seq order: `tx` is 0 on every row and in every cursor handed out.
+        Kind::Sqlite => format!("ev.tx = {tx} AND ev.seq > {seq}"),
+        Kind::Postgres => format!("(ev.tx, ev.seq) > ({tx}, {seq})"),
+    }
+}
+
+/// A page of the feed: `$1`, `$2` the cursor, `$3` the limit.
+fn page_sql(kind: Kind) -> String {
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM postbox_events ev
+           LEFT JOIN postbox_emails e ON e.id = ev.email_id
+          WHERE {} {}
+          ORDER BY ev.tx, ev.seq LIMIT $3",
+        feed_after(kind, "$1", "$2"),
+        settled(kind)
+    )
+}
+
+/// The time of endpoint `$1`'s oldest unread row.
+fn lag_seconds_sql(kind: Kind) -> String {
+    format!(
+        "SELECT ev.at FROM postbox_events ev, postbox_webhooks w
+          WHERE w.name = $1 AND {}
+          ORDER BY ev.tx, ev.seq LIMIT 1",
+        feed_after(kind, "w.after_tx", "w.after_seq")
+    )
+}
+
+/// How many events endpoint `$1` has not read, up to `$2`.
+fn lag_count_sql(kind: Kind) -> String {
+    format!(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM postbox_events ev, postbox_webhooks w
+          WHERE w.name = $1 AND {}
+            AND {} LIMIT $2) behind",
+        feed_after(kind, "w.after_tx", "w.after_seq"),
+        event_kinds()
+    )
+}
+
 const EVENT_COLUMNS: &str = "ev.seq, ev.tx, ev.email_id, ev.at, ev.kind, ev.status, ev.attempt,
     ev.smtp_code, ev.smtp_text, ev.detail, ev.mailbox, e.recipients, e.tags, e.spec, e.request_id";
 
@@ -288,18 +333,12 @@ fn webhook_from(row: &DbRow) -> Result<WebhookRow, StoreError> {
 impl Store {
     /// Up to `limit` events after `after`, oldest first.
     pub async fn events_after(&self, after: Cursor, limit: u32) -> Result<EventPage, StoreError> {
-        let rows = sql(format!(
-            "SELECT {EVENT_COLUMNS} FROM postbox_events ev
-               LEFT JOIN postbox_emails e ON e.id = ev.email_id
-              WHERE (ev.tx > $1 OR (ev.tx = $1 AND ev.seq > $2)) {}
-              ORDER BY ev.tx, ev.seq LIMIT $3",
-            settled(self.kind())
-        ))
-        .bind(after.tx)
-        .bind(after.seq)
-        .bind(limit as i64)
-        .fetch_all(&self.db)
-        .await?;
+        let rows = sql(page_sql(self.kind()))
+            .bind(after.tx)
+            .bind(after.seq)
+            .bind(limit as i64)
+            .fetch_all(&self.db)
+            .await?;
         let mut next = after;
         let mut events = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -501,6 +540,8 @@ impl Store {
     /// read), and its health: a success clears `failing_since`; failures since longer than
     /// `disable_after` (or a 410) disable it, with the reason. `dropped` are deliveries that
     /// were not posted (their event is gone): recorded, but they say nothing of the endpoint.
+    /// Of the events delivered at their first try, only the newest `keep_delivered` get a row
+    /// (see [`logged`]).
     pub async fn record_webhook_round(
         &self,
         name: &str,
@@ -508,8 +549,9 @@ impl Store {
         attempts: &[DeliveryAttempt],
         dropped: &[DeliveryAttempt],
         disable_after: std::time::Duration,
+        keep_delivered: usize,
     ) -> Result<(), StoreError> {
-        let all: Vec<&DeliveryAttempt> = attempts.iter().chain(dropped).collect();
+        let all = logged(attempts, dropped, keep_delivered);
         let now_t = now();
         let now = ms(now_t);
         let mut tx = self.db.begin_write().await?;
@@ -663,13 +705,10 @@ impl Store {
     pub async fn webhook_lag_seconds(&self, name: &str) -> Result<f64, StoreError> {
         // In feed order, (tx, seq), as the dispatcher reads: by seq alone, a row an earlier
         // transaction committed after a later one (PostgreSQL) counts as unread once read.
-        let at: Option<i64> = sql("SELECT ev.at FROM postbox_events ev, postbox_webhooks w
-              WHERE w.name = $1
-                AND (ev.tx > w.after_tx OR (ev.tx = w.after_tx AND ev.seq > w.after_seq))
-              ORDER BY ev.tx, ev.seq LIMIT 1")
-        .bind(name)
-        .scalar(&self.db)
-        .await?;
+        let at: Option<i64> = sql(lag_seconds_sql(self.kind()))
+            .bind(name)
+            .scalar(&self.db)
+            .await?;
         Ok(at.map_or(0.0, |at| ((ms(now()) - at).max(0) as f64) / 1e3))
     }
 
@@ -677,16 +716,11 @@ impl Store {
     /// [`LAG_COUNT_MAX`]: `(count, true)` means at least that many. Bounded, so listing an
     /// endpoint disabled behind a large backlog reads at most that many index entries.
     pub async fn webhook_lag(&self, name: &str) -> Result<(i64, bool), StoreError> {
-        let n: Option<i64> = sql(format!(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM postbox_events ev, postbox_webhooks w
-              WHERE w.name = $1 AND (ev.tx > w.after_tx OR (ev.tx = w.after_tx AND ev.seq > w.after_seq))
-                AND {} LIMIT $2) behind",
-            event_kinds()
-        ))
-        .bind(name)
-        .bind(LAG_COUNT_MAX + 1)
-        .scalar(&self.db)
-        .await?;
+        let n: Option<i64> = sql(lag_count_sql(self.kind()))
+            .bind(name)
+            .bind(LAG_COUNT_MAX + 1)
+            .scalar(&self.db)
+            .await?;
         let n = n.unwrap_or(0);
         Ok((n.min(LAG_COUNT_MAX), n > LAG_COUNT_MAX))
     }
@@ -740,9 +774,120 @@ async fn delete_webhook_in(tx: &mut Tx, name: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The attempts of a round that get a delivery row: every one that was not delivered, every
+/// retry's (its row moves to delivered or on), and the newest `keep` of the events delivered at
+/// their first try. A busy endpoint's round carries hundreds of those; a row each was half of
+/// what webhooks cost delivery on SQLite (`scripts/bench-webhooks.sh`), and the log shows the
+/// newest first anyway. The others are recorded by the endpoint's place in the feed (past
+/// them, with no row that says otherwise: delivered) and the deliveries counter.
+fn logged<'a>(
+    attempts: &'a [DeliveryAttempt],
+    dropped: &'a [DeliveryAttempt],
+    keep: usize,
+) -> Vec<&'a DeliveryAttempt> {
+    let first_ok = |a: &DeliveryAttempt| a.outcome == DeliveryOutcome::Delivered && a.attempts == 1;
+    let mut ok: Vec<i64> = attempts
+        .iter()
+        .filter(|a| first_ok(a))
+        .map(|a| a.event_seq)
+        .collect();
+    ok.sort_unstable();
+    // The oldest seq still kept.
+    let from = match ok.len().checked_sub(keep) {
+        Some(skip) if keep > 0 => ok[skip],
+        Some(_) => i64::MAX,
+        None => i64::MIN,
+    };
+    attempts
+        .iter()
+        .chain(dropped)
+        .filter(|a| !first_ok(a) || a.event_seq >= from)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SQLite reads the feed with a seek on `postbox_events_feed`, never a scan of the
+    /// timeline: what each dispatcher round and each lag reading costs must not grow with it.
+    #[tokio::test]
+    async fn the_feed_is_read_with_a_seek_not_a_scan() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = crate::store::DatabaseSettings {
+            url: format!("sqlite://{}", dir.path().join("t.db").display()),
+            ..Default::default()
+        };
+        let store = Store::open(&s, "q").await.expect("open");
+        let crate::db::Db::Sqlite { read, .. } = store.db() else {
+            panic!("not SQLite")
+        };
+        for (text, args) in [
+            (page_sql(Kind::Sqlite), 3),
+            (lag_seconds_sql(Kind::Sqlite), 1),
+            (lag_count_sql(Kind::Sqlite), 2),
+        ] {
+            let plan = format!("EXPLAIN QUERY PLAN {text}");
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(plan));
+            for _ in 0..args {
+                q = q.bind(0i64);
+            }
+            let details: Vec<String> = q
+                .fetch_all(read)
+                .await
+                .expect("plan")
+                .iter()
+                .map(|r| sqlx::Row::get(r, 3))
+                .collect();
+            assert!(
+                details
+                    .iter()
+                    .any(|d| d.contains("postbox_events_feed (tx=? AND seq>?)")),
+                "{text}: {details:?}"
+            );
+            assert!(
+                !details.iter().any(|d| d.starts_with("SCAN ev")),
+                "{text}: {details:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_round_logs_its_failures_and_retries_and_its_newest_first_try_deliveries() {
+        let at = |seq: i64, attempts: u32, outcome: DeliveryOutcome| DeliveryAttempt {
+            event_seq: seq,
+            attempts,
+            outcome,
+            response_code: None,
+            response: None,
+            duration_ms: 0,
+        };
+        let soon = OffsetDateTime::now_utc();
+        // Delivered first try: 10, 11, 12, 13 (out of order, as buffer_unordered finishes);
+        // a retry delivered (5), a failure (14), a retry to come (15), one dropped (3).
+        let attempts = vec![
+            at(12, 1, DeliveryOutcome::Delivered),
+            at(14, 1, DeliveryOutcome::Failed),
+            at(10, 1, DeliveryOutcome::Delivered),
+            at(5, 3, DeliveryOutcome::Delivered),
+            at(13, 1, DeliveryOutcome::Delivered),
+            at(15, 1, DeliveryOutcome::Retry(soon)),
+            at(11, 1, DeliveryOutcome::Delivered),
+        ];
+        let dropped = vec![at(3, 2, DeliveryOutcome::Failed)];
+        let seqs = |keep| {
+            let mut v: Vec<i64> = logged(&attempts, &dropped, keep)
+                .iter()
+                .map(|a| a.event_seq)
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(seqs(2), vec![3, 5, 12, 13, 14, 15]);
+        assert_eq!(seqs(0), vec![3, 5, 14, 15]);
+        assert_eq!(seqs(4), vec![3, 5, 10, 11, 12, 13, 14, 15]);
+        assert_eq!(seqs(100), vec![3, 5, 10, 11, 12, 13, 14, 15]);
+    }
 
     #[test]
     fn cursors_round_trip_and_bad_ones_are_refused() {

@@ -28,6 +28,10 @@ const RECONCILE: Duration = Duration::from_secs(2);
 /// The pause after a round that was not full (see `endpoint`): events wait at most this long
 /// more, and a busy endpoint's rounds carry many events each.
 const ROUND_GAP: Duration = Duration::from_millis(100);
+/// Of a round's events delivered at the first try, how many (the newest) get a row in the
+/// deliveries log (`GET /v1/webhooks/{name}/deliveries` lists 50 by default); every failure
+/// and retry gets one.
+const LOGGED: usize = 50;
 /// What is kept of a response body or an error, in characters.
 const KEPT: usize = 1024;
 
@@ -367,6 +371,7 @@ async fn round(ctx: &Ctx, ep: &Ep, client: &Client) -> Result<Round, crate::stor
             &attempts,
             &gone,
             Duration::from_secs(t.disable_after_hours * 3600),
+            LOGGED,
         )
         .await?;
     if attempts.iter().any(|a| a.outcome == DeliveryOutcome::Gone) {
