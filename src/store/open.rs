@@ -193,7 +193,7 @@ impl Store {
             })
             .busy_timeout(Duration::from_millis(settings.busy_timeout_ms))
             .pragma("temp_store", "MEMORY")
-            .pragma("cache_size", "-8000")
+            .pragma("cache_size", "-4000")
             // Checkpoints run in a background task (see below), not inside whichever commit
             // crosses the threshold; this high mark is only a backstop.
             .pragma("wal_autocheckpoint", "50000");
@@ -228,9 +228,10 @@ impl Store {
             .connect_with(opts.clone())
             .await?;
         // Readers keep SQLite's default 2 MB page cache each (the OS caches the file too);
-        // the writer, which touches every hot page, keeps 8 MB. Measured (`scripts/bench.sh
+        // the writer, which touches every hot page, keeps 4 MB. Measured (`scripts/bench.sh
         // 5000`): 16 MB on every connection peaked at 60 MB RSS; 2 MB readers, 54 MB; and an
-        // 8 MB writer, 45.5 MB, at the same delivered/s. No ping before use (as the writer).
+        // 8 MB writer, 45.5 MB, at the same delivered/s. 4 MB: -2.5 MB more at the peer
+        // harness's peak (its SQLite heap, read from /proc/PID/smaps). No ping before use.
         let read = SqlitePoolOptions::new()
             .test_before_acquire(false)
             .max_connections(settings.max_connections)
