@@ -526,6 +526,12 @@ impl Postbox {
         self.inner.store.redeliver(name, id).await
     }
 
+    /// Sends one event to an endpoint again now, delivered or not (false: no such endpoint or
+    /// event).
+    pub async fn redeliver_event(&self, name: &str, seq: i64) -> Result<bool, StoreError> {
+        self.inner.store.redeliver_event(name, seq).await
+    }
+
     /// How many events an endpoint has still to read, counted up to
     /// [`crate::store::LAG_COUNT_MAX`] (`true`: at least that many), and how long the oldest
     /// of them has waited, in seconds.

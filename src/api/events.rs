@@ -346,3 +346,37 @@ pub async fn redeliver(
         )))
     }
 }
+
+/// Send one event to an endpoint again now (same `webhook-id`), whether or not the deliveries
+/// log has a row for it (of a busy round's first-try successes only the newest are logged).
+#[utoipa::path(post, path = "/v1/webhooks/{name}/events/{event_id}/redeliver", tag = "events",
+    params(("name" = String, Path, description = "The endpoint's name"),
+        ("event_id" = String, Path, description = "The event's id (`evt_...`)")),
+    responses((status = 202, body = Done), (status = 400, body = ErrorResponse),
+        (status = 401, body = ErrorResponse), (status = 404, body = ErrorResponse)),
+    security(("bearer" = [])))]
+pub async fn redeliver_event(
+    State(st): State<ApiState>,
+    Path((name, event_id)): Path<(String, String)>,
+) -> Result<(StatusCode, Json<Done>), ApiError> {
+    let seq = event_id
+        .strip_prefix("evt_")
+        .and_then(|n| n.parse::<i64>().ok())
+        .filter(|n| *n > 0)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_id",
+                "event_id",
+                "must be an event id: evt_<number>",
+            )
+        })?;
+    if st.postbox.redeliver_event(&name, seq).await? {
+        Ok((StatusCode::ACCEPTED, Json(Done { ok: true })))
+    } else {
+        Err(ApiError::not_found(format!(
+            "no webhook {} or no event {}",
+            name.escape_debug(),
+            event_id.escape_debug()
+        )))
+    }
+}

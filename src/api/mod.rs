@@ -145,6 +145,7 @@ fn build(
         .routes(routes!(events::enable_webhook))
         .routes(routes!(events::list_deliveries))
         .routes(routes!(events::redeliver))
+        .routes(routes!(events::redeliver_event))
         .routes(routes!(
             suppressions::list_suppressions,
             suppressions::add_suppression

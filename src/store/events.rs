@@ -700,6 +700,25 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// Sends event `seq` to `name` again now, with its `webhook-id`, whether or not it has a
+    /// delivery row (a first-try success in a busy round has none: [`logged`]). False if the
+    /// endpoint or the event is unknown.
+    pub async fn redeliver_event(&self, name: &str, seq: i64) -> Result<bool, StoreError> {
+        let n = sql("INSERT INTO postbox_webhook_deliveries
+                 (webhook, event_seq, attempts, state, next_at, created_at, updated_at)
+             SELECT w.name, ev.seq, 1, 'retrying', $1, $1, $1
+               FROM postbox_webhooks w, postbox_events ev
+              WHERE w.name = $2 AND ev.seq = $3
+             ON CONFLICT (webhook, event_seq) DO UPDATE SET state = 'retrying',
+                 next_at = excluded.next_at, updated_at = excluded.updated_at")
+        .bind(ms(now()))
+        .bind(name)
+        .bind(seq)
+        .execute(&self.db)
+        .await?;
+        Ok(n == 1)
+    }
+
     /// How long the oldest timeline entry `name` has not read yet has waited (zero when it is
     /// caught up): one index probe, so it can be read every few seconds at any backlog.
     pub async fn webhook_lag_seconds(&self, name: &str) -> Result<f64, StoreError> {

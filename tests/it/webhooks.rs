@@ -187,6 +187,45 @@ async fn every_event_reaches_the_webhook_signed_and_retries_follow_the_schedule(
     let next = feed["next"].as_str().unwrap();
     let rest = api.get(&format!("/v1/events?after={next}")).await;
     assert_eq!(rest["events"], json!([]), "nothing after the end");
+
+    // Any event is sent again on request by its id, logged or not, with the same webhook-id.
+    let first = feed_ids[0].to_string();
+    let sent = || {
+        rx.requests()
+            .iter()
+            .filter(|r| r["id"] == first.as_str())
+            .count()
+    };
+    let before = sent();
+    let post = reqwest::Method::POST;
+    let again = format!("/v1/webhooks/app/events/{first}/redeliver");
+    let (s, v) = api.call(post.clone(), &again, None).await;
+    assert_eq!(s, 202, "{v}");
+    wait_for("the event sent again", LIMIT, || sent() > before).await;
+    let (s, v) = api
+        .call(
+            post.clone(),
+            "/v1/webhooks/app/events/evt_999999/redeliver",
+            None,
+        )
+        .await;
+    assert_eq!(s, 404, "{v}");
+    let (s, v) = api
+        .call(post.clone(), "/v1/webhooks/app/events/nope/redeliver", None)
+        .await;
+    assert_eq!(
+        (s, v["error"]["field"].as_str()),
+        (400, Some("event_id")),
+        "{v}"
+    );
+    let (s, v) = api
+        .call(
+            post,
+            &format!("/v1/webhooks/none/events/{first}/redeliver"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 404, "{v}");
     let mine = api.get(&format!("/v1/emails/{retried}/events")).await;
     let types: Vec<&str> = mine["events"]
         .as_array()
