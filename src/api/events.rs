@@ -359,17 +359,13 @@ pub async fn redeliver_event(
     State(st): State<ApiState>,
     Path((name, event_id)): Path<(String, String)>,
 ) -> Result<(StatusCode, Json<Done>), ApiError> {
-    let seq = event_id
-        .strip_prefix("evt_")
-        .and_then(|n| n.parse::<i64>().ok())
-        .filter(|n| *n > 0)
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_id",
-                "event_id",
-                "must be an event id: evt_<number>",
-            )
-        })?;
+    let seq = crate::store::event_seq(&event_id).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_id",
+            "event_id",
+            "must be an event id: evt_<number>",
+        )
+    })?;
     if st.postbox.redeliver_event(&name, seq).await? {
         Ok((StatusCode::ACCEPTED, Json(Done { ok: true })))
     } else {

@@ -116,6 +116,16 @@ fn settled(kind: Kind) -> &'static str {
     }
 }
 
+/// An event's public id: `evt_` and its timeline seq.
+fn event_id(seq: i64) -> String {
+    format!("evt_{seq}")
+}
+
+/// The timeline seq of a public event id ([`event_id`]'s inverse); `None` if it is not one.
+pub fn event_seq(id: &str) -> Option<i64> {
+    id.strip_prefix("evt_")?.parse().ok().filter(|n| *n > 0)
+}
+
 /// The feed's rows after the cursor (`tx`, `seq`: SQL expressions), as a range the index
 /// `postbox_events_feed (tx, seq)` answers with one seek. (`tx > t OR (tx = t AND seq > s)`
 /// made SQLite scan that index from its start at every read: every round of a webhook
@@ -197,7 +207,7 @@ fn event_from(row: &DbRow) -> Result<Option<(Cursor, Event)>, StoreError> {
     Ok(Some((
         cursor,
         Event {
-            id: format!("evt_{}", cursor.seq),
+            id: event_id(cursor.seq),
             kind: ty,
             timestamp: from_ms(row.get("at")?),
             seq: cursor.seq,
@@ -673,7 +683,7 @@ impl Store {
             .map(|r| {
                 Ok(DeliveryRecord {
                     id: r.get("id")?,
-                    event_id: format!("evt_{}", r.get::<i64>("event_seq")?),
+                    event_id: event_id(r.get::<i64>("event_seq")?),
                     attempts: r.get::<i64>("attempts")? as u32,
                     state: r.get("state")?,
                     next_at: opt_time(r, "next_at")?,
@@ -868,6 +878,22 @@ mod tests {
                 !details.iter().any(|d| d.starts_with("SCAN ev")),
                 "{text}: {details:?}"
             );
+        }
+    }
+
+    #[test]
+    fn event_ids_round_trip_and_bad_ones_are_refused() {
+        assert_eq!(event_seq(&event_id(42)), Some(42));
+        for bad in [
+            "42",
+            "evt_",
+            "evt_0",
+            "evt_-1",
+            "evt_x",
+            "ev_1",
+            "evt_99999999999999999999",
+        ] {
+            assert_eq!(event_seq(bad), None, "{bad}");
         }
     }
 
