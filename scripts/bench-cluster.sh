@@ -3,11 +3,13 @@
 # and 4 `postbox worker` processes on a throwaway PostgreSQL (default durability settings), next
 # to 1 worker process on SQLite, in the same run. Prints delivered/s; asserts nothing.
 # Needs Debian's postfix (smtp-sink) and postgresql (scripts/test.sh installs both).
+# BENCH_POSTBOX_BIN=<binary> measures another build (an old commit's) without building;
+# BENCH_WORKERS="1" (default "1 2 4") picks the PostgreSQL runs, BENCH_SQLITE=0 skips SQLite's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-5000}
-cargo build --release --locked --quiet
-bin=target/release/postbox
+bin="${BENCH_POSTBOX_BIN:-target/release/postbox}"
+[ -n "${BENCH_POSTBOX_BIN:-}" ] || cargo build --release --locked --quiet
 . scripts/bench-lib.sh
 work=$(mktemp -d /tmp/postbox-bench.XXXXXX)
 sink_port=$(free_port)
@@ -28,8 +30,9 @@ export POSTBOX_DELIVERY__TRANSPORT=smtp POSTBOX_SMTP__HOST=127.0.0.1 POSTBOX_SMT
 
 run() { # backend workers
   local url
-  if [ "$1" = sqlite ]; then url="sqlite://$work/bench-$2.db"; else
-    local db="bench_$2"; psql -X -q "$admin" -c "CREATE DATABASE $db"; url="${admin%/*}/$db"; fi
+  runs=$((${runs:-0} + 1))
+  if [ "$1" = sqlite ]; then url="sqlite://$work/bench-$runs.db"; else
+    local db="bench_$runs"; psql -X -q "$admin" -c "CREATE DATABASE $db"; url="${admin%/*}/$db"; fi
   export POSTBOX_DATABASE__URL=$url
   "$bin" send --batch "$work/emails.jsonl" > /dev/null
   local t0; t0=$(date +%s.%N)
@@ -45,5 +48,5 @@ run() { # backend workers
   python3 -c "print(f'{\"$1\":<9} {$2} worker process(es): {$N} delivered in {$t1-$t0:.2f} s = {$N/($t1-$t0):,.0f} delivered/s')"
 }
 echo "$N emails each, smtp-sink on 127.0.0.1:$sink_port, $(nproc) cores"
-run sqlite 1
-for w in 1 2 4; do run postgres "$w"; done
+[ "${BENCH_SQLITE:-1}" = 0 ] || run sqlite 1
+for w in ${BENCH_WORKERS:-1 2 4}; do run postgres "$w"; done

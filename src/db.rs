@@ -242,6 +242,8 @@ impl Tx {
                 Lock::Depth => (0x5042_0001, 0),
                 Lock::Idempotency(h) => (0x5042_0002, h),
                 Lock::Alerts => (0x5042_0003, 0),
+                // (0x5042_0004, shard) is the status counters' (the trigger in
+                // migrations/postgres/20261206000012_counters_per_statement.sql).
             };
             sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
                 .bind(a)

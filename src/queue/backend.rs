@@ -1,20 +1,22 @@
-//! The apalis backend of the SQLite queue: apalis's own `Persisted` state machine (register,
-//! heartbeat, fetch, buffer, close) over apalis-sqlite's own statements, with one difference
-//! from `apalis_sqlite::SqliteStorage`: the fetch statement runs inside the transaction of the
-//! one writer (`store::Recorder`), beside the claims and completions it is committing anyway.
-//! (That statement is apalis's, copied into `queue::table` with its LIMIT written in, so that
-//! SQLite does not compile it again at every fetch.)
+//! The apalis backend of the queue: apalis's own `Persisted` state machine (register,
+//! heartbeat, fetch, buffer, close) over apalis-sqlite's or apalis-postgres's own statements,
+//! with two differences from their `SqliteStorage` / `PostgresStorage`: batches are fetched
+//! ahead of the worker's requests ([`FETCH_AHEAD`]), and on SQLite the fetch statement runs
+//! inside the transaction of the one writer (`store::Recorder`), beside the claims and
+//! completions it is committing anyway. (That statement is apalis's, copied into
+//! `queue::table` with its LIMIT written in, so that SQLite does not compile it again at every
+//! fetch.)
 //!
 //! Why: on SQLite every write waits its turn on one connection, and each commit pays an fsync
 //! (`synchronous = FULL`). A delivery's writes were three commits in a row (apalis's fetch,
 //! then the claim, then the outcome), so at the peer harness's settings (concurrency 8, batch
 //! 8) the sends sat idle waiting for the writer. Riding in the writer's transaction, the next
-//! batch's fetch costs a statement, not a commit.
+//! batch's fetch costs a statement, not a commit. On PostgreSQL a fetch is apalis's
+//! `get_jobs` (`FOR UPDATE SKIP LOCKED`) in one statement on the pool.
 //!
 //! Everything else (worker registration, heartbeats and the re-queue of a dead worker's jobs,
-//! the re-queue of a closing worker's buffered jobs) is apalis-sqlite's statements in their own
-//! transactions on the writer's pool, as `SqliteStorage` runs them. PostgreSQL keeps apalis's
-//! `PostgresStorage` (many connections, no single writer).
+//! the re-queue of a closing worker's buffered jobs) is apalis's statements in their own
+//! transactions, as its storages run them (on SQLite on the writer's pool).
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -24,8 +26,10 @@ use apalis_core::backend::persistence::{Persisted, Persistence, TaskEvent, TaskP
 use apalis_core::backend::{Backend, BackendConfig, WireFormatBackend, WorkerFilter};
 use apalis_core::task::Task;
 use apalis_core::worker::context::WorkerContext;
+use apalis_postgres::PgPool;
 use apalis_sqlite::queries;
 use apalis_sqlite::{Config, JsonCodec, SqlitePool};
+use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde_json::Value;
 use ulid::Ulid;
@@ -57,10 +61,36 @@ pub(crate) async fn fetch_in(tx: &mut Tx, req: &FetchRequest) -> Result<Fetched,
     super::table::fetch_sqlite(t, &req.config, req.worker.name()).await
 }
 
+/// apalis-postgres's worker registration (`queries/worker/register.sql`) with `NOW()` for its
+/// `last_seen` (apalis binds its own timestamp type, which it does not export): a worker name
+/// taken by a live worker (holding the name's advisory lock) is refused.
+const REGISTER_PG: &str =
+    "INSERT INTO apalis.workers (id, worker_type, storage_name, layers, last_seen)
+     VALUES ($1, $2, $3, $4, NOW())
+     ON CONFLICT (id) DO UPDATE SET worker_type = EXCLUDED.worker_type,
+         storage_name = EXCLUDED.storage_name, layers = EXCLUDED.layers, last_seen = NOW()
+     WHERE pg_try_advisory_lock(hashtext(workers.id))";
+
+/// apalis's fetch on PostgreSQL (`apalis.get_jobs`: up to `batch_size` due jobs, highest
+/// priority first, `FOR UPDATE SKIP LOCKED`, marked taken by the worker): one statement, its
+/// own transaction.
+async fn fetch_pg(
+    pool: PgPool,
+    config: Arc<apalis_postgres::Config>,
+    worker: WorkerContext,
+) -> Result<Fetched, String> {
+    let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
+    apalis_postgres::queries::fetch_next(&mut *conn, &config, &worker)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum BackendError {
     #[error(transparent)]
     Apalis(#[from] apalis_sqlite::Error),
+    #[error(transparent)]
+    ApalisPg(#[from] apalis_postgres::Error),
     #[error(transparent)]
     Sql(#[from] sqlx::Error),
     #[error("fetch: {0}")]
@@ -68,14 +98,15 @@ pub(crate) enum BackendError {
 }
 
 /// Batches fetched ahead of the worker's requests. apalis asks for the next batch only once it
-/// has handed out the last one; waiting for the writer then (the transaction in progress, then
-/// its own) capped delivery at one batch per two transactions: at the peer harness's settings
-/// (concurrency 8, batch 8) 629 fetches of 8 for 5,000 emails, each waiting 6.3 ms, and the
-/// handlers idle meanwhile. Fetched ahead, two batches go in one transaction with the claims
-/// and completions waiting, and transactions carry 8 claims instead of 5.
+/// has handed out the last one; waiting for the database then (on SQLite the writer's
+/// transaction in progress, then its own; on PostgreSQL a round trip) left the handlers idle.
+/// On SQLite it capped delivery at one batch per two transactions: at the peer harness's
+/// settings (concurrency 8, batch 8) 629 fetches of 8 for 5,000 emails, each waiting 6.3 ms.
+/// Fetched ahead, two batches go in one transaction with the claims and completions waiting,
+/// and transactions carry 8 claims instead of 5.
 ///
 /// Their jobs are taken by this worker but not claimed (nothing is sent): they go back to the
-/// queue when the worker closes (`WriterStorage::poll_close`), or when it dies through
+/// queue when the worker closes (`QueueStorage::poll_close`), or when it dies through
 /// apalis's re-queue of a dead worker's jobs and the janitor. They may go before a
 /// higher-priority job submitted after them (README: priority).
 pub(crate) const FETCH_AHEAD: usize = 2;
@@ -83,70 +114,135 @@ pub(crate) const FETCH_AHEAD: usize = 2;
 /// A fetch running ahead of the worker's next request.
 type Ahead = tokio::task::JoinHandle<Result<Fetched, String>>;
 
+/// Where a worker's jobs are, and how its statements run.
 #[derive(Clone)]
-pub(crate) struct WriterPersistence {
-    pool: SqlitePool,
+enum Queue {
+    /// The writer's pool (one connection); fetches in the writer's transactions (`fetch`).
+    Sqlite { pool: SqlitePool, fetch: Fetcher },
+    /// The pool; apalis-postgres's statements, its `config` the same settings as ours.
+    Pg {
+        pool: PgPool,
+        config: Arc<apalis_postgres::Config>,
+    },
+}
+
+#[derive(Clone)]
+pub(crate) struct QueuePersistence {
+    queue: Queue,
     config: Arc<Config>,
-    fetch: Fetcher,
     /// Fetches running ahead of the worker's requests, oldest first: at most [`FETCH_AHEAD`]
     /// (see `fetch_next`).
     ahead: Arc<std::sync::Mutex<std::collections::VecDeque<Ahead>>>,
 }
 
-impl std::fmt::Debug for WriterPersistence {
+impl std::fmt::Debug for QueuePersistence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WriterPersistence")
+        f.debug_struct("QueuePersistence")
             .field("queue", &self.config.queue)
             .finish_non_exhaustive()
     }
 }
 
-impl Persistence for WriterPersistence {
+impl QueuePersistence {
+    /// One fetch of up to `batch_size` due jobs for `worker`.
+    fn fetch(&self, worker: &WorkerContext) -> BoxFuture<'static, Result<Fetched, String>> {
+        match &self.queue {
+            Queue::Sqlite { fetch, .. } => fetch(FetchRequest {
+                config: self.config.clone(),
+                worker: worker.clone(),
+            }),
+            Queue::Pg { pool, config } => {
+                fetch_pg(pool.clone(), config.clone(), worker.clone()).boxed()
+            }
+        }
+    }
+}
+
+impl Persistence for QueuePersistence {
     type Compact = Vec<u8>;
     type Response = Value;
     type Error = BackendError;
 
     async fn register(&mut self, worker: &WorkerContext) -> Result<(), BackendError> {
-        let mut tx = self.pool.begin().await?;
-        queries::reenqueue_orphaned(
-            &mut *tx,
-            self.config.heartbeat_interval.as_secs() as i64,
-            self.config.queue.as_ref(),
-            &WorkerFilter::Only(worker.name().to_owned()),
-        )
-        .await?;
-        queries::register_worker(&mut *tx, &self.config, worker, "SqliteStorage").await?;
-        tx.commit().await?;
+        match &self.queue {
+            Queue::Sqlite { pool, .. } => {
+                let mut tx = pool.begin().await?;
+                queries::reenqueue_orphaned(
+                    &mut *tx,
+                    self.config.heartbeat_interval.as_secs() as i64,
+                    self.config.queue.as_ref(),
+                    &WorkerFilter::Only(worker.name().to_owned()),
+                )
+                .await?;
+                queries::register_worker(&mut *tx, &self.config, worker, "SqliteStorage").await?;
+                tx.commit().await?;
+            }
+            Queue::Pg { pool, config } => {
+                let mut tx = pool.begin().await?;
+                let queue = config.queue.as_ref();
+                apalis_postgres::queries::reenqueue_orphaned(
+                    &mut *tx,
+                    queue,
+                    config.orphaned_duration().as_secs(),
+                )
+                .await?;
+                let done = sqlx::query(REGISTER_PG)
+                    .bind(worker.name())
+                    .bind(queue)
+                    .bind("PgStorage")
+                    .bind(worker.get_service())
+                    .execute(&mut *tx)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Err(apalis_postgres::Error::WorkerAlreadyExists(
+                        worker.name().to_owned(),
+                    )
+                    .into());
+                }
+                tx.commit().await?;
+            }
+        }
         Ok(())
     }
 
     async fn heartbeat(&mut self, worker: &WorkerContext) -> Result<(), BackendError> {
-        let mut tx = self.pool.begin().await?;
-        queries::keep_alive(&mut *tx, &self.config, worker).await?;
-        queries::reenqueue_orphaned(
-            &mut *tx,
-            self.config.orphaned_duration().as_secs() as i64,
-            self.config.queue.as_ref(),
-            &WorkerFilter::AllExcept(worker.name().to_owned()),
-        )
-        .await?;
-        tx.commit().await?;
+        match &self.queue {
+            Queue::Sqlite { pool, .. } => {
+                let mut tx = pool.begin().await?;
+                queries::keep_alive(&mut *tx, &self.config, worker).await?;
+                queries::reenqueue_orphaned(
+                    &mut *tx,
+                    self.config.orphaned_duration().as_secs() as i64,
+                    self.config.queue.as_ref(),
+                    &WorkerFilter::AllExcept(worker.name().to_owned()),
+                )
+                .await?;
+                tx.commit().await?;
+            }
+            Queue::Pg { pool, config } => {
+                let mut tx = pool.begin().await?;
+                let queue = config.queue.as_ref();
+                apalis_postgres::queries::keep_alive(&mut *tx, queue, worker).await?;
+                apalis_postgres::queries::reenqueue_orphaned(
+                    &mut *tx,
+                    queue,
+                    config.orphaned_duration().as_secs(),
+                )
+                .await?;
+                tx.commit().await?;
+            }
+        }
         Ok(())
     }
 
-    /// A fetch that filled its batch is followed at once by the next [`FETCH_AHEAD`] ones, in
-    /// the writer's next transaction, so the worker finds a batch ready when it asks.
+    /// A fetch that filled its batch is followed at once by the next [`FETCH_AHEAD`] ones (on
+    /// SQLite in the writer's next transaction), so the worker finds a batch ready when it
+    /// asks.
     async fn fetch_next(&mut self, worker: &WorkerContext) -> Result<Fetched, BackendError> {
-        let req = FetchRequest {
-            config: self.config.clone(),
-            worker: worker.clone(),
-        };
         let batch = loop {
             let ahead = self.ahead.lock().expect("not poisoned").pop_front();
             let Some(h) = ahead else {
-                break (self.fetch)(req.clone())
-                    .await
-                    .map_err(BackendError::Fetch)?;
+                break self.fetch(worker).await.map_err(BackendError::Fetch)?;
             };
             let batch = h
                 .await
@@ -162,7 +258,7 @@ impl Persistence for WriterPersistence {
         if batch.len() >= self.config.batch_size {
             let mut ahead = self.ahead.lock().expect("not poisoned");
             while ahead.len() < FETCH_AHEAD {
-                ahead.push_back(tokio::spawn((self.fetch)(req.clone())));
+                ahead.push_back(tokio::spawn(self.fetch(worker)));
             }
         }
         Ok(batch)
@@ -173,15 +269,36 @@ impl Persistence for WriterPersistence {
         tasks: Fetched,
         worker: &WorkerContext,
     ) -> Result<u64, BackendError> {
-        let ids = tasks
+        let ids: Vec<String> = tasks
             .iter()
             .filter_map(|t| t.task_id().map(|id| id.to_string()))
             .collect();
-        let mut tx = self.pool.begin().await?;
-        let n =
-            queries::reenqueue_abandoned(&mut *tx, self.config.queue.as_ref(), worker.name(), &ids)
+        let n = match &self.queue {
+            Queue::Sqlite { pool, .. } => {
+                let mut tx = pool.begin().await?;
+                let n = queries::reenqueue_abandoned(
+                    &mut *tx,
+                    self.config.queue.as_ref(),
+                    worker.name(),
+                    &ids,
+                )
                 .await?;
-        tx.commit().await?;
+                tx.commit().await?;
+                n
+            }
+            Queue::Pg { pool, config } => {
+                let mut tx = pool.begin().await?;
+                let n = apalis_postgres::queries::reenqueue_abandoned(
+                    &mut *tx,
+                    config.queue.as_ref(),
+                    worker.name(),
+                    &ids,
+                )
+                .await?;
+                tx.commit().await?;
+                n
+            }
+        };
         Ok(n)
     }
 
@@ -196,30 +313,63 @@ impl Persistence for WriterPersistence {
     }
 
     async fn push_tasks(&mut self, tasks: Fetched) -> Result<(), BackendError> {
-        let mut tx = self.pool.begin().await?;
-        queries::push_tasks(&mut *tx, self.config.queue.as_ref(), &tasks).await?;
-        tx.commit().await?;
+        match &self.queue {
+            Queue::Sqlite { pool, .. } => {
+                let mut tx = pool.begin().await?;
+                queries::push_tasks(&mut *tx, self.config.queue.as_ref(), &tasks).await?;
+                tx.commit().await?;
+            }
+            Queue::Pg { pool, config } => {
+                let mut tx = pool.begin().await?;
+                apalis_postgres::queries::push_tasks(&mut *tx, config.queue.as_ref(), tasks)
+                    .await?;
+                tx.commit().await?;
+            }
+        }
         Ok(())
     }
 }
 
-/// The SQLite backend whose fetches go through the one writer.
-pub(crate) struct WriterStorage {
-    persistence: Persisted<WriterPersistence>,
+/// The queue's apalis backend on either database (see the module's documentation).
+pub(crate) struct QueueStorage {
+    persistence: Persisted<QueuePersistence>,
     codec: JsonCodec<Vec<u8>>,
     /// At close: the batches fetched ahead, handed back to the queue.
     closing: Option<BoxFuture<'static, Result<(), BackendError>>>,
 }
 
-impl WriterStorage {
-    /// `pool` is the writer's pool (one connection); `config` must have apalis's lock and
-    /// result events off.
-    pub(crate) fn new(pool: &SqlitePool, config: Config, fetch: Fetcher) -> WriterStorage {
-        WriterStorage {
-            persistence: Persisted::new(WriterPersistence {
-                pool: pool.clone(),
+impl QueueStorage {
+    /// SQLite: `pool` is the writer's pool (one connection), `fetch` runs a fetch in the
+    /// writer's next transaction; `config` must have apalis's lock and result events off.
+    pub(crate) fn sqlite(pool: &SqlitePool, config: Config, fetch: Fetcher) -> QueueStorage {
+        let queue = Queue::Sqlite {
+            pool: pool.clone(),
+            fetch,
+        };
+        QueueStorage::new(queue, config)
+    }
+
+    /// PostgreSQL; `config` must have apalis's lock and result events off.
+    pub(crate) fn postgres(pool: &PgPool, config: Config) -> QueueStorage {
+        let pg = apalis_postgres::Config::default()
+            .queue(config.queue.as_ref())
+            .batch_size(config.batch_size)
+            .heartbeat_interval(config.heartbeat_interval)
+            .missed_heartbeats(config.missed_heartbeats)
+            .lock_tasks(false)
+            .persist_results(false);
+        let queue = Queue::Pg {
+            pool: pool.clone(),
+            config: Arc::new(pg),
+        };
+        QueueStorage::new(queue, config)
+    }
+
+    fn new(queue: Queue, config: Config) -> QueueStorage {
+        QueueStorage {
+            persistence: Persisted::new(QueuePersistence {
+                queue,
                 config: Arc::new(config),
-                fetch,
                 ahead: Default::default(),
             }),
             closing: None,
@@ -228,7 +378,7 @@ impl WriterStorage {
     }
 }
 
-impl Backend for WriterStorage {
+impl Backend for QueueStorage {
     type Task = Task<Vec<u8>>;
     type Error = BackendError;
 
@@ -283,7 +433,7 @@ impl Backend for WriterStorage {
     }
 }
 
-impl BackendConfig for WriterStorage {
+impl BackendConfig for QueueStorage {
     type Args = Value;
     type Id = Ulid;
     type Kind = Durable;
@@ -303,7 +453,7 @@ impl BackendConfig for WriterStorage {
     }
 }
 
-impl WireFormatBackend for WriterStorage {
+impl WireFormatBackend for QueueStorage {
     type Codec = JsonCodec<Vec<u8>>;
     type Compact = Vec<u8>;
 
@@ -343,10 +493,9 @@ mod tests {
             })
         };
         let pool = SqlitePool::connect_lazy("sqlite::memory:").unwrap();
-        let mut p = WriterPersistence {
-            pool,
+        let mut p = QueuePersistence {
+            queue: Queue::Sqlite { pool, fetch },
             config: Arc::new(Config::default().batch_size(1)),
-            fetch,
             ahead: Default::default(),
         };
         let worker = WorkerContext::new("w");
@@ -408,7 +557,7 @@ mod tests {
                 .boxed()
             })
         };
-        let mut storage = WriterStorage::new(&pool, Config::default().batch_size(1), fetch);
+        let mut storage = QueueStorage::sqlite(&pool, Config::default().batch_size(1), fetch);
         let worker = WorkerContext::new("w");
         assert_eq!(
             storage.persistence.fetch_next(&worker).await.unwrap().len(),

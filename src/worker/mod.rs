@@ -7,8 +7,8 @@
 //! - a handler returns `Ok` for every outcome of its work; a retry (an SMTP 4xx) is a NEW job
 //!   with a later `run_at`, pushed in the transaction that records the attempt (apalis has no
 //!   backoff in the database); a write the database refuses is retried from memory;
-//! - on SQLite the backend is `queue::backend::WriterStorage`: apalis's own state machine and
-//!   statements, its fetch run in the one writer's transactions and fetched ahead;
+//! - the backend is `queue::backend::QueueStorage`: apalis's own state machine and statements,
+//!   batches fetched ahead, on SQLite its fetch run in the one writer's transactions;
 //! - apalis's per-task lock and ack statements are off: the handler acks its job in the
 //!   transaction that records what the job did (`queue::table::ack`), batched with others;
 //! - the payload is read as raw JSON and parsed here, so a payload we cannot read is logged and
@@ -26,14 +26,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use apalis::prelude::*;
-use apalis_postgres::PostgresStorage;
 use futures::FutureExt;
 use futures::task::AtomicWaker;
 use serde_json::Value;
 use tracing::{debug, error, info, warn};
 
 use crate::Shutdown;
-use crate::queue::backend::{Fetcher, WriterStorage};
+use crate::queue::backend::{Fetcher, QueueStorage};
 use crate::queue::{JobKind, QueueSettings, SendJob};
 use crate::store::{Db, JanitorReport, RetentionSettings, Store, StoreError};
 
@@ -285,32 +284,20 @@ async fn supervise<K: JobKind, H: Handler<K>>(
         // until the next poll (`queue.poll_interval_ms`, long when the due timer and NOTIFY
         // do the waking).
         wake.notify();
-        let res = match db {
-            Db::Sqlite { write: pool, .. } => {
-                let config = apalis_sqlite::Config::default()
-                    .queue(&job_type)
-                    .batch_size(q.batch_size)
-                    .heartbeat_interval(heartbeat)
-                    .lock_tasks(false)
-                    .persist_results(false);
-                worker!(WriterStorage::new(pool, config, fetch.clone()))
-                    .run_until(stop)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-            Db::Pg(pool, _) => {
-                let config = apalis_postgres::Config::default()
-                    .queue(&job_type)
-                    .batch_size(q.batch_size)
-                    .heartbeat_interval(heartbeat)
-                    .lock_tasks(false)
-                    .persist_results(false);
-                worker!(PostgresStorage::<Value>::new(pool).with_config(config))
-                    .run_until(stop)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
+        let config = apalis_sqlite::Config::default()
+            .queue(&job_type)
+            .batch_size(q.batch_size)
+            .heartbeat_interval(heartbeat)
+            .lock_tasks(false)
+            .persist_results(false);
+        let storage = match db {
+            Db::Sqlite { write: pool, .. } => QueueStorage::sqlite(pool, config, fetch.clone()),
+            Db::Pg(pool, _) => QueueStorage::postgres(pool, config),
         };
+        let res = worker!(storage)
+            .run_until(stop)
+            .await
+            .map_err(|e| e.to_string());
         if shutdown.clone().now_or_never().is_some() {
             info!(worker = %name, "worker stopped");
             break;
