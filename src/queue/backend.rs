@@ -12,7 +12,7 @@
 //! then the claim, then the outcome), so at the peer harness's settings (concurrency 8, batch
 //! 8) the sends sat idle waiting for the writer. Riding in the writer's transaction, the next
 //! batch's fetch costs a statement, not a commit. On PostgreSQL a fetch is apalis's
-//! `get_jobs` (`FOR UPDATE SKIP LOCKED`) in one statement on the pool.
+//! `get_jobs` (`FOR UPDATE SKIP LOCKED`) as one statement of ours on the pool (`queue::table`).
 //!
 //! Everything else (worker registration, heartbeats and the re-queue of a dead worker's jobs,
 //! the re-queue of a closing worker's buffered jobs) is apalis's statements in their own
@@ -71,16 +71,16 @@ const REGISTER_PG: &str =
          storage_name = EXCLUDED.storage_name, layers = EXCLUDED.layers, last_seen = NOW()
      WHERE pg_try_advisory_lock(hashtext(workers.id))";
 
-/// apalis's fetch on PostgreSQL (`apalis.get_jobs`: up to `batch_size` due jobs, highest
+/// apalis's fetch on PostgreSQL (`table::fetch_pg`: up to `batch_size` due jobs, highest
 /// priority first, `FOR UPDATE SKIP LOCKED`, marked taken by the worker): one statement, its
 /// own transaction.
 async fn fetch_pg(
     pool: PgPool,
-    config: Arc<apalis_postgres::Config>,
+    config: Arc<Config>,
     worker: WorkerContext,
 ) -> Result<Fetched, String> {
     let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
-    apalis_postgres::queries::fetch_next(&mut *conn, &config, &worker)
+    super::table::fetch_pg(&mut conn, &config, worker.name())
         .await
         .map_err(|e| e.to_string())
 }
@@ -151,8 +151,8 @@ impl QueuePersistence {
                 config: self.config.clone(),
                 worker: worker.clone(),
             }),
-            Queue::Pg { pool, config } => {
-                fetch_pg(pool.clone(), config.clone(), worker.clone()).boxed()
+            Queue::Pg { pool, .. } => {
+                fetch_pg(pool.clone(), self.config.clone(), worker.clone()).boxed()
             }
         }
     }

@@ -394,3 +394,79 @@ pub(crate) async fn fetch_sqlite(
         })
         .collect()
 }
+
+/// apalis-postgres 1.0's fetch (the body of its SQL function `apalis.get_jobs`: up to `$3` due
+/// jobs of the queue, highest priority first, `FOR UPDATE SKIP LOCKED`, marked taken by worker
+/// `$1`), as a statement of our own. Called as a function it is planned again at every call
+/// (PostgreSQL does not cache the plans of a non-inlinable SQL function): 2.6 ms a fetch of 32
+/// in a 5,000-email drain (`pg_stat_statements`), against ~1 ms for the same statement
+/// prepared once per connection. Timestamps are read as whole seconds, as apalis reads them.
+const FETCH_PG: &str = "WITH jobs AS (
+        SELECT id FROM apalis.jobs
+         WHERE (status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts))
+           AND run_at < now() AND job_type = $2
+         ORDER BY priority DESC, run_at ASC
+         LIMIT $3
+         FOR UPDATE SKIP LOCKED)
+    UPDATE apalis.jobs j SET status = 'Queued', lock_by = $1, lock_at = now()
+      FROM jobs WHERE j.id = jobs.id
+    RETURNING j.job, j.id, j.job_type, j.status, j.attempts, j.max_attempts,
+              CAST(FLOOR(EXTRACT(EPOCH FROM j.run_at)) AS BIGINT) AS run_at,
+              CAST(FLOOR(EXTRACT(EPOCH FROM j.lock_at)) AS BIGINT) AS lock_at,
+              CAST(FLOOR(EXTRACT(EPOCH FROM j.done_at)) AS BIGINT) AS done_at,
+              j.lock_by, j.priority, j.idempotency_key, j.metadata";
+
+/// Runs apalis's fetch ([`FETCH_PG`]) for `worker` on a PostgreSQL connection (one statement,
+/// its own transaction) and reads the rows as apalis-postgres does.
+pub(crate) async fn fetch_pg(
+    conn: &mut sqlx::PgConnection,
+    config: &apalis_sqlite::Config,
+    worker: &str,
+) -> Result<super::backend::Fetched, sqlx::Error> {
+    use apalis_core::task::builder::TaskBuilder;
+    use apalis_core::task::metadata::MetadataStore;
+    use apalis_core::task::{status::Status, task_id::TaskId};
+    use sqlx::Row;
+    use sqlx::postgres::types::PgHstore;
+
+    let rows = sqlx::query(FETCH_PG)
+        .bind(worker)
+        .bind(config.queue.as_ref())
+        .bind(i32::try_from(config.batch_size).unwrap_or(i32::MAX))
+        .fetch_all(&mut *conn)
+        .await?;
+    let bad = |e: String| sqlx::Error::Decode(e.into());
+    rows.into_iter()
+        .map(|r| {
+            let id: String = r.try_get("id")?;
+            let status: String = r.try_get("status")?;
+            let metadata: Option<PgHstore> = r.try_get("metadata")?;
+            let mut task = TaskBuilder::new(r.try_get::<Vec<u8>, _>("job")?)
+                .task_id(TaskId::from_ulid(
+                    ulid::Ulid::from_string(&id).map_err(|e| bad(e.to_string()))?,
+                ))
+                .queue(r.try_get::<String, _>("job_type")?.into())
+                .status(status.parse::<Status>().map_err(|e| bad(e.to_string()))?)
+                .attempt(r.try_get::<i32, _>("attempts")? as usize)
+                .max_attempts(r.try_get::<Option<i32>, _>("max_attempts")?.unwrap_or(25) as usize)
+                .run_at_timestamp(r.try_get::<i64, _>("run_at")? as u64)
+                .lock_at(r.try_get::<Option<i64>, _>("lock_at")?.map(|t| t as u64))
+                .done_at(r.try_get::<Option<i64>, _>("done_at")?.map(|t| t as u64))
+                .lock_by(r.try_get("lock_by")?)
+                .priority(r.try_get::<Option<i32>, _>("priority")?.unwrap_or_default() as usize)
+                .with_metadata(MetadataStore::from_map(
+                    metadata
+                        .map(|m| {
+                            m.into_iter()
+                                .map(|(k, v)| (k, v.unwrap_or_default()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                ));
+            if let Some(key) = r.try_get::<Option<String>, _>("idempotency_key")? {
+                task = task.idempotency_key(key);
+            }
+            Ok(task.build())
+        })
+        .collect()
+}
