@@ -24,10 +24,11 @@
 //! render/       askama templates (templates/emails/<kind>/) -> Rendered { subject, text, html }
 //! metrics.rs    Prometheus names and label sets
 //! queue/        the job queue: every statement on apalis's tables (table.rs: setup, push inside
-//!               a caller's transaction, acks, janitor repairs; backend.rs: the SQLite apalis
-//!               backend, apalis's Persisted over its own statements, whose fetch runs in the
-//!               one writer's transaction, batches fetched ahead); JobKind (name, versioned
-//!               id-only payload, idempotency key); SendJob; [queue] section
+//!               a caller's transaction, acks, janitor repairs, the fetch statements;
+//!               backend.rs: QueueStorage, the apalis backend on both databases, apalis's
+//!               Persisted over its own statements, batches fetched ahead, on SQLite the fetch
+//!               run in the one writer's transaction); JobKind (name, versioned id-only
+//!               payload, idempotency key); SendJob; [queue] section
 //! store/        everything else postbox keeps: open.rs (pools: on SQLite one writer
 //!               connection and a reader pool; migrations, WAL checkpointer, health), submit.rs
 //!               (group commit), batch.rs (Recorder: claims and completions of deliveries,
