@@ -254,15 +254,6 @@ async fn supervise<K: JobKind, H: Handler<K>>(
                 .interval(Duration::from_millis(q.poll_interval_ms))
         };
         let heartbeat = Duration::from_secs(q.heartbeat_secs);
-        macro_rules! worker {
-            ($backend:expr) => {
-                WorkerBuilder::new(name.as_str())
-                    .backend($backend.poll_with_strategy(strategy()))
-                    .data(handler.clone())
-                    .concurrency(window(q))
-                    .build(handle::<K, H>)
-            };
-        }
         // apalis is stopped only after our deliveries in flight have finished and recorded
         // (`drain`), not when the process is told to stop. apalis 1.0 stops polling its own
         // futures at once, and one of them can be inside a short write transaction (a
@@ -294,7 +285,11 @@ async fn supervise<K: JobKind, H: Handler<K>>(
             Db::Sqlite { write: pool, .. } => QueueStorage::sqlite(pool, config, fetch.clone()),
             Db::Pg(pool, _) => QueueStorage::postgres(pool, config),
         };
-        let res = worker!(storage)
+        let res = WorkerBuilder::new(name.as_str())
+            .backend(storage.poll_with_strategy(strategy()))
+            .data(handler.clone())
+            .concurrency(window(q))
+            .build(handle::<K, H>)
             .run_until(stop)
             .await
             .map_err(|e| e.to_string());
