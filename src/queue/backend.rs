@@ -119,11 +119,8 @@ type Ahead = tokio::task::JoinHandle<Result<Fetched, String>>;
 enum Queue {
     /// The writer's pool (one connection); fetches in the writer's transactions (`fetch`).
     Sqlite { pool: SqlitePool, fetch: Fetcher },
-    /// The pool; apalis-postgres's statements, its `config` the same settings as ours.
-    Pg {
-        pool: PgPool,
-        config: Arc<apalis_postgres::Config>,
-    },
+    /// The pool; apalis-postgres's statements.
+    Pg { pool: PgPool },
 }
 
 #[derive(Clone)]
@@ -151,7 +148,7 @@ impl QueuePersistence {
                 config: self.config.clone(),
                 worker: worker.clone(),
             }),
-            Queue::Pg { pool, .. } => {
+            Queue::Pg { pool } => {
                 fetch_pg(pool.clone(), self.config.clone(), worker.clone()).boxed()
             }
         }
@@ -177,13 +174,13 @@ impl Persistence for QueuePersistence {
                 queries::register_worker(&mut *tx, &self.config, worker, "SqliteStorage").await?;
                 tx.commit().await?;
             }
-            Queue::Pg { pool, config } => {
+            Queue::Pg { pool } => {
                 let mut tx = pool.begin().await?;
-                let queue = config.queue.as_ref();
+                let queue = self.config.queue.as_ref();
                 apalis_postgres::queries::reenqueue_orphaned(
                     &mut *tx,
                     queue,
-                    config.orphaned_duration().as_secs(),
+                    self.config.orphaned_duration().as_secs(),
                 )
                 .await?;
                 let done = sqlx::query(REGISTER_PG)
@@ -219,14 +216,14 @@ impl Persistence for QueuePersistence {
                 .await?;
                 tx.commit().await?;
             }
-            Queue::Pg { pool, config } => {
+            Queue::Pg { pool } => {
                 let mut tx = pool.begin().await?;
-                let queue = config.queue.as_ref();
+                let queue = self.config.queue.as_ref();
                 apalis_postgres::queries::keep_alive(&mut *tx, queue, worker).await?;
                 apalis_postgres::queries::reenqueue_orphaned(
                     &mut *tx,
                     queue,
-                    config.orphaned_duration().as_secs(),
+                    self.config.orphaned_duration().as_secs(),
                 )
                 .await?;
                 tx.commit().await?;
@@ -286,11 +283,11 @@ impl Persistence for QueuePersistence {
                 tx.commit().await?;
                 n
             }
-            Queue::Pg { pool, config } => {
+            Queue::Pg { pool } => {
                 let mut tx = pool.begin().await?;
                 let n = apalis_postgres::queries::reenqueue_abandoned(
                     &mut *tx,
-                    config.queue.as_ref(),
+                    self.config.queue.as_ref(),
                     worker.name(),
                     &ids,
                 )
@@ -319,9 +316,9 @@ impl Persistence for QueuePersistence {
                 queries::push_tasks(&mut *tx, self.config.queue.as_ref(), &tasks).await?;
                 tx.commit().await?;
             }
-            Queue::Pg { pool, config } => {
+            Queue::Pg { pool } => {
                 let mut tx = pool.begin().await?;
-                apalis_postgres::queries::push_tasks(&mut *tx, config.queue.as_ref(), tasks)
+                apalis_postgres::queries::push_tasks(&mut *tx, self.config.queue.as_ref(), tasks)
                     .await?;
                 tx.commit().await?;
             }
@@ -351,18 +348,7 @@ impl QueueStorage {
 
     /// PostgreSQL; `config` must have apalis's lock and result events off.
     pub(crate) fn postgres(pool: &PgPool, config: Config) -> QueueStorage {
-        let pg = apalis_postgres::Config::default()
-            .queue(config.queue.as_ref())
-            .batch_size(config.batch_size)
-            .heartbeat_interval(config.heartbeat_interval)
-            .missed_heartbeats(config.missed_heartbeats)
-            .lock_tasks(false)
-            .persist_results(false);
-        let queue = Queue::Pg {
-            pool: pool.clone(),
-            config: Arc::new(pg),
-        };
-        QueueStorage::new(queue, config)
+        QueueStorage::new(Queue::Pg { pool: pool.clone() }, config)
     }
 
     fn new(queue: Queue, config: Config) -> QueueStorage {

@@ -4,6 +4,9 @@
 //! apalis-postgres's); on SQLite the fetch is apalis's statement, copied here (see
 //! [`fetch_sqlite`]), run inside the one writer's transactions.
 
+use apalis_core::task::Task;
+use apalis_core::task::builder::TaskBuilder;
+use apalis_core::task::{status::Status, task_id::TaskId};
 use time::OffsetDateTime;
 
 use super::JobKind;
@@ -351,10 +354,6 @@ pub(crate) async fn fetch_sqlite(
     config: &apalis_sqlite::Config,
     worker: &str,
 ) -> Result<super::backend::Fetched, sqlx::Error> {
-    use apalis_core::task::builder::TaskBuilder;
-    use apalis_core::task::{status::Status, task_id::TaskId};
-    use sqlx::Row;
-
     let now = OffsetDateTime::now_utc().unix_timestamp();
     let text = fetch_text(config.batch_size);
     let rows = sqlx::query(sqlx::AssertSqlSafe(text))
@@ -363,36 +362,46 @@ pub(crate) async fn fetch_sqlite(
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
+    rows.iter().map(task_from_row).collect()
+}
+
+/// One row of apalis's fetch, read as apalis reads it, from either database: both fetch
+/// statements return the same columns with the same types (integers as 64-bit, timestamps as
+/// whole seconds, metadata as a JSON object).
+fn task_from_row<R>(r: &R) -> Result<Task<Vec<u8>>, sqlx::Error>
+where
+    R: sqlx::Row,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'v> Vec<u8>: sqlx::Decode<'v, R::Database> + sqlx::Type<R::Database>,
+    for<'v> String: sqlx::Decode<'v, R::Database> + sqlx::Type<R::Database>,
+    for<'v> i64: sqlx::Decode<'v, R::Database> + sqlx::Type<R::Database>,
+{
     let bad = |e: String| sqlx::Error::Decode(e.into());
-    rows.into_iter()
-        .map(|r| {
-            let id: String = r.try_get("id")?;
-            let status: String = r.try_get("status")?;
-            let metadata: Option<String> = r.try_get("metadata")?;
-            let mut task = TaskBuilder::new(r.try_get::<Vec<u8>, _>("job")?)
-                .task_id(TaskId::from_ulid(
-                    ulid::Ulid::from_string(&id).map_err(|e| bad(e.to_string()))?,
-                ))
-                .queue(r.try_get::<String, _>("job_type")?.into())
-                .status(status.parse::<Status>().map_err(|e| bad(e.to_string()))?)
-                .attempt(r.try_get::<i64, _>("attempts")? as usize)
-                .max_attempts(r.try_get::<Option<i64>, _>("max_attempts")?.unwrap_or(25) as usize)
-                .run_at_timestamp(r.try_get::<i64, _>("run_at")? as u64)
-                .lock_at(r.try_get::<Option<i64>, _>("lock_at")?.map(|t| t as u64))
-                .done_at(r.try_get::<Option<i64>, _>("done_at")?.map(|t| t as u64))
-                .lock_by(r.try_get("lock_by")?)
-                .priority(r.try_get::<Option<i64>, _>("priority")?.unwrap_or_default() as usize)
-                .with_metadata(
-                    metadata
-                        .map(|m| serde_json::from_str(&m).unwrap_or_default())
-                        .unwrap_or_default(),
-                );
-            if let Some(key) = r.try_get::<Option<String>, _>("idempotency_key")? {
-                task = task.idempotency_key(key);
-            }
-            Ok(task.build())
-        })
-        .collect()
+    let id: String = r.try_get("id")?;
+    let status: String = r.try_get("status")?;
+    let metadata: Option<String> = r.try_get("metadata")?;
+    let mut task = TaskBuilder::new(r.try_get::<Vec<u8>, _>("job")?)
+        .task_id(TaskId::from_ulid(
+            ulid::Ulid::from_string(&id).map_err(|e| bad(e.to_string()))?,
+        ))
+        .queue(r.try_get::<String, _>("job_type")?.into())
+        .status(status.parse::<Status>().map_err(|e| bad(e.to_string()))?)
+        .attempt(r.try_get::<i64, _>("attempts")? as usize)
+        .max_attempts(r.try_get::<Option<i64>, _>("max_attempts")?.unwrap_or(25) as usize)
+        .run_at_timestamp(r.try_get::<i64, _>("run_at")? as u64)
+        .lock_at(r.try_get::<Option<i64>, _>("lock_at")?.map(|t| t as u64))
+        .done_at(r.try_get::<Option<i64>, _>("done_at")?.map(|t| t as u64))
+        .lock_by(r.try_get("lock_by")?)
+        .priority(r.try_get::<Option<i64>, _>("priority")?.unwrap_or_default() as usize)
+        .with_metadata(
+            metadata
+                .map(|m| serde_json::from_str(&m).unwrap_or_default())
+                .unwrap_or_default(),
+        );
+    if let Some(key) = r.try_get::<Option<String>, _>("idempotency_key")? {
+        task = task.idempotency_key(key);
+    }
+    Ok(task.build())
 }
 
 /// apalis-postgres 1.0's fetch (the body of its SQL function `apalis.get_jobs`: up to `$3` due
@@ -400,7 +409,8 @@ pub(crate) async fn fetch_sqlite(
 /// `$1`), as a statement of our own. Called as a function it is planned again at every call
 /// (PostgreSQL does not cache the plans of a non-inlinable SQL function): 2.6 ms a fetch of 32
 /// in a 5,000-email drain (`pg_stat_statements`), against ~1 ms for the same statement
-/// prepared once per connection. Timestamps are read as whole seconds, as apalis reads them.
+/// prepared once per connection. Its columns are typed as SQLite's fetch returns them
+/// ([`task_from_row`] reads both): timestamps in whole seconds, as apalis reads them.
 const FETCH_PG: &str = "WITH jobs AS (
         SELECT id FROM apalis.jobs
          WHERE (status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts))
@@ -410,11 +420,14 @@ const FETCH_PG: &str = "WITH jobs AS (
          FOR UPDATE SKIP LOCKED)
     UPDATE apalis.jobs j SET status = 'Queued', lock_by = $1, lock_at = now()
       FROM jobs WHERE j.id = jobs.id
-    RETURNING j.job, j.id, j.job_type, j.status, j.attempts, j.max_attempts,
+    RETURNING j.job, j.id, j.job_type, j.status,
+              CAST(j.attempts AS BIGINT) AS attempts,
+              CAST(j.max_attempts AS BIGINT) AS max_attempts,
               CAST(FLOOR(EXTRACT(EPOCH FROM j.run_at)) AS BIGINT) AS run_at,
               CAST(FLOOR(EXTRACT(EPOCH FROM j.lock_at)) AS BIGINT) AS lock_at,
               CAST(FLOOR(EXTRACT(EPOCH FROM j.done_at)) AS BIGINT) AS done_at,
-              j.lock_by, j.priority, j.idempotency_key, j.metadata";
+              j.lock_by, CAST(j.priority AS BIGINT) AS priority, j.idempotency_key,
+              CAST(hstore_to_json(j.metadata) AS TEXT) AS metadata";
 
 /// Runs apalis's fetch ([`FETCH_PG`]) for `worker` on a PostgreSQL connection (one statement,
 /// its own transaction) and reads the rows as apalis-postgres does.
@@ -423,50 +436,11 @@ pub(crate) async fn fetch_pg(
     config: &apalis_sqlite::Config,
     worker: &str,
 ) -> Result<super::backend::Fetched, sqlx::Error> {
-    use apalis_core::task::builder::TaskBuilder;
-    use apalis_core::task::metadata::MetadataStore;
-    use apalis_core::task::{status::Status, task_id::TaskId};
-    use sqlx::Row;
-    use sqlx::postgres::types::PgHstore;
-
     let rows = sqlx::query(FETCH_PG)
         .bind(worker)
         .bind(config.queue.as_ref())
         .bind(i32::try_from(config.batch_size).unwrap_or(i32::MAX))
         .fetch_all(&mut *conn)
         .await?;
-    let bad = |e: String| sqlx::Error::Decode(e.into());
-    rows.into_iter()
-        .map(|r| {
-            let id: String = r.try_get("id")?;
-            let status: String = r.try_get("status")?;
-            let metadata: Option<PgHstore> = r.try_get("metadata")?;
-            let mut task = TaskBuilder::new(r.try_get::<Vec<u8>, _>("job")?)
-                .task_id(TaskId::from_ulid(
-                    ulid::Ulid::from_string(&id).map_err(|e| bad(e.to_string()))?,
-                ))
-                .queue(r.try_get::<String, _>("job_type")?.into())
-                .status(status.parse::<Status>().map_err(|e| bad(e.to_string()))?)
-                .attempt(r.try_get::<i32, _>("attempts")? as usize)
-                .max_attempts(r.try_get::<Option<i32>, _>("max_attempts")?.unwrap_or(25) as usize)
-                .run_at_timestamp(r.try_get::<i64, _>("run_at")? as u64)
-                .lock_at(r.try_get::<Option<i64>, _>("lock_at")?.map(|t| t as u64))
-                .done_at(r.try_get::<Option<i64>, _>("done_at")?.map(|t| t as u64))
-                .lock_by(r.try_get("lock_by")?)
-                .priority(r.try_get::<Option<i32>, _>("priority")?.unwrap_or_default() as usize)
-                .with_metadata(MetadataStore::from_map(
-                    metadata
-                        .map(|m| {
-                            m.into_iter()
-                                .map(|(k, v)| (k, v.unwrap_or_default()))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                ));
-            if let Some(key) = r.try_get::<Option<String>, _>("idempotency_key")? {
-                task = task.idempotency_key(key);
-            }
-            Ok(task.build())
-        })
-        .collect()
+    rows.iter().map(task_from_row).collect()
 }
