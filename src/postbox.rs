@@ -952,6 +952,7 @@ impl Postbox {
             },
             worker::Shaping {
                 concurrency: i.workers.queue.concurrency,
+                batch_size: i.workers.queue.batch_size,
                 limiter: i.limiter.clone(),
                 dkim: i.dkim.clone(),
                 pauses: i.pauses.clone(),

@@ -13,8 +13,10 @@ pub struct QueueSettings {
     pub name: String,
     /// Emails delivered at once by one process.
     pub concurrency: usize,
-    /// Jobs fetched per database round trip. Priority decides which jobs a fetch takes; a fetched
-    /// batch starts in submission order, so keep this at or below `concurrency`.
+    /// Jobs fetched per database round trip (on SQLite, where a fetch rides the writer's
+    /// transaction, up to a quarter of the jobs a worker holds: `worker::window`). Priority
+    /// decides which jobs a fetch takes; a fetched batch starts in submission order, so keep
+    /// this at or below `concurrency`.
     pub batch_size: usize,
     /// How often an idle worker looks for due jobs anyway. Only a backstop: submits made in
     /// this process wake it at once, a timer wakes it when the next delayed job falls due

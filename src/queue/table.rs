@@ -6,6 +6,7 @@
 
 use apalis_core::task::Task;
 use apalis_core::task::builder::TaskBuilder;
+use apalis_core::task::metadata::MetadataStore;
 use apalis_core::task::{status::Status, task_id::TaskId};
 use time::OffsetDateTime;
 
@@ -362,8 +363,31 @@ pub(crate) async fn fetch_sqlite(
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
-    rows.iter().map(task_from_row).collect()
+    in_fetch_order(rows.iter().map(task_from_row).collect())
 }
+
+/// A fetch's tasks in the order its statement chose them (highest priority first, then the
+/// earliest due, then the oldest id): an UPDATE's RETURNING lists its rows in whatever order it
+/// updated them (on SQLite the table's), and apalis hands a batch out in the order given.
+fn in_fetch_order(
+    tasks: Result<super::backend::Fetched, sqlx::Error>,
+) -> Result<super::backend::Fetched, sqlx::Error> {
+    let mut tasks = tasks?;
+    tasks.sort_by_cached_key(|t| {
+        let c = t.ctx();
+        (
+            std::cmp::Reverse(c.priority().unwrap_or_default()),
+            c.run_at().unwrap_or_default(),
+            c.task_id().map(|id| id.to_string()).unwrap_or_default(),
+        )
+    });
+    Ok(tasks)
+}
+
+/// The job's priority in its task's metadata, as [`task_from_row`] puts it there (in memory
+/// only: no statement writes a fetched task's metadata back). apalis keeps a task's priority
+/// where a handler cannot read it; the handler reads it here (`worker::handle`).
+pub(crate) const PRIORITY_KEY: &str = "postbox.priority";
 
 /// One row of apalis's fetch, read as apalis reads it, from either database: both fetch
 /// statements return the same columns with the same types (integers as 64-bit, timestamps as
@@ -380,6 +404,13 @@ where
     let id: String = r.try_get("id")?;
     let status: String = r.try_get("status")?;
     let metadata: Option<String> = r.try_get("metadata")?;
+    let priority = r.try_get::<Option<i64>, _>("priority")?.unwrap_or_default() as usize;
+    let mut meta: MetadataStore = metadata
+        .map(|m| serde_json::from_str(&m).unwrap_or_default())
+        .unwrap_or_default();
+    let _ = meta.remove(PRIORITY_KEY);
+    meta.insert(PRIORITY_KEY, priority.to_string())
+        .map_err(|e| bad(e.to_string()))?;
     let mut task = TaskBuilder::new(r.try_get::<Vec<u8>, _>("job")?)
         .task_id(TaskId::from_ulid(
             ulid::Ulid::from_string(&id).map_err(|e| bad(e.to_string()))?,
@@ -392,12 +423,8 @@ where
         .lock_at(r.try_get::<Option<i64>, _>("lock_at")?.map(|t| t as u64))
         .done_at(r.try_get::<Option<i64>, _>("done_at")?.map(|t| t as u64))
         .lock_by(r.try_get("lock_by")?)
-        .priority(r.try_get::<Option<i64>, _>("priority")?.unwrap_or_default() as usize)
-        .with_metadata(
-            metadata
-                .map(|m| serde_json::from_str(&m).unwrap_or_default())
-                .unwrap_or_default(),
-        );
+        .priority(priority)
+        .with_metadata(meta);
     if let Some(key) = r.try_get::<Option<String>, _>("idempotency_key")? {
         task = task.idempotency_key(key);
     }
@@ -442,5 +469,5 @@ pub(crate) async fn fetch_pg(
         .bind(i32::try_from(config.batch_size).unwrap_or(i32::MAX))
         .fetch_all(&mut *conn)
         .await?;
-    rows.iter().map(task_from_row).collect()
+    in_fetch_order(rows.iter().map(task_from_row).collect())
 }

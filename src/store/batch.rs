@@ -21,6 +21,8 @@
 //! retried from memory by its delivery (`worker::deliver`), never by sending again.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -73,6 +75,9 @@ enum Op {
 #[derive(Debug, Clone)]
 pub struct Recorder {
     tx: mpsc::Sender<Op>,
+    /// Outcomes per transaction lately: the last transaction's count, or three quarters of
+    /// the figure before it when that is more (it follows a rise at once and a fall slowly).
+    recent: Arc<AtomicUsize>,
 }
 
 impl Recorder {
@@ -80,8 +85,14 @@ impl Recorder {
     /// its claims.
     pub fn start(store: Store, node: String) -> Recorder {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(run(store, node, rx));
-        Recorder { tx }
+        let recent = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(run(store, node, rx, recent.clone()));
+        Recorder { tx, recent }
+    }
+
+    /// Outcomes (completions) the recent transactions committed, per transaction.
+    pub fn recent_completions(&self) -> usize {
+        self.recent.load(Ordering::Relaxed)
     }
 
     /// Claims an email for one attempt, if job `seq` still owns it and it is not final.
@@ -132,7 +143,7 @@ fn stopped() -> StoreError {
     StoreError::Queue("the claim and completion writer has stopped".into())
 }
 
-async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>) {
+async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>, recent: Arc<AtomicUsize>) {
     while let Some(first) = rx.recv().await {
         let mut ops = vec![first];
         while ops.len() < MAX_BATCH {
@@ -168,6 +179,8 @@ async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>) {
                 }
             }
         }
+        let was = recent.load(Ordering::Relaxed);
+        recent.store(dones.len().max(was * 3 / 4), Ordering::Relaxed);
         metrics::histogram!("postbox_write_batch_size", "kind" => "claims")
             .record(claims.len() as f64);
         metrics::histogram!("postbox_write_batch_size", "kind" => "completions")

@@ -53,7 +53,13 @@ pub struct Deliverer {
     stopping: AtomicBool,
     /// `queue.concurrency`: attempts (render + SMTP transaction) at once. More jobs than this
     /// are in flight (see `worker::window`): they claim together, in batches, and wait here.
-    sends: SendGate,
+    sends: Gate,
+    /// Claims ahead of the send slots (see [`Deliverer::claims_ahead`]).
+    claims: Arc<Gate>,
+    /// The least of [`Deliverer::claims_ahead`]: `queue.concurrency + queue.batch_size`.
+    claims_floor: usize,
+    /// Jobs handed to [`Deliverer::deliver`] so far: their order at the claims gate.
+    arrivals: std::sync::atomic::AtomicU64,
     shaping: Shaping,
 }
 
@@ -63,6 +69,9 @@ pub struct Deliverer {
 pub struct Shaping {
     /// `queue.concurrency`: attempts at once in this process.
     pub concurrency: usize,
+    /// `queue.batch_size`: with `concurrency`, the least of the claims made ahead of the send
+    /// slots (see [`Deliverer::claims_ahead`]).
+    pub batch_size: usize,
     pub limiter: Arc<Limiter>,
     pub dkim: DkimSigner,
     pub pauses: Arc<PauseCache>,
@@ -198,7 +207,10 @@ impl Deliverer {
             tasks: tokio_util::task::TaskTracker::new(),
             shutdown,
             stopping: AtomicBool::new(false),
-            sends: SendGate::new(shaping.concurrency.max(1)),
+            sends: Gate::new(shaping.concurrency),
+            claims: Arc::new(Gate::new(shaping.concurrency + shaping.batch_size)),
+            claims_floor: shaping.concurrency + shaping.batch_size,
+            arrivals: Default::default(),
             shaping,
         }
     }
@@ -206,15 +218,31 @@ impl Deliverer {
     /// Runs [`Deliverer::deliver`] as a task of its own and waits for it (its outcome
     /// recorded). Once the process is stopping, the job is deferred instead (its email gets a
     /// new job for the next process).
-    pub async fn spawn(self: &Arc<Self>, job: SendJob, task: String) -> Result<(), StoreError> {
+    pub async fn spawn(
+        self: &Arc<Self>,
+        job: SendJob,
+        task: String,
+        priority: usize,
+    ) -> Result<(), StoreError> {
         if self.stopping.load(Ordering::Acquire) {
             let later = OffsetDateTime::now_utc() + DEFER_ON_STOP;
             return self.store.defer(&job.email_id, job.seq, later, &task).await;
         }
+        // A place among the claims ahead of the send slots, held until this email has a send
+        // slot (or its delivery ends): the job of the highest priority first, then in the
+        // order the jobs arrived. Taken here, before the delivery's own task starts: apalis
+        // runs this future in the order it hands the jobs out (the fetch's: priority first),
+        // so the first jobs of a batch to take free places are its most urgent ones.
+        self.claims.set_limit(self.claims_ahead());
+        let arrival = self.arrivals.fetch_add(1, Ordering::Relaxed);
+        let ahead = self
+            .claims
+            .acquire_owned(priority, &format!("{arrival:020}"))
+            .await;
         let me = self.clone();
         match self
             .tasks
-            .spawn(async move { me.deliver(job, task).await })
+            .spawn(async move { me.deliver(job, task, ahead).await })
             .await
         {
             Ok(r) => r,
@@ -223,6 +251,23 @@ impl Deliverer {
             // claim that went through is safe).
             Err(e) => Err(StoreError::Queue(format!("a delivery task failed: {e}"))),
         }
+    }
+
+    /// How many emails may be claimed ahead of the send slots (claimed or being claimed, not
+    /// yet sending): `queue.concurrency + queue.batch_size`, or twice the outcomes the writer
+    /// committed in its recent transactions when that is more.
+    ///
+    /// Claims and outcomes are committed in batches (`store::Recorder`), one transaction at a
+    /// time, so what the sends can take during one transaction must already be claimed when
+    /// it starts. When the relay is fast and the writer is the bound, each transaction's
+    /// outcomes grow, so does this, and with it the next transaction's claims: batches grow
+    /// until the writer keeps up (at the peer harness's settings, from 8 emails per
+    /// transaction to ~100). When the relay is the bound, the outcomes per transaction are
+    /// few, and claims wait here instead of piling up `sending` (each one a resend, marked
+    /// `interrupted`, after a crash).
+    fn claims_ahead(&self) -> usize {
+        self.claims_floor
+            .max(2 * self.recorder.recent_completions())
     }
 
     /// Stops starting deliveries and waits until every delivery task has ended.
@@ -234,7 +279,15 @@ impl Deliverer {
 
     /// Runs one job (apalis task `task`): claim, render, send, record, each write acking the
     /// job when it ends it. Idempotent: a stale or repeated job does nothing.
-    pub async fn deliver(&self, job: SendJob, task: String) -> Result<(), StoreError> {
+    ///
+    /// `ahead` is its place among the claims ahead of the send slots (see [`Deliverer::spawn`]),
+    /// given up once it has a send slot.
+    async fn deliver(
+        &self,
+        job: SendJob,
+        task: String,
+        ahead: OwnedPass,
+    ) -> Result<(), StoreError> {
         if !self
             .in_flight
             .lock()
@@ -251,6 +304,7 @@ impl Deliverer {
         };
         // After a full disk, SQLite's WAL must be given back before deliveries write again.
         self.store.wal_reclaimed(self.shutdown.clone()).await;
+        let mut ahead = Some(ahead);
         let Some(claimed) = self.claim(&job, &task).await else {
             return Ok(());
         };
@@ -398,6 +452,7 @@ impl Deliverer {
                     .sends
                     .acquire(claim.priority.job_priority(), claim.id.as_str())
                     .await;
+                ahead.take();
                 // A panic (a bug in rendering, MIME building or a transport) fails this email
                 // with the reason; nothing else stops.
                 let sent = match AssertUnwindSafe(self.attempt(&claim, &skip, relay))
@@ -693,8 +748,13 @@ impl Deliverer {
 }
 
 impl Handler<SendJob> for Deliverer {
-    async fn handle(self: &Arc<Self>, job: SendJob, task: String) -> Result<(), StoreError> {
-        self.spawn(job, task).await
+    async fn handle(
+        self: &Arc<Self>,
+        job: SendJob,
+        task: String,
+        priority: usize,
+    ) -> Result<(), StoreError> {
+        self.spawn(job, task, priority).await
     }
 
     async fn discard(self: &Arc<Self>, task: String) {
@@ -727,18 +787,22 @@ fn suppression_plan(claim: &Claim) -> (Vec<String>, Option<String>) {
     )
 }
 
-/// The send slots (`queue.concurrency`). Claimed emails wait here, and a freed slot goes to
-/// the waiting email of the highest priority, the oldest first (ids are time-ordered): the
-/// order the queue fetched them in, whatever order their tasks reach the gate in. (A plain
-/// semaphore serves whoever asked first, and emails claimed in one batch ask in any order.)
+/// A priority gate: at most `limit` holders at once; a freed place goes to the waiter of the
+/// highest priority, the oldest first (ids are time-ordered): the order the queue fetched them
+/// in, whatever order their tasks reach the gate in. (A plain semaphore serves whoever asked
+/// first, and emails claimed in one batch ask in any order.)
+///
+/// Two are used: the send slots (`queue.concurrency`, fixed) and the claims ahead of them
+/// (see [`Deliverer::claims_ahead`], a limit that follows the writer's batches).
 #[derive(Debug)]
-struct SendGate {
+struct Gate {
     state: std::sync::Mutex<GateState>,
 }
 
 #[derive(Debug)]
 struct GateState {
-    free: usize,
+    limit: usize,
+    held: usize,
     /// (priority, Reverse(id)) -> who waits: the greatest key is served first.
     waiting: std::collections::BTreeMap<
         (usize, std::cmp::Reverse<String>),
@@ -746,36 +810,70 @@ struct GateState {
     >,
 }
 
-/// A send slot; given to the next waiter when dropped.
-struct SendPermit<'a>(&'a SendGate);
+impl GateState {
+    /// Hands free places to the waiters, best first.
+    fn admit(&mut self) {
+        while self.held < self.limit {
+            let Some((_, tx)) = self.waiting.pop_last() else {
+                return;
+            };
+            if tx.send(()).is_ok() {
+                self.held += 1;
+            }
+        }
+    }
+}
 
-impl SendGate {
-    fn new(slots: usize) -> SendGate {
-        SendGate {
+/// A place in a [`Gate`]; given to the next waiter when dropped.
+struct GatePass<'a>(&'a Gate);
+
+impl Gate {
+    fn new(limit: usize) -> Gate {
+        Gate {
             state: std::sync::Mutex::new(GateState {
-                free: slots,
+                limit: limit.max(1),
+                held: 0,
                 waiting: Default::default(),
             }),
         }
     }
 
-    async fn acquire(&self, priority: usize, id: &str) -> SendPermit<'_> {
+    /// Moves the limit (at least 1); a higher one admits waiters at once.
+    fn set_limit(&self, limit: usize) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.limit = limit.max(1);
+        s.admit();
+    }
+
+    async fn acquire(&self, priority: usize, id: &str) -> GatePass<'_> {
+        self.enter(priority, id).await;
+        GatePass(self)
+    }
+
+    /// [`Gate::acquire`], for a holder that outlives the borrow (a task of its own).
+    async fn acquire_owned(self: &Arc<Self>, priority: usize, id: &str) -> OwnedPass {
+        self.enter(priority, id).await;
+        OwnedPass(self.clone())
+    }
+
+    /// Waits for a place and takes it (see [`Gate::release`]).
+    async fn enter(&self, priority: usize, id: &str) {
         let rx = {
             let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if s.free > 0 && s.waiting.is_empty() {
-                s.free -= 1;
-                return SendPermit(self);
+            if s.held < s.limit && s.waiting.is_empty() {
+                s.held += 1;
+                return;
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
             s.waiting
                 .insert((priority, std::cmp::Reverse(id.to_string())), tx);
             rx
         };
-        // Dropped while waiting (the delivery cancelled): the sender fails and the slot goes
-        // on to the next waiter (see `release`); dropped just after it was handed the slot:
+        // Dropped while waiting (the delivery cancelled): the sender fails and the place goes
+        // on to the next waiter (see `admit`); dropped just after it was handed the place:
         // the guard gives it back.
         struct Waiting<'a> {
-            gate: &'a SendGate,
+            gate: &'a Gate,
             rx: Option<tokio::sync::oneshot::Receiver<()>>,
         }
         impl Drop for Waiting<'_> {
@@ -795,22 +893,88 @@ impl SendGate {
         let rx = w.rx.as_mut().expect("set above");
         let _ = rx.await;
         w.rx = None;
-        SendPermit(self)
     }
 
     fn release(&self) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some((_, tx)) = s.waiting.pop_last() {
-            if tx.send(()).is_ok() {
-                return;
-            }
-        }
-        s.free += 1;
+        s.held -= 1;
+        s.admit();
     }
 }
 
-impl Drop for SendPermit<'_> {
+impl Drop for GatePass<'_> {
     fn drop(&mut self) {
         self.0.release();
+    }
+}
+
+/// A place in a [`Gate`] held by a task of its own; given to the next waiter when dropped.
+struct OwnedPass(Arc<Gate>);
+
+impl Drop for OwnedPass {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `fut` has finished after a few polls of the runtime.
+    async fn done<F: Future + Unpin>(fut: &mut F) -> bool {
+        tokio::time::timeout(Duration::from_millis(20), fut)
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_gate_admits_the_highest_priority_then_the_oldest() {
+        let gate = Gate::new(1);
+        let first = gate.acquire(0, "01").await;
+        let mut low = Box::pin(gate.acquire(0, "02"));
+        let mut high_new = Box::pin(gate.acquire(2, "04"));
+        let mut high_old = Box::pin(gate.acquire(2, "03"));
+        assert!(!done(&mut low).await && !done(&mut high_old).await);
+        drop(first);
+        let pass = high_old.as_mut().await;
+        assert!(!done(&mut high_new).await, "one place: one holder");
+        drop(pass);
+        let pass = high_new.as_mut().await;
+        assert!(!done(&mut low).await);
+        drop(pass);
+        drop(low.as_mut().await);
+    }
+
+    #[tokio::test]
+    async fn a_raised_limit_admits_waiters_at_once_and_a_lowered_one_holds_new_ones() {
+        let gate = Gate::new(1);
+        let a = gate.acquire(1, "a").await;
+        let mut b = Box::pin(gate.acquire(1, "b"));
+        let mut c = Box::pin(gate.acquire(1, "c"));
+        assert!(!done(&mut b).await);
+        gate.set_limit(3);
+        let (b, c) = (b.as_mut().await, c.as_mut().await);
+        gate.set_limit(1);
+        drop(a);
+        drop(b);
+        let mut d = Box::pin(gate.acquire(1, "d"));
+        assert!(!done(&mut d).await, "2 held: still over the limit of 1");
+        drop(c);
+        drop(d.as_mut().await);
+        assert_eq!(gate.state.lock().unwrap().held, 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_gives_up_passes_its_place_on() {
+        let gate = Gate::new(1);
+        let a = gate.acquire(1, "a").await;
+        let mut b = Box::pin(gate.acquire(2, "b"));
+        let mut c = Box::pin(gate.acquire(1, "c"));
+        assert!(!done(&mut b).await);
+        drop(b);
+        drop(a);
+        drop(c.as_mut().await);
+        assert_eq!(gate.state.lock().unwrap().held, 0);
     }
 }

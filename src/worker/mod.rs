@@ -52,19 +52,20 @@ pub struct WorkerSettings {
     pub public_url: Option<String>,
 }
 
-/// What runs the jobs of one kind `K`: at most twice `queue.concurrency + queue.batch_size` jobs
-/// per process at once (see [`window`]; a handler limits its own work within that). A job
-/// its worker did not ack before dying is handed back by the janitor and runs again, so
-/// handlers are idempotent.
+/// What runs the jobs of one kind `K`: at most [`window`] jobs per process at once (a handler
+/// limits its own work within that). A job its worker did not ack before dying is handed back
+/// by the janitor and runs again, so handlers are idempotent.
 pub trait Handler<K: JobKind>: Send + Sync + 'static {
     /// Runs one job, and acks it (`queue::table::ack` of `task`, the apalis task id) in the
     /// transaction that records what it did: apalis's own lock and ack statements are off
     /// (see [`supervise`]). A job not acked stays taken by this worker; the janitor hands it
     /// back once the worker is gone. An error is a bug (the job is left to the janitor).
+    /// `priority` is the job's apalis priority (higher first).
     fn handle(
         self: &Arc<Self>,
         job: K,
         task: String,
+        priority: usize,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Acks a job whose payload could not be read (it is dropped).
@@ -115,9 +116,14 @@ impl futures::Stream for WakeStream {
 async fn handle<K: JobKind, H: Handler<K>>(
     job: Value,
     task: TaskId,
+    meta: MetadataStore,
     handler: Data<Arc<H>>,
 ) -> Result<(), BoxDynError> {
     let task = task.to_string();
+    let priority = meta
+        .get(crate::queue::table::PRIORITY_KEY)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_default();
     let job: K = match serde_json::from_value::<K>(job.clone()) {
         Ok(j) if j.version() == K::VERSION => j,
         Ok(j) => {
@@ -135,7 +141,7 @@ async fn handle<K: JobKind, H: Handler<K>>(
             return Ok(());
         }
     };
-    handler.handle(job, task).await.map_err(|e| {
+    handler.handle(job, task, priority).await.map_err(|e| {
         error!(kind = K::NAME, error = %e,
             "the job failed; the janitor hands it back once this worker is gone");
         Box::new(e) as BoxDynError
@@ -277,7 +283,7 @@ async fn supervise<K: JobKind, H: Handler<K>>(
         wake.notify();
         let config = apalis_sqlite::Config::default()
             .queue(&job_type)
-            .batch_size(q.batch_size)
+            .batch_size(fetch_size(q, db))
             .heartbeat_interval(heartbeat)
             .lock_tasks(false)
             .persist_results(false);
@@ -288,7 +294,7 @@ async fn supervise<K: JobKind, H: Handler<K>>(
         let res = WorkerBuilder::new(name.as_str())
             .backend(storage.poll_with_strategy(strategy()))
             .data(handler.clone())
-            .concurrency(window(q))
+            .concurrency(window(q, db))
             .build(handle::<K, H>)
             .run_until(stop)
             .await
@@ -308,21 +314,41 @@ async fn supervise<K: JobKind, H: Handler<K>>(
     }
 }
 
-/// Jobs in flight at once: twice `queue.concurrency + queue.batch_size`. A job holds its place
-/// from its fetch to the commit of its outcome, and every write between (fetch, claim,
-/// outcome) waits its turn on the one writer: `concurrency` places for the attempts, as many
-/// again for outcomes waiting for their batch commit, and two fetch batches claimed ahead so a
-/// freed send slot is taken at once instead of waiting for the database. Each is also what a
-/// crash can leave `sending` (README, "Duplicates").
+/// Jobs a worker holds at once (fetched and not yet ended): on PostgreSQL twice
+/// `queue.concurrency + queue.batch_size`, on SQLite [`SQLITE_WINDOW`] times that. A job holds
+/// its place from its fetch to the commit of its outcome, and every write between (fetch,
+/// claim, outcome) waits its turn on the one writer. What is claimed of them ahead of the send
+/// slots is limited apart (`Deliverer::claims_ahead`); the rest are taken by this worker but
+/// not claimed, and go back to the queue if it dies (no resend, no `interrupted`). Each claimed
+/// one is what a crash can leave `sending` (README, "Duplicates").
 ///
-/// Measured on 2 cores with `synchronous = FULL` (`scripts/bench.sh 5000` at the defaults, 32
-/// and 32, the old window alternated with this one in one sitting): drain 2,180 / 2,478 ->
-/// 2,867 / 3,095 delivered/s, end to end 1,866 / 2,242 -> 2,584 / 2,910; with 8 and 8 (the peer
-/// harness's settings; 5,000 emails in batches of 500 to `postbox serve`, three runs each),
-/// 1,264 / 1,207 / 1,095 -> 1,510 / 1,468 / 1,200 delivered/s. Four times the old window did
-/// no better than twice.
-fn window(q: &QueueSettings) -> usize {
-    2 * (q.concurrency + q.batch_size)
+/// On PostgreSQL a worker's jobs are taken from other processes' reach (`FOR UPDATE SKIP
+/// LOCKED`), so it holds few. On SQLite one process does the work, and what bounds it is the
+/// writer: every transaction costs a few milliseconds whatever it carries (its statements'
+/// round trips to SQLite's thread, the fsync), so throughput is the emails per transaction
+/// over that. Measured at the peer harness's settings (concurrency 8, batch 8; 5,000 emails
+/// POSTed in batches of 500 to `postbox serve`, `synchronous = FULL`): twice (c + b) and
+/// fetches of 8 made 632 transactions of 8 claims and 8 outcomes, 1,180-1,290 delivered/s;
+/// holding 16 x (c + b) and fetching up to a quarter of it, ~50 transactions of ~100 each,
+/// ~2,400 delivered/s.
+fn window(q: &QueueSettings, db: &Db) -> usize {
+    match db {
+        Db::Sqlite { .. } => SQLITE_WINDOW * (q.concurrency + q.batch_size),
+        Db::Pg(..) => 2 * (q.concurrency + q.batch_size),
+    }
+}
+
+/// See [`window`].
+const SQLITE_WINDOW: usize = 16;
+
+/// Jobs per fetch: `queue.batch_size`; on SQLite, where a fetch is a statement in the
+/// writer's transaction rather than a round trip, up to a quarter of the [`window`] (at least
+/// `queue.batch_size`), so that one transaction can take what the last one finished.
+fn fetch_size(q: &QueueSettings, db: &Db) -> usize {
+    match db {
+        Db::Sqlite { .. } => q.batch_size.max(window(q, db) / 4),
+        Db::Pg(..) => q.batch_size,
+    }
 }
 
 /// How long the due timer trusts what it read: it reads again this often even when this

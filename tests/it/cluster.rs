@@ -116,8 +116,9 @@ async fn one_api_and_three_workers_deliver_10k_emails_through_a_kill_9() {
          {extra} duplicate sends; {} sends interrupted by the kill",
         interrupted_ids.len()
     );
-    // In flight in one worker (worker::window): twice concurrency + batch_size (= CONCURRENCY
-    // here): sends, outcomes not yet committed, and emails claimed and waiting for a slot.
+    // In flight in one worker (worker::window, PostgreSQL): twice concurrency + batch_size
+    // (= CONCURRENCY here): sends, outcomes not yet committed, and emails claimed and waiting
+    // for a slot.
     let in_flight = 4 * CONCURRENCY;
     assert!(
         interrupted_ids.len() <= in_flight,

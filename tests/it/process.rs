@@ -86,9 +86,10 @@ async fn kill_9_mid_batch_then_restart_delivers_every_email_with_bounded_duplica
     }
     let duplicates = received.len() - N;
     eprintln!("kill -9 at {at_kill} delivered; duplicates after restart: {duplicates}");
-    // In flight (worker::window): twice concurrency + batch_size (= CONCURRENCY here): sends,
-    // outcomes not yet committed, and emails claimed and waiting for a slot.
-    const IN_FLIGHT: usize = 4 * CONCURRENCY;
+    // Claimed and not yet recorded: sends in flight, outcomes not yet committed, and emails
+    // claimed ahead of a send slot; all within the jobs a worker holds on SQLite
+    // (worker::window): 16 x (concurrency + batch_size), batch_size = CONCURRENCY here.
+    const IN_FLIGHT: usize = 16 * (CONCURRENCY + CONCURRENCY);
     assert!(
         duplicates <= IN_FLIGHT,
         "{duplicates} duplicates exceed the {IN_FLIGHT} jobs in flight"
