@@ -239,6 +239,12 @@ impl Deliverer {
             .claims
             .acquire_owned(priority, &format!("{arrival:020}"))
             .await;
+        // The process may have begun to stop while this job waited for its place.
+        if self.stopping.load(Ordering::Acquire) {
+            drop(ahead);
+            let later = OffsetDateTime::now_utc() + DEFER_ON_STOP;
+            return self.store.defer(&job.email_id, job.seq, later, &task).await;
+        }
         let me = self.clone();
         match self
             .tasks
