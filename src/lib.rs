@@ -99,7 +99,9 @@
 //! `Postbox::submit` -> `Email::parse` (every rule, every field named; `relay` must exist) -> `GroupCommitter` ->
 //! `Store::insert_group` (idempotency, depth cap, then email rows + `queue::table::push` of job
 //! `<id>:0`, and its `submitted` timeline entry, in ONE transaction) -> worker
-//! `Deliverer::deliver`: `Recorder::claim` (row -> `sending`, attempt n, `claimed_by` this
+//! `Deliverer::spawn` (a place among the claims ahead of the send slots, highest priority
+//! first; `Deliverer::claims_ahead` grows with the writer's batches) -> `Deliverer::deliver`:
+//! `Recorder::claim` (row -> `sending`, attempt n, `claimed_by` this
 //! process; one UPDATE for every claim waiting, one read of their recipients against the
 //! suppression list) -> pauses (`PauseCache`) -> `Relays::route` and `pick` (the first relay
 //! of its route not paused, not cooling down unless all are) -> `Limiter::take` (a slot of every limit key:

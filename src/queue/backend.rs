@@ -103,7 +103,8 @@ pub(crate) enum BackendError {
 /// On SQLite it capped delivery at one batch per two transactions: at the peer harness's
 /// settings (concurrency 8, batch 8) 629 fetches of 8 for 5,000 emails, each waiting 6.3 ms.
 /// Fetched ahead, two batches go in one transaction with the claims and completions waiting,
-/// and transactions carry 8 claims instead of 5.
+/// and transactions carry 8 claims instead of 5. (On SQLite a fetch now takes up to a quarter
+/// of the jobs a worker holds, not `batch_size`: `worker::window`.)
 ///
 /// Their jobs are taken by this worker but not claimed (nothing is sent): they go back to the
 /// queue when the worker closes (`QueueStorage::poll_close`), or when it dies through
