@@ -794,12 +794,14 @@ fn suppression_plan(claim: &Claim) -> (Vec<String>, Option<String>) {
 }
 
 /// A priority gate: at most `limit` holders at once; a freed place goes to the waiter of the
-/// highest priority, the oldest first (ids are time-ordered): the order the queue fetched them
-/// in, whatever order their tasks reach the gate in. (A plain semaphore serves whoever asked
-/// first, and emails claimed in one batch ask in any order.)
+/// highest priority, the smallest id first, whatever order their tasks reach the gate in. (A
+/// plain semaphore serves whoever asked first, and emails claimed in one batch ask in any
+/// order.)
 ///
-/// Two are used: the send slots (`queue.concurrency`, fixed) and the claims ahead of them
-/// (see [`Deliverer::claims_ahead`], a limit that follows the writer's batches).
+/// Two are used: the send slots (`queue.concurrency`, fixed; ids are email ids, time-ordered:
+/// the order the queue fetched them in) and the claims ahead of them (ids are arrival numbers;
+/// the limit follows the writer's batches, [`Deliverer::claims_ahead`], and is set again at
+/// every job handed out).
 #[derive(Debug)]
 struct Gate {
     state: std::sync::Mutex<GateState>,
