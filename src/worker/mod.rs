@@ -132,12 +132,14 @@ async fn handle<K: JobKind, H: Handler<K>>(
                 version = j.version(),
                 "job payload version not understood; dropped"
             );
-            handler.discard(task).await;
+            // Boxed (as `Deliverer::defer_on_stop`): a rare path must not size the future of
+            // every job a worker holds.
+            Box::pin(handler.discard(task)).await;
             return Ok(());
         }
         Err(e) => {
             warn!(kind = K::NAME, error = %e, payload = %job, "unreadable job payload; dropped");
-            handler.discard(task).await;
+            Box::pin(handler.discard(task)).await;
             return Ok(());
         }
     };
