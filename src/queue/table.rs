@@ -363,16 +363,15 @@ pub(crate) async fn fetch_sqlite(
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
-    in_fetch_order(rows.iter().map(task_from_row).collect())
+    Ok(in_fetch_order(
+        rows.iter().map(task_from_row).collect::<Result<_, _>>()?,
+    ))
 }
 
 /// A fetch's tasks in the order its statement chose them (highest priority first, then the
 /// earliest due, then the oldest id): an UPDATE's RETURNING lists its rows in whatever order it
 /// updated them (on SQLite the table's), and apalis hands a batch out in the order given.
-fn in_fetch_order(
-    tasks: Result<super::backend::Fetched, sqlx::Error>,
-) -> Result<super::backend::Fetched, sqlx::Error> {
-    let mut tasks = tasks?;
+fn in_fetch_order(mut tasks: super::backend::Fetched) -> super::backend::Fetched {
     tasks.sort_by_cached_key(|t| {
         let c = t.ctx();
         (
@@ -381,7 +380,7 @@ fn in_fetch_order(
             c.task_id().map(|id| id.to_string()).unwrap_or_default(),
         )
     });
-    Ok(tasks)
+    tasks
 }
 
 /// The job's priority in its task's metadata, as [`task_from_row`] puts it there (in memory
@@ -469,5 +468,7 @@ pub(crate) async fn fetch_pg(
         .bind(i32::try_from(config.batch_size).unwrap_or(i32::MAX))
         .fetch_all(&mut *conn)
         .await?;
-    in_fetch_order(rows.iter().map(task_from_row).collect())
+    Ok(in_fetch_order(
+        rows.iter().map(task_from_row).collect::<Result<_, _>>()?,
+    ))
 }

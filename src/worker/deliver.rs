@@ -56,8 +56,6 @@ pub struct Deliverer {
     sends: Gate,
     /// Claims ahead of the send slots (see [`Deliverer::claims_ahead`]).
     claims: Arc<Gate>,
-    /// The least of [`Deliverer::claims_ahead`]: `queue.concurrency + queue.batch_size`.
-    claims_floor: usize,
     /// Jobs handed to [`Deliverer::deliver`] so far: their order at the claims gate.
     arrivals: std::sync::atomic::AtomicU64,
     shaping: Shaping,
@@ -209,7 +207,6 @@ impl Deliverer {
             stopping: AtomicBool::new(false),
             sends: Gate::new(shaping.concurrency),
             claims: Arc::new(Gate::new(shaping.concurrency + shaping.batch_size)),
-            claims_floor: shaping.concurrency + shaping.batch_size,
             arrivals: Default::default(),
             shaping,
         }
@@ -282,11 +279,11 @@ impl Deliverer {
     /// it starts. When the relay is fast and the writer is the bound, each transaction's
     /// outcomes grow, so does this, and with it the next transaction's claims: batches grow
     /// until the writer keeps up (at the peer harness's settings, from 8 emails per
-    /// transaction to ~100). When the relay is the bound, the outcomes per transaction are
+    /// transaction to ~45). When the relay is the bound, the outcomes per transaction are
     /// few, and claims wait here instead of piling up `sending` (each one a resend, marked
     /// `interrupted`, after a crash).
     fn claims_ahead(&self) -> usize {
-        self.claims_floor
+        (self.shaping.concurrency + self.shaping.batch_size)
             .max(2 * self.recorder.recent_completions())
     }
 
@@ -306,7 +303,7 @@ impl Deliverer {
         &self,
         job: SendJob,
         task: String,
-        ahead: OwnedPass,
+        ahead: GatePass<Arc<Gate>>,
     ) -> Result<(), StoreError> {
         if !self
             .in_flight
@@ -846,8 +843,9 @@ impl GateState {
     }
 }
 
-/// A place in a [`Gate`]; given to the next waiter when dropped.
-struct GatePass<'a>(&'a Gate);
+/// A place in a [`Gate`] (borrowed, or shared by a task of its own); given to the next waiter
+/// when dropped.
+struct GatePass<G: std::ops::Deref<Target = Gate>>(G);
 
 impl Gate {
     fn new(limit: usize) -> Gate {
@@ -867,15 +865,15 @@ impl Gate {
         s.admit();
     }
 
-    async fn acquire(&self, priority: usize, id: &str) -> GatePass<'_> {
+    async fn acquire(&self, priority: usize, id: &str) -> GatePass<&Gate> {
         self.enter(priority, id).await;
         GatePass(self)
     }
 
     /// [`Gate::acquire`], for a holder that outlives the borrow (a task of its own).
-    async fn acquire_owned(self: &Arc<Self>, priority: usize, id: &str) -> OwnedPass {
+    async fn acquire_owned(self: &Arc<Self>, priority: usize, id: &str) -> GatePass<Arc<Gate>> {
         self.enter(priority, id).await;
-        OwnedPass(self.clone())
+        GatePass(self.clone())
     }
 
     /// Waits for a place and takes it (see [`Gate::release`]).
@@ -924,16 +922,7 @@ impl Gate {
     }
 }
 
-impl Drop for GatePass<'_> {
-    fn drop(&mut self) {
-        self.0.release();
-    }
-}
-
-/// A place in a [`Gate`] held by a task of its own; given to the next waiter when dropped.
-struct OwnedPass(Arc<Gate>);
-
-impl Drop for OwnedPass {
+impl<G: std::ops::Deref<Target = Gate>> Drop for GatePass<G> {
     fn drop(&mut self) {
         self.0.release();
     }
