@@ -31,8 +31,9 @@
 //!               payload, idempotency key); SendJob; [queue] section
 //! store/        everything else postbox keeps: open.rs (pools: on SQLite one writer
 //!               connection and a reader pool; migrations, WAL checkpointer, health), submit.rs
-//!               (group commit), batch.rs (Recorder: claims and completions of deliveries,
-//!               and on SQLite the workers' fetches, batched into one transaction), lifecycle.rs (defer, cancel, retry), reads.rs
+//!               (group commit), batch.rs (Recorder, one per process: claims and completions
+//!               of deliveries, on SQLite the workers' fetches, and the webhook dispatchers'
+//!               rounds, batched into one transaction), lifecycle.rs (defer, cancel, retry), reads.rs
 //!               (reports, listings, stats), janitor.rs, group.rs (the group committer),
 //!               events.rs (the events feed read from the timeline by Cursor; webhook
 //!               endpoints, their place in the feed and their deliveries), suppressions.rs
@@ -58,7 +59,8 @@
 //! webhooks/     [[webhooks]] and [webhook] sections; sign.rs (Standard Webhooks signatures,
 //!               whsec_ secrets); client.rs (HTTP/1.1 POSTs over hyper, keep-alive, bounded
 //!               answers); dispatch.rs (one dispatcher per endpoint, under a lease: due
-//!               retries + events after its place, signed POSTs, ONE transaction per round)
+//!               retries + events after its place, signed POSTs, each round recorded by the
+//!               Recorder; all on the postbox-webhooks thread, its own runtime, nice +10)
 //! postbox.rs    Postbox, the facade every entry point calls: submit, status, list, cancel,
 //!               retry, bulk, stats, events, webhooks, suppressions, unsubscribe, relays,
 //!               pause / resume, run_workers; run /
@@ -135,7 +137,8 @@
 //!   store's status statements are built from it.
 //! - The timeline is the events outbox: an event exists exactly when its change committed; a
 //!   webhook endpoint's place in the feed advances in the transaction that records what its
-//!   POSTs got (`store/events.rs`), so a crash resends, never skips (same `webhook-id`).
+//!   POSTs got (`store/events.rs`, `webhook_round_in`, run by the Recorder), so a crash
+//!   resends, never skips (same `webhook-id`).
 //! - A wait for a rate limit, a pause or a cooling relay is never an attempt: `Finish::Wait`
 //!   takes the claim's count back in the completion's statement (`store/batch.rs`), and a
 //!   slow-down reply (`Finish::Throttled`) does too; rate limits only ever under-use (unused

@@ -285,6 +285,9 @@ struct Inner {
     /// The pauses as workers see them (re-read every few seconds, and after a change here).
     pauses: Arc<worker::PauseCache>,
     writer: GroupCommitter,
+    /// The one writer of deliveries' claims and outcomes, apalis's fetches and the webhook
+    /// dispatchers' bookkeeping (`store::Recorder`), shared by every worker of this process.
+    recorder: crate::store::Recorder,
     workers_running: AtomicUsize,
     /// This process in the cluster (`host-pid-ulid`): the holder of its leases and claims.
     node: String,
@@ -326,8 +329,11 @@ impl Postbox {
                 idempotency_ttl: parts.workers.idempotency_ttl,
             },
         );
+        let node = worker::node_name();
+        let recorder = crate::store::Recorder::start(parts.store.clone(), node.clone());
         Postbox {
             inner: Arc::new(Inner {
+                recorder,
                 store: parts.store,
                 wake: Arc::new(Wake::default()),
                 mailer: parts.mailer,
@@ -337,7 +343,7 @@ impl Postbox {
                 pauses: Arc::new(worker::PauseCache::default()),
                 writer,
                 workers_running: AtomicUsize::new(0),
-                node: worker::node_name(),
+                node,
                 limits: parts.limits,
                 senders: parts.senders,
                 retry: parts.retry,
@@ -398,6 +404,11 @@ impl Postbox {
 
     pub(crate) fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// This process's one writer of claims, outcomes and webhook bookkeeping.
+    pub(crate) fn recorder(&self) -> &crate::store::Recorder {
+        &self.inner.recorder
     }
 
     /// This process's name in the cluster (`host-pid-ulid`).
@@ -943,9 +954,9 @@ impl Postbox {
         let _running = Running(&i.workers_running);
         let deliverer = Arc::new(Deliverer::new(
             i.store.clone(),
+            i.recorder.clone(),
             i.mailer.clone(),
             i.retry.clone(),
-            i.node.clone(),
             worker::Addressing {
                 return_path: i.workers.return_path.clone(),
                 unsubscribe: self.unsubscribe_links().await,

@@ -160,9 +160,9 @@ impl Runtime {
     async fn webhooks_of(&self, pb: &Postbox, dispatch: bool, shutdown: Shutdown) {
         crate::webhooks::run(
             pb.store().clone(),
+            pb.recorder().clone(),
             self.webhooks.clone(),
             self.settings.webhook.clone(),
-            pb.node().to_string(),
             Duration::from_secs(self.settings.cluster.lease_secs),
             dispatch,
             shutdown,

@@ -14,7 +14,10 @@
 //!
 //! On SQLite the workers' fetches ride along (`queue::backend`): apalis's fetch statement for
 //! the next batch of due jobs runs in the same transaction, so it costs a statement, not a
-//! commit of its own.
+//! commit of its own. So do the webhook dispatchers' rounds (`webhooks::dispatch`): what a
+//! round's POSTs got and the endpoint's new place in the feed are a few statements in the
+//! next transaction, not a transaction (and, with `synchronous = FULL`, a sync to disk) of
+//! their own that the deliveries' next one would wait behind.
 //!
 //! A failed batch (one row the database refuses) is retried one operation per transaction,
 //! so one bad operation never sinks the others. A completion that cannot be committed is
@@ -26,6 +29,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::events::webhook_round_in;
 use super::lifecycle::{insert_event, insert_expired, rfc3339};
 use super::open::now;
 use super::submit::push_jobs;
@@ -68,6 +72,11 @@ enum Op {
         req: Box<FetchRequest>,
         reply: oneshot::Sender<Result<Fetched, StoreError>>,
     },
+    /// What a webhook dispatcher's round did (`webhooks`).
+    WebhookRound {
+        round: Box<WebhookRound>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
 }
 
 /// Handle to the task that batches claims and completions; cheap to clone. The task ends when
@@ -75,6 +84,8 @@ enum Op {
 #[derive(Debug, Clone)]
 pub struct Recorder {
     tx: mpsc::Sender<Op>,
+    /// This process, as recorded in its claims.
+    node: Arc<str>,
     /// Outcomes per transaction lately: the last transaction's count, or three quarters of
     /// the figure before it when that is more (it follows a rise at once and a fall slowly).
     recent: Arc<AtomicUsize>,
@@ -86,8 +97,14 @@ impl Recorder {
     pub fn start(store: Store, node: String) -> Recorder {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         let recent = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(run(store, node, rx, recent.clone()));
-        Recorder { tx, recent }
+        let node: Arc<str> = node.into();
+        tokio::spawn(run(store, node.to_string(), rx, recent.clone()));
+        Recorder { tx, node, recent }
+    }
+
+    /// This process's name in the cluster, as recorded in its claims.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     /// Outcomes (completions) the recent transactions committed, per transaction.
@@ -127,6 +144,17 @@ impl Recorder {
         .await
     }
 
+    /// Records a webhook dispatcher's round in the next transaction, with the claims and
+    /// completions waiting: a round's bookkeeping costs delivery a few statements, not a
+    /// transaction (and a sync to disk) of its own on the one write connection.
+    pub async fn record_webhook_round(&self, round: WebhookRound) -> Result<(), StoreError> {
+        self.ask(|reply| Op::WebhookRound {
+            round: Box::new(round),
+            reply,
+        })
+        .await
+    }
+
     /// Hands the task one operation (`op`, given where to answer) and waits for its answer,
     /// which comes once the transaction holding it has committed (or failed).
     async fn ask<T>(
@@ -158,6 +186,8 @@ async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>, recent: Arc
         let mut done_replies = Vec::new();
         let mut fetches = Vec::new();
         let mut fetch_replies = Vec::new();
+        let mut rounds = Vec::new();
+        let mut round_replies = Vec::new();
         for op in ops {
             match op {
                 Op::Claim {
@@ -177,6 +207,10 @@ async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>, recent: Arc
                     fetches.push(*req);
                     fetch_replies.push(reply);
                 }
+                Op::WebhookRound { round, reply } => {
+                    rounds.push(*round);
+                    round_replies.push(reply);
+                }
             }
         }
         let was = recent.load(Ordering::Relaxed);
@@ -187,7 +221,12 @@ async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>, recent: Arc
             .record(dones.len() as f64);
         metrics::histogram!("postbox_write_batch_size", "kind" => "fetches")
             .record(fetches.len() as f64);
-        match store.record_batch(&claims, &dones, &fetches, &node).await {
+        metrics::histogram!("postbox_write_batch_size", "kind" => "webhook_rounds")
+            .record(rounds.len() as f64);
+        match store
+            .record_batch(&claims, &dones, &fetches, &rounds, &node)
+            .await
+        {
             Ok((claimed, recorded, fetched)) => {
                 for (reply, r) in claim_replies.into_iter().zip(claimed) {
                     let _ = reply.send(Ok(r));
@@ -198,15 +237,20 @@ async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>, recent: Arc
                 for (reply, r) in fetch_replies.into_iter().zip(fetched) {
                     let _ = reply.send(Ok(r));
                 }
+                for reply in round_replies {
+                    let _ = reply.send(Ok(()));
+                }
             }
             Err(e) => {
                 store.saw(&e);
-                if claims.len() + dones.len() + fetches.len() == 1 {
+                if claims.len() + dones.len() + fetches.len() + rounds.len() == 1 {
                     if let Some(reply) = done_replies.pop() {
                         let _ = reply.send(Err(e));
                     } else if let Some(reply) = claim_replies.pop() {
                         let _ = reply.send(Err(e));
                     } else if let Some(reply) = fetch_replies.pop() {
+                        let _ = reply.send(Err(e));
+                    } else if let Some(reply) = round_replies.pop() {
                         let _ = reply.send(Err(e));
                     }
                     continue;
@@ -216,7 +260,7 @@ async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>, recent: Arc
                 // Completions first: they free what claims may need.
                 for (done, reply) in dones.iter().zip(done_replies) {
                     let r = store
-                        .record_batch(&[], std::slice::from_ref(done), &[], &node)
+                        .record_batch(&[], std::slice::from_ref(done), &[], &[], &node)
                         .await
                         .map(|(_, mut v, _)| v.pop().unwrap_or(false));
                     if let Err(e) = &r {
@@ -226,7 +270,7 @@ async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>, recent: Arc
                 }
                 for (claim, reply) in claims.iter().zip(claim_replies) {
                     let r = store
-                        .record_batch(std::slice::from_ref(claim), &[], &[], &node)
+                        .record_batch(std::slice::from_ref(claim), &[], &[], &[], &node)
                         .await
                         .map(|(mut v, _, _)| v.pop().expect("one claim, one answer"));
                     if let Err(e) = &r {
@@ -236,9 +280,19 @@ async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>, recent: Arc
                 }
                 for (req, reply) in fetches.iter().zip(fetch_replies) {
                     let r = store
-                        .record_batch(&[], &[], std::slice::from_ref(req), &node)
+                        .record_batch(&[], &[], std::slice::from_ref(req), &[], &node)
                         .await
                         .map(|(_, _, mut v)| v.pop().expect("one fetch, one answer"));
+                    if let Err(e) = &r {
+                        store.saw(e);
+                    }
+                    let _ = reply.send(r);
+                }
+                for (round, reply) in rounds.iter().zip(round_replies) {
+                    let r = store
+                        .record_batch(&[], &[], &[], std::slice::from_ref(round), &node)
+                        .await
+                        .map(|_| ());
                     if let Err(e) = &r {
                         store.saw(e);
                     }
@@ -251,12 +305,14 @@ async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>, recent: Arc
 
 impl Store {
     /// Writes `claims` and `completions` in ONE transaction: completions first, then claims,
-    /// then apalis's `fetches`. One answer per operation, in order.
+    /// then apalis's `fetches`, then the webhook `rounds`. One answer per claim, completion
+    /// and fetch, in order.
     async fn record_batch(
         &self,
         claims: &[(String, i64, String)],
         completions: &[Completion],
         fetches: &[FetchRequest],
+        rounds: &[WebhookRound],
         node: &str,
     ) -> Result<(Vec<ClaimResult>, Vec<bool>, Vec<Fetched>), StoreError> {
         let mut tx = self.db.begin().await?;
@@ -273,6 +329,9 @@ impl Store {
         let mut fetched = Vec::with_capacity(fetches.len());
         for req in fetches {
             fetched.push(fetch_in(&mut tx, req).await?);
+        }
+        for round in rounds {
+            webhook_round_in(&mut tx, round).await?;
         }
         if completions
             .iter()

@@ -545,128 +545,6 @@ impl Store {
         Ok(at.flatten().map(from_ms))
     }
 
-    /// Records what one round of dispatch to `name` did, in ONE transaction: each attempt's
-    /// delivery row, the endpoint's new place in the feed (`after`, when new events were
-    /// read), and its health: a success clears `failing_since`; failures since longer than
-    /// `disable_after` (or a 410) disable it, with the reason. `dropped` are deliveries that
-    /// were not posted (their event is gone): recorded, but they say nothing of the endpoint.
-    /// Of the events delivered at their first try, only the newest `keep_delivered` get a row
-    /// (see [`logged`]).
-    pub async fn record_webhook_round(
-        &self,
-        name: &str,
-        after: Option<Cursor>,
-        attempts: &[DeliveryAttempt],
-        dropped: &[DeliveryAttempt],
-        disable_after: std::time::Duration,
-        keep_delivered: usize,
-    ) -> Result<(), StoreError> {
-        let all = logged(attempts, dropped, keep_delivered);
-        let now_t = now();
-        let now = ms(now_t);
-        let mut tx = self.db.begin_write().await?;
-        // Many rows per statement: one round trip for a whole round (10 columns a row: 200
-        // rows stay far below SQLite's parameter limit).
-        for chunk in all.chunks(200) {
-            let mut q = sql(format!(
-                "INSERT INTO postbox_webhook_deliveries (webhook, event_seq, attempts, state,
-                     next_at, response_code, response, duration_ms, created_at, updated_at)
-                 VALUES {}
-                 ON CONFLICT (webhook, event_seq) DO UPDATE SET attempts = excluded.attempts,
-                     state = excluded.state, next_at = excluded.next_at,
-                     response_code = excluded.response_code, response = excluded.response,
-                     duration_ms = excluded.duration_ms, updated_at = excluded.updated_at",
-                crate::db::values(chunk.len(), 10, 1)
-            ));
-            for a in chunk {
-                let (state, next_at) = match &a.outcome {
-                    DeliveryOutcome::Delivered => ("delivered", None),
-                    DeliveryOutcome::Retry(at) => ("retrying", Some(ms(*at))),
-                    DeliveryOutcome::Failed | DeliveryOutcome::Gone => ("failed", None),
-                };
-                q.add(name)
-                    .add(a.event_seq)
-                    .add(a.attempts as i64)
-                    .add(state)
-                    .add(next_at)
-                    .add(a.response_code.map(i64::from))
-                    .add(a.response.as_deref())
-                    .add(a.duration_ms)
-                    .add(now)
-                    .add(now);
-            }
-            q.execute(&mut tx).await?;
-        }
-        if let Some(c) = after {
-            sql(
-                "UPDATE postbox_webhooks SET after_tx = $1, after_seq = $2, updated_at = $3
-                  WHERE name = $4",
-            )
-            .bind(c.tx)
-            .bind(c.seq)
-            .bind(now)
-            .bind(name)
-            .execute(&mut tx)
-            .await?;
-        }
-        let ok = attempts
-            .iter()
-            .any(|a| a.outcome == DeliveryOutcome::Delivered);
-        let bad = attempts
-            .iter()
-            .rev()
-            .find(|a| a.outcome != DeliveryOutcome::Delivered);
-        if ok {
-            sql(
-                "UPDATE postbox_webhooks SET failing_since = NULL, last_error = NULL
-                  WHERE name = $1",
-            )
-            .bind(name)
-            .execute(&mut tx)
-            .await?;
-        } else if let Some(b) = bad {
-            let error = match (&b.response_code, &b.response) {
-                (Some(c), Some(r)) => format!("HTTP {c}: {r}"),
-                (Some(c), None) => format!("HTTP {c}"),
-                (None, Some(r)) => r.clone(),
-                (None, None) => "no answer".into(),
-            };
-            sql(
-                "UPDATE postbox_webhooks SET failing_since = COALESCE(failing_since, $1),
-                        last_error = $2 WHERE name = $3",
-            )
-            .bind(now)
-            .bind(error.as_str())
-            .bind(name)
-            .execute(&mut tx)
-            .await?;
-            let gone = attempts.iter().any(|a| a.outcome == DeliveryOutcome::Gone);
-            let cutoff = now - disable_after.as_millis() as i64;
-            let reason = if gone {
-                "the endpoint answered 410 Gone".to_string()
-            } else {
-                format!(
-                    "failing for more than {} h; last error: {error}",
-                    disable_after.as_secs() / 3600
-                )
-            };
-            sql(
-                "UPDATE postbox_webhooks SET disabled_at = $1, disabled_reason = $2
-                  WHERE name = $3 AND disabled_at IS NULL
-                    AND ($4 = 1 OR failing_since <= $5)",
-            )
-            .bind(now)
-            .bind(reason.as_str())
-            .bind(name)
-            .bind(gone as i64)
-            .bind(cutoff)
-            .execute(&mut tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
     /// The deliveries of `name`'s latest events, newest first.
     pub async fn webhook_deliveries(
         &self,
@@ -800,6 +678,138 @@ async fn delete_webhook_in(tx: &mut Tx, name: &str) -> Result<(), StoreError> {
         .bind(name)
         .execute(&mut *tx)
         .await?;
+    Ok(())
+}
+
+/// What one round of dispatch to an endpoint did, to record in the one writer's next
+/// transaction (`Recorder::record_webhook_round`): each attempt's delivery row, the endpoint's
+/// new place in the feed (`after`, when new events were read), and its health: a success
+/// clears `failing_since`; failures since longer than `disable_after` (or a 410) disable it,
+/// with the reason. `dropped` are deliveries that were not posted (their event is gone):
+/// recorded, but they say nothing of the endpoint. Of the events delivered at their first try,
+/// only the newest `keep_delivered` get a row (see [`logged`]).
+#[derive(Debug, Clone)]
+pub struct WebhookRound {
+    pub name: String,
+    pub after: Option<Cursor>,
+    pub attempts: Vec<DeliveryAttempt>,
+    pub dropped: Vec<DeliveryAttempt>,
+    pub disable_after: std::time::Duration,
+    pub keep_delivered: usize,
+}
+
+/// Writes `round` in the caller's transaction (see [`WebhookRound`]).
+pub(super) async fn webhook_round_in(tx: &mut Tx, round: &WebhookRound) -> Result<(), StoreError> {
+    let WebhookRound {
+        name,
+        after,
+        attempts,
+        dropped,
+        disable_after,
+        keep_delivered,
+    } = round;
+    let (name, after, disable_after) = (name.as_str(), *after, *disable_after);
+    let all = logged(attempts, dropped, *keep_delivered);
+    let now_t = now();
+    let now = ms(now_t);
+    // Many rows per statement: one round trip for a whole round (10 columns a row: 200
+    // rows stay far below SQLite's parameter limit).
+    for chunk in all.chunks(200) {
+        let mut q = sql(format!(
+            "INSERT INTO postbox_webhook_deliveries (webhook, event_seq, attempts, state,
+                 next_at, response_code, response, duration_ms, created_at, updated_at)
+             VALUES {}
+             ON CONFLICT (webhook, event_seq) DO UPDATE SET attempts = excluded.attempts,
+                 state = excluded.state, next_at = excluded.next_at,
+                 response_code = excluded.response_code, response = excluded.response,
+                 duration_ms = excluded.duration_ms, updated_at = excluded.updated_at",
+            crate::db::values(chunk.len(), 10, 1)
+        ));
+        for a in chunk {
+            let (state, next_at) = match &a.outcome {
+                DeliveryOutcome::Delivered => ("delivered", None),
+                DeliveryOutcome::Retry(at) => ("retrying", Some(ms(*at))),
+                DeliveryOutcome::Failed | DeliveryOutcome::Gone => ("failed", None),
+            };
+            q.add(name)
+                .add(a.event_seq)
+                .add(a.attempts as i64)
+                .add(state)
+                .add(next_at)
+                .add(a.response_code.map(i64::from))
+                .add(a.response.as_deref())
+                .add(a.duration_ms)
+                .add(now)
+                .add(now);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    if let Some(c) = after {
+        sql(
+            "UPDATE postbox_webhooks SET after_tx = $1, after_seq = $2, updated_at = $3
+              WHERE name = $4",
+        )
+        .bind(c.tx)
+        .bind(c.seq)
+        .bind(now)
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let ok = attempts
+        .iter()
+        .any(|a| a.outcome == DeliveryOutcome::Delivered);
+    let bad = attempts
+        .iter()
+        .rev()
+        .find(|a| a.outcome != DeliveryOutcome::Delivered);
+    if ok {
+        sql(
+            "UPDATE postbox_webhooks SET failing_since = NULL, last_error = NULL
+              WHERE name = $1",
+        )
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    } else if let Some(b) = bad {
+        let error = match (&b.response_code, &b.response) {
+            (Some(c), Some(r)) => format!("HTTP {c}: {r}"),
+            (Some(c), None) => format!("HTTP {c}"),
+            (None, Some(r)) => r.clone(),
+            (None, None) => "no answer".into(),
+        };
+        sql(
+            "UPDATE postbox_webhooks SET failing_since = COALESCE(failing_since, $1),
+                    last_error = $2 WHERE name = $3",
+        )
+        .bind(now)
+        .bind(error.as_str())
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+        let gone = attempts.iter().any(|a| a.outcome == DeliveryOutcome::Gone);
+        let cutoff = now - disable_after.as_millis() as i64;
+        let reason = if gone {
+            "the endpoint answered 410 Gone".to_string()
+        } else {
+            format!(
+                "failing for more than {} h; last error: {error}",
+                disable_after.as_secs() / 3600
+            )
+        };
+        sql(
+            "UPDATE postbox_webhooks SET disabled_at = $1, disabled_reason = $2
+              WHERE name = $3 AND disabled_at IS NULL
+                AND ($4 = 1 OR failing_since <= $5)",
+        )
+        .bind(now)
+        .bind(reason.as_str())
+        .bind(name)
+        .bind(gone as i64)
+        .bind(cutoff)
+        .execute(&mut *tx)
+        .await?;
+    }
     Ok(())
 }
 

@@ -30,7 +30,7 @@ pub use crate::db::{Db, Kind};
 pub use batch::{Completion, Recorder};
 pub use events::{
     Cursor, DeliveryAttempt, DeliveryOutcome, DeliveryRecord, Event, EventData, EventPage,
-    LAG_COUNT_MAX, WebhookRow, WebhookSpec, event_seq,
+    LAG_COUNT_MAX, WebhookRound, WebhookRow, WebhookSpec, event_seq,
 };
 pub use group::{GroupCommitter, GroupSettings};
 pub use inbound::{

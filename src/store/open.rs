@@ -157,6 +157,28 @@ impl Store {
         })
     }
 
+    /// This store for tasks of another tokio runtime (the webhook dispatchers' thread); call
+    /// it on that runtime. PostgreSQL: a pool of its own of `connections`, opened when first
+    /// used, because a connection's I/O is served by the runtime that opened it: sharing the
+    /// pool would leave some of the workers' connections to the other runtime's thread.
+    /// SQLite's connections are threads of their own: shared as they are.
+    pub fn for_this_runtime(&self, connections: u32) -> Store {
+        match &self.db {
+            Db::Pg(pool, breaker) => {
+                let own = PgPoolOptions::new()
+                    .max_connections(connections)
+                    .after_release(|conn, _| Box::pin(still_clean(conn)))
+                    .acquire_timeout(pool.options().get_acquire_timeout())
+                    .connect_lazy_with(pool.connect_options().as_ref().clone());
+                Store {
+                    db: Db::Pg(own, breaker.clone()),
+                    ..self.clone()
+                }
+            }
+            Db::Sqlite { .. } => self.clone(),
+        }
+    }
+
     /// PostgreSQL: apalis-postgres's schema `apalis` (it needs the hstore extension: the first
     /// start must be allowed to `CREATE EXTENSION`), then `migrations/postgres`. Both migrators
     /// hold sqlx's advisory lock, so many processes can start at once.

@@ -4,9 +4,10 @@
 //!
 //! A round of one endpoint: take its lease (one process per endpoint on a shared database),
 //! read its due retries and the events after its place in the feed, POST them (up to
-//! `webhook.concurrency` at once, each signed), then record in ONE transaction every
-//! attempt's outcome and the endpoint's new place. A crash between a POST and that commit
-//! sends the event again with the same `webhook-id` (at least once; receivers dedupe).
+//! `webhook.concurrency` at once, each signed), then record in ONE transaction (the
+//! `store::Recorder`'s next, beside the deliveries' writes) every attempt's outcome and the
+//! endpoint's new place. A crash between a POST and that commit sends the event again with
+//! the same `webhook-id` (at least once; receivers dedupe).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,7 +22,9 @@ use tracing::{info, warn};
 use super::client::{Client, Target};
 use super::{Endpoint, Secret, WebhookTuning, schedule};
 use crate::Shutdown;
-use crate::store::{DeliveryAttempt, DeliveryOutcome, Event, Store, WebhookRow, WebhookSpec};
+use crate::store::{
+    DeliveryAttempt, DeliveryOutcome, Event, Recorder, Store, WebhookRound, WebhookRow, WebhookSpec,
+};
 
 /// How often the supervisor reads the endpoints table (API changes are seen within this).
 const RECONCILE: Duration = Duration::from_secs(2);
@@ -36,12 +39,14 @@ const LOGGED: usize = 50;
 const KEPT: usize = 1024;
 
 /// Runs the webhooks of this process until `shutdown`: syncs the config's endpoints into the
-/// database, then (when `dispatch`) keeps one dispatcher per enabled endpoint.
+/// database, then (when `dispatch`) keeps one dispatcher per enabled endpoint, on a thread of
+/// their own. Each round is recorded by `recorder`, this process's one writer; its node holds
+/// the endpoints' leases.
 pub async fn run(
     store: Store,
+    recorder: Recorder,
     endpoints: Vec<Endpoint>,
     tuning: WebhookTuning,
-    node: String,
     lease_ttl: Duration,
     dispatch: bool,
     shutdown: Shutdown,
@@ -71,14 +76,82 @@ pub async fn run(
         .into_iter()
         .map(|e| (e.spec.name, e.secret))
         .collect();
-    let ctx = Arc::new(Ctx {
-        store,
-        tuning,
-        node,
-        lease_ttl,
-        tls,
-        shutdown: shutdown.clone(),
-    });
+    let parts = Parts {
+        ctx: Ctx {
+            store,
+            recorder,
+            tuning,
+            lease_ttl,
+            tls,
+            shutdown,
+        },
+        secrets,
+    };
+    // The dispatchers run on a thread of their own with a runtime of its own, at a lower CPU
+    // priority than the rest of the process: when deliveries and webhooks want the same CPU,
+    // deliveries go first, and events catch up when it is free (`scripts/bench-webhooks.sh`).
+    // Where the thread cannot be started, they run here.
+    let theirs = parts.clone();
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let started = std::thread::Builder::new()
+        .name("postbox-webhooks".into())
+        .spawn(move || {
+            // A thread may always lower its own priority; where even that is refused, the
+            // dispatchers run at the process's.
+            if let Err(e) = rustix::process::setpriority_process(None, NICE) {
+                tracing::debug!(error = %e, "the webhook thread's priority stays as it is");
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let ran = match rt {
+                Ok(rt) => {
+                    rt.block_on(theirs.supervise());
+                    true
+                }
+                Err(e) => {
+                    warn!(error = %e, "the webhook thread has no runtime");
+                    false
+                }
+            };
+            let _ = done.send(ran);
+        });
+    let ran = match started {
+        Ok(_) => finished.await.unwrap_or(true),
+        Err(e) => {
+            warn!(error = %e, "cannot start the webhook thread");
+            false
+        }
+    };
+    if !ran {
+        warn!("webhooks are dispatched on the workers' runtime");
+        parts.supervise().await;
+    }
+}
+
+/// The webhook thread's nice value (0 is the process's, 19 the lowest priority).
+const NICE: i32 = 10;
+
+/// What the dispatchers are started with.
+#[derive(Clone)]
+struct Parts {
+    ctx: Ctx,
+    secrets: HashMap<String, Secret>,
+}
+
+impl Parts {
+    /// Keeps one dispatcher per enabled endpoint until shutdown, on the current runtime.
+    async fn supervise(self) {
+        let mut ctx = self.ctx;
+        // PostgreSQL: connections of this runtime's own (see `Store::for_this_runtime`).
+        ctx.store = ctx.store.for_this_runtime(2);
+        supervise(Arc::new(ctx), self.secrets).await;
+    }
+}
+
+/// Keeps one dispatcher per enabled endpoint until shutdown.
+async fn supervise(ctx: Arc<Ctx>, secrets: HashMap<String, Secret>) {
+    let shutdown = ctx.shutdown.clone();
     let mut running: HashMap<String, (Key, JoinHandle<()>)> = HashMap::new();
     loop {
         match ctx.store.webhooks().await {
@@ -143,10 +216,12 @@ pub async fn run(
     }
 }
 
+#[derive(Clone)]
 struct Ctx {
     store: Store,
+    /// This process's one writer; its node holds the endpoints' leases.
+    recorder: Recorder,
     tuning: WebhookTuning,
-    node: String,
     lease_ttl: Duration,
     tls: Arc<tokio_rustls::rustls::ClientConfig>,
     shutdown: Shutdown,
@@ -206,7 +281,7 @@ async fn endpoint(ctx: Arc<Ctx>, ep: Arc<Ep>) {
         if Instant::now() + ctx.lease_ttl * 2 / 3 >= lease_until {
             match ctx
                 .store
-                .acquire_lease(&lease, &ctx.node, ctx.lease_ttl)
+                .acquire_lease(&lease, ctx.recorder.node(), ctx.lease_ttl)
                 .await
             {
                 Ok(true) => lease_until = Instant::now() + ctx.lease_ttl,
@@ -227,14 +302,15 @@ async fn endpoint(ctx: Arc<Ctx>, ep: Arc<Ep>) {
             }
         }
         // The lease is renewed while a round runs (a slow endpoint can hold one for minutes);
-        // a round whose lease is lost is dropped unrecorded: the new holder sends its events.
+        // a round whose lease is lost is dropped, unrecorded unless its record was already
+        // handed to the writer: the new holder sends its events (again: at least once).
         let work = round(&ctx, &ep, &client);
         tokio::pin!(work);
         let result = loop {
             tokio::select! {
                 r = &mut work => break Some(r),
                 _ = tokio::time::sleep(ctx.lease_ttl / 3) => {
-                    match ctx.store.acquire_lease(&lease, &ctx.node, ctx.lease_ttl).await {
+                    match ctx.store.acquire_lease(&lease, ctx.recorder.node(), ctx.lease_ttl).await {
                         Ok(true) => lease_until = Instant::now() + ctx.lease_ttl,
                         _ => {
                             warn!(webhook = %name, "lost the webhook's lease mid-round; \
@@ -281,7 +357,7 @@ async fn endpoint(ctx: Arc<Ctx>, ep: Arc<Ep>) {
             }
         }
     }
-    let _ = ctx.store.release_lease(&lease, &ctx.node).await;
+    let _ = ctx.store.release_lease(&lease, ctx.recorder.node()).await;
 }
 
 /// Waits for `pause`, new events in this process, or shutdown (true).
@@ -364,17 +440,18 @@ async fn round(ctx: &Ctx, ep: &Ep, client: &Client) -> Result<Round, crate::stor
             "webhook" => name.to_string(), "result" => result)
         .increment(1);
     }
-    ctx.store
-        .record_webhook_round(
-            name,
-            moved,
-            &attempts,
-            &gone,
-            Duration::from_secs(t.disable_after_hours * 3600),
-            LOGGED,
-        )
+    let stopped = attempts.iter().any(|a| a.outcome == DeliveryOutcome::Gone);
+    ctx.recorder
+        .record_webhook_round(WebhookRound {
+            name: name.to_string(),
+            after: moved,
+            attempts,
+            dropped: gone,
+            disable_after: Duration::from_secs(t.disable_after_hours * 3600),
+            keep_delivered: LOGGED,
+        })
         .await?;
-    if attempts.iter().any(|a| a.outcome == DeliveryOutcome::Gone) {
+    if stopped {
         warn!(webhook = %name, "the endpoint answered 410 Gone: disabled");
         return Ok(Round::Stop);
     }

@@ -186,9 +186,9 @@ pub struct Addressing {
 impl Deliverer {
     pub fn new(
         store: Store,
+        recorder: Recorder,
         mailer: Mailer,
         policy: RetryPolicy,
-        node: String,
         addressing: Addressing,
         shaping: Shaping,
         shutdown: Shutdown,
@@ -196,11 +196,11 @@ impl Deliverer {
         Self {
             return_path: addressing.return_path,
             unsubscribe: addressing.unsubscribe,
-            recorder: Recorder::start(store.clone(), node.clone()),
+            node: recorder.node().to_string(),
+            recorder,
             store,
             mailer,
             policy,
-            node,
             in_flight: Default::default(),
             tasks: tokio_util::task::TaskTracker::new(),
             shutdown,

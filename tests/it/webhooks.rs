@@ -419,6 +419,11 @@ async fn a_kill_9_mid_dispatch_loses_no_event() {
         rx.delivered().len() >= 10
     })
     .await;
+    // The dispatchers run on a thread of their own, at a lower CPU priority than deliveries.
+    let pid = serve.child.id().expect("serve runs");
+    assert_eq!(nice_of(&format!("/proc/{pid}")), Some(0), "the process");
+    let thread = webhook_thread(pid).expect("a thread named postbox-webhooks");
+    assert_eq!(nice_of(&thread), Some(10), "the webhook thread");
     let mut serve = serve;
     serve.child.start_kill().unwrap(); // SIGKILL, posts in flight
     serve.child.wait().await.unwrap();
@@ -785,4 +790,23 @@ async fn a_retry_whose_event_is_gone_ends_failed() {
     );
     let _ = stop.send(());
     hooks.await.unwrap();
+}
+
+/// Process `pid`'s webhook thread's `/proc` directory (the kernel keeps 15 bytes of a name).
+fn webhook_thread(pid: u32) -> Option<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .filter_map(|t| t.ok())
+        .map(|t| t.path().display().to_string())
+        .find(|t| {
+            std::fs::read_to_string(format!("{t}/comm"))
+                .is_ok_and(|c| c.trim() == "postbox-webhook")
+        })
+}
+
+/// The nice value in `/proc/.../stat` (field 19; the fields after the name start at 3).
+fn nice_of(dir: &str) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("{dir}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(16)?.parse().ok()
 }
