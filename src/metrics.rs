@@ -16,7 +16,8 @@
 //! | `postbox_smtp_transaction_seconds` | histogram | |
 //! | `postbox_smtp_replies_total` | counter | code (`250`, `451`, `none` for network errors) |
 //! | `postbox_interrupted_sends_total` | counter (resends of an attempt a crash cut off) | |
-//! | `postbox_write_batch_size` | histogram (claims / completions per transaction) | kind |
+//! | `postbox_write_batch_size` | histogram (claims / completions / fetches / webhook rounds per transaction) | kind |
+//! | `postbox_jobs_unreadable_total` | counter (job rows a fetch could not read: set aside, `Killed`) | |
 //! | `postbox_webhook_deliveries_total` | counter (POSTs: delivered, retry, failed, gone) | webhook, result |
 //! | `postbox_webhook_lag_seconds` | gauge (age of the oldest event an endpoint has not read; every 2 s) | webhook |
 //! | `postbox_mailbox_connected` | gauge | mailbox |
@@ -86,6 +87,10 @@ fn describe() {
     describe_counter!(
         "postbox_webhook_deliveries_total",
         "Webhook POSTs by outcome: delivered, retry (will be retried), failed (retries spent), gone (410: endpoint disabled)."
+    );
+    describe_counter!(
+        "postbox_jobs_unreadable_total",
+        "Job rows a fetch could not read (written by no postbox): set aside as Killed, with the reason; the janitor gives their email a new job."
     );
     describe_counter!(
         "postbox_emails_sent_total",

@@ -363,9 +363,53 @@ pub(crate) async fn fetch_sqlite(
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
-    Ok(in_fetch_order(
-        rows.iter().map(task_from_row).collect::<Result<_, _>>()?,
-    ))
+    let (tasks, unreadable) = read_fetched(&rows);
+    for (id, reason) in &unreadable {
+        sqlx::query(
+            "UPDATE Jobs SET status = 'Killed', lock_by = NULL, done_at = ?3, last_result = ?2
+              WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(reason)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(tasks)
+}
+
+/// A fetch's rows as tasks, in the order its statement chose them. A row that cannot be read
+/// (written by no postbox: an id that is not a ULID, a column of the wrong type) is left out
+/// and returned with the reason, to be set aside (`Killed`, the reason as its `last_result`):
+/// failing the whole fetch for it would fetch it again first every time, and no other job
+/// would ever be handed out. Its email, left without a live job, gets a new one from the
+/// janitor.
+fn read_fetched<R>(rows: &[R]) -> (super::backend::Fetched, Vec<(String, String)>)
+where
+    R: sqlx::Row,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    for<'v> Vec<u8>: sqlx::Decode<'v, R::Database> + sqlx::Type<R::Database>,
+    for<'v> String: sqlx::Decode<'v, R::Database> + sqlx::Type<R::Database>,
+    for<'v> i64: sqlx::Decode<'v, R::Database> + sqlx::Type<R::Database>,
+{
+    let mut tasks = Vec::with_capacity(rows.len());
+    let mut unreadable = Vec::new();
+    for r in rows {
+        match task_from_row(r) {
+            Ok(t) => tasks.push(t),
+            Err(e) => {
+                let id: String = r.try_get("id").unwrap_or_default();
+                let reason = serde_json::json!({
+                    "Err": format!("postbox cannot read this job: {e}")
+                })
+                .to_string();
+                tracing::warn!(job = %id, error = %e, "a job the queue cannot read is set aside");
+                metrics::counter!("postbox_jobs_unreadable_total").increment(1);
+                unreadable.push((id, reason));
+            }
+        }
+    }
+    (in_fetch_order(tasks), unreadable)
 }
 
 /// A fetch's tasks in the order its statement chose them (highest priority first, then the
@@ -468,7 +512,17 @@ pub(crate) async fn fetch_pg(
         .bind(i32::try_from(config.batch_size).unwrap_or(i32::MAX))
         .fetch_all(&mut *conn)
         .await?;
-    Ok(in_fetch_order(
-        rows.iter().map(task_from_row).collect::<Result<_, _>>()?,
-    ))
+    let (tasks, unreadable) = read_fetched(&rows);
+    for (id, reason) in &unreadable {
+        sqlx::query(
+            "UPDATE apalis.jobs SET status = 'Killed', lock_by = NULL, done_at = now(),
+                    last_result = CAST($2 AS JSONB)
+              WHERE id = $1",
+        )
+        .bind(id)
+        .bind(reason)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(tasks)
 }

@@ -470,6 +470,31 @@ async fn a_job_lost_from_the_queue_is_rescued_by_the_janitor() {
     common::assert_store_consistent(dir.path()).await;
 }
 
+/// A job row the queue cannot read (an id that is not a ULID: no postbox or apalis writes
+/// one) is set aside, `Killed` with the reason, and stops no other job: it is due first, so
+/// a fetch that failed on it would fail every time and nothing would ever be delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_job_is_set_aside_and_blocks_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut app = App::open(common::memory_settings(dir.path())).await;
+    let id = app.submit(NewEmail::text("a@example.com", "Hi", "x")).await;
+    let copy = format!(
+        "INSERT INTO {jobs} (job, id, job_type, status, attempts, max_attempts, run_at, priority)
+         SELECT job, 'not-a-ulid', job_type, 'Pending', 0, max_attempts, run_at, 100 FROM {jobs}",
+        jobs = common::jobs_table()
+    );
+    db_exec(dir.path(), &copy, &copy).await;
+    app.start_workers();
+    app.wait_status(&id, EmailStatus::Sent, LIMIT).await;
+    assert_eq!(app.sent().len(), 1);
+    let set_aside = format!(
+        "SELECT COUNT(*) FROM {} WHERE id = 'not-a-ulid' AND status = 'Killed'
+            AND CAST(last_result AS TEXT) LIKE '%cannot read this job%'",
+        common::jobs_table()
+    );
+    assert_eq!(common::db_scalar(dir.path(), &set_aside).await, 1);
+}
+
 /// Retention deletes final emails past the window with their timelines and finished jobs, in
 /// chunks (more than one chunk here), and nothing else: not a recent final email, not an old
 /// one still waiting. The status counters stay exact.
