@@ -266,6 +266,37 @@ async fn in_a_real_browser_see_webhook_deliveries_and_redeliver_one() {
         .filter(|r| r["id"] == again["id"])
         .count();
     assert_eq!(first, 2, "the same webhook-id twice: {:#?}", rx.requests());
+    // Any event by its id, from the form: a bad id is named, a good one sent again.
+    let other = rx
+        .requests()
+        .iter()
+        .find(|r| r["id"] != again["id"])
+        .expect("the other event")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    b.goto(&format!("{}/ui/webhooks", api.base)).await;
+    b.find("form.redeliver-event input[name=event_id]")
+        .await
+        .type_text("nope")
+        .await;
+    b.find("button.redeliver-event").await.click().await;
+    let flash = b.find("#flash").await.text().await;
+    assert!(flash.contains("not an event id"), "{flash}");
+    let before = rx.requests().len();
+    b.find("form.redeliver-event input[name=event_id]")
+        .await
+        .type_text(&other)
+        .await;
+    b.find("button.redeliver-event").await.click().await;
+    let flash = b.find("#flash").await.text().await;
+    assert!(flash.contains("sent to app again"), "{flash}");
+    common::wait_for("the event sent again", Duration::from_secs(20), || {
+        rx.requests()[before..]
+            .iter()
+            .any(|r| r["id"] == other.as_str())
+    })
+    .await;
 
     // The suppression list: listed, and removed with a click.
     let r = api

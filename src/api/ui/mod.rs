@@ -45,6 +45,10 @@ pub fn router() -> Router<ApiState> {
             "/ui/webhooks/{name}/deliveries/{id}/redeliver",
             post(redeliver),
         )
+        .route(
+            "/ui/webhooks/{name}/events/redeliver",
+            post(redeliver_event),
+        )
 }
 
 // ---- overview ----------------------------------------------------------------------------
@@ -405,6 +409,40 @@ async fn redeliver(
         }
         Ok(false) => Flash::Problem(format!("no delivery {id} of webhook {name}")),
         Err(e) => Flash::Problem(e.to_string()),
+    };
+    st.sessions.set_flash(&me.id, flash).await;
+    Redirect::to("/ui/webhooks").into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct EventForm {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    event_id: String,
+}
+
+/// `POST /ui/webhooks/{name}/events/redeliver`: any event by its id, listed in the deliveries
+/// or not (a first-try success in a busy round has no row: `store::events::logged`).
+async fn redeliver_event(
+    State(st): State<ApiState>,
+    me: Authed,
+    Path(name): Path<String>,
+    UiForm(f): UiForm<EventForm>,
+) -> Response {
+    if let Err(r) = me.check_csrf(&f.csrf) {
+        return r.into_response();
+    }
+    let flash = match crate::store::event_seq(f.event_id.trim()) {
+        None => Flash::Problem("event id: not an event id (evt_ and a number)".into()),
+        Some(seq) => match st.postbox.redeliver_event(&name, seq).await {
+            Ok(true) => {
+                tracing::info!(webhook = %name, event = seq, token = %me.session.who, "dashboard: redeliver event");
+                Flash::Done(format!("event evt_{seq} will be sent to {name} again"))
+            }
+            Ok(false) => Flash::Problem(format!("no event evt_{seq} or no webhook {name}")),
+            Err(e) => Flash::Problem(e.to_string()),
+        },
     };
     st.sessions.set_flash(&me.id, flash).await;
     Redirect::to("/ui/webhooks").into_response()
