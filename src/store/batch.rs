@@ -171,6 +171,13 @@ fn stopped() -> StoreError {
     StoreError::Queue("the claim and completion writer has stopped".into())
 }
 
+/// [`Recorder::recent_completions`] after a transaction of `done` outcomes, from `was`: a
+/// rise is followed at once, a fall by a quarter per transaction (one small transaction
+/// between big ones, a fetch alone, does not shrink the claims the workers keep ahead).
+fn recent_after(was: usize, done: usize) -> usize {
+    done.max(was * 3 / 4)
+}
+
 async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>, recent: Arc<AtomicUsize>) {
     while let Some(first) = rx.recv().await {
         let mut ops = vec![first];
@@ -214,7 +221,7 @@ async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>, recent: Arc
             }
         }
         let was = recent.load(Ordering::Relaxed);
-        recent.store(dones.len().max(was * 3 / 4), Ordering::Relaxed);
+        recent.store(recent_after(was, dones.len()), Ordering::Relaxed);
         metrics::histogram!("postbox_write_batch_size", "kind" => "claims")
             .record(claims.len() as f64);
         metrics::histogram!("postbox_write_batch_size", "kind" => "completions")
@@ -712,4 +719,27 @@ async fn fail_claimed(
         insert_event(&mut *tx, id, now, "failed", "failed", None, None, reason).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::recent_after;
+
+    #[test]
+    fn recent_completions_follow_a_rise_at_once_and_a_fall_slowly() {
+        assert_eq!(recent_after(8, 40), 40);
+        let mut r = 100;
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            r = recent_after(r, 2);
+            seen.push(r);
+        }
+        assert_eq!(seen, [75, 56, 42, 31]);
+        // Down to what the transactions carry, and to nothing when idle.
+        for _ in 0..40 {
+            r = recent_after(r, 2);
+        }
+        assert_eq!(r, 2);
+        assert_eq!(recent_after(1, 0), 0);
+    }
 }
