@@ -162,7 +162,7 @@ impl Store {
     /// used, because a connection's I/O is served by the runtime that opened it: sharing the
     /// pool would leave some of the workers' connections to the other runtime's thread.
     /// SQLite's connections are threads of their own: shared as they are.
-    pub fn for_this_runtime(&self, connections: u32) -> Store {
+    pub(crate) fn for_this_runtime(&self, connections: u32) -> Store {
         match &self.db {
             Db::Pg(pool, breaker) => {
                 let own = PgPoolOptions::new()
