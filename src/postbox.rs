@@ -287,10 +287,10 @@ struct Inner {
     writer: GroupCommitter,
     /// The one writer of deliveries' claims and outcomes, apalis's fetches and the webhook
     /// dispatchers' bookkeeping (`store::Recorder`), shared by every worker of this process.
+    /// Its node is this process in the cluster (`host-pid-ulid`): the holder of its leases
+    /// and claims.
     recorder: crate::store::Recorder,
     workers_running: AtomicUsize,
-    /// This process in the cluster (`host-pid-ulid`): the holder of its leases and claims.
-    node: String,
 }
 
 /// postbox as a library: submit mail, look it up, cancel or re-drive it, and run the workers.
@@ -329,8 +329,7 @@ impl Postbox {
                 idempotency_ttl: parts.workers.idempotency_ttl,
             },
         );
-        let node = worker::node_name();
-        let recorder = crate::store::Recorder::start(parts.store.clone(), node.clone());
+        let recorder = crate::store::Recorder::start(parts.store.clone(), worker::node_name());
         Postbox {
             inner: Arc::new(Inner {
                 recorder,
@@ -343,7 +342,6 @@ impl Postbox {
                 pauses: Arc::new(worker::PauseCache::default()),
                 writer,
                 workers_running: AtomicUsize::new(0),
-                node,
                 limits: parts.limits,
                 senders: parts.senders,
                 retry: parts.retry,
@@ -413,7 +411,7 @@ impl Postbox {
 
     /// This process's name in the cluster (`host-pid-ulid`).
     pub(crate) fn node(&self) -> &str {
-        &self.inner.node
+        self.inner.recorder.node()
     }
 
     /// Wakes idle workers in this process (emails were queued outside `submit`).
@@ -931,7 +929,7 @@ impl Postbox {
 
     /// One janitor pass now (it also runs periodically inside [`Postbox::run_workers`]).
     pub async fn janitor(&self) -> Result<JanitorReport, StoreError> {
-        worker::janitor_pass(&self.inner.workers, &self.inner.store, &self.inner.node).await
+        worker::janitor_pass(&self.inner.workers, &self.inner.store, self.node()).await
     }
 
     /// Delivers queued mail in this process until `shutdown` completes; then stops fetching,

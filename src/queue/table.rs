@@ -363,7 +363,7 @@ pub(crate) async fn fetch_sqlite(
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
-    let (tasks, unreadable) = read_fetched(&rows);
+    let (tasks, unreadable) = read_fetched(rows.iter().map(task_from_row));
     for (id, reason) in &unreadable {
         sqlx::query(
             "UPDATE Jobs SET status = 'Killed', lock_by = NULL, done_at = ?3, last_result = ?2
@@ -384,21 +384,15 @@ pub(crate) async fn fetch_sqlite(
 /// failing the whole fetch for it would fetch it again first every time, and no other job
 /// would ever be handed out. Its email, left without a live job, gets a new one from the
 /// janitor.
-fn read_fetched<R>(rows: &[R]) -> (super::backend::Fetched, Vec<(String, String)>)
-where
-    R: sqlx::Row,
-    for<'c> &'c str: sqlx::ColumnIndex<R>,
-    for<'v> Vec<u8>: sqlx::Decode<'v, R::Database> + sqlx::Type<R::Database>,
-    for<'v> String: sqlx::Decode<'v, R::Database> + sqlx::Type<R::Database>,
-    for<'v> i64: sqlx::Decode<'v, R::Database> + sqlx::Type<R::Database>,
-{
-    let mut tasks = Vec::with_capacity(rows.len());
+fn read_fetched(
+    rows: impl Iterator<Item = (String, Result<Task<Vec<u8>>, sqlx::Error>)>,
+) -> (super::backend::Fetched, Vec<(String, String)>) {
+    let mut tasks = Vec::new();
     let mut unreadable = Vec::new();
-    for r in rows {
-        match task_from_row(r) {
+    for (id, task) in rows {
+        match task {
             Ok(t) => tasks.push(t),
             Err(e) => {
-                let id: String = r.try_get("id").unwrap_or_default();
                 let reason = serde_json::json!({
                     "Err": format!("postbox cannot read this job: {e}")
                 })
@@ -434,8 +428,9 @@ pub(crate) const PRIORITY_KEY: &str = "postbox.priority";
 
 /// One row of apalis's fetch, read as apalis reads it, from either database: both fetch
 /// statements return the same columns with the same types (integers as 64-bit, timestamps as
-/// whole seconds, metadata as a JSON object).
-fn task_from_row<R>(r: &R) -> Result<Task<Vec<u8>>, sqlx::Error>
+/// whole seconds, metadata as a JSON object). The job's id (empty if even that cannot be
+/// read), and its task or why it cannot be read.
+fn task_from_row<R>(r: &R) -> (String, Result<Task<Vec<u8>>, sqlx::Error>)
 where
     R: sqlx::Row,
     for<'c> &'c str: sqlx::ColumnIndex<R>,
@@ -444,34 +439,40 @@ where
     for<'v> i64: sqlx::Decode<'v, R::Database> + sqlx::Type<R::Database>,
 {
     let bad = |e: String| sqlx::Error::Decode(e.into());
-    let id: String = r.try_get("id")?;
-    let status: String = r.try_get("status")?;
-    let metadata: Option<String> = r.try_get("metadata")?;
-    let priority = r.try_get::<Option<i64>, _>("priority")?.unwrap_or_default() as usize;
-    let mut meta: MetadataStore = metadata
-        .map(|m| serde_json::from_str(&m).unwrap_or_default())
-        .unwrap_or_default();
-    let _ = meta.remove(PRIORITY_KEY);
-    meta.insert(PRIORITY_KEY, priority.to_string())
-        .map_err(|e| bad(e.to_string()))?;
-    let mut task = TaskBuilder::new(r.try_get::<Vec<u8>, _>("job")?)
-        .task_id(TaskId::from_ulid(
-            ulid::Ulid::from_string(&id).map_err(|e| bad(e.to_string()))?,
-        ))
-        .queue(r.try_get::<String, _>("job_type")?.into())
-        .status(status.parse::<Status>().map_err(|e| bad(e.to_string()))?)
-        .attempt(r.try_get::<i64, _>("attempts")? as usize)
-        .max_attempts(r.try_get::<Option<i64>, _>("max_attempts")?.unwrap_or(25) as usize)
-        .run_at_timestamp(r.try_get::<i64, _>("run_at")? as u64)
-        .lock_at(r.try_get::<Option<i64>, _>("lock_at")?.map(|t| t as u64))
-        .done_at(r.try_get::<Option<i64>, _>("done_at")?.map(|t| t as u64))
-        .lock_by(r.try_get("lock_by")?)
-        .priority(priority)
-        .with_metadata(meta);
-    if let Some(key) = r.try_get::<Option<String>, _>("idempotency_key")? {
-        task = task.idempotency_key(key);
-    }
-    Ok(task.build())
+    let id: String = match r.try_get("id") {
+        Ok(id) => id,
+        Err(e) => return (String::new(), Err(e)),
+    };
+    let task = (|| {
+        let status: String = r.try_get("status")?;
+        let metadata: Option<String> = r.try_get("metadata")?;
+        let priority = r.try_get::<Option<i64>, _>("priority")?.unwrap_or_default() as usize;
+        let mut meta: MetadataStore = metadata
+            .map(|m| serde_json::from_str(&m).unwrap_or_default())
+            .unwrap_or_default();
+        let _ = meta.remove(PRIORITY_KEY);
+        meta.insert(PRIORITY_KEY, priority.to_string())
+            .map_err(|e| bad(e.to_string()))?;
+        let mut task = TaskBuilder::new(r.try_get::<Vec<u8>, _>("job")?)
+            .task_id(TaskId::from_ulid(
+                ulid::Ulid::from_string(&id).map_err(|e| bad(e.to_string()))?,
+            ))
+            .queue(r.try_get::<String, _>("job_type")?.into())
+            .status(status.parse::<Status>().map_err(|e| bad(e.to_string()))?)
+            .attempt(r.try_get::<i64, _>("attempts")? as usize)
+            .max_attempts(r.try_get::<Option<i64>, _>("max_attempts")?.unwrap_or(25) as usize)
+            .run_at_timestamp(r.try_get::<i64, _>("run_at")? as u64)
+            .lock_at(r.try_get::<Option<i64>, _>("lock_at")?.map(|t| t as u64))
+            .done_at(r.try_get::<Option<i64>, _>("done_at")?.map(|t| t as u64))
+            .lock_by(r.try_get("lock_by")?)
+            .priority(priority)
+            .with_metadata(meta);
+        if let Some(key) = r.try_get::<Option<String>, _>("idempotency_key")? {
+            task = task.idempotency_key(key);
+        }
+        Ok(task.build())
+    })();
+    (id, task)
 }
 
 /// apalis-postgres 1.0's fetch (the body of its SQL function `apalis.get_jobs`: up to `$3` due
@@ -512,7 +513,7 @@ pub(crate) async fn fetch_pg(
         .bind(i32::try_from(config.batch_size).unwrap_or(i32::MAX))
         .fetch_all(&mut *conn)
         .await?;
-    let (tasks, unreadable) = read_fetched(&rows);
+    let (tasks, unreadable) = read_fetched(rows.iter().map(task_from_row));
     for (id, reason) in &unreadable {
         sqlx::query(
             "UPDATE apalis.jobs SET status = 'Killed', lock_by = NULL, done_at = now(),

@@ -98,7 +98,7 @@ impl Recorder {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         let recent = Arc::new(AtomicUsize::new(0));
         let node: Arc<str> = node.into();
-        tokio::spawn(run(store, node.to_string(), rx, recent.clone()));
+        tokio::spawn(run(store, node.clone(), rx, recent.clone()));
         Recorder { tx, node, recent }
     }
 
@@ -178,7 +178,7 @@ fn recent_after(was: usize, done: usize) -> usize {
     done.max(was * 3 / 4)
 }
 
-async fn run(store: Store, node: String, mut rx: mpsc::Receiver<Op>, recent: Arc<AtomicUsize>) {
+async fn run(store: Store, node: Arc<str>, mut rx: mpsc::Receiver<Op>, recent: Arc<AtomicUsize>) {
     while let Some(first) = rx.recv().await {
         let mut ops = vec![first];
         while ops.len() < MAX_BATCH {

@@ -41,8 +41,6 @@ pub struct Deliverer {
     pub(super) recorder: Recorder,
     mailer: Mailer,
     policy: RetryPolicy,
-    /// This process, as recorded in its claims.
-    pub(super) node: String,
     /// Emails being delivered by this process now: a second job for one of them (a repeated or
     /// recovered job) does nothing.
     in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -196,7 +194,6 @@ impl Deliverer {
         Self {
             return_path: addressing.return_path,
             unsubscribe: addressing.unsubscribe,
-            node: recorder.node().to_string(),
             recorder,
             store,
             mailer,

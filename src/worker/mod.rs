@@ -162,7 +162,7 @@ pub async fn run(
     let q = settings.queue.clone();
     // This process's liveness, which keeps its claims from being taken over: renewed every
     // heartbeat, valid for three.
-    let node = deliverer.node.clone();
+    let node = deliverer.recorder.node().to_string();
     let lease = crate::store::node_lease(&node);
     let heartbeat = Duration::from_secs(q.heartbeat_secs);
     if let Err(e) = store.acquire_lease(&lease, &node, heartbeat * 3).await {
@@ -195,7 +195,7 @@ pub async fn run(
     let janitor = tokio::spawn(janitor_loop(
         settings.clone(),
         store.clone(),
-        deliverer.node.clone(),
+        node.clone(),
         wake.clone(),
         shutdown.clone(),
     ));
