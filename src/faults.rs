@@ -62,3 +62,7 @@ pub const CLAIM_COMMIT_FAIL: &str = "store.claim.commit_fail";
 /// The commit of a batch holding a worker's fetch fails, the transaction rolled back (key: the
 /// queue's job type, e.g. `default`).
 pub const FETCH_COMMIT_FAIL: &str = "store.fetch.commit_fail";
+
+/// The webhook dispatchers' own thread cannot be started; they run on the workers' runtime
+/// (key: the name of the first configured webhook).
+pub const WEBHOOK_THREAD_FAIL: &str = "webhooks.thread.fail";

@@ -93,29 +93,36 @@ pub async fn run(
     // Where the thread cannot be started, they run here.
     let theirs = parts.clone();
     let (done, finished) = tokio::sync::oneshot::channel();
-    let started = std::thread::Builder::new()
-        .name("postbox-webhooks".into())
-        .spawn(move || {
-            // A thread may always lower its own priority; where even that is refused, the
-            // dispatchers run at the process's.
-            if let Err(e) = rustix::process::setpriority_process(None, NICE) {
-                tracing::debug!(error = %e, "the webhook thread's priority stays as it is");
-            }
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-            let ran = match rt {
-                Ok(rt) => {
-                    rt.block_on(theirs.supervise());
-                    true
+    let first = specs.first().map_or("", |s| s.name.as_str());
+    let started = if crate::faults::hit(crate::faults::WEBHOOK_THREAD_FAIL, first) {
+        Err(std::io::Error::other(
+            "injected fault: no thread for webhooks",
+        ))
+    } else {
+        std::thread::Builder::new()
+            .name("postbox-webhooks".into())
+            .spawn(move || {
+                // A thread may always lower its own priority; where even that is refused, the
+                // dispatchers run at the process's.
+                if let Err(e) = rustix::process::setpriority_process(None, NICE) {
+                    tracing::debug!(error = %e, "the webhook thread's priority stays as it is");
                 }
-                Err(e) => {
-                    warn!(error = %e, "the webhook thread has no runtime");
-                    false
-                }
-            };
-            let _ = done.send(ran);
-        });
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                let ran = match rt {
+                    Ok(rt) => {
+                        rt.block_on(theirs.supervise());
+                        true
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "the webhook thread has no runtime");
+                        false
+                    }
+                };
+                let _ = done.send(ran);
+            })
+    };
     let ran = match started {
         Ok(_) => finished.await.unwrap_or(true),
         Err(e) => {

@@ -792,6 +792,57 @@ async fn a_retry_whose_event_is_gone_ends_failed() {
     hooks.await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_their_own_thread_the_dispatchers_run_on_the_workers_runtime() {
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rx = Receiver::start(dir.path()).await;
+    let mut s = settings(dir.path(), smtp.port());
+    s.webhooks = vec![
+        toml::from_str(&format!(
+            "name = \"threadless\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\nevents = [\"email.sent\"]",
+            rx.url()
+        ))
+        .unwrap(),
+    ];
+    // The webhook thread cannot be started.
+    postbox::faults::arm(postbox::faults::WEBHOOK_THREAD_FAIL, "threadless", 1);
+    let app = TestApp::start(s, true).await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let hooks = tokio::spawn({
+        let pb = app.app.postbox.clone();
+        async move {
+            pb.run_webhooks(postbox::shutdown_signal(async move {
+                let _ = stopped.await;
+            }))
+            .await
+        }
+    });
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let r = app
+            .submit(&json!({"to": [format!("t{i}@example.com")], "subject": "x", "text": "y"}))
+            .await;
+        ids.push(r.json["id"].as_str().unwrap().to_string());
+    }
+    wait_for("every email's sent event at the receiver", LIMIT, || {
+        let by = types_by_email(&rx.delivered());
+        ids.iter().all(|id| {
+            by.get(id)
+                .is_some_and(|t| t.contains(&"email.sent".to_string()))
+        })
+    })
+    .await;
+    assert_eq!(
+        postbox::faults::left(postbox::faults::WEBHOOK_THREAD_FAIL, "threadless"),
+        0,
+        "the thread was refused"
+    );
+    assert!(rx.requests().iter().all(|r| r["verified"] == true));
+    let _ = stop.send(());
+    hooks.await.unwrap();
+}
+
 /// Process `pid`'s webhook thread's `/proc` directory (the kernel keeps 15 bytes of a name).
 fn webhook_thread(pid: u32) -> Option<String> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
