@@ -741,7 +741,13 @@ impl Deliverer {
         };
         loop {
             match self.recorder.complete(done.clone()).await {
-                Ok(recorded) => return Ok(recorded),
+                Ok(recorded) => {
+                    // The claims ahead follow the writer's batches as they change, not only
+                    // when apalis hands out a job: with every job of the worker's window
+                    // waiting at the gate, none is handed out to raise its limit.
+                    self.claims.set_limit(self.claims_ahead());
+                    return Ok(recorded);
+                }
                 Err(e) => {
                     if stopping_since.is_none() && self.shutdown.clone().now_or_never().is_some() {
                         stopping_since = Some(Instant::now());
