@@ -199,29 +199,14 @@ subject = '(?P<host>db\d+) disk full'
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_real_browser_see_webhook_deliveries_and_redeliver_one() {
-    use common::webhook::{Receiver, SECRET};
+    use common::webhook::{Dispatchers, Receiver, endpoint};
     let dir = tempfile::tempdir().unwrap();
     let smtp = SmtpServer::start().await;
     let rx = Receiver::start(dir.path()).await;
     let mut s = dashboard_settings(dir.path(), &smtp, vec![]);
-    s.webhooks = vec![
-        toml::from_str(&format!(
-            "name = \"app\"\nurl = \"{}\"\nsecret = \"{SECRET}\"",
-            rx.url()
-        ))
-        .unwrap(),
-    ];
+    s.webhooks = vec![endpoint("app", &rx, None)];
     let api = TestApp::start(s, true).await.with_token(TOKEN);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let hooks = tokio::spawn({
-        let pb = api.app.postbox.clone();
-        async move {
-            pb.run_webhooks(postbox::shutdown_signal(async move {
-                let _ = stopped.await;
-            }))
-            .await
-        }
-    });
+    let hooks = Dispatchers::start(&api.app.postbox);
     let id = submit(&api, "ada@example.com", "Your invoice").await;
     // Both recorded (the receiver has them a moment before postbox commits the round).
     let t0 = std::time::Instant::now();
@@ -320,8 +305,7 @@ async fn in_a_real_browser_see_webhook_deliveries_and_redeliver_one() {
     let r = api.get("/v1/suppressions").await;
     assert_eq!(r.json["suppressions"], json!([]), "{}", r.text);
     b.quit().await;
-    let _ = stop.send(());
-    hooks.await.unwrap();
+    hooks.stop().await;
 }
 
 /// The Relays page: relays and limits listed; a tag paused, its queued email cancelled in

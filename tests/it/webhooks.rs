@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::common::http::TestApp;
-use crate::common::webhook::{Receiver, SECRET};
+use crate::common::webhook::{Dispatchers, Receiver, SECRET, endpoint};
 use crate::common::{self, SmtpServer, api_port, settings, spawn_serve, wait_for};
 
 const LIMIT: Duration = Duration::from_secs(40);
@@ -735,25 +735,10 @@ async fn a_retry_whose_event_is_gone_ends_failed() {
     let rx = Receiver::start(dir.path()).await;
     rx.mode("500").await;
     let mut s = settings(dir.path(), smtp.port());
-    s.webhooks = vec![
-        toml::from_str(&format!(
-            "name = \"app\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\nevents = [\"email.sent\"]",
-            rx.url()
-        ))
-        .unwrap(),
-    ];
+    s.webhooks = vec![endpoint("app", &rx, Some(&["email.sent"]))];
     s.webhook.retry_schedule_secs = vec![1, 1, 1, 1, 1, 1];
     let app = TestApp::start(s, true).await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let hooks = tokio::spawn({
-        let pb = app.app.postbox.clone();
-        async move {
-            pb.run_webhooks(postbox::shutdown_signal(async move {
-                let _ = stopped.await;
-            }))
-            .await
-        }
-    });
+    let hooks = Dispatchers::start(&app.app.postbox);
     let r = app
         .submit(&json!({"to": ["a@example.com"], "subject": "x", "text": "y"}))
         .await;
@@ -788,8 +773,7 @@ async fn a_retry_whose_event_is_gone_ends_failed() {
         hooks_state["webhooks"][0]["disabled_at"].is_null(),
         "{hooks_state}"
     );
-    let _ = stop.send(());
-    hooks.await.unwrap();
+    hooks.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -798,26 +782,11 @@ async fn without_their_own_thread_the_dispatchers_run_on_the_workers_runtime() {
     let dir = tempfile::tempdir().unwrap();
     let rx = Receiver::start(dir.path()).await;
     let mut s = settings(dir.path(), smtp.port());
-    s.webhooks = vec![
-        toml::from_str(&format!(
-            "name = \"threadless\"\nurl = \"{}\"\nsecret = \"{SECRET}\"\nevents = [\"email.sent\"]",
-            rx.url()
-        ))
-        .unwrap(),
-    ];
+    s.webhooks = vec![endpoint("threadless", &rx, Some(&["email.sent"]))];
     // The webhook thread cannot be started.
     postbox::faults::arm(postbox::faults::WEBHOOK_THREAD_FAIL, "threadless", 1);
     let app = TestApp::start(s, true).await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let hooks = tokio::spawn({
-        let pb = app.app.postbox.clone();
-        async move {
-            pb.run_webhooks(postbox::shutdown_signal(async move {
-                let _ = stopped.await;
-            }))
-            .await
-        }
-    });
+    let hooks = Dispatchers::start(&app.app.postbox);
     let mut ids = Vec::new();
     for i in 0..3 {
         let r = app
@@ -839,8 +808,7 @@ async fn without_their_own_thread_the_dispatchers_run_on_the_workers_runtime() {
         "the thread was refused"
     );
     assert!(rx.requests().iter().all(|r| r["verified"] == true));
-    let _ = stop.send(());
-    hooks.await.unwrap();
+    hooks.stop().await;
 }
 
 /// Process `pid`'s webhook thread's `/proc` directory (the kernel keeps 15 bytes of a name).

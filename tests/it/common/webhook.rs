@@ -96,3 +96,46 @@ impl Drop for Receiver {
         let _ = self.child.start_kill();
     }
 }
+
+/// `name`'s entry in `[[webhooks]]`, posting to `rx` and signing with [`SECRET`]; `events`
+/// subscribes to those only (`None`: every event).
+pub fn endpoint(
+    name: &str,
+    rx: &Receiver,
+    events: Option<&[&str]>,
+) -> postbox::webhooks::WebhookSettings {
+    let events = events.map_or(String::new(), |e| {
+        format!("\nevents = {}", serde_json::to_string(e).unwrap())
+    });
+    toml::from_str(&format!(
+        "name = \"{name}\"\nurl = \"{}\"\nsecret = \"{SECRET}\"{events}",
+        rx.url()
+    ))
+    .unwrap()
+}
+
+/// The webhook dispatchers of a postbox, run in this process until [`Dispatchers::stop`].
+pub struct Dispatchers {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Dispatchers {
+    pub fn start(pb: &postbox::Postbox) -> Dispatchers {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let pb = pb.clone();
+        let task = tokio::spawn(async move {
+            pb.run_webhooks(postbox::shutdown_signal(async move {
+                let _ = stopped.await;
+            }))
+            .await
+        });
+        Dispatchers { stop, task }
+    }
+
+    /// Tells them to stop and waits until they have.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap();
+    }
+}
