@@ -86,10 +86,10 @@ subject = '(?P<host>db\d+) disk full'
         .await
         .type_text("not-the-right-token")
         .await;
-    b.find("#login").await.click().await;
+    b.find("#login").await.click_and_load().await;
     assert!(b.find("#problem").await.text().await.contains("not valid"));
     b.find("#token").await.type_text(TOKEN).await;
-    b.find("#login").await.click().await;
+    b.find("#login").await.click_and_load().await;
     b.wait_url("/ui").await;
     let src = b.source().await;
     assert!(
@@ -108,11 +108,11 @@ subject = '(?P<host>db\d+) disk full'
     // Find the email by recipient, open it, read the timeline.
     b.goto(&format!("{}/ui/emails", api.base)).await;
     b.find("#q").await.type_text("dead@example.com").await;
-    b.find("#search").await.click().await;
+    b.find("#search").await.click_and_load().await;
     b.wait_url("q=dead%40example.com").await;
     assert_eq!(b.count("a.email-link").await, 1);
     b.screenshot(&shots().join("03-emails-search.png")).await;
-    b.find("a.email-link").await.click().await;
+    b.find("a.email-link").await.click_and_load().await;
     b.wait_url(&format!("/ui/emails/{dead}")).await;
     assert_eq!(b.find("#status").await.text().await, "failed");
     let timeline = b.find("#timeline").await.text().await;
@@ -135,7 +135,7 @@ subject = '(?P<host>db\d+) disk full'
     b.screenshot(&shots().join("05-dead-letters.png")).await;
     b.find(&format!("button.cancel[data-id=\"{dismiss}\"]"))
         .await
-        .click()
+        .click_and_load()
         .await;
     assert!(b.find("#flash").await.text().await.contains("cancelled"));
     api.wait_status(&dismiss, "cancelled").await;
@@ -145,12 +145,9 @@ subject = '(?P<host>db\d+) disk full'
         0,
         "dismissed"
     );
-    // A fresh page, without the flash of the cancel: the next #flash found is the retry's
-    // (else the old page's could be found just before the browser leaves it).
-    b.goto(&format!("{}/ui/dead", api.base)).await;
     b.find(&format!("button.retry[data-id=\"{dead}\"]"))
         .await
-        .click()
+        .click_and_load()
         .await;
     assert!(b.find("#flash").await.text().await.contains("re-queued"));
     api.wait_status(&dead, "sent").await;
@@ -223,7 +220,7 @@ async fn in_a_real_browser_see_webhook_deliveries_and_redeliver_one() {
     let b = Browser::start().await;
     b.goto(&format!("{}/ui/login", api.base)).await;
     b.find("#token").await.type_text(TOKEN).await;
-    b.find("#login").await.click().await;
+    b.find("#login").await.click_and_load().await;
     b.wait_url("/ui").await;
     b.goto(&format!("{}/ui/webhooks", api.base)).await;
     let page = b.find("#webhook-app").await.text().await;
@@ -233,7 +230,7 @@ async fn in_a_real_browser_see_webhook_deliveries_and_redeliver_one() {
     b.screenshot(&shots().join("08-webhooks.png")).await;
     // Redeliver the newest: the receiver gets that event again, with its id.
     let before = rx.requests().len();
-    b.find("button.redeliver").await.click().await;
+    b.find("button.redeliver").await.click_and_load().await;
     assert!(
         b.find("#flash").await.text().await.contains("sent again"),
         "flash"
@@ -265,7 +262,10 @@ async fn in_a_real_browser_see_webhook_deliveries_and_redeliver_one() {
         .await
         .type_text("nope")
         .await;
-    b.find("button.redeliver-event").await.click().await;
+    b.find("button.redeliver-event")
+        .await
+        .click_and_load()
+        .await;
     let flash = b.find("#flash").await.text().await;
     assert!(flash.contains("not an event id"), "{flash}");
     let before = rx.requests().len();
@@ -273,7 +273,10 @@ async fn in_a_real_browser_see_webhook_deliveries_and_redeliver_one() {
         .await
         .type_text(&other)
         .await;
-    b.find("button.redeliver-event").await.click().await;
+    b.find("button.redeliver-event")
+        .await
+        .click_and_load()
+        .await;
     let flash = b.find("#flash").await.text().await;
     assert!(flash.contains("sent to app again"), "{flash}");
     common::wait_for("the event sent again", Duration::from_secs(20), || {
@@ -299,7 +302,7 @@ async fn in_a_real_browser_see_webhook_deliveries_and_redeliver_one() {
         "{table}"
     );
     b.screenshot(&shots().join("09-suppressions.png")).await;
-    b.find("button.remove").await.click().await;
+    b.find("button.remove").await.click_and_load().await;
     assert!(b.find("#flash").await.text().await.contains("removed"));
     assert_eq!(b.count("tr.suppression").await, 0);
     let r = api.get("/v1/suppressions").await;
@@ -320,7 +323,7 @@ async fn in_a_real_browser_pause_a_tag_cancel_its_mail_in_bulk_and_resume() {
     let b = Browser::start().await;
     b.goto(&format!("{}/ui/login", api.base)).await;
     b.find("#token").await.type_text(TOKEN).await;
-    b.find("#login").await.click().await;
+    b.find("#login").await.click_and_load().await;
     b.wait_url("/ui").await;
     b.goto(&format!("{}/ui/relays", api.base)).await;
     let relays = b.find("#relays").await.text().await;
@@ -339,7 +342,7 @@ async fn in_a_real_browser_pause_a_tag_cancel_its_mail_in_bulk_and_resume() {
         .await
         .type_text("campaign on hold")
         .await;
-    b.find("#pause").await.click().await;
+    b.find("#pause").await.click_and_load().await;
     assert!(
         b.find("#flash")
             .await
@@ -376,13 +379,13 @@ async fn in_a_real_browser_pause_a_tag_cancel_its_mail_in_bulk_and_resume() {
         .click()
         .await;
     b.find("#bulk-tag").await.type_text("promo").await;
-    b.find("#bulk").await.click().await;
+    b.find("#bulk").await.click_and_load().await;
     let flash = b.find("#flash").await.text().await;
     assert!(flash.contains("1 matched, 1 changed"), "{flash}");
     assert_eq!(api.email(&id).await.json["status"], "cancelled");
 
     b.goto(&format!("{}/ui/relays", api.base)).await;
-    b.find("button.resume").await.click().await;
+    b.find("button.resume").await.click_and_load().await;
     assert!(b.find("#flash").await.text().await.contains("resumed"));
     assert_eq!(b.count("tr.pause").await, 0);
     assert_eq!(api.get("/v1/relays").await.json["pauses"], json!([]));

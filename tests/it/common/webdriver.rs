@@ -126,6 +126,19 @@ impl Browser {
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        match self.try_call(method.clone(), path, body).await {
+            Ok(v) => v,
+            Err(e) => panic!("WebDriver {method} {path}: {e}"),
+        }
+    }
+
+    /// A WebDriver command; `Err` carries WebDriver's error object.
+    async fn try_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, Value> {
         let url = format!("{}/session/{}{path}", self.base, self.session);
         let mut rb = self.client.request(method.clone(), &url);
         if let Some(b) = body {
@@ -139,9 +152,40 @@ impl Browser {
             .await
             .unwrap();
         if v["value"].get("error").is_some() {
-            panic!("WebDriver {method} {path}: {}", v["value"]);
+            return Err(v["value"].clone());
         }
-        v["value"].clone()
+        Ok(v["value"].clone())
+    }
+
+    /// Runs a script in the page; `Err` while the page is being replaced.
+    async fn script(&self, js: &str) -> Result<Value, Value> {
+        self.try_call(
+            reqwest::Method::POST,
+            "/execute/sync",
+            Some(json!({"script": js, "args": []})),
+        )
+        .await
+    }
+
+    /// Waits until the document marked by `Element::click_and_load` has been replaced by a
+    /// fully loaded one. A click on a form's button returns before the browser leaves the old
+    /// page, so without this an element found next can belong to the page being left (and go
+    /// stale under the test's hands, or be the old page's `#flash`).
+    async fn wait_new_document(&self) {
+        let t0 = Instant::now();
+        loop {
+            let js =
+                "return window.__postboxLeft === undefined && document.readyState === 'complete';";
+            if self.script(js).await == Ok(Value::Bool(true)) {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the click did not load a new page (at {})",
+                self.url().await
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     pub async fn goto(&self, url: &str) {
@@ -238,6 +282,17 @@ impl Element<'_> {
                 Some(json!({})),
             )
             .await;
+    }
+
+    /// Clicks something that loads a new page (a form's button, a link) and returns once the
+    /// new page has loaded.
+    pub async fn click_and_load(&self) {
+        self.b
+            .script("window.__postboxLeft = true; return true;")
+            .await
+            .expect("mark the page being left");
+        self.click().await;
+        self.b.wait_new_document().await;
     }
 
     pub async fn type_text(&self, text: &str) {
