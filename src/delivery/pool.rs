@@ -10,6 +10,13 @@
 //! Every failure, from the greeting to the end of DATA, becomes an [`Outcome`] through
 //! [`classify`], keeping the server's code: a `554` greeting or a `535` at AUTH is permanent on
 //! every TLS mode alike.
+//!
+//! When the relay offers PIPELINING (RFC 2920; Postfix, Exim, smtp-sink and the big providers
+//! do), a message takes two round trips instead of four: MAIL FROM, every RCPT TO and DATA go
+//! in one write and their replies are read in order, then the message and its final `.` go in
+//! one write. lettre 0.11 neither pipelines nor keeps the EHLO keywords it does not know, so
+//! the pool asks EHLO once more when it opens a connection, and writes the groups itself
+//! through lettre's `command` / `read_response`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,6 +24,7 @@ use std::time::{Duration, Instant};
 use lettre::Message;
 use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
+use lettre::transport::smtp::commands::Ehlo;
 use lettre::transport::smtp::extension::ClientId;
 use secrecy::ExposeSecret;
 use tokio::sync::Notify;
@@ -42,13 +50,19 @@ pub struct SmtpPool {
     connect_timeout: Duration,
     idle_timeout: Duration,
     /// Idle connections: when each was last used, and how many messages it carried.
-    idle: Mutex<Vec<(AsyncSmtpConnection, Instant, u32)>>,
+    idle: Mutex<Vec<(Conn, Instant, u32)>>,
     /// Connections open (in use or idle) at most: `pool_max`, or this process's share of
     /// `max_connections`.
     gate: Gate,
     pool_max: usize,
     /// `max_messages_per_connection` (0: no limit).
     per_connection: u32,
+}
+
+/// An open SMTP session and whether its relay offers PIPELINING.
+struct Conn {
+    smtp: AsyncSmtpConnection,
+    pipelining: bool,
 }
 
 /// What an SMTP send got: the outcome, and whether the relay was reached (a session
@@ -104,7 +118,7 @@ impl SmtpPool {
     }
 
     /// A new connection, greeted, secured and authenticated as configured.
-    async fn connect(&self) -> Result<AsyncSmtpConnection, Outcome> {
+    async fn connect(&self) -> Result<Conn, Outcome> {
         let temporary = |e: anyhow::Error| Outcome::Temporary {
             code: None,
             text: format!("{e:#}"),
@@ -129,17 +143,27 @@ impl SmtpPool {
                 .await
                 .map_err(failed)?;
         }
+        // EHLO again (after STARTTLS, whose EHLO is the one that counts; before AUTH) for the
+        // keyword lettre drops. A relay that refuses a second EHLO is not pipelined to.
+        let pipelining = match conn.command(Ehlo::new(self.hello.clone())).await {
+            Ok(r) => offers_pipelining(r.message()),
+            Err(e) if e.status().is_some() => false,
+            Err(e) => return Err(failed(e)),
+        };
         if let Some(c) = &self.credentials {
             conn.auth(DEFAULT_MECHANISMS, c).await.map_err(failed)?;
         }
-        Ok(conn)
+        Ok(Conn {
+            smtp: conn,
+            pipelining,
+        })
     }
 
     /// A pooled connection, or a new one, and whether it is unproven: a connection idle longer
     /// than [`NOOP_AFTER`] must answer NOOP first; one used moments ago is taken as it is (a
     /// NOOP per message was a round trip per message) and its MAIL FROM proves it instead
     /// (see [`SmtpPool::send`]).
-    async fn checkout(&self) -> Result<(AsyncSmtpConnection, bool, u32), Outcome> {
+    async fn checkout(&self) -> Result<(Conn, bool, u32), Outcome> {
         loop {
             let next = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             match next {
@@ -147,12 +171,12 @@ impl SmtpPool {
                     return Ok((c, true, n));
                 }
                 Some((mut c, since, n)) if since.elapsed() < self.idle_timeout => {
-                    if c.test_connected().await {
+                    if c.smtp.test_connected().await {
                         return Ok((c, false, n));
                     }
-                    c.abort().await;
+                    c.smtp.abort().await;
                 }
-                Some((mut c, _, _)) => c.abort().await,
+                Some((mut c, _, _)) => c.smtp.abort().await,
                 None => return Ok((self.connect().await?, false, 0)),
             }
         }
@@ -187,15 +211,15 @@ impl SmtpPool {
                 res = transact(&mut conn, message).await;
             }
             carried += 1;
-            if conn.has_broken() {
-                conn.abort().await;
+            if conn.smtp.has_broken() {
+                conn.smtp.abort().await;
             } else if (self.per_connection > 0 && carried >= self.per_connection)
                 || self.idle.lock().unwrap_or_else(|p| p.into_inner()).len() + self.gate.used()
                     > self.gate.cap()
             {
                 // Past its message count, or past this process's share of connections (the
                 // share shrank): closed, not pooled.
-                let _ = conn.quit().await;
+                let _ = conn.smtp.quit().await;
             } else {
                 self.idle.lock().unwrap_or_else(|p| p.into_inner()).push((
                     conn,
@@ -304,12 +328,42 @@ enum Stage {
     Unsupported(String),
 }
 
+/// Whether an EHLO reply's keyword lines offer PIPELINING.
+fn offers_pipelining<'a>(lines: impl Iterator<Item = &'a str>) -> bool {
+    lines
+        .filter_map(|l| l.split_whitespace().next())
+        .any(|k| k.eq_ignore_ascii_case("PIPELINING"))
+}
+
+/// The message as it goes after DATA's 354: dot-stuffed (a `.` that starts a line doubled,
+/// RFC 5321 4.5.2, as lettre's codec does) and ended by `CRLF . CRLF`, in one piece.
+fn data_block(body: &str) -> String {
+    let mut out = String::with_capacity(body.len() + body.len() / 64 + 8);
+    if body.starts_with('.') {
+        out.push('.');
+    }
+    let mut rest = body;
+    while let Some(i) = rest.find("\r\n.") {
+        out.push_str(&rest[..i + 2]);
+        out.push('.');
+        rest = &rest[i + 2..];
+    }
+    out.push_str(rest);
+    out.push_str("\r\n.\r\n");
+    out
+}
+
 /// One mail transaction (lettre's `send`, step by step, so that the caller knows whether the
-/// relay could have received anything). On any failure the connection is aborted (not reused).
+/// relay could have received anything), pipelined when the relay offers it. On any failure the
+/// connection is aborted (not reused): with one RCPT refused among several, the relay may
+/// already wait for the message, and closing the session ends the transaction with nothing
+/// delivered (as without pipelining, where DATA is never sent).
 async fn transact(
-    conn: &mut AsyncSmtpConnection,
+    conn: &mut Conn,
     message: &Message,
 ) -> Result<lettre::transport::smtp::response::Response, Stage> {
+    let pipelining = conn.pipelining;
+    let conn = &mut conn.smtp;
     use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
     use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParameter};
     let envelope = message.envelope();
@@ -338,19 +392,43 @@ async fn transact(
         }
         options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
-    if let Err(e) = conn
-        .command(Mail::new(envelope.from().cloned(), options))
-        .await
-    {
+    let mail = Mail::new(envelope.from().cloned(), options);
+    if pipelining {
+        // One write: MAIL FROM, every RCPT TO, DATA (RFC 2920 puts DATA last in a group).
+        // `command` writes the group and reads the first reply (MAIL's); the rest follow.
+        use std::fmt::Write;
+        let mut group = mail.to_string();
+        for to in envelope.to() {
+            let _ = write!(group, "{}", Rcpt::new(to.clone(), vec![]));
+        }
+        let _ = write!(group, "{}", Data);
+        if let Err(e) = conn.command(group).await {
+            conn.abort().await;
+            return Err(Stage::MailFrom(e));
+        }
+    } else if let Err(e) = conn.command(mail).await {
         conn.abort().await;
         return Err(Stage::MailFrom(e));
     }
     let rest = async {
         for to in envelope.to() {
-            conn.command(Rcpt::new(to.clone(), vec![])).await?;
+            if pipelining {
+                conn.read_response().await?;
+            } else {
+                conn.command(Rcpt::new(to.clone(), vec![])).await?;
+            }
         }
-        conn.command(Data).await?;
-        conn.message(&body).await
+        if pipelining {
+            conn.read_response().await?;
+        } else {
+            conn.command(Data).await?;
+        }
+        // The message and its end in one write (lettre's `message` writes them apart), unless
+        // it is not UTF-8 (8BITMIME allows any octets; lettre's way then).
+        match std::str::from_utf8(&body) {
+            Ok(text) => conn.command(data_block(text)).await,
+            Err(_) => conn.message(&body).await,
+        }
     }
     .await;
     match rest {

@@ -210,6 +210,49 @@ async fn a_rejected_recipient_is_a_permanent_failure() {
     assert_eq!(events(&r)[0].smtp_code, Some(550));
 }
 
+/// RFC 2920: a relay that offers PIPELINING gets MAIL FROM, every RCPT TO and DATA in one
+/// write, one that does not gets them one at a time; either way lines that start with a dot
+/// arrive intact, and a recipient refused among several fails the email with nothing delivered
+/// (with pipelining the relay already waits for the message; the session is closed instead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_are_pipelined_only_when_offered_and_a_refused_recipient_delivers_nothing() {
+    let body = ".starts with a dot\r\n.\r\n..two dots\r\nlast line";
+    for offered in [true, false] {
+        let smtp = SmtpServer::start().await;
+        smtp.offer_pipelining(offered);
+        smtp.reply_to_rcpt("nobody", "550 5.1.1 No such user");
+        let dir = tempfile::tempdir().unwrap();
+        let mut app = App::start(settings(dir.path(), smtp.port())).await;
+        let mut both = NewEmail::text("ada@example.com", "Two", "x");
+        both.to.push("nobody@example.com".into());
+        let refused = app.submit(both).await;
+        let r = app.wait_status(&refused, EmailStatus::Failed, LIMIT).await;
+        assert_eq!(events(&r)[0].smtp_code, Some(550), "offered {offered}");
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let e = NewEmail::text(&format!("u{i}@example.com"), "Dots", body);
+            ids.push(app.submit(e).await);
+        }
+        wait_all(&app, &ids, EmailStatus::Sent).await;
+        let got = smtp.received();
+        assert_eq!(got.len(), 3, "only the three; offered {offered}: {got:#?}");
+        for m in &got {
+            assert_eq!(m.pipelined, offered, "{m:#?}");
+            let parsed = MessageParser::default().parse(&m.data).unwrap();
+            let text = parsed.body_text(0).expect("text part").to_string();
+            assert_eq!(
+                text.replace("\r\n", "\n").trim_end(),
+                body.replace("\r\n", "\n")
+            );
+        }
+        assert!(
+            !got.iter()
+                .any(|m| m.rcpt_to.iter().any(|t| t.contains("ada")))
+        );
+        app.stop_workers().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_server_down_for_a_while_then_up_delivers_everything() {
     let smtp = SmtpServer::start().await;

@@ -1,5 +1,6 @@
 //! A real SMTP server on 127.0.0.1 for tests: speaks the protocol over TCP (EHLO, STARTTLS,
-//! AUTH PLAIN, MAIL, RCPT, DATA with dot-unstuffing, RSET, NOOP, QUIT), in plaintext, with
+//! AUTH PLAIN, MAIL, RCPT, DATA with dot-unstuffing, RSET, NOOP, QUIT, and PIPELINING unless
+//! told not to offer it), in plaintext, with
 //! STARTTLS or with implicit TLS (a throwaway CA's certificate), records every accepted message,
 //! and fails on cue: a scripted greeting or AUTH reply, scripted replies to DATA, replies by
 //! recipient, a delay, or going down entirely.
@@ -22,6 +23,9 @@ pub struct Received {
     pub at: SystemTime,
     /// The session was encrypted (STARTTLS or implicit TLS) when the message arrived.
     pub tls: bool,
+    /// MAIL FROM, the RCPT TOs and DATA came in one piece (RFC 2920 pipelining): DATA was
+    /// already waiting to be read when MAIL FROM was.
+    pub pipelined: bool,
 }
 
 /// How the server protects its sessions.
@@ -68,6 +72,8 @@ struct Behaviour {
     greeting: Option<String>,
     /// Replaces the 235 reply to AUTH.
     auth_reply: Option<String>,
+    /// EHLO does not offer PIPELINING.
+    no_pipelining: bool,
     /// Accept at most this many messages in any trailing second; answer the rest with the
     /// reply (a relay's sending rate limit, like SES's `454 Throttling failure`).
     rate_limit: Option<(usize, String)>,
@@ -127,6 +133,11 @@ impl SmtpServer {
     /// The greeting sessions get from now on (e.g. "554 5.7.1 no service").
     pub fn set_greeting(&self, reply: Option<&str>) {
         self.behaviour.lock().unwrap().greeting = reply.map(str::to_string);
+    }
+
+    /// Whether EHLO offers PIPELINING from now on (it does by default, as Postfix does).
+    pub fn offer_pipelining(&self, offer: bool) {
+        self.behaviour.lock().unwrap().no_pipelining = !offer;
     }
 
     /// The reply to AUTH from now on (e.g. "535 5.7.8 bad credentials").
@@ -263,6 +274,7 @@ impl SmtpServer {
         r.get_mut().flush().await?;
         let mut from = String::new();
         let mut rcpts: Vec<String> = Vec::new();
+        let mut pipelined = false;
         let mut line = String::new();
         loop {
             if !next_line(&mut r, &mut line, &mut down).await? {
@@ -278,8 +290,13 @@ impl SmtpServer {
                 } else {
                     ""
                 };
+                let pipelining = if self.behaviour.lock().unwrap().no_pipelining {
+                    ""
+                } else {
+                    "250-PIPELINING\r\n"
+                };
                 format!(
-                    "250-test.local\r\n{starttls}250-8BITMIME\r\n250-AUTH PLAIN LOGIN\r\n250 SMTPUTF8"
+                    "250-test.local\r\n{starttls}{pipelining}250-8BITMIME\r\n250-AUTH PLAIN LOGIN\r\n250 SMTPUTF8"
                 )
             } else if upper == "STARTTLS" {
                 let Security::Starttls(config) = &self.security else {
@@ -311,6 +328,8 @@ impl SmtpServer {
                     .trim_matches(|c| c == '<' || c == '>')
                     .to_string();
                 rcpts.clear();
+                let unread = String::from_utf8_lossy(r.buffer()).to_ascii_uppercase();
+                pipelined = unread.contains("\r\nDATA\r\n");
                 "250 2.1.0 OK".into()
             } else if upper.starts_with("RCPT TO:") {
                 let rcpt = cmd[8..]
@@ -334,6 +353,9 @@ impl SmtpServer {
                         "250 2.1.5 OK".into()
                     }
                 }
+            } else if upper == "DATA" && rcpts.is_empty() {
+                // Every RCPT was refused (a pipelining client sends DATA regardless).
+                "554 5.5.1 no valid recipients".into()
             } else if upper == "DATA" {
                 r.get_mut()
                     .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
@@ -391,6 +413,7 @@ impl SmtpServer {
                         data,
                         at: SystemTime::now(),
                         tls,
+                        pipelined,
                     });
                 }
                 drop(received);
