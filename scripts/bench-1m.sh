@@ -5,11 +5,16 @@
 #   - single POST /v1/emails (wrk, 16 connections, 5 s);
 #   - delivery: a `postbox worker` sending to smtp-sink for 10 s (delivered/s).
 # The queue is filled with POST /v1/emails/batch (1,000 emails a request) while no worker runs.
-# Usage: scripts/bench-1m.sh [N]. Needs wrk and smtp-sink (scripts/test.sh installs postfix;
-# bench-http.sh installs wrk). Prints figures; asserts nothing. Needs ~2 GB of disk for 1M.
+# Usage: scripts/bench-1m.sh [N]. Needs smtp-sink (scripts/test.sh installs postfix); installs
+# Debian's wrk if missing. Prints figures; asserts nothing. Needs ~2 GB of disk for 1M.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000000}
+if ! command -v wrk >/dev/null; then
+  echo "installing wrk (Debian package)..." >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq >/dev/null && $SUDO apt-get install -y -qq wrk >/dev/null
+fi
 cargo build --release --locked --quiet
 bin=$PWD/target/release/postbox
 . scripts/bench-lib.sh
