@@ -45,7 +45,7 @@
 //!               Unavailable from the drivers' codes, once
 //! delivery/     MIME building, Mailer { Smtp (Relays), File, Memory }, classify() of SMTP
 //!               replies, RetryPolicy (policy.rs); relays.rs (named relays, each over our pool
-//!               pool.rs; routing by field / tag / From / recipient domain; failover order and
+//!               pool.rs, which pipelines MAIL / RCPT / DATA when the relay offers it; routing by field / tag / From / recipient domain; failover order and
 //!               cool-downs); throttle.rs (Limiter: rate limits per relay and recipient domain,
 //!               GCRA slots in memory or shared through store/, adaptive throttling on
 //!               slow-down replies); dkim.rs (DkimSigner, keys per From domain); settings.rs:
