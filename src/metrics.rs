@@ -13,7 +13,7 @@
 //! | `postbox_queue_depth` | gauge | state (queued, retrying, sending) |
 //! | `postbox_queue_oldest_age_seconds` | gauge | |
 //! | `postbox_submit_seconds` | histogram (submit -> committed) | |
-//! | `postbox_smtp_transaction_seconds` | histogram | |
+//! | `postbox_smtp_transaction_seconds` | histogram (one attempt: render + SMTP transaction, every relay tried; not the wait for a send slot or a rate limit) | |
 //! | `postbox_smtp_replies_total` | counter | code (`250`, `451`, `none` for network errors) |
 //! | `postbox_interrupted_sends_total` | counter (resends of an attempt a crash cut off) | |
 //! | `postbox_write_batch_size` | histogram (claims / completions / fetches / webhook rounds per transaction) | kind |

@@ -409,7 +409,10 @@ impl Deliverer {
                     .filter_map(|a| a.address().rsplit_once('@').map(|(_, d)| d)),
             );
             let started_at = OffsetDateTime::now_utc();
-            let t0 = Instant::now();
+            // Time spent in attempts (render + SMTP transaction, every relay tried), not waiting
+            // for a send slot or a rate limit: the attempt's `duration_ms` and
+            // `postbox_smtp_transaction_seconds`.
+            let mut busy = Duration::ZERO;
             let mut path: Vec<String> = Vec::new();
             let mut last: Option<(Outcome, Option<usize>)> = None;
             let (outcome, used) = loop {
@@ -467,6 +470,7 @@ impl Deliverer {
                     .acquire(claim.priority.job_priority(), claim.id.as_str())
                     .await;
                 ahead.take();
+                let t0 = Instant::now();
                 // A panic (a bug in rendering, MIME building or a transport) fails this email
                 // with the reason; nothing else stops.
                 let sent = match AssertUnwindSafe(self.attempt(&claim, &skip, relay))
@@ -486,6 +490,7 @@ impl Deliverer {
                         }
                     }
                 };
+                busy += t0.elapsed();
                 drop(permit);
                 let (Some(r), Some(i)) = (&relays, relay) else {
                     break (sent.outcome, None);
@@ -526,7 +531,7 @@ impl Deliverer {
             };
             let rec = AttemptRecord {
                 started_at,
-                duration_ms: t0.elapsed().as_millis() as i64,
+                duration_ms: busy.as_millis() as i64,
                 smtp_code: outcome.code(),
                 smtp_text: outcome.text().to_string(),
                 note,

@@ -253,6 +253,36 @@ async fn commands_are_pipelined_only_when_offered_and_a_refused_recipient_delive
     }
 }
 
+/// An attempt's duration (its timeline entry, `postbox_smtp_transaction_seconds`) is the
+/// attempt's own, not the wait for a send slot: one slot, five emails claimed together, a
+/// relay that answers each message after 300 ms. Each attempt takes ~300 ms; counted from the
+/// claim, the last would take ~1.5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempts_duration_leaves_out_the_wait_for_a_send_slot() {
+    let smtp = SmtpServer::start().await;
+    smtp.set_delay(Duration::from_millis(300));
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), smtp.port());
+    s.queue.concurrency = 1;
+    let mut app = App::open(s).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let e = NewEmail::text(&format!("u{i}@example.com"), "Hi", "x");
+        ids.push(app.submit(e).await);
+    }
+    app.start_workers();
+    let mut took = Vec::new();
+    for id in &ids {
+        let r = app.wait_status(id, EmailStatus::Sent, LIMIT).await;
+        let attempt = &events(&r)[0];
+        assert_eq!(attempt.kind, "attempt", "{:#?}", r.timeline);
+        took.push(attempt.duration_ms.expect("a duration"));
+    }
+    assert_eq!(smtp.max_sessions(), 1, "one slot, one connection");
+    assert!(took.iter().all(|&ms| (300..900).contains(&ms)), "{took:?}");
+    app.stop_workers().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_server_down_for_a_while_then_up_delivers_everything() {
     let smtp = SmtpServer::start().await;
