@@ -393,7 +393,7 @@ async fn transact(
         options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
     let mail = Mail::new(envelope.from().cloned(), options);
-    if pipelining {
+    let mail_reply = if pipelining {
         // One write: MAIL FROM, every RCPT TO, DATA (RFC 2920 puts DATA last in a group).
         // `command` writes the group and reads the first reply (MAIL's); the rest follow.
         use std::fmt::Write;
@@ -402,25 +402,25 @@ async fn transact(
             let _ = write!(group, "{}", Rcpt::new(to.clone(), vec![]));
         }
         let _ = write!(group, "{}", Data);
-        if let Err(e) = conn.command(group).await {
-            conn.abort().await;
-            return Err(Stage::MailFrom(e));
-        }
-    } else if let Err(e) = conn.command(mail).await {
+        conn.command(group).await
+    } else {
+        conn.command(mail).await
+    };
+    if let Err(e) = mail_reply {
         conn.abort().await;
         return Err(Stage::MailFrom(e));
     }
     let rest = async {
-        for to in envelope.to() {
-            if pipelining {
-                conn.read_response().await?;
-            } else {
-                conn.command(Rcpt::new(to.clone(), vec![])).await?;
-            }
-        }
         if pipelining {
+            // The replies to every RCPT TO, then DATA's 354.
+            for _ in envelope.to() {
+                conn.read_response().await?;
+            }
             conn.read_response().await?;
         } else {
+            for to in envelope.to() {
+                conn.command(Rcpt::new(to.clone(), vec![])).await?;
+            }
             conn.command(Data).await?;
         }
         // The message and its end in one write (lettre's `message` writes them apart), unless
