@@ -11,7 +11,8 @@
 //! ```text
 //! settings.rs   ConfigError (names the bad key), masked(), nonzero(): shared by every section
 //! db.rs         the query layer over SQLite and PostgreSQL: Db, Tx, Sql (one statement text for
-//!               both), DbRow, Lock; the PostgreSQL circuit breaker
+//!               both), Script (statements sent to SQLite as one text: one round trip), DbRow,
+//!               Lock; the PostgreSQL circuit breaker
 //! net.rs        loopback checks, TCP keepalive      shutdown.rs  the Shutdown signal
 //! faults.rs     fault points tests arm (inert otherwise)
 //! telemetry.rs  [log] section, tracing init
@@ -99,8 +100,9 @@
 //!
 //! ## One email's path
 //! `Postbox::submit` -> `Email::parse` (every rule, every field named; `relay` must exist) -> `GroupCommitter` ->
-//! `Store::insert_group` (idempotency, depth cap, then email rows + `queue::table::push` of job
-//! `<id>:0`, and its `submitted` timeline entry, in ONE transaction) -> worker
+//! `Store::insert_group` (idempotency, depth cap, then email rows + `queue::table::push_sql` of job
+//! `<id>:0`, and its `submitted` timeline entry, in ONE transaction; without idempotency keys
+//! the three INSERTs are one `Script`) -> worker
 //! `Deliverer::spawn` (a place among the claims ahead of the send slots, highest priority
 //! first; `Deliverer::claims_ahead` grows with the writer's batches) -> `Deliverer::deliver`:
 //! `Recorder::claim` (row -> `sending`, attempt n, `claimed_by` this

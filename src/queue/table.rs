@@ -11,7 +11,7 @@ use apalis_core::task::{status::Status, task_id::TaskId};
 use time::OffsetDateTime;
 
 use super::JobKind;
-use crate::db::{Db, Kind, Sql, Tx, sql, values};
+use crate::db::{Db, Kind, Sql, sql, values};
 
 /// apalis-level attempts, only for infrastructure errors (a database error inside a handler).
 /// A handler's own retries (an SMTP 4xx) are new jobs with their own run time, never apalis
@@ -63,23 +63,20 @@ pub(crate) async fn setup(db: &Db) -> Result<(), String> {
     Ok(())
 }
 
-/// Pushes `jobs` of kind `K` inside the caller's transaction, many per statement.
+/// The statement that pushes `jobs` of kind `K` (to run inside the caller's transaction), many
+/// per statement; None for no jobs.
 ///
 /// The row is exactly what apalis's own `push_tasks` writes (status Pending, 0 attempts, a ULID
 /// id, `ON CONFLICT(job_type, idempotency_key) DO NOTHING`), but push_tasks runs one statement
 /// per job, and each statement is a round trip: at a thousand jobs a batch that was most of the
 /// submit cost. `run_at` is rounded up to apalis's whole seconds, so nothing runs before its
 /// time. On PostgreSQL apalis's insert trigger notifies listening workers (LISTEN/NOTIFY).
-pub(crate) async fn push<K: JobKind>(
-    tx: &mut Tx,
-    queue: &str,
-    jobs: &[Push<K>],
-) -> Result<(), sqlx::Error> {
+pub(crate) fn push_sql<K: JobKind>(kind: Kind, queue: &str, jobs: &[Push<K>]) -> Option<Sql> {
     if jobs.is_empty() {
-        return Ok(());
+        return None;
     }
     let now_s = OffsetDateTime::now_utc().unix_timestamp();
-    let mut q = match tx.kind() {
+    let mut q = match kind {
         Kind::Sqlite => sql(format!(
             "INSERT INTO Jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority,
                  metadata, idempotency_key) VALUES {}
@@ -114,17 +111,16 @@ pub(crate) async fn push<K: JobKind>(
         q.add(payload)
             .add(ulid::Ulid::generate().to_string())
             .add(job_type.as_str());
-        if tx.kind() == Kind::Sqlite {
+        if kind == Kind::Sqlite {
             q.add("Pending").add(0i64).add(JOB_MAX_ATTEMPTS as i64);
         }
         q.add(run_at).add(p.priority as i64);
-        if tx.kind() == Kind::Sqlite {
+        if kind == Kind::Sqlite {
             q.add("{}");
         }
         q.add(p.job.key());
     }
-    q.execute(&mut *tx).await?;
-    Ok(())
+    Some(q)
 }
 
 /// Marks the jobs `ids` (apalis task ids) done. postbox acks its own jobs, in the
@@ -137,8 +133,16 @@ pub(crate) async fn ack<'a>(
     kind: Kind,
     ids: &[&str],
 ) -> Result<u64, sqlx::Error> {
+    match ack_sql(kind, ids) {
+        Some(q) => q.execute(on).await,
+        None => Ok(0),
+    }
+}
+
+/// The statement [`ack`] runs (for a [`crate::db::Script`]); None for no ids.
+pub(crate) fn ack_sql(kind: Kind, ids: &[&str]) -> Option<Sql> {
     if ids.is_empty() {
-        return Ok(0);
+        return None;
     }
     let (jobs, _) = tables(kind);
     let now = match kind {
@@ -154,7 +158,7 @@ pub(crate) async fn ack<'a>(
     for id in ids {
         q.add(*id);
     }
-    q.execute(on).await
+    Some(q)
 }
 
 /// `text` with apalis's table names and time parameters for `kind`'s dialect: `{jobs}` and

@@ -35,7 +35,7 @@ use super::open::now;
 use super::submit::push_jobs;
 use super::suppressions::suppressed_among;
 use super::*;
-use crate::db::{DbRow, Tx, sql, values};
+use crate::db::{DbRow, Kind, Script, Sql, Tx, sql, values};
 use crate::domain::lifecycle::Step;
 use crate::queue::backend::{FetchRequest, Fetched, fetch_in};
 use crate::queue::table;
@@ -579,56 +579,47 @@ impl Store {
                     Finish::Wait { .. } | Finish::Throttled { .. }
                 )));
         }
-        let updated: std::collections::HashSet<String> =
-            q.column::<String>(&mut *tx).await?.into_iter().collect();
+        // Every job ends here, recorded or superseded.
+        let tasks: Vec<&str> = items.iter().map(|c| c.task.as_str()).collect();
+        let ack = table::ack_sql(self.db.kind(), &tasks);
+        // A wait is no attempt: no timeline entry.
+        let entry = |c: &&Completion| !matches!(c.finish, Finish::Wait { .. });
+        let updated: std::collections::HashSet<String> = if tx.kind() == Kind::Sqlite {
+            // One script, one round trip: the entries first, each only if the UPDATE after it
+            // will change its email (the same condition; nothing else writes in between, the
+            // transaction holds SQLite's write lock from its first statement).
+            let entries: Vec<&Completion> = items.iter().filter(entry).collect();
+            let mut script = Script::new();
+            script
+                .extend(entries_sql(&entries, now, true))
+                .push(q)
+                .extend(ack);
+            script
+                .column::<String>(&mut *tx)
+                .await?
+                .into_iter()
+                .collect()
+        } else {
+            // Other processes write too: the entries only for the emails the UPDATE changed.
+            let updated: std::collections::HashSet<String> =
+                q.column::<String>(&mut *tx).await?.into_iter().collect();
+            let entries: Vec<&Completion> = items
+                .iter()
+                .filter(|c| updated.contains(c.id.as_str()))
+                .filter(entry)
+                .collect();
+            if let Some(ev) = entries_sql(&entries, now, false) {
+                ev.execute(&mut *tx).await?;
+            }
+            if let Some(ack) = ack {
+                ack.execute(&mut *tx).await?;
+            }
+            updated
+        };
         let done: Vec<&Completion> = items
             .iter()
             .filter(|c| updated.contains(c.id.as_str()))
             .collect();
-        // A wait is no attempt: no timeline entry.
-        let entries: Vec<&&Completion> = done
-            .iter()
-            .filter(|c| !matches!(c.finish, Finish::Wait { .. }))
-            .collect();
-        if !entries.is_empty() {
-            let mut ev = sql(format!(
-                "INSERT INTO postbox_events (email_id, at, kind, status, attempt, smtp_code,
-                     smtp_text, duration_ms, detail) VALUES {}",
-                values(entries.len(), 9, 1)
-            ));
-            for c in &entries {
-                let detail = match &c.finish {
-                    Finish::Sent => None,
-                    Finish::Retry { at } => Some(format!("retry at {}", rfc3339(*at))),
-                    Finish::Throttled { at, reason } => {
-                        Some(format!("{reason}; retry at {}", rfc3339(*at)))
-                    }
-                    Finish::Failed { reason }
-                    | Finish::Suppressed { reason }
-                    | Finish::Wait { reason, .. } => Some(reason.clone()),
-                };
-                let detail = match (detail, &c.rec.note) {
-                    (Some(d), Some(n)) => Some(format!("{d}; {n}")),
-                    (d, n) => d.or_else(|| n.clone()),
-                };
-                let (kind, attempt) = match c.finish {
-                    Finish::Suppressed { .. } => {
-                        (Step::Suppress.row().entry.unwrap_or("suppressed"), None)
-                    }
-                    _ => ("attempt", Some(c.attempt as i64)),
-                };
-                ev.add(c.id.as_str())
-                    .add(ms(c.rec.started_at))
-                    .add(kind)
-                    .add(columns(c, now).0)
-                    .add(attempt)
-                    .add(c.rec.smtp_code.map(i64::from))
-                    .add(c.rec.smtp_text.as_str())
-                    .add(c.rec.duration_ms)
-                    .add(detail);
-            }
-            ev.execute(&mut *tx).await?;
-        }
         let retries: Vec<_> = done
             .iter()
             .filter_map(|c| {
@@ -639,14 +630,67 @@ impl Store {
         if !retries.is_empty() {
             push_jobs(tx, &self.queue, &retries).await?;
         }
-        // Every job ends here, recorded or superseded.
-        let tasks: Vec<&str> = items.iter().map(|c| c.task.as_str()).collect();
-        table::ack(&mut *tx, self.db.kind(), &tasks).await?;
         Ok(items
             .iter()
             .map(|c| updated.contains(c.id.as_str()))
             .collect())
     }
+}
+
+/// The timeline entries of finished attempts: one INSERT. `guarded`: each only if its email
+/// is still claimed by that attempt (job `seq`, `sending`), the condition under which
+/// `complete_in`'s UPDATE changes it; for running before that UPDATE.
+fn entries_sql(entries: &[&Completion], now: time::OffsetDateTime, guarded: bool) -> Option<Sql> {
+    if entries.is_empty() {
+        return None;
+    }
+    let mut ev = sql(format!(
+        "WITH v(vid, vseq, vat, vkind, vstatus, vattempt, vcode, vtext, vms, vdetail) AS (VALUES {})
+         INSERT INTO postbox_events (email_id, at, kind, status, attempt, smtp_code, smtp_text,
+             duration_ms, detail)
+         SELECT vid, vat, vkind, vstatus, vattempt, vcode, vtext, vms, vdetail FROM v{}",
+        values(entries.len(), 10, 1),
+        if guarded {
+            format!(
+                " WHERE EXISTS (SELECT 1 FROM postbox_emails e
+                                  WHERE e.id = v.vid AND e.job_seq = v.vseq AND {})",
+                Step::Deliver.guard("e.status")
+            )
+        } else {
+            String::new()
+        }
+    ));
+    for c in entries {
+        let detail = match &c.finish {
+            Finish::Sent => None,
+            Finish::Retry { at } => Some(format!("retry at {}", rfc3339(*at))),
+            Finish::Throttled { at, reason } => {
+                Some(format!("{reason}; retry at {}", rfc3339(*at)))
+            }
+            Finish::Failed { reason }
+            | Finish::Suppressed { reason }
+            | Finish::Wait { reason, .. } => Some(reason.clone()),
+        };
+        let detail = match (detail, &c.rec.note) {
+            (Some(d), Some(n)) => Some(format!("{d}; {n}")),
+            (d, n) => d.or_else(|| n.clone()),
+        };
+        let (kind, attempt) = match c.finish {
+            Finish::Suppressed { .. } => (Step::Suppress.row().entry.unwrap_or("suppressed"), None),
+            _ => ("attempt", Some(c.attempt as i64)),
+        };
+        ev.add(c.id.as_str())
+            .add(c.seq)
+            .add(ms(c.rec.started_at))
+            .add(kind)
+            .add(columns(c, now).0)
+            .add(attempt)
+            .add(c.rec.smtp_code.map(i64::from))
+            .add(c.rec.smtp_text.as_str())
+            .add(c.rec.duration_ms)
+            .add(detail);
+    }
+    Some(ev)
 }
 
 /// A completion's new status, next attempt, last error, sent time and job_seq increment.

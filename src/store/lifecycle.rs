@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 use super::open::now;
 use super::submit::push_job;
 use super::*;
-use crate::db::{On, Tx, sql};
+use crate::db::{On, Sql, Tx, sql};
 use crate::domain::lifecycle::Step;
 
 impl Store {
@@ -227,8 +227,16 @@ pub(super) async fn insert_submitted(
     rows: &[(&str, Option<&str>)],
     now_ms: i64,
 ) -> Result<(), StoreError> {
+    if let Some(q) = submitted_sql(rows, now_ms) {
+        q.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+/// The statement [`insert_submitted`] runs; None for no rows.
+pub(super) fn submitted_sql(rows: &[(&str, Option<&str>)], now_ms: i64) -> Option<Sql> {
     if rows.is_empty() {
-        return Ok(());
+        return None;
     }
     let t = Step::Submit.row();
     let mut q = sql(format!(
@@ -242,6 +250,5 @@ pub(super) async fn insert_submitted(
             .add(t.to.as_str())
             .add(request_id.map(|r| format!("request {r}")));
     }
-    q.execute(&mut *tx).await?;
-    Ok(())
+    Some(q)
 }

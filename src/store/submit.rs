@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use super::lifecycle::insert_submitted;
+use super::lifecycle::{insert_submitted, submitted_sql};
 use super::open::now;
 use super::*;
-use crate::db::{Lock, Tx, lock_hash, sql, values};
+use crate::db::{Kind, Lock, Script, Sql, Tx, lock_hash, sql, values};
 use crate::domain::lifecycle::Step;
 use crate::queue::SendJob;
 use crate::queue::table::{self, Push};
@@ -194,12 +194,18 @@ impl Store {
         const COLS: usize = 16;
         let mut out = Vec::with_capacity(rows.len());
         for chunk in rows.chunks(CHUNK) {
+            // Without idempotency keys every row goes in (ids are new ULIDs): the emails, their
+            // jobs and their timeline entries are then one script, one round trip on SQLite.
+            let keyed = chunk
+                .iter()
+                .any(|((_, e, _), _)| e.idempotency_key.is_some());
             let mut q = sql(format!(
                 "INSERT INTO postbox_emails (id, status, priority, spec, message_id, idempotency_key,
                      template, recipients, tags, send_at, expires_at, age_from, created_at,
                      updated_at, request_id, subject) VALUES {}
-                 ON CONFLICT(idempotency_key) DO NOTHING RETURNING id",
-                values(chunk.len(), COLS, 1)
+                 ON CONFLICT(idempotency_key) DO NOTHING{}",
+                values(chunk.len(), COLS, 1),
+                if keyed { " RETURNING id" } else { "" }
             ));
             for ((id, email, message_id), request_id) in chunk {
                 let spec = serde_json::to_string(email).map_err(|e| StoreError::Corrupt {
@@ -228,6 +234,23 @@ impl Store {
                     .add(now_ms)
                     .add(*request_id)
                     .add(email.subject.as_deref());
+            }
+            if !keyed {
+                let jobs: Vec<_> = chunk
+                    .iter()
+                    .map(|((id, email, _), _)| (id.as_str(), 0, email.priority, email.send_at))
+                    .collect();
+                let entries: Vec<_> = chunk
+                    .iter()
+                    .map(|((id, _, _), request_id)| (id.as_str(), *request_id))
+                    .collect();
+                let mut script = Script::new();
+                script.push(q);
+                script.extend(push_sql(&self.queue, tx.kind(), &jobs));
+                script.extend(submitted_sql(&entries, now_ms));
+                script.execute(&mut *tx).await?;
+                out.extend(chunk.iter().map(|((id, _, _), _)| (id.clone(), true)));
+                continue;
             }
             let inserted: std::collections::HashSet<String> =
                 q.column::<String>(&mut *tx).await?.into_iter().collect();
@@ -286,6 +309,18 @@ pub(super) async fn push_jobs(
     queue: &str,
     jobs: &[(&str, i64, Priority, Option<OffsetDateTime>)],
 ) -> Result<(), StoreError> {
+    if let Some(q) = push_sql(queue, tx.kind(), jobs) {
+        q.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+/// The statement [`push_jobs`] runs; None for no jobs.
+fn push_sql(
+    queue: &str,
+    kind: Kind,
+    jobs: &[(&str, i64, Priority, Option<OffsetDateTime>)],
+) -> Option<Sql> {
     let jobs: Vec<Push<SendJob>> = jobs
         .iter()
         .map(|(id, seq, priority, run_at)| Push {
@@ -294,6 +329,5 @@ pub(super) async fn push_jobs(
             run_at: *run_at,
         })
         .collect();
-    table::push(tx, queue, &jobs).await?;
-    Ok(())
+    table::push_sql(kind, queue, &jobs)
 }
