@@ -313,6 +313,12 @@ arg_from! {
     Vec<u8> => |v| Arg::Blob(v),
 }
 
+/// SQLite: a statement with more arguments than this is prepared for each run, not kept in
+/// the connection's statement cache. The batch statements (one row of arguments per email)
+/// have a text per batch size, and a prepared statement grows with its rows: kept, up to
+/// 100 of them per connection held megabytes for sizes rarely seen again.
+const CACHED_ARGS_MAX: usize = 64;
+
 /// A statement and its arguments.
 #[derive(Debug, Clone)]
 pub struct Sql {
@@ -566,7 +572,7 @@ impl Sql {
                 None => q.bind(None::<i64>),
             };
         }
-        q
+        q.persistent(self.args.len() <= CACHED_ARGS_MAX)
     }
 
     /// SQLite: the pool this statement runs on when not in a transaction. A statement that
