@@ -276,7 +276,7 @@ impl Deliverer {
     /// it starts. When the relay is fast and the writer is the bound, each transaction's
     /// outcomes grow, so does this, and with it the next transaction's claims: batches grow
     /// until the writer keeps up (at the peer harness's settings, from 8 emails per
-    /// transaction to ~45). When the relay is the bound, the outcomes per transaction are
+    /// transaction to ~55). When the relay is the bound, the outcomes per transaction are
     /// few, and claims wait here instead of piling up `sending` (each one a resend, marked
     /// `interrupted`, after a crash).
     fn claims_ahead(&self) -> usize {
@@ -816,9 +816,10 @@ fn suppression_plan(claim: &Claim) -> (Vec<String>, Option<String>) {
 /// [`Deliverer::claims_ahead`]). Every transaction costs a few milliseconds whatever it
 /// carries (its round trips to SQLite's thread, the fsync), so the more each one claims and
 /// records, the fewer there are. Measured at the peer harness's settings (5,000 emails in
-/// batches of 500, concurrency 8), alternated in one sitting: with 2, ~52 emails per
-/// transaction and 3,920-4,063 delivered/s; with 4, ~105 and 4,515-4,780. What a crash can
-/// leave claimed stays within the jobs a worker holds (`worker::window`), which is unchanged.
+/// batches of 500, concurrency 8), alternated in one sitting: with 2, 114 transactions and
+/// 3,891-4,240 delivered/s; with 4, 91 transactions and 4,428-4,706 (the jobs a worker holds,
+/// `worker::window`, bound how far batches grow: with twice that window, 44-52 MB peak RSS
+/// for no more speed). What a crash can leave claimed stays within that window, unchanged.
 const CLAIMS_PER_OUTCOME: usize = 4;
 
 /// A priority gate: at most `limit` holders at once; a freed place goes to the waiter of the
