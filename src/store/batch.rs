@@ -608,12 +608,9 @@ impl Store {
                 .filter(|c| updated.contains(c.id.as_str()))
                 .filter(entry)
                 .collect();
-            if let Some(ev) = entries_sql(&entries, now, false) {
-                ev.execute(&mut *tx).await?;
-            }
-            if let Some(ack) = ack {
-                ack.execute(&mut *tx).await?;
-            }
+            let mut rest = Script::new();
+            rest.extend(entries_sql(&entries, now, false)).extend(ack);
+            rest.execute(&mut *tx).await?;
             updated
         };
         let done: Vec<&Completion> = items

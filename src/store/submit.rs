@@ -246,7 +246,7 @@ impl Store {
                     .collect();
                 let mut script = Script::new();
                 script.push(q);
-                script.extend(push_sql(&self.queue, tx.kind(), &jobs));
+                script.extend(send_jobs_sql(tx.kind(), &self.queue, &jobs));
                 script.extend(submitted_sql(&entries, now_ms));
                 script.execute(&mut *tx).await?;
                 out.extend(chunk.iter().map(|((id, _, _), _)| (id.clone(), true)));
@@ -309,16 +309,16 @@ pub(super) async fn push_jobs(
     queue: &str,
     jobs: &[(&str, i64, Priority, Option<OffsetDateTime>)],
 ) -> Result<(), StoreError> {
-    if let Some(q) = push_sql(queue, tx.kind(), jobs) {
+    if let Some(q) = send_jobs_sql(tx.kind(), queue, jobs) {
         q.execute(&mut *tx).await?;
     }
     Ok(())
 }
 
 /// The statement [`push_jobs`] runs; None for no jobs.
-fn push_sql(
-    queue: &str,
+fn send_jobs_sql(
     kind: Kind,
+    queue: &str,
     jobs: &[(&str, i64, Priority, Option<OffsetDateTime>)],
 ) -> Option<Sql> {
     let jobs: Vec<Push<SendJob>> = jobs
