@@ -215,7 +215,8 @@ impl Store {
             })
             .busy_timeout(Duration::from_millis(settings.busy_timeout_ms))
             .pragma("temp_store", "MEMORY")
-            .pragma("cache_size", "-4000")
+            // 2 MB of page cache on every connection, SQLite's default (see the readers below).
+            .pragma("cache_size", "-2000")
             // Checkpoints run in a background task (see below), not inside whichever commit
             // crosses the threshold; this high mark is only a backstop.
             .pragma("wal_autocheckpoint", "50000");
@@ -249,17 +250,19 @@ impl Store {
             .after_release(|conn, _| Box::pin(still_clean(conn)))
             .connect_with(opts.clone())
             .await?;
-        // Readers keep SQLite's default 2 MB page cache each (the OS caches the file too);
-        // the writer, which touches every hot page, keeps 4 MB. Measured (`scripts/bench.sh
-        // 5000`): 16 MB on every connection peaked at 60 MB RSS; 2 MB readers, 54 MB; and an
-        // 8 MB writer, 45.5 MB, at the same delivered/s. 4 MB: -2.5 MB more at the peer
-        // harness's peak (its SQLite heap, read from /proc/PID/smaps). No ping before use.
+        // Readers and the writer keep SQLite's default 2 MB page cache each (the OS caches the
+        // file too). Measured (`scripts/bench.sh 5000`): 16 MB on every connection peaked at
+        // 60 MB RSS; 2 MB readers, 54 MB; and an 8 MB writer, 45.5 MB, at the same
+        // delivered/s. A 4 MB writer then took 2.5 MB more off the peer harness's peak, and a
+        // 2 MB one another 3 MB (postbox-bulk, 41-42 -> 38-39 MB, alternated in one sitting)
+        // at the same delivered/s, also with 1,000,000 queued (`scripts/bench-1m.sh`: 8,622
+        // delivered/s against 8,554 with 200,000). No ping before use.
         let read = SqlitePoolOptions::new()
             .test_before_acquire(false)
             .max_connections(settings.max_connections)
             .min_connections(1)
             .after_release(|conn, _| Box::pin(still_clean(conn)))
-            .connect_with(opts.pragma("cache_size", "-2000"))
+            .connect_with(opts)
             .await?;
         tokio::spawn(checkpoints(read.clone(), wal_trouble));
         Ok(Db::Sqlite { write, read })
