@@ -245,6 +245,24 @@ subject = '^INCIDENT'
             "{k} should grow by {want}"
         );
     }
+    // An attempt's seconds are its measured time, not its whole milliseconds (the timeline's
+    // `duration_ms`): over the five attempts the sum is more than theirs, by under 1 ms each.
+    // From whole milliseconds, attempts under 1 ms (most, on loopback) would add nothing.
+    let whole_ms = common::db_scalar(
+        dir.path(),
+        "SELECT CAST(COALESCE(SUM(duration_ms), 0) AS BIGINT) FROM postbox_events
+          WHERE kind = 'attempt'",
+    )
+    .await as f64;
+    let secs = delta(
+        &before,
+        &after,
+        &key("postbox_smtp_transaction_seconds_sum", &[]),
+    );
+    assert!(
+        secs * 1e3 > whole_ms && secs * 1e3 < whole_ms + 5.0,
+        "postbox_smtp_transaction_seconds_sum grew by {secs} s; the attempts' whole ms: {whole_ms}"
+    );
     // Gauges: only the delayed email waits. The queue gauges are at most GAUGES_EVERY old.
     let depth = |m: &BTreeMap<String, f64>, state: &str| {
         m[&key("postbox_queue_depth", &[("state", state)])]
