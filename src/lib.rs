@@ -102,7 +102,9 @@
 //! `Postbox::submit` -> `Email::parse` (every rule, every field named; `relay` must exist) -> `GroupCommitter` ->
 //! `Store::insert_group` (idempotency, depth cap, then email rows + `queue::table::push_sql` of job
 //! `<id>:0`, and its `submitted` timeline entry, in ONE transaction; without idempotency keys
-//! the three INSERTs are one `Script`) -> worker
+//! the three INSERTs, the counters' UPDATEs (SQLite) and the depth read after them are one
+//! `Script`, and a group over the cap is rolled back and decided submission by submission)
+//! -> worker
 //! `Deliverer::spawn` (a place among the claims ahead of the send slots, highest priority
 //! first; `Deliverer::claims_ahead` grows with the writer's batches) -> `Deliverer::deliver`:
 //! `Recorder::claim` (row -> `sending`, attempt n, `claimed_by` this

@@ -50,6 +50,19 @@ impl Store {
             .iter()
             .flat_map(|r| &r.rows)
             .any(|(_, email, _)| email.send_at.is_some_and(|t| t > now));
+        let unkeyed = reqs.iter().all(|r| {
+            r.idempotency.is_none() && r.rows.iter().all(|(_, e, _)| e.idempotency_key.is_none())
+        });
+        if max_depth > 0
+            && unkeyed
+            && let Some(out) = self.insert_under_cap(reqs, max_depth, now_ms).await?
+        {
+            self.wrote_events();
+            if reqs_later {
+                self.scheduled.notify_one();
+            }
+            return Ok(out);
+        }
         let mut tx = self.db.begin_write().await?;
         // Other nodes commit groups concurrently (PostgreSQL; on SQLite `BEGIN IMMEDIATE` holds
         // the one write lock and these locks are no-ops): hold every idempotency key of this
@@ -168,15 +181,47 @@ impl Store {
         Ok(out)
     }
 
+    /// [`Store::insert_group`] when no submission or email of the group carries an
+    /// idempotency key (the common case): every email is inserted first, and the depth read
+    /// after them in the same script as the last rows, one round trip fewer on SQLite than
+    /// reading it first. The whole group fits under the cap exactly when each submission would
+    /// have in turn. When it does not, the transaction is rolled back and None returned: the
+    /// caller then decides submission by submission.
+    async fn insert_under_cap(
+        &self,
+        reqs: &[InsertRequest],
+        max_depth: u64,
+        now_ms: i64,
+    ) -> Result<Option<Vec<InsertOutcome>>, StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        tx.lock(Lock::Depth).await?;
+        let rows: Vec<(&NewRow, Option<&str>)> = reqs
+            .iter()
+            .flat_map(|r| r.rows.iter().map(|row| (row, r.request_id.as_deref())))
+            .collect();
+        let (ids, depth) = self.insert_chunks(&mut tx, &rows, now_ms, true).await?;
+        if depth.is_none_or(|d| d > max_depth) {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        tx.commit().await?;
+        let mut from = 0;
+        Ok(Some(
+            reqs.iter()
+                .map(|r| {
+                    let mine = ids[from..from + r.rows.len()].to_vec();
+                    from += r.rows.len();
+                    InsertOutcome::Inserted(mine)
+                })
+                .collect(),
+        ))
+    }
+
     /// Emails waiting or in flight: kept exact by triggers (migration `..._depth_counter.sql`),
     /// so checking the cap costs the same at any depth. PostgreSQL spreads the counter over
     /// shards (one per connection slot) so concurrent writers do not queue on one row.
     pub(super) async fn depth(&self, tx: &mut Tx) -> Result<u64, StoreError> {
-        let n: Option<i64> = sql(
-            "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM postbox_counters WHERE name = 'depth'",
-        )
-        .scalar(&mut *tx)
-        .await?;
+        let n: Option<i64> = sql(DEPTH).scalar(&mut *tx).await?;
         Ok(n.unwrap_or(0).max(0) as u64)
     }
 
@@ -189,11 +234,25 @@ impl Store {
         rows: &[(&NewRow, Option<&str>)],
         now_ms: i64,
     ) -> Result<Vec<(EmailId, bool)>, StoreError> {
+        Ok(self.insert_chunks(tx, rows, now_ms, false).await?.0)
+    }
+
+    /// [`Store::insert_rows`], and with `read_depth` the depth after them (see
+    /// [`Store::depth`]), read in the last rows' script when it can be.
+    async fn insert_chunks(
+        &self,
+        tx: &mut Tx,
+        rows: &[(&NewRow, Option<&str>)],
+        now_ms: i64,
+        read_depth: bool,
+    ) -> Result<(Vec<(EmailId, bool)>, Option<u64>), StoreError> {
         /// 16 parameters a row: 140 rows stay far below SQLite's 32,766 parameters.
         const CHUNK: usize = 140;
         const COLS: usize = 16;
         let mut out = Vec::with_capacity(rows.len());
-        for chunk in rows.chunks(CHUNK) {
+        let mut depth = None;
+        let chunks = rows.len().div_ceil(CHUNK);
+        for (i, chunk) in rows.chunks(CHUNK).enumerate() {
             // Without idempotency keys every row goes in (ids are new ULIDs): the emails, their
             // jobs and their timeline entries are then one script, one round trip on SQLite.
             let keyed = chunk
@@ -251,7 +310,13 @@ impl Store {
                 }
                 script.extend(send_jobs_sql(tx.kind(), &self.queue, &jobs));
                 script.extend(submitted_sql(&entries, now_ms));
-                script.execute(&mut *tx).await?;
+                if read_depth && i + 1 == chunks {
+                    script.push(sql(DEPTH));
+                    let n = script.column::<i64>(&mut *tx).await?;
+                    depth = Some(n.first().copied().unwrap_or(0).max(0) as u64);
+                } else {
+                    script.execute(&mut *tx).await?;
+                }
                 out.extend(chunk.iter().map(|((id, _, _), _)| (id.clone(), true)));
                 continue;
             }
@@ -276,17 +341,27 @@ impl Store {
                     out.push((EmailId::from_db(existing), false));
                 }
             }
-            let mut script = Script::new();
-            for bump in counters_sql(tx.kind(), new.into_iter()) {
-                script.push(bump);
+            let bumps = counters_sql(tx.kind(), new.into_iter());
+            if !bumps.is_empty() {
+                let mut script = Script::new();
+                for bump in bumps {
+                    script.push(bump);
+                }
+                script.execute(&mut *tx).await?;
             }
-            script.execute(&mut *tx).await?;
             push_jobs(tx, &self.queue, &jobs).await?;
             insert_submitted(tx, &entries, now_ms).await?;
         }
-        Ok(out)
+        if read_depth && depth.is_none() {
+            depth = Some(self.depth(tx).await?);
+        }
+        Ok((out, depth))
     }
 }
+
+/// The depth: what [`Store::depth`] reads.
+const DEPTH: &str =
+    "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM postbox_counters WHERE name = 'depth'";
 
 /// SQLite: the counters behind `GET /v1/stats` and the depth cap (`postbox_counters`) raised
 /// for `emails` just inserted (all `queued`), one statement per counter. Triggers keep them
