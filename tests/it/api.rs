@@ -1137,6 +1137,57 @@ async fn a_failed_group_commit_is_retried_one_submission_at_a_time() {
     api.stop().await;
 }
 
+/// Submissions committed together as one group are each held to the depth cap in turn: a
+/// group that does not fit whole is rolled back and decided one submission at a time, so as
+/// many go in as fit and the counters stay exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_commit_past_the_cap_lets_in_those_that_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 9);
+    s.queue.max_depth = 4;
+    let api = TestApp::start(s, false).await;
+    let post = |to: String| {
+        let client = api.client.clone();
+        let url = format!("{}/v1/emails", api.base);
+        async move {
+            client
+                .post(url)
+                .json(&email(&to))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    // The writer is held up while the first submission waits for it, and five more queue
+    // behind that one: the five are one group, and only three of them fit.
+    let hold = tokio::spawn({
+        let dir = dir.path().to_path_buf();
+        async move { common::hold_writes(&dir, Duration::from_millis(1500)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = tokio::spawn(post("first@example.com".into()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let queued: Vec<_> = (0..5)
+        .map(|i| tokio::spawn(post(format!("g{i}@example.com"))))
+        .collect();
+    hold.await.unwrap();
+    assert_eq!(first.await.unwrap(), StatusCode::ACCEPTED);
+    let mut codes = Vec::new();
+    for q in queued {
+        codes.push(q.await.unwrap());
+    }
+    let accepted = codes.iter().filter(|c| **c == StatusCode::ACCEPTED).count();
+    let full = codes
+        .iter()
+        .filter(|c| **c == StatusCode::SERVICE_UNAVAILABLE)
+        .count();
+    assert_eq!((accepted, full), (3, 2), "{codes:?}");
+    assert_eq!(api.app.count(EmailStatus::Queued).await, 4);
+    common::assert_store_consistent(dir.path()).await;
+    api.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_that_refuses_writes_is_a_503_naming_it_and_nothing_is_stored() {
     let dir = tempfile::tempdir().unwrap();
