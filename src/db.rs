@@ -425,15 +425,15 @@ impl Script {
         self
     }
 
-    /// Adds a statement when there is one.
-    pub fn extend(&mut self, s: Option<Sql>) -> &mut Self {
+    /// Adds statements: any of a list, or one when there is one (an `Option`).
+    pub fn extend(&mut self, s: impl IntoIterator<Item = Sql>) -> &mut Self {
         self.parts.extend(s);
         self
     }
 
-    /// Runs every statement; the rows they changed, in all.
+    /// Runs every statement (none: nothing runs); the rows they changed, in all.
     pub async fn execute(self, tx: &mut Tx) -> Result<u64, sqlx::Error> {
-        if tx.kind() == Kind::Sqlite {
+        if tx.kind() == Kind::Sqlite && !self.parts.is_empty() {
             return self.joined().execute(tx).await;
         }
         let mut n = 0;
@@ -445,7 +445,7 @@ impl Script {
 
     /// Runs every statement; the first column of each row any of them returned, in order.
     pub async fn column<T: Col>(self, tx: &mut Tx) -> Result<Vec<T>, sqlx::Error> {
-        if tx.kind() == Kind::Sqlite {
+        if tx.kind() == Kind::Sqlite && !self.parts.is_empty() {
             return self.joined().column(tx).await;
         }
         let mut out = Vec::new();

@@ -221,19 +221,7 @@ pub(super) async fn insert_event<'a>(
 }
 
 /// The `submitted` timeline entries (and so the `email.queued` events) of new emails
-/// `(id, request id)`, in one statement.
-pub(super) async fn insert_submitted(
-    tx: &mut Tx,
-    rows: &[(&str, Option<&str>)],
-    now_ms: i64,
-) -> Result<(), StoreError> {
-    if let Some(q) = submitted_sql(rows, now_ms) {
-        q.execute(&mut *tx).await?;
-    }
-    Ok(())
-}
-
-/// The statement [`insert_submitted`] runs; None for no rows.
+/// `(id, request id)`, in one statement; None for no rows.
 pub(super) fn submitted_sql(rows: &[(&str, Option<&str>)], now_ms: i64) -> Option<Sql> {
     if rows.is_empty() {
         return None;

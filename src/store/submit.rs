@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use super::lifecycle::{insert_submitted, submitted_sql};
+use super::lifecycle::submitted_sql;
 use super::open::now;
 use super::*;
 use crate::db::{Kind, Lock, Script, Sql, Tx, lock_hash, sql, values};
@@ -221,8 +221,7 @@ impl Store {
     /// so checking the cap costs the same at any depth. PostgreSQL spreads the counter over
     /// shards (one per connection slot) so concurrent writers do not queue on one row.
     pub(super) async fn depth(&self, tx: &mut Tx) -> Result<u64, StoreError> {
-        let n: Option<i64> = sql(DEPTH).scalar(&mut *tx).await?;
-        Ok(n.unwrap_or(0).max(0) as u64)
+        Ok(depth_of(sql(DEPTH).scalar(&mut *tx).await?))
     }
 
     /// Inserts emails (with the request that submitted each) and their jobs on `tx`, many rows
@@ -305,15 +304,16 @@ impl Store {
                     .collect();
                 let mut script = Script::new();
                 script.push(q);
-                for bump in counters_sql(tx.kind(), chunk.iter().map(|((_, e, _), _)| e)) {
-                    script.push(bump);
-                }
+                script.extend(counters_sql(
+                    tx.kind(),
+                    chunk.iter().map(|((_, e, _), _)| e),
+                ));
                 script.extend(send_jobs_sql(tx.kind(), &self.queue, &jobs));
                 script.extend(submitted_sql(&entries, now_ms));
                 if read_depth && i + 1 == chunks {
                     script.push(sql(DEPTH));
                     let n = script.column::<i64>(&mut *tx).await?;
-                    depth = Some(n.first().copied().unwrap_or(0).max(0) as u64);
+                    depth = Some(depth_of(n.first().copied()));
                 } else {
                     script.execute(&mut *tx).await?;
                 }
@@ -341,16 +341,11 @@ impl Store {
                     out.push((EmailId::from_db(existing), false));
                 }
             }
-            let bumps = counters_sql(tx.kind(), new.into_iter());
-            if !bumps.is_empty() {
-                let mut script = Script::new();
-                for bump in bumps {
-                    script.push(bump);
-                }
-                script.execute(&mut *tx).await?;
-            }
-            push_jobs(tx, &self.queue, &jobs).await?;
-            insert_submitted(tx, &entries, now_ms).await?;
+            let mut script = Script::new();
+            script.extend(counters_sql(tx.kind(), new.into_iter()));
+            script.extend(send_jobs_sql(tx.kind(), &self.queue, &jobs));
+            script.extend(submitted_sql(&entries, now_ms));
+            script.execute(&mut *tx).await?;
         }
         if read_depth && depth.is_none() {
             depth = Some(self.depth(tx).await?);
@@ -362,6 +357,11 @@ impl Store {
 /// The depth: what [`Store::depth`] reads.
 const DEPTH: &str =
     "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM postbox_counters WHERE name = 'depth'";
+
+/// The depth [`DEPTH`] answered (never below 0).
+fn depth_of(n: Option<i64>) -> u64 {
+    n.unwrap_or(0).max(0) as u64
+}
 
 /// SQLite: the counters behind `GET /v1/stats` and the depth cap (`postbox_counters`) raised
 /// for `emails` just inserted (all `queued`), one statement per counter. Triggers keep them

@@ -1080,52 +1080,57 @@ async fn hostile_bodies_cost_a_bounded_error_and_store_nothing() {
     api.stop().await;
 }
 
+/// Holds the database's write lock from another connection for 1.5 s, sends `post(None)`
+/// (the writer then waits for the lock with it), runs `before_queueing`, and sends `n` more,
+/// `post(Some(0..n))`: those queue behind the first and are committed as one group. Their
+/// statuses, the first's and then theirs in order.
+async fn one_group_behind_a_held_writer(
+    dir: &std::path::Path,
+    post: impl Fn(Option<usize>) -> reqwest::RequestBuilder,
+    n: usize,
+    before_queueing: impl FnOnce(),
+) -> (StatusCode, Vec<StatusCode>) {
+    let send =
+        |r: reqwest::RequestBuilder| tokio::spawn(async move { r.send().await.unwrap().status() });
+    let hold = tokio::spawn({
+        let dir = dir.to_path_buf();
+        async move { common::hold_writes(&dir, Duration::from_millis(1500)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = send(post(None));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    before_queueing();
+    let queued: Vec<_> = (0..n).map(|i| send(post(Some(i)))).collect();
+    hold.await.unwrap();
+    let mut codes = Vec::with_capacity(n);
+    for q in queued {
+        codes.push(q.await.unwrap());
+    }
+    (first.await.unwrap(), codes)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_group_commit_is_retried_one_submission_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
     let api = TestApp::start(settings(dir.path(), 9), false).await;
-    let post = |rid: String| {
-        let client = api.client.clone();
-        let url = format!("{}/v1/emails", api.base);
-        async move {
-            client
-                .post(url)
-                .header("x-request-id", rid)
-                .json(&email("a@example.com"))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }
+    // 20 submissions committed as one group, and one of them makes that group's transaction
+    // fail.
+    let post = |i: Option<usize>| {
+        let rid = match i {
+            None => "first".to_string(),
+            Some(7) => "poisoned-group-7".to_string(),
+            Some(i) => format!("group-{i}"),
+        };
+        api.client
+            .post(format!("{}/v1/emails", api.base))
+            .header("x-request-id", rid)
+            .json(&email("a@example.com"))
     };
-    // The writer is held up by another connection while 20 submissions queue behind it: they
-    // are committed as one group, and one of them makes that group's transaction fail.
-    let hold = tokio::spawn({
-        let dir = dir.path().to_path_buf();
-        async move { common::hold_writes(&dir, Duration::from_millis(1500)).await }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let first = tokio::spawn(post("first".into()));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    postbox::faults::arm(postbox::faults::GROUP_COMMIT_FAIL, "poisoned-group-7", 1);
-    let queued: Vec<_> = (0..20)
-        .map(|i| {
-            let rid = if i == 7 {
-                "poisoned-group-7".to_string()
-            } else {
-                format!("group-{i}")
-            };
-            tokio::spawn(post(rid))
-        })
-        .collect();
-    hold.await.unwrap();
-    assert_eq!(first.await.unwrap(), StatusCode::ACCEPTED);
+    let arm = || postbox::faults::arm(postbox::faults::GROUP_COMMIT_FAIL, "poisoned-group-7", 1);
+    let (first, queued) = one_group_behind_a_held_writer(dir.path(), post, 20, arm).await;
+    assert_eq!(first, StatusCode::ACCEPTED);
     for q in queued {
-        assert_eq!(
-            q.await.unwrap(),
-            StatusCode::ACCEPTED,
-            "every submission of the group"
-        );
+        assert_eq!(q, StatusCode::ACCEPTED, "every submission of the group");
     }
     assert_eq!(
         postbox::faults::left(postbox::faults::GROUP_COMMIT_FAIL, "poisoned-group-7"),
@@ -1146,37 +1151,17 @@ async fn a_group_commit_past_the_cap_lets_in_those_that_fit() {
     let mut s = settings(dir.path(), 9);
     s.queue.max_depth = 4;
     let api = TestApp::start(s, false).await;
-    let post = |to: String| {
-        let client = api.client.clone();
-        let url = format!("{}/v1/emails", api.base);
-        async move {
-            client
-                .post(url)
-                .json(&email(&to))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }
+    // Five submissions committed as one group, and only three of them fit.
+    let post = |i: Option<usize>| {
+        let to = i.map_or("first@example.com".to_string(), |i| {
+            format!("g{i}@example.com")
+        });
+        api.client
+            .post(format!("{}/v1/emails", api.base))
+            .json(&email(&to))
     };
-    // The writer is held up while the first submission waits for it, and five more queue
-    // behind that one: the five are one group, and only three of them fit.
-    let hold = tokio::spawn({
-        let dir = dir.path().to_path_buf();
-        async move { common::hold_writes(&dir, Duration::from_millis(1500)).await }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let first = tokio::spawn(post("first@example.com".into()));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let queued: Vec<_> = (0..5)
-        .map(|i| tokio::spawn(post(format!("g{i}@example.com"))))
-        .collect();
-    hold.await.unwrap();
-    assert_eq!(first.await.unwrap(), StatusCode::ACCEPTED);
-    let mut codes = Vec::new();
-    for q in queued {
-        codes.push(q.await.unwrap());
-    }
+    let (first, codes) = one_group_behind_a_held_writer(dir.path(), post, 5, || {}).await;
+    assert_eq!(first, StatusCode::ACCEPTED);
     let accepted = codes.iter().filter(|c| **c == StatusCode::ACCEPTED).count();
     let full = codes
         .iter()
