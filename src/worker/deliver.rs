@@ -51,7 +51,9 @@ pub struct Deliverer {
     stopping: AtomicBool,
     /// `queue.concurrency`: attempts (render + SMTP transaction) at once. More jobs than this
     /// are in flight (see `worker::window`): they claim together, in batches, and wait here.
-    sends: Gate,
+    /// An email on its way here (a claims-ahead place taken, see [`Deliverer::spawn`]) holds
+    /// back the emails of lower priority already waiting ([`Coming`]).
+    sends: Arc<Gate>,
     /// Claims ahead of the send slots (see [`Deliverer::claims_ahead`]).
     claims: Arc<Gate>,
     /// Jobs handed to [`Deliverer::deliver`] so far: their order at the claims gate.
@@ -202,7 +204,7 @@ impl Deliverer {
             tasks: tokio_util::task::TaskTracker::new(),
             shutdown,
             stopping: AtomicBool::new(false),
-            sends: Gate::new(shaping.concurrency),
+            sends: Arc::new(Gate::new(shaping.concurrency)),
             claims: Arc::new(Gate::new(shaping.concurrency + shaping.batch_size)),
             arrivals: Default::default(),
             shaping,
@@ -237,10 +239,16 @@ impl Deliverer {
             drop(ahead);
             return self.defer_on_stop(&job, &task).await;
         }
+        // From here on this email is on its way to a send slot: until it is there (or its
+        // delivery ends), no email of lower priority takes one. Its claim is committed in
+        // whichever of the writer's transactions the delivery tasks reach first (tokio runs
+        // them in any order), so a less urgent email claimed sooner would otherwise find a
+        // free slot before it.
+        let coming = self.sends.coming(priority);
         let me = self.clone();
         match self
             .tasks
-            .spawn(async move { me.deliver(job, task, ahead).await })
+            .spawn(async move { me.deliver(job, task, ahead, coming).await })
             .await
         {
             Ok(r) => r,
@@ -295,12 +303,14 @@ impl Deliverer {
     /// job when it ends it. Idempotent: a stale or repeated job does nothing.
     ///
     /// `ahead` is its place among the claims ahead of the send slots (see [`Deliverer::spawn`]),
-    /// given up once it has a send slot.
+    /// given up once it has a send slot; `coming` holds back less urgent emails from the send
+    /// slots until this one waits for one (or its delivery ends).
     async fn deliver(
         &self,
         job: SendJob,
         task: String,
         ahead: GatePass<Arc<Gate>>,
+        coming: Coming,
     ) -> Result<(), StoreError> {
         if !self
             .in_flight
@@ -319,6 +329,7 @@ impl Deliverer {
         // After a full disk, SQLite's WAL must be given back before deliveries write again.
         self.store.wal_reclaimed(self.shutdown.clone()).await;
         let mut ahead = Some(ahead);
+        let mut coming = Some(coming);
         let Some(claimed) = self.claim(&job, &task).await else {
             return Ok(());
         };
@@ -467,7 +478,11 @@ impl Deliverer {
                 }
                 let permit = self
                     .sends
-                    .acquire(claim.priority.job_priority(), claim.id.as_str())
+                    .acquire(
+                        claim.priority.job_priority(),
+                        claim.id.as_str(),
+                        coming.take(),
+                    )
                     .await;
                 ahead.take();
                 let t0 = Instant::now();
@@ -828,10 +843,14 @@ const CLAIMS_PER_OUTCOME: usize = 4;
 /// plain semaphore serves whoever asked first, and emails claimed in one batch ask in any
 /// order.)
 ///
+/// Those announced as coming ([`Gate::coming`]) hold back the waiters of lower priority: a
+/// free place waits for the more urgent one on its way rather than go to a less urgent one
+/// that got there first.
+///
 /// Two are used: the send slots (`queue.concurrency`, fixed; ids are email ids, time-ordered:
-/// the order the queue fetched them in) and the claims ahead of them (ids are arrival numbers;
-/// the limit follows the writer's batches, [`Deliverer::claims_ahead`], and is set again at
-/// every job handed out).
+/// the order the queue fetched them in; the emails with a claims-ahead place are announced)
+/// and the claims ahead of them (ids are arrival numbers; the limit follows the writer's
+/// batches, [`Deliverer::claims_ahead`], and is set again at every job handed out).
 #[derive(Debug)]
 struct Gate {
     state: std::sync::Mutex<GateState>,
@@ -846,18 +865,56 @@ struct GateState {
         (usize, std::cmp::Reverse<String>),
         tokio::sync::oneshot::Sender<()>,
     >,
+    /// priority -> how many are coming ([`Coming`]), never 0.
+    coming: std::collections::BTreeMap<usize, usize>,
 }
 
 impl GateState {
-    /// Hands free places to the waiters, best first.
+    /// Hands free places to the waiters, best first, while none more urgent is coming.
     fn admit(&mut self) {
         while self.held < self.limit {
-            let Some((_, tx)) = self.waiting.pop_last() else {
+            let Some((&(priority, _), _)) = self.waiting.last_key_value() else {
                 return;
             };
+            if self.outranked(priority) {
+                return;
+            }
+            let (_, tx) = self.waiting.pop_last().expect("seen above");
             if tx.send(()).is_ok() {
                 self.held += 1;
             }
+        }
+    }
+
+    /// Whether one of a higher priority than `priority` is coming.
+    fn outranked(&self, priority: usize) -> bool {
+        self.coming.range(priority + 1..).next().is_some()
+    }
+
+    /// One fewer coming at `priority`.
+    fn arrived(&mut self, priority: usize) {
+        if let std::collections::btree_map::Entry::Occupied(mut e) = self.coming.entry(priority) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
+/// One on its way to a [`Gate`] at `priority` (see [`Gate::coming`]): until it waits there
+/// ([`Gate::acquire`]) or is dropped, no waiter of lower priority is let in.
+struct Coming {
+    gate: Option<Arc<Gate>>,
+    priority: usize,
+}
+
+impl Drop for Coming {
+    fn drop(&mut self) {
+        if let Some(gate) = self.gate.take() {
+            let mut s = gate.state.lock().unwrap_or_else(|p| p.into_inner());
+            s.arrived(self.priority);
+            s.admit();
         }
     }
 }
@@ -873,6 +930,7 @@ impl Gate {
                 limit: limit.max(1),
                 held: 0,
                 waiting: Default::default(),
+                coming: Default::default(),
             }),
         }
     }
@@ -884,28 +942,52 @@ impl Gate {
         s.admit();
     }
 
-    async fn acquire(&self, priority: usize, id: &str) -> GatePass<&Gate> {
-        self.enter(priority, id).await;
-        GatePass(self)
-    }
-
-    /// [`Gate::acquire`], for a holder that outlives the borrow (a task of its own).
+    /// [`Gate::acquire`] (none announced), for a holder that outlives the borrow (a task of its own).
     async fn acquire_owned(self: &Arc<Self>, priority: usize, id: &str) -> GatePass<Arc<Gate>> {
-        self.enter(priority, id).await;
+        self.enter(priority, id, None).await;
         GatePass(self.clone())
     }
 
-    /// Waits for a place and takes it (see [`Gate::release`]).
-    async fn enter(&self, priority: usize, id: &str) {
+    /// Announces one coming at `priority`: until the [`Coming`] is handed to
+    /// [`Gate::acquire`] or dropped, waiters of lower priority are held back.
+    fn coming(self: &Arc<Self>, priority: usize) -> Coming {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        *s.coming.entry(priority).or_default() += 1;
+        Coming {
+            gate: Some(self.clone()),
+            priority,
+        }
+    }
+
+    /// Waits for a place and takes it. One announced as `coming` (if still announced) stops
+    /// holding back the less urgent in the same step as it starts to wait, so none slips in
+    /// between.
+    async fn acquire(&self, priority: usize, id: &str, coming: Option<Coming>) -> GatePass<&Gate> {
+        self.enter(priority, id, coming).await;
+        GatePass(self)
+    }
+
+    /// Waits for a place and takes it (see [`Gate::release`]); `coming`, its announcement,
+    /// ends once it waits.
+    async fn enter(&self, priority: usize, id: &str, coming: Option<Coming>) {
         let rx = {
             let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if s.held < s.limit && s.waiting.is_empty() {
+            if let Some(mut c) = coming
+                && c.gate.take().is_some()
+            {
+                s.arrived(c.priority);
+            }
+            if s.held < s.limit && s.waiting.is_empty() && !s.outranked(priority) {
                 s.held += 1;
+                // Those it no longer holds back may take the places left.
+                s.admit();
                 return;
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
             s.waiting
                 .insert((priority, std::cmp::Reverse(id.to_string())), tx);
+            // Its arrival may free the less urgent ones, or itself.
+            s.admit();
             rx
         };
         // Dropped while waiting (the delivery cancelled): the sender fails and the place goes
@@ -961,10 +1043,10 @@ mod tests {
     #[tokio::test]
     async fn a_gate_admits_the_highest_priority_then_the_oldest() {
         let gate = Gate::new(1);
-        let first = gate.acquire(0, "01").await;
-        let mut low = Box::pin(gate.acquire(0, "02"));
-        let mut high_new = Box::pin(gate.acquire(2, "04"));
-        let mut high_old = Box::pin(gate.acquire(2, "03"));
+        let first = gate.acquire(0, "01", None).await;
+        let mut low = Box::pin(gate.acquire(0, "02", None));
+        let mut high_new = Box::pin(gate.acquire(2, "04", None));
+        let mut high_old = Box::pin(gate.acquire(2, "03", None));
         assert!(!done(&mut low).await && !done(&mut high_old).await);
         drop(first);
         let pass = high_old.as_mut().await;
@@ -977,18 +1059,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_free_place_waits_for_a_more_urgent_one_on_its_way() {
+        let gate = Arc::new(Gate::new(1));
+        let high = gate.coming(2);
+        let mut low = Box::pin(gate.acquire(1, "01", None));
+        assert!(
+            !done(&mut low).await,
+            "a free place, but one more urgent is coming"
+        );
+        let pass = gate.acquire(2, "02", Some(high)).await;
+        assert!(!done(&mut low).await, "one place: one holder");
+        drop(pass);
+        drop(low.as_mut().await);
+        // One that drops out on its way lets in those it held back.
+        let other = gate.coming(3);
+        let mut low = Box::pin(gate.acquire(1, "03", None));
+        assert!(!done(&mut low).await);
+        drop(other);
+        drop(low.as_mut().await);
+        // Only the less urgent are held back.
+        let same = gate.coming(1);
+        drop(gate.acquire(1, "04", None).await);
+        drop(gate.acquire(2, "05", None).await);
+        drop(same);
+        let s = gate.state.lock().unwrap();
+        assert_eq!((s.held, s.coming.len()), (0, 0));
+    }
+
+    #[tokio::test]
     async fn a_raised_limit_admits_waiters_at_once_and_a_lowered_one_holds_new_ones() {
         let gate = Gate::new(1);
-        let a = gate.acquire(1, "a").await;
-        let mut b = Box::pin(gate.acquire(1, "b"));
-        let mut c = Box::pin(gate.acquire(1, "c"));
+        let a = gate.acquire(1, "a", None).await;
+        let mut b = Box::pin(gate.acquire(1, "b", None));
+        let mut c = Box::pin(gate.acquire(1, "c", None));
         assert!(!done(&mut b).await);
         gate.set_limit(3);
         let (b, c) = (b.as_mut().await, c.as_mut().await);
         gate.set_limit(1);
         drop(a);
         drop(b);
-        let mut d = Box::pin(gate.acquire(1, "d"));
+        let mut d = Box::pin(gate.acquire(1, "d", None));
         assert!(!done(&mut d).await, "2 held: still over the limit of 1");
         drop(c);
         drop(d.as_mut().await);
@@ -998,9 +1108,9 @@ mod tests {
     #[tokio::test]
     async fn a_waiter_that_gives_up_passes_its_place_on() {
         let gate = Gate::new(1);
-        let a = gate.acquire(1, "a").await;
-        let mut b = Box::pin(gate.acquire(2, "b"));
-        let mut c = Box::pin(gate.acquire(1, "c"));
+        let a = gate.acquire(1, "a", None).await;
+        let mut b = Box::pin(gate.acquire(2, "b", None));
+        let mut c = Box::pin(gate.acquire(1, "c", None));
         assert!(!done(&mut b).await);
         drop(b);
         drop(a);
