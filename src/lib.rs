@@ -112,7 +112,8 @@
 //! suppression list) -> pauses (`PauseCache`) -> `Relays::route` and `pick` (the first relay
 //! of its route not paused, not cooling down unless all are) -> `Limiter::take` (a slot of every limit key:
 //! waited for within 2 s, else `Finish::Wait`, back to `queued`, not an attempt) -> a send
-//! slot (`queue.concurrency`, highest priority first) -> `render` -> `build_message_for`
+//! slot (`queue.concurrency`, highest priority first; a free one waits for a more urgent email
+//! that holds a claims-ahead place, `Coming`) -> `render` -> `build_message_for`
 //! (X-Postbox-Id, VERP return path, suppressed recipients out of the envelope,
 //! List-Unsubscribe) -> DKIM -> `Mailer::send` through that relay (unreached: it cools down,
 //! the next relay is tried) -> `Outcome` (a slow-down reply: `Limiter::slow_down`,
