@@ -57,6 +57,8 @@ pub struct SmtpPool {
     pool_max: usize,
     /// `max_messages_per_connection` (0: no limit).
     per_connection: u32,
+    /// `pipelining`: pipeline when the relay offers it (off: never, and no EHLO to ask).
+    pipelining: bool,
 }
 
 /// An open SMTP session and whether its relay offers PIPELINING.
@@ -114,6 +116,7 @@ impl SmtpPool {
             gate: Gate::new((s.pool_max as usize).max(1)),
             pool_max: (s.pool_max as usize).max(1),
             per_connection: s.max_messages_per_connection,
+            pipelining: s.pipelining,
         })
     }
 
@@ -144,11 +147,16 @@ impl SmtpPool {
                 .map_err(failed)?;
         }
         // EHLO again (after STARTTLS, whose EHLO is the one that counts; before AUTH) for the
-        // keyword lettre drops. A relay that refuses a second EHLO is not pipelined to.
-        let pipelining = match conn.command(Ehlo::new(self.hello.clone())).await {
-            Ok(r) => offers_pipelining(r.message()),
-            Err(e) if e.status().is_some() => false,
-            Err(e) => return Err(failed(e)),
+        // keyword lettre drops. A relay that refuses a second EHLO is not pipelined to; nor is
+        // one configured with `pipelining = false` (and it is not asked).
+        let pipelining = if !self.pipelining {
+            false
+        } else {
+            match conn.command(Ehlo::new(self.hello.clone())).await {
+                Ok(r) => offers_pipelining(r.message()),
+                Err(e) if e.status().is_some() => false,
+                Err(e) => return Err(failed(e)),
+            }
         };
         if let Some(c) = &self.credentials {
             conn.auth(DEFAULT_MECHANISMS, c).await.map_err(failed)?;

@@ -146,6 +146,10 @@ pub struct SmtpSettings {
     pub pool_idle_secs: u64,
     /// A connection is closed (QUIT) after this many messages; 0: no limit.
     pub max_messages_per_connection: u32,
+    /// Send MAIL FROM, the RCPT TOs and DATA in one write when the relay offers PIPELINING
+    /// (RFC 2920). Off: one command at a time, for a relay (or a firewall between) that
+    /// offers it and mishandles it (Postfix's `smtp_discard_ehlo_keywords = pipelining`).
+    pub pipelining: bool,
     /// Connections open to this relay at once across every worker process: each live worker
     /// process takes an equal share (at least one, at most `pool_max`), recomputed every
     /// heartbeat. Unset: `pool_max` per process.
@@ -214,6 +218,7 @@ impl Default for SmtpSettings {
             pool_max: 10,
             pool_idle_secs: 60,
             max_messages_per_connection: 0,
+            pipelining: true,
             max_connections: None,
             per_second: None,
             per_minute: None,

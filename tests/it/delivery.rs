@@ -211,18 +211,21 @@ async fn a_rejected_recipient_is_a_permanent_failure() {
 }
 
 /// RFC 2920: a relay that offers PIPELINING gets MAIL FROM, every RCPT TO and DATA in one
-/// write, one that does not gets them one at a time; either way lines that start with a dot
+/// write, one that does not (or is configured with `pipelining = false`) gets them one at a
+/// time; either way lines that start with a dot
 /// arrive intact, and a recipient refused among several fails the email with nothing delivered
 /// (with pipelining the relay already waits for the message; the session is closed instead).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_are_pipelined_only_when_offered_and_a_refused_recipient_delivers_nothing() {
     let body = ".starts with a dot\r\n.\r\n..two dots\r\nlast line";
-    for offered in [true, false] {
+    for (offered, configured) in [(true, true), (false, true), (true, false)] {
         let smtp = SmtpServer::start().await;
         smtp.offer_pipelining(offered);
         smtp.reply_to_rcpt("nobody", "550 5.1.1 No such user");
         let dir = tempfile::tempdir().unwrap();
-        let mut app = App::start(settings(dir.path(), smtp.port())).await;
+        let mut s = settings(dir.path(), smtp.port());
+        s.smtp.pipelining = configured;
+        let mut app = App::start(s).await;
         let mut both = NewEmail::text("ada@example.com", "Two", "x");
         both.to.push("nobody@example.com".into());
         let refused = app.submit(both).await;
@@ -237,7 +240,7 @@ async fn commands_are_pipelined_only_when_offered_and_a_refused_recipient_delive
         let got = smtp.received();
         assert_eq!(got.len(), 3, "only the three; offered {offered}: {got:#?}");
         for m in &got {
-            assert_eq!(m.pipelined, offered, "{m:#?}");
+            assert_eq!(m.pipelined, offered && configured, "{m:#?}");
             let parsed = MessageParser::default().parse(&m.data).unwrap();
             let text = parsed.body_text(0).expect("text part").to_string();
             assert_eq!(
