@@ -330,7 +330,7 @@ impl Deliverer {
         self.store.wal_reclaimed(self.shutdown.clone()).await;
         let mut ahead = Some(ahead);
         let mut coming = Some(coming);
-        let Some(claimed) = self.claim(&job, &task).await else {
+        let Some(claimed) = self.claim(&job, &task, &mut coming).await else {
             return Ok(());
         };
         let claim = match claimed {
@@ -449,6 +449,9 @@ impl Deliverer {
                     keys.push(format!("relay:{}", r.name(i)));
                 }
                 if !keys.is_empty() {
+                    // A rate limit may keep this email waiting here (up to 2 s): meanwhile it
+                    // does not hold back less urgent emails from free send slots.
+                    coming.take();
                     match limiter.take(&keys).await {
                         Ok(Turn::Go) => {}
                         Ok(Turn::Later { at, reason }) => {
@@ -631,13 +634,20 @@ impl Deliverer {
 
     /// Claims the job's email, retrying from memory while the database refuses (busy, full,
     /// unreachable). None once the process is stopping: the job, not acked, is handed back by
-    /// the janitor when this worker is gone.
-    async fn claim(&self, job: &SendJob, task: &str) -> Option<ClaimResult> {
+    /// the janitor when this worker is gone. While it retries, the email no longer holds back
+    /// less urgent ones (`coming` is dropped): those claimed already go on sending.
+    async fn claim(
+        &self,
+        job: &SendJob,
+        task: &str,
+        coming: &mut Option<Coming>,
+    ) -> Option<ClaimResult> {
         let mut pause = Duration::from_millis(50);
         loop {
             match self.recorder.claim(&job.email_id, job.seq, task).await {
                 Ok(c) => return Some(c),
                 Err(e) => {
+                    coming.take();
                     if self.shutdown.clone().now_or_never().is_some() {
                         warn!(error = %e, email_id = %job.email_id,
                             "cannot claim before shutdown; the job is handed back later");

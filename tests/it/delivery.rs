@@ -373,6 +373,46 @@ async fn high_priority_jumps_the_queue() {
     common::assert_store_consistent(dir.path()).await;
 }
 
+/// An urgent email waiting in memory for a rate limit's slot does not hold back less urgent
+/// ones from a free send slot: one slot; two high-priority emails to a domain limited to one
+/// message per 1.5 s, three low-priority ones to another. The second high waits ~1.5 s for its
+/// slot, and the lows go meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_urgent_email_waiting_for_a_rate_limit_does_not_hold_back_the_rest() {
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), smtp.port());
+    s.queue.concurrency = 1;
+    s.domain_limits = vec![postbox::config::DomainLimit {
+        domain: "slow.example".into(),
+        per_minute: Some(40.0),
+        ..Default::default()
+    }];
+    let mut app = App::open(s).await;
+    let mut batch = Vec::new();
+    for (p, n, domain) in [(Priority::High, 2, "slow"), (Priority::Low, 3, "fast")] {
+        for i in 0..n {
+            let tag = format!("{domain}{i}");
+            let mut e = NewEmail::text(&format!("{tag}@{domain}.example"), &tag, "x");
+            e.priority = p;
+            batch.push(e);
+        }
+    }
+    app.postbox.submit_many(batch).await.unwrap();
+    app.start_workers();
+    wait_for("5 messages", LIMIT, || smtp.count() == 5).await;
+    let got = smtp.received();
+    let order: Vec<String> = got
+        .iter()
+        .map(|r| common::smtp::header(&r.data, "Subject").unwrap())
+        .collect();
+    assert!(order[0].starts_with("slow"), "{order:?}");
+    assert!(order[4].starts_with("slow"), "{order:?}");
+    let gap = got[4].at.duration_since(got[0].at).unwrap();
+    assert!(gap >= Duration::from_millis(1400), "{gap:?} {order:?}");
+    common::assert_store_consistent(dir.path()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_at_is_honoured_to_the_second() {
     let smtp = SmtpServer::start().await;
