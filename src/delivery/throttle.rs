@@ -203,6 +203,16 @@ impl Limiter {
 
     /// Takes one slot of every key, waiting for it when it is within [`HOLD`].
     pub async fn take(&self, keys: &[String]) -> Result<Turn, crate::store::StoreError> {
+        self.take_or_wait(keys, || {}).await
+    }
+
+    /// [`Limiter::take`], calling `waiting` once it knows it will wait for the slots (before
+    /// the wait).
+    pub async fn take_or_wait(
+        &self,
+        keys: &[String],
+        waiting: impl FnOnce(),
+    ) -> Result<Turn, crate::store::StoreError> {
         let mut latest = 0i64;
         for key in keys {
             let rate = {
@@ -237,6 +247,7 @@ impl Limiter {
         }
         let wait = latest - now_us();
         if wait > 0 {
+            waiting();
             tokio::time::sleep(Duration::from_micros(wait as u64)).await;
         }
         Ok(Turn::Go)
@@ -429,6 +440,23 @@ mod tests {
             Turn::Later { reason, .. } => assert!(reason.contains("relay:default"), "{reason}"),
             Turn::Go => panic!("a slot 5 s away must put the email back"),
         }
+    }
+
+    #[tokio::test]
+    async fn the_caller_hears_of_a_wait_before_it_and_only_then() {
+        let l = limiter(Some(10.0));
+        let key = vec!["relay:default".to_string()];
+        let mut heard = Vec::new();
+        for _ in 0..2 {
+            let mut waited = false;
+            assert_eq!(
+                l.take_or_wait(&key, || waited = true).await.unwrap(),
+                Turn::Go
+            );
+            heard.push(waited);
+        }
+        // The first slot is now; the second 100 ms later.
+        assert_eq!(heard, [false, true]);
     }
 
     #[test]

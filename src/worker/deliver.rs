@@ -449,10 +449,14 @@ impl Deliverer {
                     keys.push(format!("relay:{}", r.name(i)));
                 }
                 if !keys.is_empty() {
-                    // A rate limit may keep this email waiting here (up to 2 s): meanwhile it
-                    // does not hold back less urgent emails from free send slots.
-                    coming.take();
-                    match limiter.take(&keys).await {
+                    // A rate limit may keep this email waiting here (up to 2 s) or put it back
+                    // in the queue: meanwhile it does not hold back less urgent emails from
+                    // free send slots.
+                    let turn = limiter.take_or_wait(&keys, || drop(coming.take())).await;
+                    if !matches!(turn, Ok(Turn::Go)) {
+                        coming.take();
+                    }
+                    match turn {
                         Ok(Turn::Go) => {}
                         Ok(Turn::Later { at, reason }) => {
                             if let Some(done) = last.take() {
