@@ -363,6 +363,8 @@ impl Deliverer {
                     .recipients()
                     .all(|a| skip.contains(&suppression_key(a.address())))
             {
+                // Not sent: it holds back nothing while its outcome is recorded.
+                coming.take();
                 let rec = AttemptRecord::untried();
                 let finish = Finish::Suppressed {
                     reason: format!(
@@ -388,6 +390,7 @@ impl Deliverer {
                 pauses = self.shaping.pauses.current(&self.store).await;
             }
             if let Some(note) = held_by(&pauses, &claim.email) {
+                coming.take();
                 return self.hold(&claim, far_hold(), note, &task).await;
             }
             let relays = self.mailer.relays().cloned();
@@ -440,6 +443,7 @@ impl Deliverer {
                                 .first()
                                 .map(|&i| Pause::hold_note(PauseKind::Relay, r.name(i)))
                                 .unwrap_or_else(|| "no relay for this email".into());
+                            coming.take();
                             return self.hold(&claim, far_hold(), note, &task).await;
                         }
                     },
@@ -956,7 +960,8 @@ impl Gate {
         s.admit();
     }
 
-    /// [`Gate::acquire`] (none announced), for a holder that outlives the borrow (a task of its own).
+    /// [`Gate::acquire`] (none announced), for a holder that outlives the borrow (a task of its
+    /// own).
     async fn acquire_owned(self: &Arc<Self>, priority: usize, id: &str) -> GatePass<Arc<Gate>> {
         self.enter(priority, id, None).await;
         GatePass(self.clone())
