@@ -71,13 +71,11 @@ impl Receiver {
         assert!(r.status().is_success());
     }
 
-    /// Every request received so far.
+    /// Every request received so far: the complete lines of the receiver's log. A read can
+    /// overlap the receiver's append of a line (a read of a regular file takes no lock
+    /// against a write in progress), so a last line without its newline is not there yet.
     pub fn requests(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        complete_lines(&std::fs::read_to_string(&self.log).unwrap_or_default())
     }
 
     /// The requests answered 2xx (the mode was ok or slow), first of each webhook-id.
@@ -89,6 +87,26 @@ impl Receiver {
             .filter(|r| seen.insert(r["id"].as_str().unwrap().to_string()))
             .collect()
     }
+}
+
+/// The JSON lines of `text` that end with a newline (see [`Receiver::requests`]).
+fn complete_lines(text: &str) -> Vec<Value> {
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_line_still_being_written_is_not_read_yet() {
+    let one = serde_json::json!({"id": "a"});
+    assert_eq!(
+        complete_lines("{\"id\": \"a\"}\n{\"id\": \"b"),
+        vec![one.clone()]
+    );
+    assert_eq!(complete_lines("{\"id\": \"a\"}\n"), vec![one]);
+    assert!(complete_lines("{\"id\"").is_empty());
 }
 
 impl Drop for Receiver {
