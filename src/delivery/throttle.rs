@@ -201,14 +201,9 @@ impl Limiter {
         out
     }
 
-    /// Takes one slot of every key, waiting for it when it is within [`HOLD`].
-    pub async fn take(&self, keys: &[String]) -> Result<Turn, crate::store::StoreError> {
-        self.take_or_wait(keys, || {}).await
-    }
-
-    /// [`Limiter::take`], calling `waiting` once it knows it will wait for the slots (before
-    /// the wait).
-    pub async fn take_or_wait(
+    /// Takes one slot of every key, waiting for it when it is within [`HOLD`]; calls `waiting`
+    /// once it knows it will wait (before the wait).
+    pub async fn take(
         &self,
         keys: &[String],
         waiting: impl FnOnce(),
@@ -423,7 +418,7 @@ mod tests {
         let key = vec!["relay:default".to_string()];
         let t0 = Instant::now();
         for _ in 0..5 {
-            assert_eq!(l.take(&key).await.unwrap(), Turn::Go);
+            assert_eq!(l.take(&key, || {}).await.unwrap(), Turn::Go);
         }
         // 5 slots 100 ms apart: the fifth at +400 ms.
         assert!(
@@ -436,7 +431,7 @@ mod tests {
             let mut map = l.lock();
             map.get_mut("relay:default").unwrap().tat = now_us() + 5_000_000;
         }
-        match l.take(&key).await.unwrap() {
+        match l.take(&key, || {}).await.unwrap() {
             Turn::Later { reason, .. } => assert!(reason.contains("relay:default"), "{reason}"),
             Turn::Go => panic!("a slot 5 s away must put the email back"),
         }
@@ -449,10 +444,7 @@ mod tests {
         let mut heard = Vec::new();
         for _ in 0..2 {
             let mut waited = false;
-            assert_eq!(
-                l.take_or_wait(&key, || waited = true).await.unwrap(),
-                Turn::Go
-            );
+            assert_eq!(l.take(&key, || waited = true).await.unwrap(), Turn::Go);
             heard.push(waited);
         }
         // The first slot is now; the second 100 ms later.

@@ -456,7 +456,7 @@ impl Deliverer {
                     // A rate limit may keep this email waiting here (up to 2 s) or put it back
                     // in the queue: meanwhile it does not hold back less urgent emails from
                     // free send slots.
-                    let turn = limiter.take_or_wait(&keys, || drop(coming.take())).await;
+                    let turn = limiter.take(&keys, || drop(coming.take())).await;
                     if !matches!(turn, Ok(Turn::Go)) {
                         coming.take();
                     }
