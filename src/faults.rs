@@ -62,6 +62,10 @@ pub const CLAIM_COMMIT_FAIL: &str = "store.claim.commit_fail";
 /// The commit of a batch holding a worker's fetch fails, the transaction rolled back (key: the
 /// queue's job type, e.g. `default`).
 pub const FETCH_COMMIT_FAIL: &str = "store.fetch.commit_fail";
+/// A worker's fetch answers [`FETCH_SLOW_FOR`] after its statement ran, as if the database
+/// were slow (key: the queue's job type).
+pub const FETCH_SLOW: &str = "queue.fetch.slow";
+pub const FETCH_SLOW_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The webhook dispatchers' own thread cannot be started; they run on the workers' runtime
 /// (key: the name of the first configured webhook).

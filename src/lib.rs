@@ -28,8 +28,9 @@
 //!               a caller's transaction, acks, janitor repairs, the fetch statements;
 //!               backend.rs: QueueStorage, the apalis backend on both databases, apalis's
 //!               Persisted over its own statements, batches fetched ahead, on SQLite the fetch
-//!               run in the one writer's transaction); JobKind (name, versioned id-only
-//!               payload, idempotency key); SendJob; [queue] section
+//!               run in the one writer's transaction, an empty fetch that raced a wake-up
+//!               run again); wake.rs: Wake, the workers' wake-ups, counted; JobKind (name,
+//!               versioned id-only payload, idempotency key); SendJob; [queue] section
 //! store/        everything else postbox keeps: open.rs (pools: on SQLite one writer
 //!               connection and a reader pool; migrations, WAL checkpointer, health), submit.rs
 //!               (group commit), batch.rs (Recorder, one per process: claims and completions
@@ -53,7 +54,7 @@
 //!               [delivery], [smtp], [[relays]], [[routes]], [[domain_limits]], [throttle],
 //!               [[dkim]] -> RelaySetup; [retry]
 //! worker/       one supervised apalis worker per job kind (Handler); this process's liveness
-//!               lease; wake-ups: on submit, by PostgreSQL LISTEN, and the due timer for
+//!               lease; wake-ups (queue::Wake): on submit, by PostgreSQL LISTEN, the due timer for
 //!               delayed jobs (wake_when_due); the janitor loop;
 //!               deliver.rs: Deliverer, the handler of SendJob, with its Shaping (Limiter,
 //!               DKIM keys, the PauseCache read every 2 s)

@@ -35,6 +35,7 @@ use serde_json::Value;
 use ulid::Ulid;
 
 use crate::db::Tx;
+use crate::queue::Wake;
 
 /// Jobs as apalis fetched them: payload bytes, task id, attempt.
 pub(crate) type Fetched = Vec<Task<Vec<u8>>>;
@@ -131,6 +132,9 @@ pub(crate) struct QueuePersistence {
     /// Fetches running ahead of the worker's requests, oldest first: at most [`FETCH_AHEAD`]
     /// (see `fetch_next`).
     ahead: Arc<std::sync::Mutex<std::collections::VecDeque<Ahead>>>,
+    /// The worker's wake-ups: one that came while a fetch ran makes it fetch again
+    /// (`fetch_next`).
+    wake: Arc<Wake>,
 }
 
 impl std::fmt::Debug for QueuePersistence {
@@ -142,6 +146,23 @@ impl std::fmt::Debug for QueuePersistence {
 }
 
 impl QueuePersistence {
+    /// A fetch for a worker waiting on it. Found nothing while a wake-up came (a submit that
+    /// committed after the fetch's statement read the queue)? Fetch again: apalis consumed
+    /// that wake-up during this fetch and would not fetch for it (`queue::wake`), leaving the
+    /// new job to the next poll. A fetch that found jobs is followed by another one anyway.
+    async fn fetch_now(&self, worker: &WorkerContext) -> Result<Fetched, BackendError> {
+        loop {
+            let seen = self.wake.seq();
+            let batch = self.fetch(worker).await.map_err(BackendError::Fetch)?;
+            if crate::faults::hit(crate::faults::FETCH_SLOW, self.config.queue.as_ref()) {
+                tokio::time::sleep(crate::faults::FETCH_SLOW_FOR).await;
+            }
+            if !batch.is_empty() || self.wake.seq() == seen {
+                return Ok(batch);
+            }
+        }
+    }
+
     /// One fetch of up to `batch_size` due jobs for `worker`.
     fn fetch(&self, worker: &WorkerContext) -> BoxFuture<'static, Result<Fetched, String>> {
         match &self.queue {
@@ -240,7 +261,7 @@ impl Persistence for QueuePersistence {
         let batch = loop {
             let ahead = self.ahead.lock().expect("not poisoned").pop_front();
             let Some(h) = ahead else {
-                break self.fetch(worker).await.map_err(BackendError::Fetch)?;
+                break self.fetch_now(worker).await?;
             };
             let batch = h
                 .await
@@ -338,26 +359,33 @@ pub(crate) struct QueueStorage {
 
 impl QueueStorage {
     /// SQLite: `pool` is the writer's pool (one connection), `fetch` runs a fetch in the
-    /// writer's next transaction; `config` must have apalis's lock and result events off.
-    pub(crate) fn sqlite(pool: &SqlitePool, config: Config, fetch: Fetcher) -> QueueStorage {
+    /// writer's next transaction; `config` must have apalis's lock and result events off;
+    /// `wake` is what the worker's poll strategy waits on.
+    pub(crate) fn sqlite(
+        pool: &SqlitePool,
+        config: Config,
+        fetch: Fetcher,
+        wake: Arc<Wake>,
+    ) -> QueueStorage {
         let queue = Queue::Sqlite {
             pool: pool.clone(),
             fetch,
         };
-        QueueStorage::new(queue, config)
+        QueueStorage::new(queue, config, wake)
     }
 
-    /// PostgreSQL; `config` must have apalis's lock and result events off.
-    pub(crate) fn postgres(pool: &PgPool, config: Config) -> QueueStorage {
-        QueueStorage::new(Queue::Pg { pool: pool.clone() }, config)
+    /// PostgreSQL; as [`QueueStorage::sqlite`].
+    pub(crate) fn postgres(pool: &PgPool, config: Config, wake: Arc<Wake>) -> QueueStorage {
+        QueueStorage::new(Queue::Pg { pool: pool.clone() }, config, wake)
     }
 
-    fn new(queue: Queue, config: Config) -> QueueStorage {
+    fn new(queue: Queue, config: Config, wake: Arc<Wake>) -> QueueStorage {
         QueueStorage {
             persistence: Persisted::new(QueuePersistence {
                 queue,
                 config: Arc::new(config),
                 ahead: Default::default(),
+                wake,
             }),
             closing: None,
             codec: JsonCodec::default(),
@@ -484,6 +512,7 @@ mod tests {
             queue: Queue::Sqlite { pool, fetch },
             config: Arc::new(Config::default().batch_size(1)),
             ahead: Default::default(),
+            wake: Default::default(),
         };
         let worker = WorkerContext::new("w");
         assert_eq!(p.fetch_next(&worker).await.unwrap().len(), 1);
@@ -497,6 +526,50 @@ mod tests {
             "the job submitted after the fetches ahead"
         );
         assert!(calls.load(Ordering::SeqCst) >= 4);
+    }
+
+    /// A fetch that found nothing while a wake-up came (a submit committed after its
+    /// statement read the queue) fetches again; one that found nothing and heard nothing
+    /// answers empty (the worker parks until the next wake-up).
+    #[tokio::test]
+    async fn an_empty_fetch_that_raced_a_wake_up_fetches_again() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let wake = Arc::new(Wake::default());
+        let fetch: Fetcher = {
+            let (calls, wake) = (calls.clone(), wake.clone());
+            Arc::new(move |_req| {
+                // 1: the queue is empty, and a submit wakes the worker as the fetch answers;
+                // 2: the job it submitted; 3: empty again, nothing heard.
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                if n == 1 {
+                    wake.notify();
+                }
+                async move {
+                    Ok(if n == 2 {
+                        vec![TaskBuilder::new(Vec::new()).build()]
+                    } else {
+                        Vec::new()
+                    })
+                }
+                .boxed()
+            })
+        };
+        let pool = SqlitePool::connect_lazy("sqlite::memory:").unwrap();
+        let mut p = QueuePersistence {
+            queue: Queue::Sqlite { pool, fetch },
+            config: Arc::new(Config::default().batch_size(8)),
+            ahead: Default::default(),
+            wake,
+        };
+        let worker = WorkerContext::new("w");
+        assert_eq!(p.fetch_next(&worker).await.unwrap().len(), 1);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert!(p.fetch_next(&worker).await.unwrap().is_empty());
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            3,
+            "no wake-up, no second fetch"
+        );
     }
 
     /// At a clean stop the batches fetched ahead (taken by this worker, never handed to
@@ -544,7 +617,12 @@ mod tests {
                 .boxed()
             })
         };
-        let mut storage = QueueStorage::sqlite(&pool, Config::default().batch_size(1), fetch);
+        let mut storage = QueueStorage::sqlite(
+            &pool,
+            Config::default().batch_size(1),
+            fetch,
+            Default::default(),
+        );
         let worker = WorkerContext::new("w");
         assert_eq!(
             storage.persistence.fetch_next(&worker).await.unwrap().len(),

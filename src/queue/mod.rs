@@ -16,11 +16,13 @@
 pub(crate) mod backend;
 mod settings;
 pub(crate) mod table;
+mod wake;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use settings::QueueSettings;
+pub use wake::Wake;
 
 /// A kind of job.
 pub trait JobKind: Serialize + DeserializeOwned + Send + Sync + 'static {

@@ -19,19 +19,16 @@
 //!   stuck rows, and a supervisor that restarts a worker that died on a database error;
 //! - apalis is told to stop only after the handler has drained (see [`supervise`]).
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use apalis::prelude::*;
 use futures::FutureExt;
-use futures::task::AtomicWaker;
 use serde_json::Value;
 use tracing::{debug, error, info, warn};
 
 use crate::Shutdown;
+pub use crate::queue::Wake;
 use crate::queue::backend::{Fetcher, QueueStorage};
 use crate::queue::{JobKind, QueueSettings, SendJob};
 use crate::store::{Db, JanitorReport, RetentionSettings, Store, StoreError};
@@ -74,39 +71,6 @@ pub trait Handler<K: JobKind>: Send + Sync + 'static {
     /// Stops starting jobs and waits until those running have ended. Called before the apalis
     /// worker is stopped (see [`supervise`]).
     fn drain(&self) -> impl Future<Output = ()> + Send;
-}
-
-/// Wakes an idle worker at once when this process submits mail, so latency is not the poll
-/// interval. Coalescing: a thousand submits make one wake-up.
-#[derive(Debug, Default)]
-pub struct Wake {
-    pending: AtomicBool,
-    waker: AtomicWaker,
-}
-
-impl Wake {
-    pub fn notify(&self) {
-        self.pending.store(true, Ordering::Release);
-        self.waker.wake();
-    }
-
-    fn stream(self: &Arc<Self>) -> WakeStream {
-        WakeStream(self.clone())
-    }
-}
-
-struct WakeStream(Arc<Wake>);
-
-impl futures::Stream for WakeStream {
-    type Item = ();
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<()>> {
-        self.0.waker.register(cx.waker());
-        if self.0.pending.swap(false, Ordering::AcqRel) {
-            Poll::Ready(Some(()))
-        } else {
-            Poll::Pending
-        }
-    }
 }
 
 /// The apalis handler of kind `K`. An error returned here is a bug: apalis records nothing
@@ -290,8 +254,10 @@ async fn supervise<K: JobKind, H: Handler<K>>(
             .lock_tasks(false)
             .persist_results(false);
         let storage = match db {
-            Db::Sqlite { write: pool, .. } => QueueStorage::sqlite(pool, config, fetch.clone()),
-            Db::Pg(pool, _) => QueueStorage::postgres(pool, config),
+            Db::Sqlite { write: pool, .. } => {
+                QueueStorage::sqlite(pool, config, fetch.clone(), wake.clone())
+            }
+            Db::Pg(pool, _) => QueueStorage::postgres(pool, config, wake.clone()),
         };
         let res = WorkerBuilder::new(name.as_str())
             .backend(storage.poll_with_strategy(strategy()))

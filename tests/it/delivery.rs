@@ -1053,6 +1053,35 @@ async fn a_fetch_whose_commit_fails_ends_the_worker_and_its_successor_delivers_e
     common::assert_store_consistent(dir.path()).await;
 }
 
+/// An email submitted while the worker's fetch is running is taken by a fetch after it, not
+/// at the next poll (here ten minutes away). apalis consumes the submit's wake-up during the
+/// fetch without fetching for it (`queue::wake`); the fetch, slowed here after its statement
+/// ran, answers from before the submit. Seen once in CI: the first fetch at start raced a
+/// test's submit on PostgreSQL, and the email stayed queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_email_submitted_while_a_fetch_runs_is_taken_at_once_not_at_the_next_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = common::memory_settings(dir.path());
+    let key = "slowfetch";
+    s.queue.name = key.into();
+    s.queue.poll_interval_ms = 600_000;
+    s.queue.heartbeat_secs = 60; // apalis fetches after each heartbeat too
+    let mut app = App::open(s).await;
+    postbox::faults::arm(postbox::faults::FETCH_SLOW, key, 1);
+    app.start_workers();
+    // The worker's first fetch has read the (empty) queue and is holding its answer.
+    wait_for("the first fetch", LIMIT, || {
+        postbox::faults::left(postbox::faults::FETCH_SLOW, key) == 0
+    })
+    .await;
+    let id = app
+        .submit(NewEmail::text("a@example.com", "Hi", "Hello"))
+        .await;
+    app.wait_status(&id, EmailStatus::Sent, LIMIT).await;
+    assert_eq!(app.sent().len(), 1);
+    common::assert_store_consistent(dir.path()).await;
+}
+
 /// A job a dead worker held is handed back by the janitor and taken at once: the janitor
 /// wakes the workers (here nothing else would before a minute: no poll, no heartbeat, no due
 /// timer for a job already due).
