@@ -245,13 +245,15 @@ impl Store {
         now_ms: i64,
         read_depth: bool,
     ) -> Result<(Vec<(EmailId, bool)>, Option<u64>), StoreError> {
-        /// 16 parameters a row: 140 rows stay far below SQLite's 32,766 parameters.
-        const CHUNK: usize = 140;
         const COLS: usize = 16;
         let mut out = Vec::with_capacity(rows.len());
         let mut depth = None;
-        let chunks = rows.len().div_ceil(CHUNK);
-        for (i, chunk) in rows.chunks(CHUNK).enumerate() {
+        let sizes: Vec<usize> = chunk_sizes(rows.len()).collect();
+        let chunks = sizes.len();
+        let mut from = 0;
+        for (i, size) in sizes.into_iter().enumerate() {
+            let chunk = &rows[from..from + size];
+            from += size;
             // Without idempotency keys every row goes in (ids are new ULIDs): the emails, their
             // jobs and their timeline entries are then one script, one round trip on SQLite.
             let keyed = chunk
@@ -264,7 +266,8 @@ impl Store {
                  ON CONFLICT(idempotency_key) DO NOTHING{}",
                 values(chunk.len(), COLS, 1),
                 if keyed { " RETURNING id" } else { "" }
-            ));
+            ))
+            .keep();
             for ((id, email, message_id), request_id) in chunk {
                 let spec = serde_json::to_string(email).map_err(|e| StoreError::Corrupt {
                     id: id.to_string(),
@@ -302,16 +305,17 @@ impl Store {
                     .iter()
                     .map(|((id, _, _), request_id)| (id.as_str(), *request_id))
                     .collect();
+                // Every statement's text depends only on the chunk's size: kept prepared.
                 let mut script = Script::new();
                 script.push(q);
                 script.extend(counters_sql(
                     tx.kind(),
                     chunk.iter().map(|((_, e, _), _)| e),
                 ));
-                script.extend(send_jobs_sql(tx.kind(), &self.queue, &jobs));
-                script.extend(submitted_sql(&entries, now_ms));
+                script.extend(send_jobs_sql(tx.kind(), &self.queue, &jobs).map(Sql::keep));
+                script.extend(submitted_sql(&entries, now_ms).map(Sql::keep));
                 if read_depth && i + 1 == chunks {
-                    script.push(sql(DEPTH));
+                    script.push(sql(DEPTH).keep());
                     let n = script.column::<i64>(&mut *tx).await?;
                     depth = Some(depth_of(n.first().copied()));
                 } else {
@@ -354,6 +358,26 @@ impl Store {
     }
 }
 
+/// The most rows [`Store::insert_chunks`] puts in one statement: 16 parameters a row, 2,048
+/// in all, far below SQLite's 32,766. A power of two (see [`chunk_sizes`]).
+const CHUNK: usize = 128;
+
+/// The sizes [`Store::insert_chunks`] cuts `n` rows into: [`CHUNK`]s, then the remainder's
+/// binary digits, largest first (300 -> 128, 128, 32, 8, 4). So the insert statements have
+/// at most 8 texts, each kept prepared on SQLite (`Sql::keep`), where a text per group size
+/// was parsed again at every group.
+fn chunk_sizes(mut n: usize) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        let c = match n {
+            0 => return None,
+            n if n >= CHUNK => CHUNK,
+            n => 1 << n.ilog2(),
+        };
+        n -= c;
+        Some(c)
+    })
+}
+
 /// The depth: what [`Store::depth`] reads.
 const DEPTH: &str =
     "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM postbox_counters WHERE name = 'depth'";
@@ -382,22 +406,28 @@ fn counters_sql<'a>(kind: Kind, emails: impl Iterator<Item = &'a Email>) -> Vec<
     if total == 0 {
         return Vec::new();
     }
-    let bump = |name: String, n: i64| {
-        sql("UPDATE postbox_counters SET n = n + $1 WHERE name = $2")
-            .bind(n)
-            .bind(name)
-    };
-    let mut out = vec![bump("depth".into(), total)];
-    for p in [Priority::High, Priority::Normal, Priority::Low] {
-        let n = by_priority[p.job_priority()];
-        if n > 0 {
-            out.push(bump(
-                format!("status:{}:{}", status.as_str(), p.as_str()),
-                n,
-            ));
-        }
-    }
-    out
+    // One statement of one text whatever the mix of priorities (kept prepared).
+    let [high, normal, low] = [Priority::High, Priority::Normal, Priority::Low].map(|p| {
+        (
+            format!("status:{}:{}", status.as_str(), p.as_str()),
+            by_priority[p.job_priority()],
+        )
+    });
+    vec![
+        sql(
+            "UPDATE postbox_counters SET n = n + CASE name WHEN 'depth' THEN $1 WHEN $2 THEN $3
+                 WHEN $4 THEN $5 WHEN $6 THEN $7 ELSE 0 END
+             WHERE name IN ('depth', $2, $4, $6)",
+        )
+        .bind(total)
+        .bind(high.0)
+        .bind(high.1)
+        .bind(normal.0)
+        .bind(normal.1)
+        .bind(low.0)
+        .bind(low.1)
+        .keep(),
+    ]
 }
 
 /// The remembered result of an idempotent request: `[[id, created], ...]`.
@@ -452,4 +482,24 @@ fn send_jobs_sql(
         })
         .collect();
     table::push_sql(kind, queue, &jobs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_cut_into_full_chunks_then_powers_of_two() {
+        let cut = |n| chunk_sizes(n).collect::<Vec<_>>();
+        assert_eq!(cut(0), Vec::<usize>::new());
+        assert_eq!(cut(1), [1]);
+        assert_eq!(cut(63), [32, 16, 8, 4, 2, 1]);
+        assert_eq!(cut(128), [128]);
+        assert_eq!(cut(300), [128, 128, 32, 8, 4]);
+        for n in 0..2000 {
+            let sizes = cut(n);
+            assert_eq!(sizes.iter().sum::<usize>(), n);
+            assert!(sizes.iter().all(|s| s.is_power_of_two() && *s <= CHUNK));
+        }
+    }
 }
