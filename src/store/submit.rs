@@ -393,10 +393,10 @@ fn depth_of(n: Option<i64>) -> u64 {
 }
 
 /// SQLite: the counters behind `GET /v1/stats` and the depth cap (`postbox_counters`) raised
-/// for `emails` just inserted (all `queued`), one statement per counter. Triggers keep them
-/// exact for every other change, but an insert trigger fires per row: two UPDATEs a row took
-/// ~30% of a 140-row insert (migration `..._insert_counters.sql`). PostgreSQL's triggers run
-/// once per statement: nothing to do there.
+/// for `emails` just inserted (all `queued`), in one statement of one text (kept prepared).
+/// Triggers keep them exact for every other change, but an insert trigger fires per row: two
+/// UPDATEs a row took ~30% of a 140-row insert (migration `..._insert_counters.sql`).
+/// PostgreSQL's triggers run once per statement: nothing to do there.
 fn counters_sql<'a>(kind: Kind, emails: impl Iterator<Item = &'a Email>) -> Vec<Sql> {
     if kind != Kind::Sqlite {
         return Vec::new();
@@ -411,7 +411,6 @@ fn counters_sql<'a>(kind: Kind, emails: impl Iterator<Item = &'a Email>) -> Vec<
     if total == 0 {
         return Vec::new();
     }
-    // One statement of one text whatever the mix of priorities (kept prepared).
     let [high, normal, low] = [Priority::High, Priority::Normal, Priority::Low].map(|p| {
         (
             format!("status:{}:{}", status.as_str(), p.as_str()),
