@@ -43,6 +43,15 @@ pub(crate) async fn setup(db: &Db) -> Result<(), String> {
                 .execute(pool)
                 .await
                 .map_err(|e| format!("apalis setup: {e}"))?;
+            // A partial index on (status, attempts) for Queued, Pending and Failed jobs that
+            // serves apalis's per-task lock statement, which postbox turns off
+            // (`worker::supervise`); no statement postbox runs reads it (the fetch reads
+            // `idx_jobs_pending` and `idx_jobs_failed`, the re-queue of orphans
+            // `idx_jobs_status_run_at`). Yet every job's insert, fetch and ack wrote it.
+            sqlx::query("DROP INDEX IF EXISTS idx_jobs_claimable")
+                .execute(pool)
+                .await
+                .map_err(|e| format!("apalis setup: {e}"))?;
             // The janitor's repair of jobs left Pending but locked (`requeue_abandoned`) reads
             // this: almost always empty, so it costs the hot path nothing, where the status
             // index would read every queued job.
