@@ -508,12 +508,9 @@ mod tests {
             })
         };
         let pool = SqlitePool::connect_lazy("sqlite::memory:").unwrap();
-        let mut p = QueuePersistence {
-            queue: Queue::Sqlite { pool, fetch },
-            config: Arc::new(Config::default().batch_size(1)),
-            ahead: Default::default(),
-            wake: Default::default(),
-        };
+        let config = Config::default().batch_size(1);
+        let mut storage = QueueStorage::sqlite(&pool, config, fetch, Default::default());
+        let p = &mut storage.persistence;
         let worker = WorkerContext::new("w");
         assert_eq!(p.fetch_next(&worker).await.unwrap().len(), 1);
         // Let both fetches ahead finish (empty) before the worker asks again.
@@ -555,12 +552,9 @@ mod tests {
             })
         };
         let pool = SqlitePool::connect_lazy("sqlite::memory:").unwrap();
-        let mut p = QueuePersistence {
-            queue: Queue::Sqlite { pool, fetch },
-            config: Arc::new(Config::default().batch_size(8)),
-            ahead: Default::default(),
-            wake,
-        };
+        let config = Config::default().batch_size(8);
+        let mut storage = QueueStorage::sqlite(&pool, config, fetch, wake);
+        let p = &mut storage.persistence;
         let worker = WorkerContext::new("w");
         assert_eq!(p.fetch_next(&worker).await.unwrap().len(), 1);
         assert_eq!(calls.load(Ordering::SeqCst), 2);

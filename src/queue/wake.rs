@@ -1,6 +1,6 @@
 //! Wake-ups of this process's idle workers: a submit here, PostgreSQL's NOTIFY, the due timer,
 //! the janitor's hand-backs. Coalescing (a thousand submits make one wake-up), and counted, so
-//! a fetch can tell whether one came while it ran (see `backend::QueuePersistence::fetch_next`).
+//! a fetch can tell whether one came while it ran (see `backend::QueuePersistence::fetch_now`).
 //!
 //! Why both: apalis 1.0's `PollWith` polls the strategy's stream (this one's [`Wake::stream`])
 //! at every poll of the backend and ignores what it yields; the stream only makes apalis poll

@@ -248,25 +248,23 @@ impl Store {
         const COLS: usize = 16;
         let mut out = Vec::with_capacity(rows.len());
         let mut depth = None;
-        let sizes: Vec<usize> = chunk_sizes(rows.len()).collect();
-        let chunks = sizes.len();
-        let mut from = 0;
-        for (i, size) in sizes.into_iter().enumerate() {
-            let chunk = &rows[from..from + size];
-            from += size;
+        let chunks = rows.len().div_ceil(CHUNK);
+        for (i, chunk) in rows.chunks(CHUNK).enumerate() {
+            // Every statement's text depends only on the chunk's size.
+            let keep = |q: Sql| if kept(chunk.len()) { q.keep() } else { q };
             // Without idempotency keys every row goes in (ids are new ULIDs): the emails, their
             // jobs and their timeline entries are then one script, one round trip on SQLite.
             let keyed = chunk
                 .iter()
                 .any(|((_, e, _), _)| e.idempotency_key.is_some());
-            let mut q = sql(format!(
+            let mut q = keep(sql(format!(
                 "INSERT INTO postbox_emails (id, status, priority, spec, message_id, idempotency_key,
                      template, recipients, tags, send_at, expires_at, age_from, created_at,
                      updated_at, request_id, subject) VALUES {}
                  ON CONFLICT(idempotency_key) DO NOTHING{}",
                 values(chunk.len(), COLS, 1),
                 if keyed { " RETURNING id" } else { "" }
-            ));
+            )));
             for ((id, email, message_id), request_id) in chunk {
                 let spec = serde_json::to_string(email).map_err(|e| StoreError::Corrupt {
                     id: id.to_string(),
@@ -304,10 +302,8 @@ impl Store {
                     .iter()
                     .map(|((id, _, _), request_id)| (id.as_str(), *request_id))
                     .collect();
-                // Every statement's text depends only on the chunk's size.
-                let keep = |q: Sql| if kept(size) { q.keep() } else { q };
                 let mut script = Script::new();
-                script.push(keep(q));
+                script.push(q);
                 script.extend(counters_sql(
                     tx.kind(),
                     chunk.iter().map(|((_, e, _), _)| e),
@@ -324,7 +320,6 @@ impl Store {
                 out.extend(chunk.iter().map(|((id, _, _), _)| (id.clone(), true)));
                 continue;
             }
-            let q = if kept(size) { q.keep() } else { q };
             let inserted: std::collections::HashSet<String> =
                 q.column::<String>(&mut *tx).await?.into_iter().collect();
             let mut jobs = Vec::with_capacity(inserted.len());
@@ -360,25 +355,16 @@ impl Store {
 }
 
 /// The most rows [`Store::insert_chunks`] puts in one statement: 16 parameters a row, 2,048
-/// in all, far below SQLite's 32,766.
+/// in all, far below SQLite's 32,766. Rows go in chunks of this many and the rest in one
+/// (1,000 -> 7 x 128 + 104).
 const CHUNK: usize = 128;
 
-/// The sizes [`Store::insert_chunks`] cuts `n` rows into: [`CHUNK`]s, then the rest in one
-/// (300 -> 128, 128, 44). A statement's text depends only on its size; those of [`CHUNK`]
-/// rows and of a power of two are kept prepared on SQLite ([`kept`]), the others are
-/// prepared for each run. So a 1,000-email batch parses one 104-row script instead of eight
-/// (10% of the writer thread's samples), and a group of single submits still goes in one
-/// round trip to the writer's thread (cut into powers of two, a group of 63 took six).
-fn chunk_sizes(mut n: usize) -> impl Iterator<Item = usize> {
-    std::iter::from_fn(move || {
-        let c = n.min(CHUNK);
-        n -= c;
-        (c > 0).then_some(c)
-    })
-}
-
-/// Whether the statements of a chunk of `size` rows are kept prepared (see [`chunk_sizes`]):
-/// at most 8 sizes.
+/// Whether the statements of a chunk of `size` rows are kept prepared on SQLite (`Sql::keep`;
+/// a statement's text depends only on its size): a [`CHUNK`] or a power of two below, at most
+/// 8 texts. The others are prepared for each run. So a 1,000-email batch parses one 104-row
+/// script instead of eight (10% of the writer thread's samples), and a group of single
+/// submits still goes in one round trip to the writer's thread (cut into powers of two, a
+/// group of 63 took six).
 fn kept(size: usize) -> bool {
     size.is_power_of_two() && size <= CHUNK
 }
@@ -493,20 +479,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rows_are_cut_into_full_chunks_then_the_rest_and_few_sizes_are_kept() {
-        let cut = |n| chunk_sizes(n).collect::<Vec<_>>();
-        assert_eq!(cut(0), Vec::<usize>::new());
-        assert_eq!(cut(1), [1]);
-        assert_eq!(cut(63), [63]);
-        assert_eq!(cut(128), [128]);
-        assert_eq!(cut(1000), [128, 128, 128, 128, 128, 128, 128, 104]);
-        for n in 0..2000 {
-            let sizes = cut(n);
-            assert_eq!(sizes.iter().sum::<usize>(), n);
-            assert!(sizes.iter().all(|s| (1..=CHUNK).contains(s)));
-            assert!(sizes.iter().rev().skip(1).all(|s| *s == CHUNK));
-        }
-        let kept_sizes = (1..=2000).filter(|n| kept(*n)).count();
-        assert_eq!(kept_sizes, 8);
+    fn full_chunks_and_powers_of_two_are_kept_and_only_they() {
+        assert!(kept(CHUNK) && kept(64) && kept(1));
+        assert!(!kept(104) && !kept(63) && !kept(0) && !kept(2 * CHUNK));
+        assert_eq!((1..=2000).filter(|n| kept(*n)).count(), 8);
     }
 }
