@@ -11,8 +11,9 @@
 //! ```text
 //! settings.rs   ConfigError (names the bad key), masked(), nonzero(): shared by every section
 //! db.rs         the query layer over SQLite and PostgreSQL: Db, Tx, Sql (one statement text for
-//!               both), Script (statements sent to SQLite as one text: one round trip), DbRow,
-//!               Lock; the PostgreSQL circuit breaker
+//!               both), Script (statements sent to SQLite as one text: one round trip),
+//!               Db::transact (a whole write transaction in one round trip), DbRow, Lock; the
+//!               PostgreSQL circuit breaker
 //! net.rs        loopback checks, TCP keepalive      shutdown.rs  the Shutdown signal
 //! faults.rs     fault points tests arm (inert otherwise)
 //! telemetry.rs  [log] section, tracing init

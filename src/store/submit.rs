@@ -53,10 +53,15 @@ impl Store {
         let unkeyed = reqs.iter().all(|r| {
             r.idempotency.is_none() && r.rows.iter().all(|(_, e, _)| e.idempotency_key.is_none())
         });
-        if max_depth > 0
-            && unkeyed
-            && let Some(out) = self.insert_under_cap(reqs, max_depth, now_ms).await?
-        {
+        let emails: usize = reqs.iter().map(|r| r.rows.len()).sum();
+        let quick = if unkeyed && self.db.kind() == Kind::Sqlite && emails <= CHUNK {
+            self.insert_at_once(reqs, max_depth, now_ms).await?
+        } else if unkeyed && max_depth > 0 {
+            self.insert_under_cap(reqs, max_depth, now_ms).await?
+        } else {
+            None
+        };
+        if let Some(out) = quick {
             self.wrote_events();
             if reqs_later {
                 self.scheduled.notify_one();
@@ -205,16 +210,40 @@ impl Store {
             return Ok(None);
         }
         tx.commit().await?;
-        let mut from = 0;
-        Ok(Some(
-            reqs.iter()
-                .map(|r| {
-                    let mine = ids[from..from + r.rows.len()].to_vec();
-                    from += r.rows.len();
-                    InsertOutcome::Inserted(mine)
-                })
-                .collect(),
-        ))
+        Ok(Some(inserted(reqs, &ids)))
+    }
+
+    /// [`Store::insert_under_cap`] (or, with no cap, the insert) on SQLite when the group has
+    /// no idempotency key and fits one chunk, as every group of single submits does: one
+    /// [`Db::transact`], one hand-off to the writer's thread where a transaction through sqlx
+    /// takes three (its begin, the script, its commit). The cap is checked after the rows by
+    /// [`DEPTH_GUARD`], which stops the transaction before its `COMMIT` when the depth is over
+    /// it; then None, as from [`Store::insert_under_cap`].
+    async fn insert_at_once(
+        &self,
+        reqs: &[InsertRequest],
+        max_depth: u64,
+        now_ms: i64,
+    ) -> Result<Option<Vec<InsertOutcome>>, StoreError> {
+        let rows: Vec<(&NewRow, Option<&str>)> = reqs
+            .iter()
+            .flat_map(|r| r.rows.iter().map(|row| (row, r.request_id.as_deref())))
+            .collect();
+        let mut script = self.unkeyed_sql(Kind::Sqlite, &rows, now_ms)?;
+        if max_depth > 0 {
+            script.push(sql(DEPTH_GUARD).bind(max_depth as i64).keep());
+        }
+        match self.db.transact::<i64>(script).await {
+            Ok(_) => {
+                let ids: Vec<_> = rows
+                    .iter()
+                    .map(|((id, _, _), _)| (id.clone(), true))
+                    .collect();
+                Ok(Some(inserted(reqs, &ids)))
+            }
+            Err(e) if over_cap(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Emails waiting or in flight: kept exact by triggers (migration `..._depth_counter.sql`),
@@ -245,71 +274,17 @@ impl Store {
         now_ms: i64,
         read_depth: bool,
     ) -> Result<(Vec<(EmailId, bool)>, Option<u64>), StoreError> {
-        const COLS: usize = 16;
         let mut out = Vec::with_capacity(rows.len());
         let mut depth = None;
         let chunks = rows.len().div_ceil(CHUNK);
         for (i, chunk) in rows.chunks(CHUNK).enumerate() {
-            // Every statement's text depends only on the chunk's size.
-            let keep = |q: Sql| if kept(chunk.len()) { q.keep() } else { q };
             // Without idempotency keys every row goes in (ids are new ULIDs): the emails, their
             // jobs and their timeline entries are then one script, one round trip on SQLite.
             let keyed = chunk
                 .iter()
                 .any(|((_, e, _), _)| e.idempotency_key.is_some());
-            let mut q = keep(sql(format!(
-                "INSERT INTO postbox_emails (id, status, priority, spec, message_id, idempotency_key,
-                     template, recipients, tags, send_at, expires_at, age_from, created_at,
-                     updated_at, request_id, subject) VALUES {}
-                 ON CONFLICT(idempotency_key) DO NOTHING{}",
-                values(chunk.len(), COLS, 1),
-                if keyed { " RETURNING id" } else { "" }
-            )));
-            for ((id, email, message_id), request_id) in chunk {
-                let spec = serde_json::to_string(email).map_err(|e| StoreError::Corrupt {
-                    id: id.to_string(),
-                    message: e.to_string(),
-                })?;
-                let recipients = email
-                    .recipients()
-                    .map(|a| a.address())
-                    .collect::<Vec<_>>()
-                    .join(" ");
-                let send_at = email.send_at.map(ms);
-                q.add(id.as_str())
-                    .add(Step::Submit.to().as_str())
-                    .add(email.priority.as_str())
-                    .add(spec)
-                    .add(message_id.as_str())
-                    .add(email.idempotency_key.as_deref())
-                    .add(email.content.template_name())
-                    .add(recipients)
-                    .add(email.tags.join(" "))
-                    .add(send_at)
-                    .add(email.expires_at.map(ms))
-                    .add(send_at.unwrap_or(now_ms).max(now_ms))
-                    .add(now_ms)
-                    .add(now_ms)
-                    .add(*request_id)
-                    .add(email.subject.as_deref());
-            }
             if !keyed {
-                let jobs: Vec<_> = chunk
-                    .iter()
-                    .map(|((id, email, _), _)| (id.as_str(), 0, email.priority, email.send_at))
-                    .collect();
-                let entries: Vec<_> = chunk
-                    .iter()
-                    .map(|((id, _, _), request_id)| (id.as_str(), *request_id))
-                    .collect();
-                let mut script = Script::new();
-                script.push(q);
-                script.extend(counters_sql(
-                    tx.kind(),
-                    chunk.iter().map(|((_, e, _), _)| e),
-                ));
-                script.extend(send_jobs_sql(tx.kind(), &self.queue, &jobs).map(keep));
-                script.extend(submitted_sql(&entries, now_ms).map(keep));
+                let mut script = self.unkeyed_sql(tx.kind(), chunk, now_ms)?;
                 if read_depth && i + 1 == chunks {
                     script.push(sql(DEPTH).keep());
                     let n = script.column::<i64>(&mut *tx).await?;
@@ -320,6 +295,7 @@ impl Store {
                 out.extend(chunk.iter().map(|((id, _, _), _)| (id.clone(), true)));
                 continue;
             }
+            let q = emails_sql(chunk, now_ms, true)?;
             let inserted: std::collections::HashSet<String> =
                 q.column::<String>(&mut *tx).await?.into_iter().collect();
             let mut jobs = Vec::with_capacity(inserted.len());
@@ -354,6 +330,82 @@ impl Store {
     }
 }
 
+impl Store {
+    /// A chunk of emails none of which has an idempotency key: its emails, the counters, its
+    /// jobs and its timeline entries, as one script (every statement's text depends only on the
+    /// chunk's size; see [`kept`]).
+    fn unkeyed_sql(
+        &self,
+        kind: Kind,
+        chunk: &[(&NewRow, Option<&str>)],
+        now_ms: i64,
+    ) -> Result<Script, StoreError> {
+        let keep = |q: Sql| if kept(chunk.len()) { q.keep() } else { q };
+        let jobs: Vec<_> = chunk
+            .iter()
+            .map(|((id, email, _), _)| (id.as_str(), 0, email.priority, email.send_at))
+            .collect();
+        let entries: Vec<_> = chunk
+            .iter()
+            .map(|((id, _, _), request_id)| (id.as_str(), *request_id))
+            .collect();
+        let mut script = Script::new();
+        script.push(emails_sql(chunk, now_ms, false)?);
+        script.extend(counters_sql(kind, chunk.iter().map(|((_, e, _), _)| e)));
+        script.extend(send_jobs_sql(kind, &self.queue, &jobs).map(keep));
+        script.extend(submitted_sql(&entries, now_ms).map(keep));
+        Ok(script)
+    }
+}
+
+/// The INSERT of a chunk of emails (kept prepared when [`kept`]); with `returning`, it returns
+/// the id of each email inserted (one whose idempotency key exists is not).
+fn emails_sql(
+    chunk: &[(&NewRow, Option<&str>)],
+    now_ms: i64,
+    returning: bool,
+) -> Result<Sql, StoreError> {
+    const COLS: usize = 16;
+    let q = sql(format!(
+        "INSERT INTO postbox_emails (id, status, priority, spec, message_id, idempotency_key,
+             template, recipients, tags, send_at, expires_at, age_from, created_at,
+             updated_at, request_id, subject) VALUES {}
+         ON CONFLICT(idempotency_key) DO NOTHING{}",
+        values(chunk.len(), COLS, 1),
+        if returning { " RETURNING id" } else { "" }
+    ));
+    let mut q = if kept(chunk.len()) { q.keep() } else { q };
+    for ((id, email, message_id), request_id) in chunk {
+        let spec = serde_json::to_string(email).map_err(|e| StoreError::Corrupt {
+            id: id.to_string(),
+            message: e.to_string(),
+        })?;
+        let recipients = email
+            .recipients()
+            .map(|a| a.address())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let send_at = email.send_at.map(ms);
+        q.add(id.as_str())
+            .add(Step::Submit.to().as_str())
+            .add(email.priority.as_str())
+            .add(spec)
+            .add(message_id.as_str())
+            .add(email.idempotency_key.as_deref())
+            .add(email.content.template_name())
+            .add(recipients)
+            .add(email.tags.join(" "))
+            .add(send_at)
+            .add(email.expires_at.map(ms))
+            .add(send_at.unwrap_or(now_ms).max(now_ms))
+            .add(now_ms)
+            .add(now_ms)
+            .add(*request_id)
+            .add(email.subject.as_deref());
+    }
+    Ok(q)
+}
+
 /// The most rows [`Store::insert_chunks`] puts in one statement: 16 parameters a row, 2,048
 /// in all, far below SQLite's 32,766. Rows go in chunks of this many and the rest in one
 /// (1,000 -> 7 x 128 + 104).
@@ -372,6 +424,32 @@ fn kept(size: usize) -> bool {
 /// The depth: what [`Store::depth`] reads.
 const DEPTH: &str =
     "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM postbox_counters WHERE name = 'depth'";
+
+/// SQLite: fails with "integer overflow" when the depth is over `$1`, so that a
+/// [`crate::db::Db::transact`] it ends stops before its `COMMIT`; otherwise one row of 0.
+/// SQLite has no `RAISE` outside triggers; `abs()` of the smallest integer is an error its
+/// documentation names, and a `CASE` evaluates only the branch it takes.
+const DEPTH_GUARD: &str = "SELECT CASE WHEN COALESCE(SUM(n), 0) > $1
+         THEN abs(-9223372036854775807 - 1) ELSE 0 END
+    FROM postbox_counters WHERE name = 'depth'";
+
+/// Whether `e` is [`DEPTH_GUARD`]'s error.
+fn over_cap(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.message() == "integer overflow")
+}
+
+/// Each submission's share of `ids` (the group's emails, in order), all inserted.
+fn inserted(reqs: &[InsertRequest], ids: &[(EmailId, bool)]) -> Vec<InsertOutcome> {
+    let mut from = 0;
+    reqs.iter()
+        .map(|r| {
+            let mine = ids[from..from + r.rows.len()].to_vec();
+            from += r.rows.len();
+            InsertOutcome::Inserted(mine)
+        })
+        .collect()
+}
 
 /// The depth [`DEPTH`] answered (never below 0).
 fn depth_of(n: Option<i64>) -> u64 {
@@ -477,6 +555,43 @@ fn send_jobs_sql(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The depth guard passes at the cap and fails the transaction past it, with the error
+    /// [`over_cap`] tells from others, before anything commits.
+    #[tokio::test]
+    async fn the_depth_guard_stops_the_commit_only_past_the_cap() {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        for q in [
+            "CREATE TABLE postbox_counters (name TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+            "CREATE TABLE t (a INTEGER)",
+            "INSERT INTO postbox_counters VALUES ('depth', 5), ('status:queued:normal', 9)",
+        ] {
+            sqlx::query(q).execute(&pool).await.unwrap();
+        }
+        let db = crate::db::Db::Sqlite {
+            write: pool.clone(),
+            read: pool.clone(),
+        };
+        let guarded = |cap: i64| {
+            let mut s = Script::new();
+            s.push(sql("INSERT INTO t VALUES (1)"));
+            s.push(sql(DEPTH_GUARD).bind(cap).keep());
+            s
+        };
+        assert_eq!(db.transact::<i64>(guarded(5)).await.unwrap(), [0]);
+        let e = db.transact::<i64>(guarded(4)).await.unwrap_err();
+        assert!(over_cap(&e), "{e}");
+        assert!(!over_cap(&sqlx::Error::RowNotFound));
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "the guarded insert past the cap did not commit");
+    }
 
     #[test]
     fn full_chunks_and_powers_of_two_are_kept_and_only_they() {
