@@ -183,56 +183,18 @@ impl Db {
         })
     }
 
-    /// Runs `script` as one write transaction and commits it; the first column of each row its
-    /// statements returned, in order. An `Err` leaves nothing written.
-    ///
-    /// SQLite: ONE hand-off to the writer connection's thread. `BEGIN IMMEDIATE`, the
-    /// statements and `COMMIT` go as one text ([`Script`]); through sqlx's `Transaction` the
-    /// begin and the commit are a round trip each. Each round trip waits twice for a CPU (sqlx's
-    /// thread, then the task); under a load of single submits each took ~0.4 ms of a ~2.7 ms
-    /// group commit (README, "Writing to SQLite"). sqlx does not know of this transaction, so
-    /// it must not leave this function open: a statement that fails stops the text before its
-    /// `COMMIT`, and the transaction is rolled back here; should that fail too, or this future
-    /// be dropped mid-way, the connection is closed (which rolls back) instead of going back to
-    /// the pool. PostgreSQL: begin, the statements, commit.
-    pub async fn transact<T: Col>(&self, script: Script) -> Result<Vec<T>, sqlx::Error> {
-        let write = match self {
-            Db::Sqlite { write, .. } => write,
-            Db::Pg(..) => {
-                let mut tx = self.begin().await?;
-                let out = script.column(&mut tx).await?;
-                tx.commit().await?;
-                return Ok(out);
-            }
-        };
-        let mut whole = Script::new();
-        whole.push(sql("BEGIN IMMEDIATE").keep());
-        whole.parts.extend(script.parts);
-        whole.push(sql("COMMIT").keep());
-        let mut conn = Unended {
-            conn: write.acquire().await?,
-            ended: false,
-        };
-        let res = whole.joined().column(On::SqliteConn(&mut conn.conn)).await;
-        if res.is_ok() {
-            conn.ended = true;
-            return res;
-        }
-        // Most failed statements leave the transaction open; some (a full disk, an I/O error)
-        // end it themselves, and then there is nothing to roll back.
-        match sqlx::query("ROLLBACK").execute(&mut *conn.conn).await {
-            Ok(_) => conn.ended = true,
-            Err(e)
-                if e.as_database_error()
-                    .is_some_and(|d| d.message().contains("no transaction is active")) =>
-            {
-                conn.ended = true
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot roll back a failed write; closing its connection")
-            }
-        }
-        res
+    /// A write transaction that begins with its first statement. SQLite: postbox's own
+    /// ([`OwnTx`]), whose `BEGIN IMMEDIATE` goes to the writer's thread in the text of its
+    /// first statement, not as a round trip of its own; [`Tx::commit_with`] puts the `COMMIT`
+    /// in the text of the last. PostgreSQL: [`Db::begin`].
+    pub async fn begin_own(&self) -> Result<Tx, sqlx::Error> {
+        Ok(match self {
+            Db::Sqlite { write, .. } => Tx::SqliteOwn(OwnTx {
+                conn: Some(write.acquire().await?),
+                open: false,
+            }),
+            Db::Pg(..) => self.begin().await?,
+        })
     }
 
     pub async fn close(&self) {
@@ -246,18 +208,117 @@ impl Db {
     }
 }
 
-/// The SQLite write connection inside a transaction sqlx does not know of ([`Db::transact`]).
-/// Dropped before the transaction ended, the connection is closed rather than returned to the
-/// pool with the transaction open (every later write would fail to begin, or join it).
-struct Unended {
-    conn: sqlx::pool::PoolConnection<Sqlite>,
-    ended: bool,
+/// SQLite's write connection in a transaction postbox begins and ends itself instead of through
+/// sqlx's `Transaction` ([`Db::begin_own`]): `BEGIN IMMEDIATE` goes to the connection's thread
+/// in the text of the transaction's first statement, and [`Tx::commit_with`] sends `COMMIT` in
+/// the text of its last, where sqlx's begin and commit are a round trip each. sqlx does not know
+/// of this transaction, so it must never go back to the pool open: a failed commit is rolled
+/// back at once, and one dropped unended (an error on the way, a cancelled future) is rolled
+/// back before its connection is released, as sqlx does for its own; where that fails, the
+/// connection is closed (which rolls back) instead.
+pub struct OwnTx {
+    /// Taken only by `drop`.
+    conn: Option<sqlx::pool::PoolConnection<Sqlite>>,
+    /// `BEGIN` was sent (it may have failed: ending it then finds no transaction, which is
+    /// fine) and no `COMMIT` or `ROLLBACK` has succeeded since.
+    open: bool,
 }
 
-impl Drop for Unended {
+impl OwnTx {
+    fn conn(&mut self) -> &mut SqliteConnection {
+        self.conn
+            .as_mut()
+            .expect("the connection is taken only on drop")
+    }
+
+    /// The text to send before the next statement's: `BEGIN IMMEDIATE` before the first.
+    pub(crate) fn prefix(&mut self) -> &'static str {
+        if self.open {
+            ""
+        } else {
+            self.open = true;
+            "BEGIN IMMEDIATE;\n"
+        }
+    }
+
+    /// The connection, for a statement sent with [`OwnTx::prefix`] before its text (apalis's
+    /// fetch, which reads its rows with sqlx itself).
+    pub(crate) fn connection(&mut self) -> &mut SqliteConnection {
+        self.conn()
+    }
+
+    async fn commit_with<T: Col>(&mut self, script: Script) -> Result<Vec<T>, sqlx::Error> {
+        if !self.open && script.parts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut whole = Script::new();
+        if !self.open {
+            whole.push(sql("BEGIN IMMEDIATE").keep());
+            self.open = true;
+        }
+        whole.parts.extend(script.parts);
+        whole.push(sql("COMMIT").keep());
+        let res = whole.joined().column(On::SqliteConn(self.conn())).await;
+        if res.is_ok() {
+            self.open = false;
+        } else {
+            self.rollback().await;
+        }
+        res
+    }
+
+    /// Ends the transaction if it is open; where even `ROLLBACK` fails, the connection is
+    /// closed when dropped instead of going back to the pool.
+    async fn rollback(&mut self) {
+        if !self.open {
+            return;
+        }
+        match rollback_own(self.conn()).await {
+            Ok(()) => self.open = false,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot roll back a failed write; closing its connection");
+                if let Some(c) = self.conn.as_mut() {
+                    c.close_on_drop();
+                }
+                self.open = false;
+            }
+        }
+    }
+}
+
+/// `ROLLBACK`. Most failed statements leave their transaction open; some (a full disk, an
+/// I/O error) end it themselves, and then there is nothing to roll back.
+async fn rollback_own(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+    match sqlx::query("ROLLBACK").execute(conn).await {
+        Ok(_) => Ok(()),
+        Err(e)
+            if e.as_database_error()
+                .is_some_and(|d| d.message().contains("no transaction is active")) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+impl Drop for OwnTx {
     fn drop(&mut self) {
-        if !self.ended {
-            self.conn.close_on_drop();
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        if !self.open {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if let Err(e) = rollback_own(&mut conn).await {
+                        tracing::warn!(error = %e, "cannot roll back an abandoned write; closing its connection");
+                        conn.close_on_drop();
+                    }
+                });
+            }
+            Err(_) => conn.close_on_drop(),
         }
     }
 }
@@ -265,6 +326,8 @@ impl Drop for Unended {
 /// A transaction on either database.
 pub enum Tx {
     Sqlite(Transaction<'static, Sqlite>),
+    /// SQLite's writer in a transaction of postbox's own ([`Db::begin_own`]).
+    SqliteOwn(OwnTx),
     Pg(Transaction<'static, Postgres>),
 }
 
@@ -284,20 +347,39 @@ impl Tx {
     pub async fn commit(self) -> Result<(), sqlx::Error> {
         match self {
             Tx::Sqlite(t) => t.commit().await,
+            Tx::SqliteOwn(mut t) => t.commit_with::<i64>(Script::new()).await.map(|_| ()),
             Tx::Pg(t) => t.commit().await,
         }
+    }
+
+    /// Runs `script` and commits, the first column of each row its statements returned. On
+    /// [`Tx::SqliteOwn`] the `COMMIT` goes in the script's text: one round trip for both.
+    pub async fn commit_with<T: Col>(mut self, script: Script) -> Result<Vec<T>, sqlx::Error> {
+        if let Tx::SqliteOwn(t) = &mut self {
+            return t.commit_with(script).await;
+        }
+        let out = script.column(&mut self).await?;
+        self.commit().await?;
+        Ok(out)
     }
 
     pub async fn rollback(self) -> Result<(), sqlx::Error> {
         match self {
             Tx::Sqlite(t) => t.rollback().await,
+            Tx::SqliteOwn(mut t) => {
+                if t.open {
+                    rollback_own(t.conn()).await?;
+                    t.open = false;
+                }
+                Ok(())
+            }
             Tx::Pg(t) => t.rollback().await,
         }
     }
 
     pub fn kind(&self) -> Kind {
         match self {
-            Tx::Sqlite(_) => Kind::Sqlite,
+            Tx::Sqlite(_) | Tx::SqliteOwn(_) => Kind::Sqlite,
             Tx::Pg(_) => Kind::Postgres,
         }
     }
@@ -332,6 +414,7 @@ pub enum On<'a> {
     },
     PgPool(&'a PgPool, &'a Breaker),
     SqliteConn(&'a mut SqliteConnection),
+    SqliteOwn(&'a mut OwnTx),
     PgConn(&'a mut PgConnection),
 }
 
@@ -348,6 +431,7 @@ impl<'a> From<&'a mut Tx> for On<'a> {
     fn from(tx: &'a mut Tx) -> Self {
         match tx {
             Tx::Sqlite(t) => On::SqliteConn(t),
+            Tx::SqliteOwn(t) => On::SqliteOwn(t),
             Tx::Pg(t) => On::PgConn(t),
         }
     }
@@ -572,6 +656,11 @@ macro_rules! on_each {
                 let $q = $sql.sqlite();
                 $body.map(|x| x.into_iter().map(DbRow::Sqlite).collect::<Vec<_>>())
             }
+            On::SqliteOwn(t) => {
+                let $q = $sql.sqlite_after(t.prefix());
+                let $e = t.conn();
+                $body.map(|x| x.into_iter().map(DbRow::Sqlite).collect::<Vec<_>>())
+            }
             On::PgConn($e) => {
                 let $q = $sql.pg();
                 $body.map(|x| x.into_iter().map(DbRow::Pg).collect::<Vec<_>>())
@@ -643,8 +732,32 @@ impl Sql {
     /// 1,000-email batch insert (2,240 parameters a statement) spent 64% of the API's CPU in
     /// `sqlite3_bind_parameter_name`; anonymous parameters have no names to scan.
     fn sqlite(&self) -> sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments> {
+        self.sqlite_after("")
+    }
+
+    /// [`Sql::sqlite`] with `prefix` (statements without arguments) sent before its text.
+    fn sqlite_after(
+        &self,
+        prefix: &str,
+    ) -> sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments> {
         let Some((text, order)) = positional(&self.text) else {
-            return self.query();
+            if prefix.is_empty() {
+                return self.query();
+            }
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!("{prefix}{}", self.text)));
+            for a in &self.args {
+                q = match a {
+                    Arg::Int(v) => q.bind(*v),
+                    Arg::Text(v) => q.bind(v.as_deref()),
+                    Arg::Blob(v) => q.bind(v.as_slice()),
+                };
+            }
+            return q;
+        };
+        let text = if prefix.is_empty() {
+            text
+        } else {
+            format!("{prefix}{text}")
         };
         let mut q = sqlx::query(sqlx::AssertSqlSafe(text));
         for i in order {
@@ -688,6 +801,10 @@ impl Sql {
                 b.observe(self.pg().execute(p).await).await?.rows_affected()
             }
             On::SqliteConn(c) => self.sqlite().execute(c).await?.rows_affected(),
+            On::SqliteOwn(t) => {
+                let q = self.sqlite_after(t.prefix());
+                q.execute(t.conn()).await?.rows_affected()
+            }
             On::PgConn(c) => self.pg().execute(c).await?.rows_affected(),
         })
     }
@@ -845,11 +962,11 @@ mod tests {
         assert_eq!(rows, [(1, "x".to_string()), (2, "y".to_string())]);
     }
 
-    /// [`Db::transact`] on SQLite: its statements commit together or not at all, and a failed
-    /// one leaves no transaction open on the one write connection (sqlx does not know of it):
-    /// the next transaction begins and commits.
+    /// [`OwnTx`] on SQLite: its statements commit together or not at all, and one that failed
+    /// (in the committing text, or before it) or was dropped leaves no transaction open on the
+    /// one write connection (sqlx does not know of it): the next transaction begins and commits.
     #[tokio::test]
-    async fn a_transaction_in_one_text_is_all_or_nothing_and_ends_either_way() {
+    async fn an_own_transaction_is_all_or_nothing_and_ends_either_way() {
         let pool = sqlx::sqlite::SqlitePoolOptions::new()
             .max_connections(1)
             .connect("sqlite::memory:")
@@ -869,16 +986,34 @@ mod tests {
             s.extend(xs.iter().map(|a| insert(*a)));
             s
         };
-        assert_eq!(db.transact::<i64>(script(&[1, 2])).await.unwrap(), [1, 2]);
+        let once = |xs: &'static [i64]| {
+            let db = db.clone();
+            async move { db.begin_own().await?.commit_with::<i64>(script(xs)).await }
+        };
+        assert_eq!(once(&[1, 2]).await.unwrap(), [1, 2]);
         // 3 goes in, then 1 fails: neither stays.
-        let e = db.transact::<i64>(script(&[3, 1])).await.unwrap_err();
+        let e = once(&[3, 1]).await.unwrap_err();
         assert!(e.to_string().contains("UNIQUE"), "{e}");
-        assert_eq!(db.transact::<i64>(script(&[4])).await.unwrap(), [4]);
+        assert_eq!(once(&[4]).await.unwrap(), [4]);
+        // A statement before the committing text fails: the transaction is dropped unended.
+        let mut tx = db.begin_own().await.unwrap();
+        script(&[5]).execute(&mut tx).await.unwrap();
+        assert!(script(&[4]).execute(&mut tx).await.is_err());
+        drop(tx);
+        // Statements, then the commit on its own.
+        let mut tx = db.begin_own().await.unwrap();
+        script(&[6]).execute(&mut tx).await.unwrap();
+        script(&[7]).execute(&mut tx).await.unwrap();
+        tx.commit().await.unwrap();
+        // Rolled back on purpose.
+        let mut tx = db.begin_own().await.unwrap();
+        script(&[8]).execute(&mut tx).await.unwrap();
+        tx.rollback().await.unwrap();
         let all: Vec<i64> = sqlx::query_scalar("SELECT a FROM t ORDER BY a")
             .fetch_all(&pool)
             .await
             .unwrap();
-        assert_eq!(all, [1, 2, 4]);
+        assert_eq!(all, [1, 2, 4, 6, 7]);
         // sqlx's own transactions still work on the connection.
         let tx = db.begin_write().await.unwrap();
         tx.commit().await.unwrap();

@@ -12,8 +12,8 @@
 //! settings.rs   ConfigError (names the bad key), masked(), nonzero(): shared by every section
 //! db.rs         the query layer over SQLite and PostgreSQL: Db, Tx, Sql (one statement text for
 //!               both), Script (statements sent to SQLite as one text: one round trip),
-//!               Db::transact (a whole write transaction in one round trip), DbRow, Lock; the
-//!               PostgreSQL circuit breaker
+//!               OwnTx (Db::begin_own: an SQLite transaction whose BEGIN and COMMIT ride in
+//!               its first and last statements' texts), DbRow, Lock; the PostgreSQL breaker
 //! net.rs        loopback checks, TCP keepalive      shutdown.rs  the Shutdown signal
 //! faults.rs     fault points tests arm (inert otherwise)
 //! telemetry.rs  [log] section, tracing init

@@ -367,9 +367,10 @@ pub(crate) async fn fetch_sqlite(
     tx: &mut sqlx::SqliteConnection,
     config: &apalis_sqlite::Config,
     worker: &str,
+    prefix: &str,
 ) -> Result<super::backend::Fetched, sqlx::Error> {
     let now = OffsetDateTime::now_utc().unix_timestamp();
-    let text = fetch_text(config.batch_size);
+    let text = format!("{prefix}{}", fetch_text(config.batch_size));
     let rows = sqlx::query(sqlx::AssertSqlSafe(text))
         .bind(worker)
         .bind(config.queue.as_ref())

@@ -322,7 +322,8 @@ impl Store {
         rounds: &[WebhookRound],
         node: &str,
     ) -> Result<(Vec<ClaimResult>, Vec<bool>, Vec<Fetched>), StoreError> {
-        let mut tx = self.db.begin().await?;
+        // On SQLite its BEGIN goes with its first statement: one round trip fewer.
+        let mut tx = self.db.begin_own().await?;
         let recorded = if completions.is_empty() {
             Vec::new()
         } else {

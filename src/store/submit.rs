@@ -53,9 +53,8 @@ impl Store {
         let unkeyed = reqs.iter().all(|r| {
             r.idempotency.is_none() && r.rows.iter().all(|(_, e, _)| e.idempotency_key.is_none())
         });
-        let emails: usize = reqs.iter().map(|r| r.rows.len()).sum();
-        let quick = if unkeyed && self.db.kind() == Kind::Sqlite && emails <= CHUNK {
-            self.insert_at_once(reqs, max_depth, now_ms).await?
+        let quick = if unkeyed && self.db.kind() == Kind::Sqlite {
+            self.insert_unkeyed_sqlite(reqs, max_depth, now_ms).await?
         } else if unkeyed && max_depth > 0 {
             self.insert_under_cap(reqs, max_depth, now_ms).await?
         } else {
@@ -213,13 +212,14 @@ impl Store {
         Ok(Some(inserted(reqs, &ids)))
     }
 
-    /// [`Store::insert_under_cap`] (or, with no cap, the insert) on SQLite when the group has
-    /// no idempotency key and fits one chunk, as every group of single submits does: one
-    /// [`Db::transact`], one hand-off to the writer's thread where a transaction through sqlx
-    /// takes three (its begin, the script, its commit). The cap is checked after the rows by
-    /// [`DEPTH_GUARD`], which stops the transaction before its `COMMIT` when the depth is over
-    /// it; then None, as from [`Store::insert_under_cap`].
-    async fn insert_at_once(
+    /// [`Store::insert_under_cap`] (or, with no cap, the insert) on SQLite, for a group without
+    /// idempotency keys (every group of single submits, every plain batch): a transaction of
+    /// postbox's own ([`crate::db::Db::begin_own`]) whose `BEGIN` goes in the first chunk's text
+    /// and whose `COMMIT` goes in the last's, after [`DEPTH_GUARD`]: one round trip to the
+    /// writer's thread per chunk, where sqlx's transaction and the depth read took two more. A
+    /// group of single submits (one chunk) is one round trip in all. Past the cap the guard
+    /// stops the transaction before its `COMMIT`: None, as from [`Store::insert_under_cap`].
+    async fn insert_unkeyed_sqlite(
         &self,
         reqs: &[InsertRequest],
         max_depth: u64,
@@ -229,11 +229,21 @@ impl Store {
             .iter()
             .flat_map(|r| r.rows.iter().map(|row| (row, r.request_id.as_deref())))
             .collect();
-        let mut script = self.unkeyed_sql(Kind::Sqlite, &rows, now_ms)?;
-        if max_depth > 0 {
-            script.push(sql(DEPTH_GUARD).bind(max_depth as i64).keep());
+        let mut tx = self.db.begin_own().await?;
+        let mut chunks = rows.chunks(CHUNK).peekable();
+        let mut last = Script::new();
+        while let Some(chunk) = chunks.next() {
+            let script = self.unkeyed_sql(Kind::Sqlite, chunk, now_ms)?;
+            if chunks.peek().is_some() {
+                script.execute(&mut tx).await?;
+            } else {
+                last = script;
+            }
         }
-        match self.db.transact::<i64>(script).await {
+        if max_depth > 0 {
+            last.push(sql(DEPTH_GUARD).bind(max_depth as i64).keep());
+        }
+        match tx.commit_with::<i64>(last).await {
             Ok(_) => {
                 let ids: Vec<_> = rows
                     .iter()
@@ -425,8 +435,8 @@ fn kept(size: usize) -> bool {
 const DEPTH: &str =
     "SELECT CAST(COALESCE(SUM(n), 0) AS BIGINT) FROM postbox_counters WHERE name = 'depth'";
 
-/// SQLite: fails with "integer overflow" when the depth is over `$1`, so that a
-/// [`crate::db::Db::transact`] it ends stops before its `COMMIT`; otherwise one row of 0.
+/// SQLite: fails with "integer overflow" when the depth is over `$1`, so that the text it is in
+/// stops before its `COMMIT` ([`crate::db::Tx::commit_with`]); otherwise one row of 0.
 /// SQLite has no `RAISE` outside triggers; `abs()` of the smallest integer is an error its
 /// documentation names, and a `CASE` evaluates only the branch it takes.
 const DEPTH_GUARD: &str = "SELECT CASE WHEN COALESCE(SUM(n), 0) > $1
@@ -582,8 +592,12 @@ mod tests {
             s.push(sql(DEPTH_GUARD).bind(cap).keep());
             s
         };
-        assert_eq!(db.transact::<i64>(guarded(5)).await.unwrap(), [0]);
-        let e = db.transact::<i64>(guarded(4)).await.unwrap_err();
+        let once = |cap: i64| {
+            let db = db.clone();
+            async move { db.begin_own().await?.commit_with::<i64>(guarded(cap)).await }
+        };
+        assert_eq!(once(5).await.unwrap(), [0]);
+        let e = once(4).await.unwrap_err();
         assert!(over_cap(&e), "{e}");
         assert!(!over_cap(&sqlx::Error::RowNotFound));
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")

@@ -580,6 +580,34 @@ async fn a_full_queue_refuses_submits_whole_with_retry_after() {
     api.stop().await;
 }
 
+/// A batch that takes several insert statements (chunks of up to 128 emails; on SQLite the
+/// depth cap is checked in the last one's text, before its COMMIT) is held to the cap whole:
+/// past it nothing of it is stored, within it all of it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_several_chunks_is_held_to_the_cap_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 9);
+    s.queue.max_depth = 400;
+    let api = TestApp::start(s, false).await;
+    let batch = |n: usize, tag: &str| {
+        let emails: Vec<Value> = (0..n)
+            .map(|i| email(&format!("{tag}{i}@example.com")))
+            .collect();
+        json!({ "emails": emails })
+    };
+    let r = api.post("/v1/emails/batch", &batch(300, "a")).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let r = api.post("/v1/emails/batch", &batch(200, "b")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.text);
+    assert_eq!(r.error().0, "queue_full");
+    assert_eq!(api.app.count(EmailStatus::Queued).await, 300);
+    let r = api.post("/v1/emails/batch", &batch(100, "c")).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    assert_eq!(api.app.count(EmailStatus::Queued).await, 400);
+    common::assert_store_consistent(dir.path()).await;
+    api.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_key_replays_refuses_other_payloads_and_survives_a_race() {
     let dir = tempfile::tempdir().unwrap();
