@@ -303,22 +303,40 @@ async fn rollback_own(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
 
 impl Drop for OwnTx {
     fn drop(&mut self) {
-        let Some(mut conn) = self.conn.take() else {
+        let Some(conn) = self.conn.take() else {
             return;
         };
         if !self.open {
             return;
         }
+        // Until its ROLLBACK has succeeded the connection is closed if dropped: the task below
+        // may itself be dropped unpolled (a runtime shutting down).
+        let mut closing = Closing(Some(conn));
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
-                    if let Err(e) = rollback_own(&mut conn).await {
-                        tracing::warn!(error = %e, "cannot roll back an abandoned write; closing its connection");
-                        conn.close_on_drop();
+                    let Some(conn) = closing.0.as_mut() else {
+                        return;
+                    };
+                    match rollback_own(conn).await {
+                        Ok(()) => drop(closing.0.take()),
+                        Err(e) => tracing::warn!(error = %e,
+                            "cannot roll back an abandoned write; closing its connection"),
                     }
                 });
             }
-            Err(_) => conn.close_on_drop(),
+            Err(_) => drop(closing),
+        }
+    }
+}
+
+/// A connection that is closed when dropped, unless taken out first.
+struct Closing(Option<sqlx::pool::PoolConnection<Sqlite>>);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            c.close_on_drop();
         }
     }
 }
