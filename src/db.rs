@@ -192,6 +192,7 @@ impl Db {
             Db::Sqlite { write, .. } => Tx::SqliteOwn(OwnTx {
                 conn: Some(write.acquire().await?),
                 open: false,
+                failed: false,
             }),
             Db::Pg(..) => self.begin().await?,
         })
@@ -215,13 +216,17 @@ impl Db {
 /// of this transaction, so it must never go back to the pool open: a failed commit is rolled
 /// back at once, and one dropped unended (an error on the way, a cancelled future) is rolled
 /// back before its connection is released, as sqlx does for its own; where that fails, the
-/// connection is closed (which rolls back) instead.
+/// connection is closed (which rolls back) instead. After a statement of it failed it runs no
+/// other (that statement may have been the one carrying its `BEGIN`, and the next would then
+/// commit on its own): it can only be rolled back or dropped.
 pub struct OwnTx {
     /// Taken only by `drop`.
     conn: Option<sqlx::pool::PoolConnection<Sqlite>>,
     /// `BEGIN` was sent (it may have failed: ending it then finds no transaction, which is
     /// fine) and no `COMMIT` or `ROLLBACK` has succeeded since.
     open: bool,
+    /// A statement failed.
+    failed: bool,
 }
 
 impl OwnTx {
@@ -231,14 +236,28 @@ impl OwnTx {
             .expect("the connection is taken only on drop")
     }
 
-    /// The text to send before the next statement's: `BEGIN IMMEDIATE` before the first.
-    pub(crate) fn prefix(&mut self) -> &'static str {
-        if self.open {
+    /// The text to send before the next statement's: `BEGIN IMMEDIATE` before the first. An
+    /// error once a statement has failed.
+    pub(crate) fn prefix(&mut self) -> Result<&'static str, sqlx::Error> {
+        if self.failed {
+            return Err(sqlx::Error::Protocol(
+                "a statement of this transaction failed: it can only be rolled back".into(),
+            ));
+        }
+        Ok(if self.open {
             ""
         } else {
             self.open = true;
             "BEGIN IMMEDIATE;\n"
+        })
+    }
+
+    /// Notes how a statement sent after [`OwnTx::prefix`] ended.
+    pub(crate) fn ran<T>(&mut self, res: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        if res.is_err() {
+            self.failed = true;
         }
+        res
     }
 
     /// The connection, for a statement sent with [`OwnTx::prefix`] before its text (apalis's
@@ -251,10 +270,14 @@ impl OwnTx {
         if !self.open && script.parts.is_empty() {
             return Ok(Vec::new());
         }
+        let begin = !self.open;
+        if let Err(e) = self.prefix() {
+            self.rollback().await;
+            return Err(e);
+        }
         let mut whole = Script::new();
-        if !self.open {
+        if begin {
             whole.push(sql("BEGIN IMMEDIATE").keep());
-            self.open = true;
         }
         whole.parts.extend(script.parts);
         whole.push(sql("COMMIT").keep());
@@ -675,9 +698,11 @@ macro_rules! on_each {
                 $body.map(|x| x.into_iter().map(DbRow::Sqlite).collect::<Vec<_>>())
             }
             On::SqliteOwn(t) => {
-                let $q = $sql.sqlite_after(t.prefix());
+                let $q = $sql.sqlite_after(t.prefix()?);
                 let $e = t.conn();
-                $body.map(|x| x.into_iter().map(DbRow::Sqlite).collect::<Vec<_>>())
+                let res = $body;
+                t.ran(res)
+                    .map(|x| x.into_iter().map(DbRow::Sqlite).collect::<Vec<_>>())
             }
             On::PgConn($e) => {
                 let $q = $sql.pg();
@@ -820,8 +845,9 @@ impl Sql {
             }
             On::SqliteConn(c) => self.sqlite().execute(c).await?.rows_affected(),
             On::SqliteOwn(t) => {
-                let q = self.sqlite_after(t.prefix());
-                q.execute(t.conn()).await?.rows_affected()
+                let q = self.sqlite_after(t.prefix()?);
+                let res = q.execute(t.conn()).await;
+                t.ran(res)?.rows_affected()
             }
             On::PgConn(c) => self.pg().execute(c).await?.rows_affected(),
         })
@@ -1018,6 +1044,12 @@ mod tests {
         script(&[5]).execute(&mut tx).await.unwrap();
         assert!(script(&[4]).execute(&mut tx).await.is_err());
         drop(tx);
+        // The statement carrying the BEGIN fails: nothing after it runs (had the BEGIN been
+        // what failed, it would have committed on its own), and the commit fails.
+        let mut tx = db.begin_own().await.unwrap();
+        assert!(script(&[1]).execute(&mut tx).await.is_err());
+        assert!(script(&[10]).execute(&mut tx).await.is_err());
+        assert!(tx.commit().await.is_err());
         // Statements, then the commit on its own.
         let mut tx = db.begin_own().await.unwrap();
         script(&[6]).execute(&mut tx).await.unwrap();

@@ -54,19 +54,19 @@ pub(crate) type Fetcher =
 /// apalis's fetch statement (up to `batch_size` due jobs of the queue, highest priority first,
 /// marked taken by the worker; `table::fetch_sqlite`), inside the caller's SQLite transaction.
 pub(crate) async fn fetch_in(tx: &mut Tx, req: &FetchRequest) -> Result<Fetched, sqlx::Error> {
-    let (conn, prefix) = match tx {
-        Tx::Sqlite(t) => (&mut **t, ""),
+    match tx {
+        Tx::Sqlite(t) => super::table::fetch_sqlite(t, &req.config, req.worker.name(), "").await,
         Tx::SqliteOwn(t) => {
-            let prefix = t.prefix();
-            (t.connection(), prefix)
+            let prefix = t.prefix()?;
+            let res =
+                super::table::fetch_sqlite(t.connection(), &req.config, req.worker.name(), prefix)
+                    .await;
+            t.ran(res)
         }
-        Tx::Pg(_) => {
-            return Err(sqlx::Error::Protocol(
-                "the writer's fetch runs on SQLite only".into(),
-            ));
-        }
-    };
-    super::table::fetch_sqlite(conn, &req.config, req.worker.name(), prefix).await
+        Tx::Pg(_) => Err(sqlx::Error::Protocol(
+            "the writer's fetch runs on SQLite only".into(),
+        )),
+    }
 }
 
 /// apalis-postgres's worker registration (`queries/worker/register.sql`) with `NOW()` for its
