@@ -185,12 +185,12 @@ impl Store {
         Ok(out)
     }
 
-    /// [`Store::insert_group`] when no submission or email of the group carries an
-    /// idempotency key (the common case): every email is inserted first, and the depth read
-    /// after them in the same script as the last rows, one round trip fewer on SQLite than
-    /// reading it first. The whole group fits under the cap exactly when each submission would
-    /// have in turn. When it does not, the transaction is rolled back and None returned: the
-    /// caller then decides submission by submission.
+    /// [`Store::insert_group`] on PostgreSQL when no submission or email of the group carries
+    /// an idempotency key (the common case; SQLite's is [`Store::insert_unkeyed_sqlite`]):
+    /// every email is inserted first, and the depth read after them. The whole group fits
+    /// under the cap exactly when each submission would have in turn. When it does not, the
+    /// transaction is rolled back and None returned: the caller then decides submission by
+    /// submission.
     async fn insert_under_cap(
         &self,
         reqs: &[InsertRequest],
