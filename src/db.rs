@@ -230,7 +230,9 @@ pub struct OwnTx {
 }
 
 impl OwnTx {
-    fn conn(&mut self) -> &mut SqliteConnection {
+    /// The connection, for a statement sent with [`OwnTx::prefix`] before its text (the
+    /// query layer's, and apalis's fetch, which reads its rows with sqlx itself).
+    pub(crate) fn conn(&mut self) -> &mut SqliteConnection {
         self.conn
             .as_mut()
             .expect("the connection is taken only on drop")
@@ -260,52 +262,37 @@ impl OwnTx {
         res
     }
 
-    /// The connection, for a statement sent with [`OwnTx::prefix`] before its text (apalis's
-    /// fetch, which reads its rows with sqlx itself).
-    pub(crate) fn connection(&mut self) -> &mut SqliteConnection {
-        self.conn()
-    }
-
-    async fn commit_with<T: Col>(&mut self, script: Script) -> Result<Vec<T>, sqlx::Error> {
+    /// `script` and `COMMIT` in one text (after the `BEGIN`, if no statement ran yet). A
+    /// failure rolls back: the statement's error is the one returned.
+    async fn commit_with<T: Col>(&mut self, mut script: Script) -> Result<Vec<T>, sqlx::Error> {
         if !self.open && script.parts.is_empty() {
             return Ok(Vec::new());
         }
-        let begin = !self.open;
-        if let Err(e) = self.prefix() {
-            self.rollback().await;
-            return Err(e);
-        }
-        let mut whole = Script::new();
-        if begin {
-            whole.push(sql("BEGIN IMMEDIATE").keep());
-        }
-        whole.parts.extend(script.parts);
-        whole.push(sql("COMMIT").keep());
-        let res = whole.joined().column(On::SqliteConn(self.conn())).await;
+        script.push(sql("COMMIT").keep());
+        let res = script.joined().column(On::SqliteOwn(self)).await;
         if res.is_ok() {
             self.open = false;
         } else {
-            self.rollback().await;
+            let _ = self.rollback().await;
         }
         res
     }
 
     /// Ends the transaction if it is open; where even `ROLLBACK` fails, the connection is
-    /// closed when dropped instead of going back to the pool.
-    async fn rollback(&mut self) {
+    /// closed when dropped instead of going back to the pool, and the error returned.
+    async fn rollback(&mut self) -> Result<(), sqlx::Error> {
         if !self.open {
-            return;
+            return Ok(());
         }
-        match rollback_own(self.conn()).await {
-            Ok(()) => self.open = false,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot roll back a failed write; closing its connection");
-                if let Some(c) = self.conn.as_mut() {
-                    c.close_on_drop();
-                }
-                self.open = false;
+        self.open = false;
+        let res = rollback_own(self.conn()).await;
+        if let Err(e) = &res {
+            tracing::warn!(error = %e, "cannot roll back a failed write; closing its connection");
+            if let Some(c) = self.conn.as_mut() {
+                c.close_on_drop();
             }
         }
+        res
     }
 }
 
@@ -407,13 +394,7 @@ impl Tx {
     pub async fn rollback(self) -> Result<(), sqlx::Error> {
         match self {
             Tx::Sqlite(t) => t.rollback().await,
-            Tx::SqliteOwn(mut t) => {
-                if t.open {
-                    rollback_own(t.conn()).await?;
-                    t.open = false;
-                }
-                Ok(())
-            }
+            Tx::SqliteOwn(mut t) => t.rollback().await,
             Tx::Pg(t) => t.rollback().await,
         }
     }
@@ -754,10 +735,22 @@ impl Sql {
         Option<&'q str>: sqlx::Encode<'q, DB> + Type<DB>,
         &'q [u8]: sqlx::Encode<'q, DB> + Type<DB>,
     {
-        let mut q = match &self.text {
+        self.bind_in_order(match &self.text {
             Cow::Borrowed(s) => sqlx::query(*s),
             Cow::Owned(s) => sqlx::query(sqlx::AssertSqlSafe(s.clone())),
-        };
+        })
+    }
+
+    /// `q` with every argument bound, in order.
+    fn bind_in_order<'q, DB: sqlx::Database>(
+        &'q self,
+        mut q: sqlx::query::Query<'q, DB, DB::Arguments>,
+    ) -> sqlx::query::Query<'q, DB, DB::Arguments>
+    where
+        Option<i64>: sqlx::Encode<'q, DB> + Type<DB>,
+        Option<&'q str>: sqlx::Encode<'q, DB> + Type<DB>,
+        &'q [u8]: sqlx::Encode<'q, DB> + Type<DB>,
+    {
         for a in &self.args {
             q = match a {
                 Arg::Int(v) => q.bind(*v),
@@ -787,15 +780,10 @@ impl Sql {
             if prefix.is_empty() {
                 return self.query();
             }
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!("{prefix}{}", self.text)));
-            for a in &self.args {
-                q = match a {
-                    Arg::Int(v) => q.bind(*v),
-                    Arg::Text(v) => q.bind(v.as_deref()),
-                    Arg::Blob(v) => q.bind(v.as_slice()),
-                };
-            }
-            return q;
+            return self.bind_in_order(sqlx::query(sqlx::AssertSqlSafe(format!(
+                "{prefix}{}",
+                self.text
+            ))));
         };
         let text = if prefix.is_empty() {
             text
@@ -934,6 +922,28 @@ pub fn lock_hash(parts: &[&str]) -> i32 {
     (h & 0x7fff_ffff) as i32
 }
 
+/// Tests: an in-memory SQLite database of one connection, with `schema` run on it, as a pool
+/// and as the `Db` whose writer and readers both use it.
+#[cfg(test)]
+pub(crate) async fn memory_db(schema: &[&str]) -> (SqlitePool, Db) {
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect("sqlite::memory:")
+        .await
+        .unwrap();
+    for q in schema {
+        sqlx::query(sqlx::AssertSqlSafe(q.to_string()))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let db = Db::Sqlite {
+        write: pool.clone(),
+        read: pool.clone(),
+    };
+    (pool, db)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -977,15 +987,7 @@ mod tests {
     /// of them returns come back.
     #[tokio::test]
     async fn a_script_runs_every_statement_with_its_own_arguments_on_sqlite() {
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect("sqlite::memory:")
-            .await
-            .unwrap();
-        sqlx::query("CREATE TABLE t (a INTEGER, b TEXT)")
-            .execute(&pool)
-            .await
-            .unwrap();
+        let (pool, _) = memory_db(&["CREATE TABLE t (a INTEGER, b TEXT)"]).await;
         let mut tx = Tx::Sqlite(pool.begin().await.unwrap());
         let mut ins = sql("INSERT INTO t VALUES ($1, $2), ($3, $2)");
         ins.add(1i64).add("x").add(2i64);
@@ -1011,19 +1013,7 @@ mod tests {
     /// one write connection (sqlx does not know of it): the next transaction begins and commits.
     #[tokio::test]
     async fn an_own_transaction_is_all_or_nothing_and_ends_either_way() {
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect("sqlite::memory:")
-            .await
-            .unwrap();
-        sqlx::query("CREATE TABLE t (a INTEGER UNIQUE)")
-            .execute(&pool)
-            .await
-            .unwrap();
-        let db = Db::Sqlite {
-            write: pool.clone(),
-            read: pool.clone(),
-        };
+        let (pool, db) = memory_db(&["CREATE TABLE t (a INTEGER UNIQUE)"]).await;
         let insert = |a: i64| sql("INSERT INTO t VALUES ($1) RETURNING a").bind(a);
         let script = |xs: &[i64]| {
             let mut s = Script::new();

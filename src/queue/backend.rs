@@ -59,8 +59,7 @@ pub(crate) async fn fetch_in(tx: &mut Tx, req: &FetchRequest) -> Result<Fetched,
         Tx::SqliteOwn(t) => {
             let prefix = t.prefix()?;
             let res =
-                super::table::fetch_sqlite(t.connection(), &req.config, req.worker.name(), prefix)
-                    .await;
+                super::table::fetch_sqlite(t.conn(), &req.config, req.worker.name(), prefix).await;
             t.ran(res)
         }
         Tx::Pg(_) => Err(sqlx::Error::Protocol(

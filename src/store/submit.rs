@@ -199,10 +199,7 @@ impl Store {
     ) -> Result<Option<Vec<InsertOutcome>>, StoreError> {
         let mut tx = self.db.begin_write().await?;
         tx.lock(Lock::Depth).await?;
-        let rows: Vec<(&NewRow, Option<&str>)> = reqs
-            .iter()
-            .flat_map(|r| r.rows.iter().map(|row| (row, r.request_id.as_deref())))
-            .collect();
+        let rows = group_rows(reqs);
         let (ids, depth) = self.insert_chunks(&mut tx, &rows, now_ms, true).await?;
         if depth.is_none_or(|d| d > max_depth) {
             tx.rollback().await?;
@@ -225,10 +222,7 @@ impl Store {
         max_depth: u64,
         now_ms: i64,
     ) -> Result<Option<Vec<InsertOutcome>>, StoreError> {
-        let rows: Vec<(&NewRow, Option<&str>)> = reqs
-            .iter()
-            .flat_map(|r| r.rows.iter().map(|row| (row, r.request_id.as_deref())))
-            .collect();
+        let rows = group_rows(reqs);
         let mut tx = self.db.begin_own().await?;
         let mut pieces = pieces(&rows).into_iter().peekable();
         let mut last = Script::new();
@@ -378,7 +372,7 @@ fn emails_sql(
     returning: bool,
 ) -> Result<Sql, StoreError> {
     const COLS: usize = 16;
-    let q = sql(format!(
+    let mut q = sql(format!(
         "INSERT INTO postbox_emails (id, status, priority, spec, message_id, idempotency_key,
              template, recipients, tags, send_at, expires_at, age_from, created_at,
              updated_at, request_id, subject) VALUES {}
@@ -386,7 +380,6 @@ fn emails_sql(
         values(chunk.len(), COLS, 1),
         if returning { " RETURNING id" } else { "" }
     ));
-    let mut q = q;
     for ((id, email, message_id), request_id) in chunk {
         let spec = serde_json::to_string(email).map_err(|e| StoreError::Corrupt {
             id: id.to_string(),
@@ -468,6 +461,13 @@ const DEPTH_GUARD: &str = "SELECT CASE WHEN COALESCE(SUM(n), 0) > $1
 fn over_cap(e: &sqlx::Error) -> bool {
     e.as_database_error()
         .is_some_and(|d| d.message() == "integer overflow")
+}
+
+/// Every email of the group, in order, with the request that submitted it.
+fn group_rows(reqs: &[InsertRequest]) -> Vec<(&NewRow, Option<&str>)> {
+    reqs.iter()
+        .flat_map(|r| r.rows.iter().map(|row| (row, r.request_id.as_deref())))
+        .collect()
 }
 
 /// Each submission's share of `ids` (the group's emails, in order), all inserted.
@@ -591,22 +591,12 @@ mod tests {
     /// [`over_cap`] tells from others, before anything commits.
     #[tokio::test]
     async fn the_depth_guard_stops_the_commit_only_past_the_cap() {
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect("sqlite::memory:")
-            .await
-            .unwrap();
-        for q in [
+        let (pool, db) = crate::db::memory_db(&[
             "CREATE TABLE postbox_counters (name TEXT PRIMARY KEY, n INTEGER NOT NULL)",
             "CREATE TABLE t (a INTEGER)",
             "INSERT INTO postbox_counters VALUES ('depth', 5), ('status:queued:normal', 9)",
-        ] {
-            sqlx::query(q).execute(&pool).await.unwrap();
-        }
-        let db = crate::db::Db::Sqlite {
-            write: pool.clone(),
-            read: pool.clone(),
-        };
+        ])
+        .await;
         let guarded = |cap: i64| {
             let mut s = Script::new();
             s.push(sql("INSERT INTO t VALUES (1)"));
