@@ -223,16 +223,23 @@ impl Store {
         now_ms: i64,
     ) -> Result<Option<Vec<InsertOutcome>>, StoreError> {
         let rows = group_rows(reqs);
+        let pieces = pieces(&rows);
+        let build = |(piece, keep): (&[_], bool)| {
+            self.unkeyed_sql(Kind::Sqlite, piece, now_ms, keep)
+                .map(Script::joined_sqlite)
+        };
+        // The first piece is built before the writer's connection is taken, and each next one
+        // while the one before runs on the connection's thread: the group's writes wait only
+        // on SQLite, not on building their statements.
+        let Some(&first) = pieces.first() else {
+            return Ok(Some(inserted(reqs, &[])));
+        };
+        let mut last = build(first)?;
         let mut tx = self.db.begin_own().await?;
-        let mut pieces = pieces(&rows).into_iter().peekable();
-        let mut last = Script::new();
-        while let Some((piece, keep)) = pieces.next() {
-            let script = self.unkeyed_sql(Kind::Sqlite, piece, now_ms, keep)?;
-            if pieces.peek().is_some() {
-                script.execute(&mut tx).await?;
-            } else {
-                last = script;
-            }
+        for &next in &pieces[1..] {
+            let (ran, built) = tokio::join!(last.execute(&mut tx), async { build(next) });
+            ran?;
+            last = built?;
         }
         if max_depth > 0 {
             last.push(sql(DEPTH_GUARD).bind(max_depth as i64).keep());
