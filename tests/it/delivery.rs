@@ -413,6 +413,47 @@ async fn an_urgent_email_waiting_for_a_rate_limit_does_not_hold_back_the_rest() 
     common::assert_store_consistent(dir.path()).await;
 }
 
+/// An urgent email whose claim cannot commit (retried from memory, with backoff) does not hold
+/// back less urgent ones meanwhile: one send slot; the high-priority email's claim fails until
+/// the fault is disarmed, and two low-priority ones submitted after its first failure are sent
+/// meanwhile. Then it is claimed and sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_urgent_email_retrying_its_claim_does_not_hold_back_the_rest() {
+    use postbox::faults::{CLAIM_COMMIT_FAIL, arm, disarm, left};
+    let smtp = SmtpServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), smtp.port());
+    s.queue.concurrency = 1;
+    let mut app = App::open(s).await;
+    let mut high = NewEmail::text("high@example.com", "high", "x");
+    high.priority = Priority::High;
+    let high = app.submit(high).await;
+    arm(CLAIM_COMMIT_FAIL, high.as_str(), 1_000_000);
+    app.start_workers();
+    wait_for("the urgent claim to fail", LIMIT, || {
+        left(CLAIM_COMMIT_FAIL, high.as_str()) < 1_000_000
+    })
+    .await;
+    for i in 0..2 {
+        let mut low = NewEmail::text(&format!("low{i}@example.com"), &format!("low{i}"), "x");
+        low.priority = Priority::Low;
+        app.submit(low).await;
+    }
+    wait_for("the 2 less urgent messages", LIMIT, || smtp.count() == 2).await;
+    let order: Vec<String> = smtp
+        .received()
+        .iter()
+        .map(|r| common::smtp::header(&r.data, "Subject").unwrap())
+        .collect();
+    assert!(order.iter().all(|s| s.starts_with("low")), "{order:?}");
+    assert_eq!(app.status(&high).await.status, EmailStatus::Queued);
+    disarm(CLAIM_COMMIT_FAIL, high.as_str());
+    let r = app.wait_status(&high, EmailStatus::Sent, LIMIT).await;
+    assert_eq!(r.attempts, 1, "{:?}", r.timeline);
+    assert_eq!(smtp.count(), 3);
+    common::assert_store_consistent(dir.path()).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_at_is_honoured_to_the_second() {
     let smtp = SmtpServer::start().await;
