@@ -668,8 +668,8 @@ impl Script {
 
     /// SQLite: one text of every statement, its placeholders anonymous (`?`) and the
     /// arguments in their order, as [`Sql::sqlite`] would bind each statement's. Built in one
-    /// pass over each text (a 1,000-email batch has ~40,000 placeholders, and the texts were
-    /// scanned three times, on the path every write of the group waits on).
+    /// pass over each text: a 1,000-email batch has tens of thousands of placeholders, and the
+    /// texts were scanned three times, on the path every write of the group waits on.
     fn joined(mut self) -> Sql {
         if self.parts.len() == 1 && self.parts[0].anonymous {
             return self.parts.pop().expect("one");
