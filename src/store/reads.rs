@@ -8,6 +8,12 @@ use super::open::now;
 use super::*;
 use crate::db::{DbRow, sql};
 
+/// The oldest due queued email's `age_from` ([`Store::oldest_queued_age_secs`]). Its literal
+/// `status = 'queued'` is what lets SQLite and PostgreSQL use the partial index
+/// `postbox_emails_queued_age` (a bound status would not).
+const OLDEST_QUEUED: &str =
+    "SELECT MIN(age_from) FROM postbox_emails WHERE status = 'queued' AND age_from <= $1";
+
 impl Store {
     pub async fn status_of(&self, id: &EmailId) -> Result<Option<EmailStatus>, StoreError> {
         let s: Option<String> = sql("SELECT status FROM postbox_emails WHERE id = $1")
@@ -190,15 +196,14 @@ impl Store {
         Ok(out)
     }
 
-    /// The age of the oldest email that is due and still queued (an index seek).
+    /// The age of the oldest email that is due and still queued (an index seek on the partial
+    /// index `postbox_emails_queued_age`).
     pub(super) async fn oldest_queued_age_secs(&self, now: i64) -> Result<Option<f64>, StoreError> {
-        let oldest: Option<i64> = sql(
-            "SELECT MIN(age_from) FROM postbox_emails WHERE status = 'queued' AND age_from <= $1",
-        )
-        .bind(now)
-        .scalar::<Option<i64>>(&self.db)
-        .await?
-        .flatten();
+        let oldest: Option<i64> = sql(OLDEST_QUEUED)
+            .bind(now)
+            .scalar::<Option<i64>>(&self.db)
+            .await?
+            .flatten();
         Ok(oldest.map(|t| (now - t).max(0) as f64 / 1000.0))
     }
 
@@ -335,4 +340,50 @@ fn report_from(row: DbRow, events: Vec<DbRow>) -> Result<EmailReport, StoreError
         request_id,
         timeline,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The oldest queued email is found with a seek on the partial index of queued emails,
+    /// never a scan: the `/metrics` age gauge must cost the same at any depth.
+    #[tokio::test]
+    async fn the_oldest_queued_email_is_a_seek_on_the_queued_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = crate::store::DatabaseSettings {
+            url: format!("sqlite://{}", dir.path().join("t.db").display()),
+            ..Default::default()
+        };
+        let store = Store::open(&s, "q").await.expect("open");
+        let crate::db::Db::Sqlite { read, .. } = store.db() else {
+            panic!("not SQLite")
+        };
+        let plan = format!("EXPLAIN QUERY PLAN {}", OLDEST_QUEUED.replace("$1", "?"));
+        let details: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(plan))
+            .bind(0i64)
+            .fetch_all(read)
+            .await
+            .expect("plan")
+            .iter()
+            .map(|r| sqlx::Row::get(r, 3))
+            .collect();
+        assert!(
+            details
+                .iter()
+                .any(|d| d.contains("USING COVERING INDEX postbox_emails_queued_age")),
+            "{details:?}"
+        );
+        assert!(
+            !details.iter().any(|d| d.starts_with("SCAN")),
+            "{details:?}"
+        );
+        let old: Option<(String,)> = sqlx::query_as(
+            "SELECT name FROM sqlite_master WHERE name = 'postbox_emails_status_age'",
+        )
+        .fetch_optional(read)
+        .await
+        .expect("schema");
+        assert!(old.is_none(), "the full (status, age_from) index is gone");
+    }
 }
