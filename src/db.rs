@@ -667,9 +667,9 @@ impl Script {
     }
 
     /// SQLite: one text of every statement, its placeholders anonymous (`?`) and the
-    /// arguments in their order, as [`Sql::sqlite`] would bind each statement's. Built in one
-    /// pass over each text: a 1,000-email batch has tens of thousands of placeholders, and the
-    /// texts were scanned three times, on the path every write of the group waits on.
+    /// arguments in their order, as [`Sql::sqlite`] would bind each statement's ([`positional`],
+    /// once per text): a 1,000-email batch has tens of thousands of placeholders, and the texts
+    /// were scanned three times, on the path every write of the group waits on.
     fn joined(mut self) -> Sql {
         if self.parts.len() == 1 && self.parts[0].anonymous {
             return self.parts.pop().expect("one");
@@ -686,20 +686,16 @@ impl Script {
                 args.extend(s.args);
                 continue;
             }
-            let Some(found) = placeholders(&s.text) else {
+            let Some((anon, order)) = positional(&s.text) else {
                 text.push_str(&s.text);
                 continue;
             };
+            text.push_str(&anon);
             // Each argument is moved to where its first placeholder is, and cloned for any
             // later one (`$N` used twice is bound twice).
             let mut first_at = vec![usize::MAX; s.args.len()];
             let mut slots: Vec<Option<Arg>> = s.args.into_iter().map(Some).collect();
-            let mut copied = 0;
-            for (at, n) in found {
-                text.push_str(&s.text[copied..at.start]);
-                text.push('?');
-                copied = at.end;
-                let i = n.wrapping_sub(1);
+            for i in order {
                 let arg = match slots.get_mut(i) {
                     Some(slot) => match slot.take() {
                         Some(a) => {
@@ -713,7 +709,6 @@ impl Script {
                 };
                 args.push(arg);
             }
-            text.push_str(&s.text[copied..]);
         }
         Sql {
             text: text.into(),

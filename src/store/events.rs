@@ -853,31 +853,13 @@ mod tests {
     #[tokio::test]
     async fn the_feed_is_read_with_a_seek_not_a_scan() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = crate::store::DatabaseSettings {
-            url: format!("sqlite://{}", dir.path().join("t.db").display()),
-            ..Default::default()
-        };
-        let store = Store::open(&s, "q").await.expect("open");
-        let crate::db::Db::Sqlite { read, .. } = store.db() else {
-            panic!("not SQLite")
-        };
+        let (_store, read) = crate::store::sqlite_for_plans(dir.path()).await;
         for (text, args) in [
             (page_sql(Kind::Sqlite), 3),
             (lag_seconds_sql(Kind::Sqlite), 1),
             (lag_count_sql(Kind::Sqlite), 2),
         ] {
-            let plan = format!("EXPLAIN QUERY PLAN {text}");
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(plan));
-            for _ in 0..args {
-                q = q.bind(0i64);
-            }
-            let details: Vec<String> = q
-                .fetch_all(read)
-                .await
-                .expect("plan")
-                .iter()
-                .map(|r| sqlx::Row::get(r, 3))
-                .collect();
+            let details = crate::store::query_plan(&read, &text, args).await;
             assert!(
                 details
                     .iter()

@@ -449,3 +449,34 @@ pub struct Stats {
     pub last_minute: WindowCounts,
     pub last_hour: WindowCounts,
 }
+
+/// Tests: a store on a fresh SQLite file in `dir`, and its readers' pool.
+#[cfg(test)]
+pub(crate) async fn sqlite_for_plans(dir: &std::path::Path) -> (Store, sqlx::SqlitePool) {
+    let s = DatabaseSettings {
+        url: format!("sqlite://{}", dir.join("t.db").display()),
+        ..Default::default()
+    };
+    let store = Store::open(&s, "q").await.expect("open");
+    let crate::db::Db::Sqlite { read, .. } = store.db() else {
+        panic!("not SQLite")
+    };
+    let read = read.clone();
+    (store, read)
+}
+
+/// Tests: SQLite's `EXPLAIN QUERY PLAN` of `text` with `args` arguments (all 0), one detail
+/// line per step.
+#[cfg(test)]
+pub(crate) async fn query_plan(read: &sqlx::SqlitePool, text: &str, args: usize) -> Vec<String> {
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {text}")));
+    for _ in 0..args {
+        q = q.bind(0i64);
+    }
+    q.fetch_all(read)
+        .await
+        .expect("plan")
+        .iter()
+        .map(|r| sqlx::Row::get(r, 3))
+        .collect()
+}

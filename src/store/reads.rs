@@ -351,23 +351,8 @@ mod tests {
     #[tokio::test]
     async fn the_oldest_queued_email_is_a_seek_on_the_queued_index() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let s = crate::store::DatabaseSettings {
-            url: format!("sqlite://{}", dir.path().join("t.db").display()),
-            ..Default::default()
-        };
-        let store = Store::open(&s, "q").await.expect("open");
-        let crate::db::Db::Sqlite { read, .. } = store.db() else {
-            panic!("not SQLite")
-        };
-        let plan = format!("EXPLAIN QUERY PLAN {}", OLDEST_QUEUED.replace("$1", "?"));
-        let details: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(plan))
-            .bind(0i64)
-            .fetch_all(read)
-            .await
-            .expect("plan")
-            .iter()
-            .map(|r| sqlx::Row::get(r, 3))
-            .collect();
+        let (_store, read) = crate::store::sqlite_for_plans(dir.path()).await;
+        let details = crate::store::query_plan(&read, OLDEST_QUEUED, 1).await;
         assert!(
             details
                 .iter()
@@ -381,7 +366,7 @@ mod tests {
         let old: Option<(String,)> = sqlx::query_as(
             "SELECT name FROM sqlite_master WHERE name = 'postbox_emails_status_age'",
         )
-        .fetch_optional(read)
+        .fetch_optional(&read)
         .await
         .expect("schema");
         assert!(old.is_none(), "the full (status, age_from) index is gone");
