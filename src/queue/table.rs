@@ -52,6 +52,15 @@ pub(crate) async fn setup(db: &Db) -> Result<(), String> {
                 .execute(pool)
                 .await
                 .map_err(|e| format!("apalis setup: {e}"))?;
+            // apalis's `(job_type, status, run_at)` index had one reader, the due timer's
+            // [`next_due`], which now reads `idx_jobs_status_run_at` (a seek to the first
+            // pending run time after its horizon). Yet every job's insert, fetch and ack wrote
+            // it: one more page in each submit's commit, a delete and an insert at each change
+            // of status.
+            sqlx::query("DROP INDEX IF EXISTS idx_jobs_job_type_status_run_at")
+                .execute(pool)
+                .await
+                .map_err(|e| format!("apalis setup: {e}"))?;
             // The janitor's repair of jobs left Pending but locked (`requeue_abandoned`) reads
             // this: almost always empty, so it costs the hot path nothing, where the status
             // index would read every queued job.
@@ -304,18 +313,17 @@ pub(crate) async fn delete_gone_workers(db: &Db, job_type: &str) -> Result<u64, 
 }
 
 /// The earliest run time (unix seconds) after `after` of a pending job of `job_type`: when the
-/// next delayed job (a retry's backoff, a `send_at`) falls due. Read through the
-/// `(job_type, status, run_at)` index, so it costs one index probe.
+/// next delayed job (a retry's backoff, a `send_at`) falls due. On SQLite a seek on apalis's
+/// `(status, run_at)` index to the first pending run time after `after` ([`NEXT_DUE_SQLITE`]):
+/// one probe, as the jobs of one database are of one kind (`SendJob`) and almost always of one
+/// queue.
 pub(crate) async fn next_due(
     db: &Db,
     job_type: &str,
     after: i64,
 ) -> Result<Option<i64>, sqlx::Error> {
     let text = match db.kind() {
-        Kind::Sqlite => {
-            "SELECT MIN(run_at) FROM Jobs
-              WHERE job_type = $1 AND status = 'Pending' AND run_at > $2"
-        }
+        Kind::Sqlite => NEXT_DUE_SQLITE,
         Kind::Postgres => {
             "SELECT CAST(EXTRACT(EPOCH FROM MIN(run_at)) AS BIGINT) FROM apalis.jobs
               WHERE job_type = $1 AND status = 'Pending' AND run_at > to_timestamp($2)"
@@ -328,6 +336,14 @@ pub(crate) async fn next_due(
         .await
         .map(Option::flatten)
 }
+
+/// [`next_due`] on SQLite. `ORDER BY .. LIMIT 1` rather than `MIN()`: the index does not hold
+/// `job_type`, and SQLite reads MIN from an index's first entry only when every condition is in
+/// the index; so it walks from the first entry after `$2` to the first of the kind.
+/// A scalar subquery, so that none is one row of NULL, as `MIN()` of none is.
+const NEXT_DUE_SQLITE: &str = "SELECT (SELECT run_at FROM Jobs INDEXED BY idx_jobs_status_run_at
+      WHERE status = 'Pending' AND run_at > $2 AND job_type = $1
+      ORDER BY run_at LIMIT 1)";
 
 /// apalis-sqlite 1.0's fetch statement (`queries/backend/fetch_next.sql`: up to `batch` due
 /// jobs of the queue, highest priority first, marked taken by the worker), with one change:
@@ -540,4 +556,35 @@ pub(crate) async fn fetch_pg(
         .await?;
     }
     Ok(tasks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The due timer's read is a seek on apalis's `(status, run_at)` index, never a scan, and
+    /// the `(job_type, status, run_at)` index, which only it read, is gone.
+    #[tokio::test]
+    async fn the_next_due_job_is_a_seek_and_the_job_type_status_index_is_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_store, read) = crate::store::sqlite_for_plans(dir.path()).await;
+        let details = crate::store::query_plan(&read, NEXT_DUE_SQLITE, 2).await;
+        assert!(
+            details
+                .iter()
+                .any(|d| d.contains("USING INDEX idx_jobs_status_run_at (status=? AND run_at>?)")),
+            "{details:?}"
+        );
+        assert!(
+            !details.iter().any(|d| d.starts_with("SCAN Jobs")),
+            "{details:?}"
+        );
+        let old: Option<(String,)> = sqlx::query_as(
+            "SELECT name FROM sqlite_master WHERE name = 'idx_jobs_job_type_status_run_at'",
+        )
+        .fetch_optional(&read)
+        .await
+        .expect("schema");
+        assert!(old.is_none(), "{old:?}");
+    }
 }
