@@ -11,7 +11,7 @@ use apalis_core::task::{status::Status, task_id::TaskId};
 use time::OffsetDateTime;
 
 use super::JobKind;
-use crate::db::{Db, Kind, Sql, sql, values};
+use crate::db::{Db, Kind, Sql, rows_of, sql};
 
 /// apalis-level attempts, only for infrastructure errors (a database error inside a handler).
 /// A handler's own retries (an SMTP 4xx) are new jobs with their own run time, never apalis
@@ -89,7 +89,15 @@ pub(crate) async fn setup(db: &Db) -> Result<(), String> {
 /// per job, and each statement is a round trip: at a thousand jobs a batch that was most of the
 /// submit cost. `run_at` is rounded up to apalis's whole seconds, so nothing runs before its
 /// time. On PostgreSQL apalis's insert trigger notifies listening workers (LISTEN/NOTIFY).
-pub(crate) fn push_sql<K: JobKind>(kind: Kind, queue: &str, jobs: &[Push<K>]) -> Option<Sql> {
+///
+/// SQLite: with `pad` above the number of jobs, the text is that of `pad` rows, the rest NULL
+/// ([`crate::db::rows_of`]).
+pub(crate) fn push_sql<K: JobKind>(
+    kind: Kind,
+    queue: &str,
+    jobs: &[Push<K>],
+    pad: usize,
+) -> Option<Sql> {
     if jobs.is_empty() {
         return None;
     }
@@ -97,9 +105,9 @@ pub(crate) fn push_sql<K: JobKind>(kind: Kind, queue: &str, jobs: &[Push<K>]) ->
     let mut q = match kind {
         Kind::Sqlite => sql(format!(
             "INSERT INTO Jobs (job, id, job_type, status, attempts, max_attempts, run_at, priority,
-                 metadata, idempotency_key) VALUES {}
+                 metadata, idempotency_key) {}
              ON CONFLICT(job_type, idempotency_key) DO NOTHING",
-            values(jobs.len(), 10, 1)
+            rows_of(jobs.len(), 10, pad)
         )),
         Kind::Postgres => {
             let rows: Vec<String> = (0..jobs.len())
@@ -137,6 +145,9 @@ pub(crate) fn push_sql<K: JobKind>(kind: Kind, queue: &str, jobs: &[Push<K>]) ->
             q.add("{}");
         }
         q.add(p.job.key());
+    }
+    if kind == Kind::Sqlite {
+        q.nulls(pad.saturating_sub(jobs.len()) * 10);
     }
     Some(q)
 }

@@ -221,15 +221,16 @@ pub(super) async fn insert_event<'a>(
 }
 
 /// The `submitted` timeline entries (and so the `email.queued` events) of new emails
-/// `(id, request id)`, in one statement; None for no rows.
-pub(super) fn submitted_sql(rows: &[(&str, Option<&str>)], now_ms: i64) -> Option<Sql> {
+/// `(id, request id)`, in one statement (its text for `pad` rows: [`crate::db::rows_of`]); None
+/// for no rows.
+pub(super) fn submitted_sql(rows: &[(&str, Option<&str>)], now_ms: i64, pad: usize) -> Option<Sql> {
     if rows.is_empty() {
         return None;
     }
     let t = Step::Submit.row();
     let mut q = sql(format!(
-        "INSERT INTO postbox_events (email_id, at, kind, status, detail) VALUES {}",
-        crate::db::values(rows.len(), 5, 1)
+        "INSERT INTO postbox_events (email_id, at, kind, status, detail) {}",
+        crate::db::rows_of(rows.len(), 5, pad)
     ));
     for (id, request_id) in rows {
         q.add(*id)
@@ -238,5 +239,6 @@ pub(super) fn submitted_sql(rows: &[(&str, Option<&str>)], now_ms: i64) -> Optio
             .add(t.to.as_str())
             .add(request_id.map(|r| format!("request {r}")));
     }
+    q.nulls(pad.saturating_sub(rows.len()) * 5);
     Some(q)
 }

@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use super::lifecycle::submitted_sql;
 use super::open::now;
 use super::*;
-use crate::db::{Kind, Lock, Script, Sql, Tx, lock_hash, sql, values};
+use crate::db::{Kind, Lock, Script, Sql, Tx, lock_hash, rows_of, sql};
 use crate::domain::lifecycle::Step;
 use crate::queue::SendJob;
 use crate::queue::table::{self, Push};
@@ -224,8 +224,8 @@ impl Store {
     ) -> Result<Option<Vec<InsertOutcome>>, StoreError> {
         let rows = group_rows(reqs);
         let pieces = pieces(&rows);
-        let build = |(piece, keep): (&[_], bool)| {
-            self.unkeyed_sql(Kind::Sqlite, piece, now_ms, keep)
+        let build = |piece: &[_]| {
+            self.unkeyed_sql(Kind::Sqlite, piece, now_ms, padded(piece.len()))
                 .map(Script::joined_sqlite)
         };
         // The first piece is built before the writer's connection is taken, and each next one
@@ -295,7 +295,7 @@ impl Store {
                 .iter()
                 .any(|((_, e, _), _)| e.idempotency_key.is_some());
             if !keyed {
-                let mut script = self.unkeyed_sql(tx.kind(), chunk, now_ms, kept(chunk.len()))?;
+                let mut script = self.unkeyed_sql(tx.kind(), chunk, now_ms, chunk.len())?;
                 if read_depth && i + 1 == chunks {
                     script.push(sql(DEPTH).keep());
                     let n = script.column::<i64>(&mut *tx).await?;
@@ -306,7 +306,7 @@ impl Store {
                 out.extend(chunk.iter().map(|((id, _, _), _)| (id.clone(), true)));
                 continue;
             }
-            let q = emails_sql(chunk, now_ms, true)?;
+            let q = emails_sql(chunk, now_ms, true, chunk.len())?;
             let q = if kept(chunk.len()) { q.keep() } else { q };
             let inserted: std::collections::HashSet<String> =
                 q.column::<String>(&mut *tx).await?.into_iter().collect();
@@ -331,8 +331,8 @@ impl Store {
             }
             let mut script = Script::new();
             script.extend(counters_sql(tx.kind(), new.into_iter()));
-            script.extend(send_jobs_sql(tx.kind(), &self.queue, &jobs));
-            script.extend(submitted_sql(&entries, now_ms));
+            script.extend(send_jobs_sql(tx.kind(), &self.queue, &jobs, jobs.len()));
+            script.extend(submitted_sql(&entries, now_ms, entries.len()));
             script.execute(&mut *tx).await?;
         }
         if read_depth && depth.is_none() {
@@ -351,9 +351,9 @@ impl Store {
         kind: Kind,
         chunk: &[(&NewRow, Option<&str>)],
         now_ms: i64,
-        keep: bool,
+        rows: usize,
     ) -> Result<Script, StoreError> {
-        let keep = |q: Sql| if keep { q.keep() } else { q };
+        let keep = |q: Sql| if kept(rows) { q.keep() } else { q };
         let jobs: Vec<_> = chunk
             .iter()
             .map(|((id, email, _), _)| (id.as_str(), 0, email.priority, email.send_at))
@@ -363,10 +363,10 @@ impl Store {
             .map(|((id, _, _), request_id)| (id.as_str(), *request_id))
             .collect();
         let mut script = Script::new();
-        script.push(keep(emails_sql(chunk, now_ms, false)?));
+        script.push(keep(emails_sql(chunk, now_ms, false, rows)?));
         script.extend(counters_sql(kind, chunk.iter().map(|((_, e, _), _)| e)));
-        script.extend(send_jobs_sql(kind, &self.queue, &jobs).map(keep));
-        script.extend(submitted_sql(&entries, now_ms).map(keep));
+        script.extend(send_jobs_sql(kind, &self.queue, &jobs, rows).map(keep));
+        script.extend(submitted_sql(&entries, now_ms, rows).map(keep));
         Ok(script)
     }
 }
@@ -377,14 +377,15 @@ fn emails_sql(
     chunk: &[(&NewRow, Option<&str>)],
     now_ms: i64,
     returning: bool,
+    pad: usize,
 ) -> Result<Sql, StoreError> {
     const COLS: usize = 16;
     let mut q = sql(format!(
         "INSERT INTO postbox_emails (id, status, priority, spec, message_id, idempotency_key,
              template, recipients, tags, send_at, expires_at, age_from, created_at,
-             updated_at, request_id, subject) VALUES {}
+             updated_at, request_id, subject) {}
          ON CONFLICT(idempotency_key) DO NOTHING{}",
-        values(chunk.len(), COLS, 1),
+        rows_of(chunk.len(), COLS, pad),
         if returning { " RETURNING id" } else { "" }
     ));
     for ((id, email, message_id), request_id) in chunk {
@@ -415,6 +416,7 @@ fn emails_sql(
             .add(*request_id)
             .add(email.subject.as_deref());
     }
+    q.nulls(pad.saturating_sub(chunk.len()) * COLS);
     Ok(q)
 }
 
@@ -425,31 +427,38 @@ const CHUNK: usize = 128;
 
 /// Whether the statements of a chunk of `size` rows are kept prepared on SQLite (`Sql::keep`;
 /// a statement's text depends only on its size): a [`CHUNK`] or a power of two below, at most
-/// 8 texts. The others are prepared for each run. So a 1,000-email batch parses one 104-row
-/// script instead of eight (10% of the writer thread's samples), and a group of single
-/// submits still goes in one round trip to the writer's thread (cut into powers of two, a
-/// group of 63 took six).
+/// 8 texts. The others are prepared for each run; the one writer's groups run padded texts
+/// ([`padded`]), so only the other writes (keyed submissions, PostgreSQL) prepare theirs. A
+/// group of single submits goes in one round trip to the writer's thread (cut into powers of
+/// two, a group of 63 took six).
 fn kept(size: usize) -> bool {
     size.is_power_of_two() && size <= CHUNK
 }
 
-/// How [`Store::insert_unkeyed_sqlite`] cuts a group into statements, and whether each is kept
-/// prepared. One piece when it fits one chunk. Otherwise full chunks (kept) between two halves
-/// of the rest (prepared for each run): the first piece's text carries the `BEGIN` and the
-/// last's the depth check and `COMMIT`, so a full chunk with either would be one more kept
-/// text, ~1 MB more peak RSS at the peer harness's batches of 500. With a rest of 0 or 1 row
-/// the ends are full chunks (kept with their `BEGIN`, or their `COMMIT`).
-fn pieces<T>(rows: &[T]) -> Vec<(&[T], bool)> {
+/// How [`Store::insert_unkeyed_sqlite`] cuts a group into statements. One piece when it fits
+/// one chunk. Otherwise full chunks between two halves of the rest: every piece runs a kept
+/// text ([`padded`]), and the first piece's text carries the `BEGIN` and the last's the depth
+/// check and `COMMIT`, so full chunks at the ends would be two more kept 128-row texts, where
+/// the halves' are of 64 rows or fewer (~1 MB of peak RSS at the peer harness's batches of
+/// 500). With a rest of 0 or 1 row the ends are full chunks.
+fn pieces<T>(rows: &[T]) -> Vec<&[T]> {
     let rest = rows.len() % CHUNK;
     if rows.len() <= CHUNK || rest < 2 {
-        return rows.chunks(CHUNK).map(|c| (c, kept(c.len()))).collect();
+        return rows.chunks(CHUNK).collect();
     }
     let (head, more) = rows.split_at(rest / 2);
     let (full, tail) = more.split_at(more.len() - (rest - rest / 2));
-    let mut out = vec![(head, false)];
-    out.extend(full.chunks(CHUNK).map(|c| (c, true)));
-    out.push((tail, false));
+    let mut out = vec![head];
+    out.extend(full.chunks(CHUNK));
+    out.push(tail);
     out
+}
+
+/// The rows of the text a piece of `n` rows (at most [`CHUNK`]) runs on SQLite: the next power
+/// of two, so every piece's text is kept ([`kept`]) and none is compiled for its run; the rows
+/// past `n` are NULL and inserted by none of its statements ([`crate::db::rows_of`]).
+fn padded(n: usize) -> usize {
+    n.next_power_of_two()
 }
 
 /// The depth: what [`Store::depth`] reads.
@@ -567,7 +576,7 @@ pub(super) async fn push_jobs(
     queue: &str,
     jobs: &[(&str, i64, Priority, Option<OffsetDateTime>)],
 ) -> Result<(), StoreError> {
-    if let Some(q) = send_jobs_sql(tx.kind(), queue, jobs) {
+    if let Some(q) = send_jobs_sql(tx.kind(), queue, jobs, jobs.len()) {
         q.execute(&mut *tx).await?;
     }
     Ok(())
@@ -578,6 +587,7 @@ fn send_jobs_sql(
     kind: Kind,
     queue: &str,
     jobs: &[(&str, i64, Priority, Option<OffsetDateTime>)],
+    pad: usize,
 ) -> Option<Sql> {
     let jobs: Vec<Push<SendJob>> = jobs
         .iter()
@@ -587,7 +597,7 @@ fn send_jobs_sql(
             run_at: *run_at,
         })
         .collect();
-    table::push_sql(kind, queue, &jobs)
+    table::push_sql(kind, queue, &jobs, pad)
 }
 
 #[cfg(test)]
@@ -626,25 +636,34 @@ mod tests {
     }
 
     #[test]
-    fn a_group_is_cut_into_kept_full_chunks_between_two_halves_of_the_rest() {
+    fn a_group_is_cut_into_full_chunks_between_two_halves_of_the_rest_each_run_as_a_kept_text() {
         let sizes = |n: usize| {
             let rows: Vec<usize> = (0..n).collect();
             let p = pieces(&rows);
             // Every row once, in order.
-            let again: Vec<usize> = p.iter().flat_map(|(c, _)| c.iter().copied()).collect();
+            let again: Vec<usize> = p.iter().flat_map(|c| c.iter().copied()).collect();
             assert_eq!(again, rows);
-            p.iter().map(|(c, k)| (c.len(), *k)).collect::<Vec<_>>()
+            p.iter().map(|c| c.len()).collect::<Vec<_>>()
         };
-        let full = (CHUNK, true);
-        assert_eq!(sizes(1), [(1, true)]);
-        assert_eq!(sizes(37), [(37, false)]);
-        assert_eq!(sizes(CHUNK), [full]);
-        assert_eq!(sizes(500), [(58, false), full, full, full, (58, false)]);
-        assert_eq!(sizes(1000)[0], (52, false));
-        assert_eq!(sizes(1000)[8], (52, false));
-        assert_eq!(sizes(131), [(1, false), full, (2, false)]);
-        assert_eq!(sizes(2 * CHUNK), [full, full]);
-        assert_eq!(sizes(2 * CHUNK + 1), [full, full, (1, true)]);
+        assert_eq!(sizes(1), [1]);
+        assert_eq!(sizes(37), [37]);
+        assert_eq!(sizes(CHUNK), [CHUNK]);
+        assert_eq!(sizes(500), [58, CHUNK, CHUNK, CHUNK, 58]);
+        assert_eq!(sizes(1000)[0], 52);
+        assert_eq!(sizes(1000)[8], 52);
+        assert_eq!(sizes(131), [1, CHUNK, 2]);
+        assert_eq!(sizes(2 * CHUNK), [CHUNK, CHUNK]);
+        assert_eq!(sizes(2 * CHUNK + 1), [CHUNK, CHUNK, 1]);
+        // Every piece of every group runs a kept text, of as many rows or more.
+        for n in 1..=2000 {
+            for len in sizes(n) {
+                assert!(kept(padded(len)) && padded(len) >= len, "{n}: {len}");
+            }
+        }
+        assert_eq!(
+            (padded(37), padded(58), padded(1), padded(CHUNK)),
+            (64, 64, 1, CHUNK)
+        );
     }
 
     #[test]
