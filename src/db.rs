@@ -556,7 +556,7 @@ pub fn values(rows: usize, cols: usize, first: usize) -> String {
 
 /// The rows of a multi-row INSERT: `VALUES (..), ..` for `rows` rows of `cols` placeholders
 /// numbered from 1; with `pad` above `rows`, `SELECT * FROM (VALUES ..) WHERE column1 IS NOT
-/// NULL` with `pad` rows, of which those past `rows` are bound NULL ([`Sql::nulls`]) and left
+/// NULL` with `pad` rows, of which those past `rows` are bound NULL ([`Sql::nulls_to`]) and left
 /// out by the `WHERE` (the first column must be one no real row has NULL). So a statement for
 /// any number of rows can run the kept text of the next power of two ([`Sql::keep`]): SQLite
 /// compiling a fresh text for each group size was ~17% of the writer's time under single
@@ -790,10 +790,12 @@ impl Sql {
         self
     }
 
-    /// Adds `n` NULL arguments: the padding rows of [`rows_of`].
-    pub fn nulls(&mut self, n: usize) -> &mut Self {
+    /// Binds NULL to the arguments after those added so far, up to `n` in all: the padding
+    /// rows of [`rows_of`] (`pad * cols`; nothing when there are none).
+    pub fn nulls_to(&mut self, n: usize) -> &mut Self {
+        let more = n.saturating_sub(self.args.len());
         self.args
-            .extend(std::iter::repeat_with(|| Arg::Int(None)).take(n));
+            .extend(std::iter::repeat_with(|| Arg::Int(None)).take(more));
         self
     }
 
@@ -1067,7 +1069,7 @@ mod tests {
             for (i, a) in real.iter().enumerate() {
                 q.add(*a).add(i as i64);
             }
-            q.nulls(pad.saturating_sub(real.len()) * 2);
+            q.nulls_to(pad * 2);
             q
         };
         assert_eq!(insert(&["p"], 4).text, insert(&["p", "q", "r"], 4).text);

@@ -239,6 +239,6 @@ pub(super) fn submitted_sql(rows: &[(&str, Option<&str>)], now_ms: i64, pad: usi
             .add(t.to.as_str())
             .add(request_id.map(|r| format!("request {r}")));
     }
-    q.nulls(pad.saturating_sub(rows.len()) * 5);
+    q.nulls_to(pad * 5);
     Some(q)
 }

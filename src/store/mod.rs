@@ -465,6 +465,17 @@ pub(crate) async fn sqlite_for_plans(dir: &std::path::Path) -> (Store, sqlx::Sql
     (store, read)
 }
 
+/// Tests: whether the SQLite schema has an object (table, index, trigger) named `name`.
+#[cfg(test)]
+pub(crate) async fn schema_has(read: &sqlx::SqlitePool, name: &str) -> bool {
+    sqlx::query("SELECT 1 FROM sqlite_master WHERE name = ?")
+        .bind(name)
+        .fetch_optional(read)
+        .await
+        .expect("schema")
+        .is_some()
+}
+
 /// Tests: SQLite's `EXPLAIN QUERY PLAN` of `text` with `args` arguments (all 0), one detail
 /// line per step.
 #[cfg(test)]

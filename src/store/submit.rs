@@ -426,7 +426,7 @@ fn emails_sql(
             .add(*request_id)
             .add(email.subject.as_deref());
     }
-    q.nulls(pad.saturating_sub(chunk.len()) * COLS);
+    q.nulls_to(pad * COLS);
     Ok(q)
 }
 
